@@ -1,0 +1,259 @@
+"""Artifact folders: what every stage writes, with a ``manifest.json`` that lists
+its kind, the command and config that made it, its parents, and every file with
+size and sha256.
+
+Writes are atomic: a stage writes into a hidden temporary folder beside the
+target and renames it into place only when everything (manifest last) is written.
+A stage that fails, is interrupted, or is killed leaves either the previous
+complete folder or nothing, never a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmforge import __version__
+from slmforge.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "slmforge.manifest/1"
+_TMP_MARK = ".tmp-"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint(kind: str, config: Any, parents: list[str]) -> str:
+    """What decides whether a stage's output is still current: its kind, the
+    resolved config section, the parents' fingerprints and the slmforge version."""
+    blob = json.dumps(
+        {"kind": kind, "config": config, "parents": sorted(parents), "version": __version__},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class Manifest:
+    """The parsed ``manifest.json`` of an artifact folder."""
+
+    kind: str
+    slmforge_version: str
+    command: list[str]
+    config: dict[str, Any]
+    parents: list[dict[str, str]]
+    files: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]
+    created_at: str
+    finished_at: str
+    duration_s: float
+    fingerprint: str
+    path: Path | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "kind": self.kind,
+            "slmforge_version": self.slmforge_version,
+            "command": self.command,
+            "config": self.config,
+            "parents": self.parents,
+            "files": self.files,
+            "metrics": self.metrics,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "duration_s": self.duration_s,
+            "fingerprint": self.fingerprint,
+        }
+
+
+_REQUIRED = {
+    "kind": str,
+    "slmforge_version": str,
+    "command": list,
+    "config": dict,
+    "parents": list,
+    "files": dict,
+    "metrics": dict,
+    "created_at": str,
+    "finished_at": str,
+    "duration_s": (int, float),
+    "fingerprint": str,
+}
+
+
+def read_manifest(path: str | Path, kind: str | None = None) -> Manifest:
+    """Read and validate the manifest of an artifact folder (or a manifest.json path).
+
+    Args:
+        path: The artifact folder.
+        kind: If given, the artifact must be of this kind (``dataset``, ``tokenizer``, ...).
+
+    Raises:
+        ArtifactError: No manifest, unreadable JSON, missing fields, or the wrong kind.
+    """
+    path = Path(path)
+    folder = path.parent if path.name == MANIFEST else path
+    file = folder / MANIFEST
+    if not folder.exists():
+        raise ArtifactError(f"{folder} does not exist. Run the stage that makes it first (see `slmforge --help`).")
+    if not file.is_file():
+        raise ArtifactError(
+            f"{folder} has no {MANIFEST}, so it is not a finished slmforge artifact (an interrupted "
+            "stage, or a folder made by another tool). Re-run the stage that writes it."
+        )
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{file} is not readable JSON ({exc}); re-run the stage that writes it.") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"{file} is not a slmforge manifest (expected format {MANIFEST_FORMAT!r}).")
+    bad = [k for k, t in _REQUIRED.items() if not isinstance(data.get(k), t)]
+    if bad:
+        raise ArtifactError(f"{file} is missing or has malformed fields: {', '.join(bad)}.")
+    if kind is not None and data["kind"] != kind:
+        raise ArtifactError(f"{folder} is a {data['kind']!r} artifact, but a {kind!r} artifact was expected here.")
+    return Manifest(**{k: data[k] for k in _REQUIRED}, path=folder)
+
+
+def verify_artifact(path: str | Path) -> list[str]:
+    """Check every file listed in the manifest against its size and sha256.
+
+    Returns:
+        A list of problems, one line each (empty when the artifact is intact): missing
+        files, changed files, and files present but not listed.
+
+    Raises:
+        ArtifactError: The manifest itself is missing or invalid.
+    """
+    manifest = read_manifest(path)
+    folder = manifest.path
+    assert folder is not None
+    problems = []
+    for rel, info in sorted(manifest.files.items()):
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"missing: {rel}")
+        elif f.stat().st_size != info.get("size") or sha256_file(f) != info.get("sha256"):
+            problems.append(f"changed: {rel} (size or sha256 differs from the manifest)")
+    listed = set(manifest.files) | {MANIFEST}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and rel not in listed:
+            problems.append(f"not in manifest: {rel}")
+    return problems
+
+
+def parent_ref(path: str | Path, kind: str | None = None) -> dict[str, str]:
+    """The lineage entry of a parent artifact, for ``ArtifactWriter(parents=...)``."""
+    m = read_manifest(path, kind)
+    return {"path": str(Path(path).resolve()), "kind": m.kind, "fingerprint": m.fingerprint}
+
+
+class ArtifactWriter:
+    """Write an artifact folder atomically.
+
+    Use as a context manager; write files under ``writer.path``, put numbers in
+    ``writer.metrics``. On a clean exit the manifest is written last and the
+    temporary folder replaces ``target``; on an exception (Ctrl-C included) the
+    temporary folder is removed and any previous ``target`` is left untouched.
+
+        with ArtifactWriter(out, kind="dataset", config=cfg.data.model_dump(mode="json")) as w:
+            (w.path / "train.jsonl").write_text(...)
+            w.metrics["documents"] = 10
+    """
+
+    def __init__(
+        self,
+        target: str | Path,
+        kind: str,
+        config: dict[str, Any] | None = None,
+        parents: list[dict[str, str]] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.target = Path(target).resolve()
+        self.kind = kind
+        self.config = config or {}
+        self.parents = parents or []
+        self.command = command if command is not None else list(sys.argv)
+        self.metrics: dict[str, Any] = {}
+        self.path = self.target.parent / f".{self.target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._created = ""
+        self._t0 = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.kind, self.config, [p.get("fingerprint", "") for p in self.parents])
+
+    def __enter__(self) -> ArtifactWriter:
+        if self.target.exists() and not self.target.is_dir():
+            raise ArtifactError(f"{self.target} exists and is a file; choose another output folder.")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir()
+        self._created = _now()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            self._finish()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _finish(self) -> None:
+        files = {}
+        for f in sorted(self.path.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(self.path).as_posix()
+                if rel == MANIFEST:
+                    raise ArtifactError(f"a stage must not write {MANIFEST} itself ({self.target}).")
+                files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        manifest = Manifest(
+            kind=self.kind,
+            slmforge_version=__version__,
+            command=self.command,
+            config=self.config,
+            parents=self.parents,
+            files=files,
+            metrics=self.metrics,
+            created_at=self._created,
+            finished_at=_now(),
+            duration_s=round(time.monotonic() - self._t0, 3),
+            fingerprint=self.fingerprint,
+        )
+        tmp_manifest = self.path / (MANIFEST + ".part")
+        tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp_manifest, self.path / MANIFEST)
+        # Swap in: move the old folder aside first, so that a crash between the two
+        # renames leaves the old complete folder under a hidden name, never a mix.
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,525 @@
+"""The project file: typed sections, one per stage, that reject unknown keys.
+
+Merge order: defaults -> project file (``slmforge.yaml``) -> ``--set section.key=value``.
+Every field's description doubles as the comment written by ``slmforge init``,
+so the template can never drift from the code.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from slmforge.errors import ConfigError
+
+PROJECT_FILE = "slmforge.yaml"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- project
+
+
+class ProjectSection(Section):
+    name: str = Field("my-slm", description="Name of the project; used in reports and model cards.")
+    out_dir: str = Field(
+        "runs",
+        description="Folder (relative to this file) where every stage writes its artifact folder.",
+    )
+    seed: int = Field(0, description="Seed for everything random (splits, sampling, initialisation).")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PythonDocsSource(Section):
+    docstrings: bool = Field(True, description="Docstrings of the standard library (modules, classes, functions).")
+    topics: bool = Field(True, description="The language reference topics of pydoc_data.topics.")
+    module_source: bool = Field(False, description="Also the source code of standard-library modules (a code corpus).")
+    max_modules: int | None = Field(
+        None, ge=1, description="Read at most this many stdlib modules (null = all); for quick trials."
+    )
+
+
+class CleanConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field(
+        "NFKC", description="Unicode normalisation applied to every document."
+    )
+    strip_boilerplate: bool = Field(
+        True,
+        description="Drop navigation, headers, footers and scripts from HTML, and lines that repeat across "
+        "many documents of a source (cookie notices, 'Back to top', licence footers).",
+    )
+    max_line_chars: int = Field(
+        10_000, ge=80, description="Lines longer than this (minified code, base64 blobs) are removed and counted."
+    )
+    max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are skipped and counted.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop documents whose normalised text is identical to an earlier one.")
+    near: bool = Field(True, description="Drop near-duplicates found with MinHash LSH.")
+    near_threshold: float = Field(
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity above which two documents are near-duplicates."
+    )
+    shingle_size: int = Field(5, ge=1, le=32, description="Words per shingle for near-duplicate detection.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more = more accurate, slower).")
+
+
+class FilterConfig(Section):
+    min_chars: int | None = Field(40, ge=0, description="Drop documents shorter than this many characters (null = off).")
+    max_chars: int | None = Field(200_000, ge=1, description="Drop documents longer than this (null = off).")
+    max_symbol_ratio: float | None = Field(
+        0.35, ge=0, le=1, description="Drop documents where more than this share of characters are symbols."
+    )
+    min_alpha_word_ratio: float | None = Field(
+        0.5, ge=0, le=1, description="Drop documents where fewer than this share of words contain a letter."
+    )
+    max_repeated_line_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Drop documents where more than this share of lines are repeats."
+    )
+    max_repeated_ngram_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Drop documents where more than this share of word n-grams are repeats."
+    )
+    repeated_ngram_size: int = Field(3, ge=1, le=20, description="n for the repeated n-gram filter.")
+    languages: list[str] | None = Field(
+        ["en"],
+        description="Keep documents whose detected language is one of these (en, de, fr, es, it, pt, nl); "
+        "null = any. Detection is a stopword heuristic.",
+    )
+    min_language_score: float = Field(
+        0.05, ge=0, le=1, description="Share of words that must be stopwords of the detected language."
+    )
+
+
+PiiType = Literal["email", "phone", "ip_address", "credit_card", "secret"]
+
+
+class PiiConfig(Section):
+    enabled: bool = Field(True, description="Replace personal data and secrets with typed placeholders like <EMAIL>.")
+    types: list[PiiType] = Field(
+        ["email", "phone", "ip_address", "credit_card", "secret"], description="Which kinds of PII to scrub."
+    )
+
+
+class SplitConfig(Section):
+    val: float = Field(0.05, ge=0, lt=1, description="Share of documents held out for validation.")
+    test: float = Field(0.05, ge=0, lt=1, description="Share of documents held out for testing.")
+
+
+class TeacherConfig(Section):
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.")
+    model: str = Field(description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the API key (never the key itself)."
+    )
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(800, ge=16, description="Most tokens the teacher may write per document.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one teacher answer.")
+
+
+class SynthConfig(Section):
+    method: Literal["template", "teacher"] = Field(
+        "template",
+        description="template: questions from names, headings and definitions in the documents; "
+        "teacher: ask an OpenAI-compatible model (set synth.teacher).",
+    )
+    max_pairs_per_document: int = Field(3, ge=1, le=50, description="Most Q/A pairs made from one document.")
+    max_documents: int | None = Field(None, ge=1, description="Make pairs from at most this many documents.")
+    system_prompt: str | None = Field(
+        None, description="System message put first in every conversation (null = none)."
+    )
+    max_heldout_overlap: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Drop a training pair when this share of its answer's 8-grams appear in validation/test "
+        "documents (keeps evaluation clean).",
+    )
+    teacher: TeacherConfig | None = Field(None, description="The teacher model, for method: teacher.")
+
+
+class ClassificationConfig(Section):
+    label_from: Literal["field", "folder", "source"] = Field(
+        "field",
+        description="field: the label field of JSONL/CSV records; folder: the document's parent folder name; "
+        "source: the source it came from (file type, or docstring/topic for python-docs).",
+    )
+
+
+class NerConfig(Section):
+    gazetteer: dict[str, list[str]] = Field(
+        {}, description="Entity label -> terms; every occurrence of a term is tagged B-/I-label."
+    )
+    builtin_gazetteer: Literal["none", "python"] = Field(
+        "none", description="python: tag stdlib module names (MODULE) and builtins (BUILTIN)."
+    )
+    max_tokens: int = Field(128, ge=8, description="Documents are cut into examples of at most this many words.")
+
+
+DataFormat = Literal["text", "chat", "classification", "ner"]
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(
+        [],
+        description="Files or folders (relative to this file) of .txt .md .rst .html .jsonl .csv .py .pdf, "
+        "and built-in sources: python-docs.",
+    )
+    python_docs: PythonDocsSource = Field(default_factory=PythonDocsSource, description="The python-docs source.")
+    text_fields: list[str] = Field(
+        ["text", "content", "body"], description="JSONL/CSV fields read as the document text (first present wins)."
+    )
+    label_field: str = Field("label", description="JSONL/CSV field read as the classification label.")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Cleaning.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Deduplication.")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="PII scrubbing.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split by document.")
+    formats: list[DataFormat] = Field(["text", "chat"], description="Outputs to write: text, chat, classification, ner.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic instruction data (the chat output).")
+    classification: ClassificationConfig = Field(
+        default_factory=ClassificationConfig, description="The classification output."
+    )
+    ner: NerConfig = Field(default_factory=NerConfig, description="The NER output.")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/data).")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class SpecialTokens(Section):
+    bos: str = Field("<|bos|>", description="Beginning of a sequence.")
+    eos: str = Field("<|eos|>", description="End of a document.")
+    pad: str = Field("<|pad|>", description="Padding.")
+    chat_start: str = Field("<|im_start|>", description="Opens a chat message (ChatML role marker).")
+    chat_end: str = Field("<|im_end|>", description="Closes a chat message; ends an assistant turn.")
+
+
+class TokenizerConfig(Section):
+    method: Literal["train", "extend"] = Field(
+        "train", description="train: a new byte-level BPE; extend: add domain terms to the tokenizer in `base`."
+    )
+    base: str | None = Field(None, description="For extend: a Hugging Face tokenizer folder (or a hub id when online).")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000, description="Final vocabulary size, domain terms included.")
+    min_frequency: int = Field(2, ge=1, description="A merge must occur at least this often in the training text.")
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="Special tokens.")
+    domain_terms: list[str] = Field([], description="Words that must each be a single token.")
+    domain_terms_top_n: int = Field(
+        0, ge=0, description="Also make single tokens of the N most frequent words the BPE would otherwise split."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template saved with the tokenizer (null = the built-in ChatML template)."
+    )
+    max_training_chars: int | None = Field(
+        None, ge=1000, description="Train on at most this many characters of the training split (null = all)."
+    )
+    data: str | None = Field(None, description="The data artifact to train on (null = <project.out_dir>/data).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/tokenizer).")
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+class ProjectConfig(Section):
+    """The whole project file. Paths in it are relative to the file's folder."""
+
+    project: ProjectSection = Field(default_factory=ProjectSection, description="The project.")
+    data: DataConfig = Field(default_factory=DataConfig, description="`slmforge data`: sources -> clean datasets.")
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="`slmforge tokenizer train`: a domain BPE tokenizer."
+    )
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr("defaults")
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the config are resolved against."""
+        return self._base_dir
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (file path, or 'defaults')."""
+        return self._source
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path from the config against the project file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p)
+
+    def stage_dir(self, stage: str, override: str | None = None) -> Path:
+        """The artifact folder of a stage: its ``out`` key, else ``<project.out_dir>/<stage>``."""
+        if override:
+            return self.resolve(override)
+        return self.resolve(self.project.out_dir) / stage
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ProjectConfig:
+    """Load the project file, apply ``--set`` overrides and validate.
+
+    Args:
+        path: The project file. ``None`` uses ``./slmforge.yaml`` when it exists, else the defaults.
+        overrides: ``"section.key=value"`` strings; values are parsed as YAML (``3``, ``true``, ``[a, b]``).
+
+    Returns:
+        The validated config, with paths resolved against the file's folder.
+
+    Raises:
+        ConfigError: The file is missing or malformed, or a key or value is invalid. The message
+            names the key path, the line in the file, the bad value and the allowed values.
+    """
+    text = ""
+    source = "defaults"
+    base_dir = Path.cwd()
+    if path is None and Path(PROJECT_FILE).is_file():
+        path = PROJECT_FILE
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(
+                f"Project file {file} not found. Create one with `slmforge init {file.parent or '.'}` "
+                "or pass the right path with -c."
+            )
+        text = file.read_text(encoding="utf-8")
+        source = str(file)
+        base_dir = file.resolve().parent
+    raw = _parse_yaml(text, source)
+    from_set = {}
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        _set_path(raw, key_path, value, item)
+        from_set[key_path] = item
+    try:
+        cfg = ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, text, source, from_set)) from None
+    cfg._base_dir = base_dir
+    cfg._source = source
+    return cfg
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{source} is not valid YAML{where}: {problem}. Fix the file (check indentation and quoting) "
+            "and run again."
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source} must be a mapping of sections (project:, data:, tokenizer:, ...), "
+            f"but its top level is a {type(raw).__name__}."
+        )
+    return raw
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"--set {item!r} is not of the form section.key=value (for example --set data.split.val=0.1)."
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take it as a plain string
+    return tuple(key.split(".")), parsed
+
+
+def _set_path(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, item: str) -> None:
+    node = raw
+    for i, part in enumerate(key_path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(key_path[: i + 1])
+            raise ConfigError(f"--set {item!r}: {where} is a value, not a section, so it has no key {key_path[i + 1]!r}.")
+        node = child
+    node[key_path[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, text: str, source: str, from_set: dict) -> str:
+    lines = [f"Invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        where = _where(loc, text, source, from_set)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"- unknown key `{dotted}`{where}{hint}.")
+            continue
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" else f" = {value!r}"
+        lines.append(f"- `{dotted}`{shown}{where}: {err['msg']}.")
+    lines.append("Fix these keys in the project file (or the --set value) and run again; "
+                 "`slmforge init` writes a file with every key documented.")
+    return "\n".join(lines)
+
+
+def _where(loc: tuple[str, ...], text: str, source: str, from_set: dict) -> str:
+    for key_path, item in from_set.items():
+        if tuple(loc[: len(key_path)]) == key_path:
+            return f" (from --set {item})"
+    line = _line_of(loc, text)
+    return f" (line {line} of {source})" if line else ""
+
+
+def _line_of(loc: tuple[str, ...], text: str) -> int | None:
+    """1-based line of the deepest node of ``loc`` that exists in the YAML text."""
+    if not text.strip():
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if str(key_node.value) == part:
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _section_class(annotation: Any) -> type[Section] | None:
+    """The Section subclass inside an annotation like ``X``, ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_class(arg)
+            if found:
+                return found
+    return None
+
+
+def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    cls: type[Section] | None = ProjectConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if cls else None
+        cls = _section_class(field.annotation) if field else None
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+# --------------------------------------------------------------------------- templates
+
+TEMPLATES = ("quickstart", "blank")
+
+
+def _template_values(template: str) -> ProjectConfig:
+    if template == "quickstart":
+        cfg = ProjectConfig()
+        cfg.project.name = "python-docs-slm"
+        cfg.data.sources = ["python-docs"]
+        cfg.data.formats = ["text", "chat", "classification", "ner"]
+        cfg.data.classification.label_from = "source"
+        cfg.data.ner.builtin_gazetteer = "python"
+        cfg.tokenizer.domain_terms = ["asyncio", "dataclass", "coroutine", "iterable", "subprocess", "namedtuple"]
+        cfg.tokenizer.domain_terms_top_n = 64
+        return cfg
+    if template == "blank":
+        return ProjectConfig()
+    raise ConfigError(f"Unknown template {template!r}; choose one of: {', '.join(TEMPLATES)}.")
+
+
+def render_template(template: str = "quickstart") -> str:
+    """The text of a project file with every section and key commented.
+
+    Args:
+        template: ``quickstart`` (the built-in python-docs domain) or ``blank`` (bring your own sources).
+    """
+    cfg = _template_values(template)
+    head = [
+        f"# slmforge project file ({template} template).",
+        "# Run every stage:      slmforge run",
+        "# Show resolved config: slmforge config show",
+        "# Override any key:     slmforge <command> --set data.split.val=0.1",
+        "",
+    ]
+    return "\n".join(head + _render_section(cfg, 0)) + "\n"
+
+
+def _render_section(section: Section, indent: int) -> list[str]:
+    out: list[str] = []
+    pad = "  " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if field.description:
+            out.append(f"{pad}# {field.description}")
+        if isinstance(value, Section):
+            out.append(f"{pad}{name}:")
+            out.extend(_render_section(value, indent + 1))
+            if indent == 0:
+                out.append("")
+            continue
+        if value is None and _section_class(field.annotation) is not None:
+            out.append(f"{pad}{name}: null")
+            out.extend(f"{pad}#   {line}" for line in _example_lines(_section_class(field.annotation)))
+            continue
+        dumped = yaml.safe_dump({name: value}, default_flow_style=True, sort_keys=False, width=4096).strip()
+        out.append(f"{pad}{dumped}")
+    return out
+
+
+def _example_lines(cls: type[Section]) -> list[str]:
+    """Commented example of a section that is off by default (its required keys and defaults)."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        example = field.default if not field.is_required() else f"<{name}>"
+        lines.append(f"{name}: {example if example is not None else 'null'}")
+    return lines
+
+
+def init_project(directory: str | Path, template: str = "quickstart", force: bool = False) -> Path:
+    """Write ``DIR/slmforge.yaml`` from a template and return its path.
+
+    Raises:
+        ConfigError: The file exists and ``force`` is false, or the template is unknown.
+    """
+    text = render_template(template)
+    target = Path(directory) / PROJECT_FILE
+    if target.exists() and not force:
+        raise ConfigError(f"{target} already exists; pass --force to overwrite it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def dump_config(cfg: ProjectConfig) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)

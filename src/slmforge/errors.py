@@ -1,0 +1,32 @@
+"""Typed errors. Library code raises these; only ``slmforge.cli`` turns them into
+a message and an exit code.
+
+Every message is meant to be read by a person: it says what was wrong, where
+(file, line, key) and what to do about it, in one paragraph.
+"""
+
+from __future__ import annotations
+
+
+class SlmForgeError(Exception):
+    """Base class of every error slmforge raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(SlmForgeError):
+    """The project file or a ``--set`` override is malformed or invalid."""
+
+    exit_code = 2
+
+
+class ArtifactError(SlmForgeError):
+    """An artifact folder is missing, incomplete, or its manifest does not match its files."""
+
+
+class DataError(SlmForgeError):
+    """The data stage cannot run (no sources, no documents left, unreachable teacher...)."""
+
+
+class TokenizerError(SlmForgeError):
+    """Tokenizer training, extension, loading or analysis failed."""
