@@ -125,6 +125,7 @@ class TeacherConfig(Section):
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the teacher.")
     max_tokens: int = Field(800, ge=16, description="Most tokens the teacher may write per document.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one teacher answer.")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests sent to the teacher at once.")
 
 
 class SynthConfig(Section):
@@ -489,9 +490,14 @@ def _render_section(section: Section, indent: int) -> list[str]:
             out.append(f"{pad}{name}: null")
             out.extend(f"{pad}#   {line}" for line in _example_lines(_section_class(field.annotation)))
             continue
-        dumped = yaml.safe_dump({name: value}, default_flow_style=True, sort_keys=False, width=4096).strip()
-        out.append(f"{pad}{dumped}")
+        out.append(f"{pad}{name}: {_yaml_value(value)}")
     return out
+
+
+def _yaml_value(value: Any) -> str:
+    """One value in YAML flow style, on one line."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
 
 
 def _example_lines(cls: type[Section]) -> list[str]:
