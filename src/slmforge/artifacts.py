@@ -170,6 +170,16 @@ def parent_ref(path: str | Path, kind: str | None = None) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "kind": m.kind, "fingerprint": m.fingerprint}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ArtifactWriter:
     """Write an artifact folder atomically.
 
@@ -209,6 +219,7 @@ class ArtifactWriter:
         if self.target.exists() and not self.target.is_dir():
             raise ArtifactError(f"{self.target} exists and is a file; choose another output folder.")
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
         self.path.mkdir()
         self._created = _now()
         self._t0 = time.monotonic()
@@ -223,6 +234,13 @@ class ArtifactWriter:
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
+
+    def _remove_stale_temps(self) -> None:
+        """Temp folders left by writers of this target that were killed (kill -9, power loss)."""
+        for p in self.target.parent.glob(f".{self.target.name}{_TMP_MARK}*"):
+            pid = p.name[len(f".{self.target.name}{_TMP_MARK}") :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
 
     def _finish(self) -> None:
         files = {}

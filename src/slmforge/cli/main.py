@@ -1,0 +1,264 @@
+"""The ``slmforge`` command line. The only module that parses argv, prints for
+humans and exits. Stages are imported inside the commands that run them, so
+``slmforge --help`` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slmforge import __version__
+from slmforge.errors import SlmForgeError
+
+app = typer.Typer(
+    name="slmforge",
+    help="Own a domain-specific small language model end to end: data, tokenizer, training, "
+    "evaluation, compression, export, serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Show the resolved project config.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Project file (default: ./slmforge.yaml if present).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: section.key=value (repeatable; value parsed as YAML)."),
+]
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    from slmforge.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"slmforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """slmforge: one CLI for the whole life of a domain small language model."""
+
+
+# --------------------------------------------------------------------------- project
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder for the project (created if missing).")] = Path("."),
+    template: Annotated[str, typer.Option(help="quickstart (python-docs domain) or blank.")] = "quickstart",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing slmforge.yaml.")] = False,
+) -> None:
+    """Write DIR/slmforge.yaml from a template, every key documented."""
+    from slmforge.config import init_project
+
+    path = init_project(directory, template, force)
+    out.print(f"Wrote {path}. Next: cd {directory} && slmforge run")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults -> project file -> --set) as YAML."""
+    from slmforge.config import dump_config
+
+    cfg = _load(config, set_)
+    out.print(f"# resolved from: {cfg.source}", highlight=False)
+    print(dump_config(cfg), end="")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="An artifact folder (or its manifest.json).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Print and validate an artifact's manifest; report missing or changed files by name."""
+    from slmforge.artifacts import read_manifest, verify_artifact
+
+    m = read_manifest(path)
+    problems = verify_artifact(path)
+    if as_json:
+        print(json.dumps({**m.to_json(), "problems": problems}, indent=2))
+    else:
+        out.print(f"[bold]{m.kind}[/] at {m.path}")
+        out.print(f"  made by slmforge {m.slmforge_version} at {m.finished_at} in {m.duration_s} s")
+        out.print(f"  command: {' '.join(m.command)}", highlight=False)
+        for p in m.parents:
+            out.print(f"  parent: {p.get('kind')} {p.get('path')}", highlight=False)
+        total = sum(f["size"] for f in m.files.values())
+        out.print(f"  files: {len(m.files)} ({total / 1e6:.2f} MB)")
+        for k, v in m.metrics.items():
+            out.print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}", highlight=False)
+        if problems:
+            err.print(f"[red]{len(problems)} problem(s):[/]")
+            for p in problems:
+                err.print(f"  {p}", highlight=False)
+        else:
+            out.print("[green]all files match the manifest[/]")
+    if problems:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@app.command()
+def data(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: data.out).")] = None,
+) -> None:
+    """Ingest, clean, dedup, filter and scrub documents; write text/chat/classification/NER sets."""
+    from slmforge.data import run_data_stage
+
+    cfg = _load(config, set_)
+    result = run_data_stage(cfg, out=out_dir, command=sys.argv)
+    s = result.stats
+    out.print(
+        f"[green]data[/] {s['documents_in']} read -> {s['documents_out']} kept "
+        f"(train {s['splits']['train']['documents']}, val {s['splits']['val']['documents']}, "
+        f"test {s['splits']['test']['documents']}) in {s['seconds']} s"
+    )
+    if s["dropped"]:
+        out.print("  dropped: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()), highlight=False)
+    if s["inputs_skipped"]:
+        out.print("  skipped: " + ", ".join(f"{k} {v}" for k, v in s["inputs_skipped"].items()), highlight=False)
+    if any(s["pii"].values()):
+        out.print("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in s["pii"].items() if v), highlight=False)
+    out.print(f"  -> {result.path} (report: {result.path / 'report.md'})", highlight=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: Annotated[Path | None, typer.Option("--data", help="Data artifact (default: tokenizer.data).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: tokenizer.out).")] = None,
+) -> None:
+    """Train a byte-level BPE tokenizer on the data stage's text (or extend one: tokenizer.method=extend)."""
+    from slmforge.tokenizer import train_tokenizer
+
+    cfg = _load(config, set_)
+    result = train_tokenizer(cfg, data=data_dir, out=out_dir, command=sys.argv)
+    out.print(f"[green]tokenizer[/] vocab {result.vocab_size}, {len(result.domain_terms)} domain terms -> {result.path}")
+    held = result.metrics.get("heldout")
+    if held:
+        out.print(
+            f"  held-out: {held.get('fertility', 0):.3f} tokens/word, {held.get('chars_per_token', 0):.2f} chars/token",
+            highlight=False,
+        )
+
+
+@tokenizer_app.command("analyze")
+def tokenizer_analyze(
+    tokenizers: Annotated[list[Path], typer.Argument(help="Tokenizer folders to compare side by side.")],
+    data_dir: Annotated[Path | None, typer.Option("--data", help="Data artifact whose held-out split to use.")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="A text file to use instead of --data.")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data: val or test.")] = "val",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Fertility, byte-fallback/unknown rate and compression of tokenizers on held-out domain text."""
+    from dataclasses import asdict
+
+    from slmforge.tokenizer import analyze_tokenizers, format_stats_table, heldout_texts
+
+    if (data_dir is None) == (text is None):
+        raise typer.BadParameter("give exactly one of --data DIR or --text FILE")
+    if text is not None:
+        if not text.is_file():
+            raise typer.BadParameter(f"{text} is not a file", param_hint="--text")
+        texts = [text.read_text(encoding="utf-8", errors="replace")]
+    else:
+        texts = heldout_texts(data_dir, split)
+    stats = analyze_tokenizers(list(tokenizers), texts)
+    if as_json:
+        print(json.dumps([asdict(s) for s in stats], indent=2))
+    else:
+        print(format_stats_table(stats))
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    start: Annotated[str | None, typer.Option("--from", help="Start at this stage (earlier ones must exist).")] = None,
+    force: Annotated[bool, typer.Option(help="Re-run stages even when they are up to date.")] = False,
+) -> None:
+    """Run the project's stages in order, skipping those whose inputs and config are unchanged."""
+    from slmforge.pipeline import run_pipeline
+
+    cfg = _load(config, set_)
+    _print_outcomes(run_pipeline(cfg, until=until, start=start, force=force, command=sys.argv, log=err.print))
+
+
+def _print_outcomes(outcomes) -> None:
+    for o in outcomes:
+        verb = "[green]ran[/]" if o.status == "ran" else "[dim]up to date[/]"
+        out.print(f"  {o.stage:<10} {verb} {o.path} ({o.seconds:.1f} s)", highlight=False)
+
+
+@app.command()
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("--out", help="Project folder to create and run in.")] = Path("quickstart"),
+    force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
+) -> None:
+    """Init + run on the built-in python-docs domain (the Python documentation of this interpreter)."""
+    from slmforge.config import PROJECT_FILE, init_project, load_config
+    from slmforge.pipeline import run_pipeline
+    from slmforge.tokenizer import analyze_tokenizers, format_stats_table, heldout_texts
+
+    project_file = out_dir / PROJECT_FILE
+    if not project_file.exists():
+        init_project(out_dir, "quickstart")
+        out.print(f"Wrote {project_file}")
+    cfg = load_config(project_file)
+    outcomes = run_pipeline(cfg, force=force, command=sys.argv, log=err.print)
+    _print_outcomes(outcomes)
+    paths = {o.stage: o.path for o in outcomes}
+    if "tokenizer" in paths and "data" in paths:
+        stats = analyze_tokenizers([paths["tokenizer"]], heldout_texts(paths["data"], "val"))
+        out.print("\nThe domain tokenizer on held-out python-docs text:")
+        print(format_stats_table(stats))
+    out.print(
+        "\nNext:\n"
+        f"  open {paths.get('data')}/report.md            (what the data stage kept, dropped and scrubbed)\n"
+        f"  slmforge inspect {paths.get('tokenizer')}     (lineage and file checks)\n"
+        f"  slmforge tokenizer analyze {paths.get('tokenizer')} OTHER_TOKENIZER --data {paths.get('data')}\n"
+        f"  edit {project_file} and run `slmforge run -c {project_file}` (only changed stages re-run)",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Console-script entry point: user mistakes become one message and an exit code, not a traceback."""
+    try:
+        app()
+    except SlmForgeError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The data stage: sources -> cleaned, deduplicated, filtered, PII-scrubbed
+documents, split by document, written as training sets for GPT-style (text,
+chat) and BERT-style (classification, NER) models, with a stats report.
+
+    from slmforge import load_config, run_data_stage
+    result = run_data_stage(load_config("slmforge.yaml"))
+    print(result.path, result.stats["documents_out"])
+
+Output folder (an artifact with ``manifest.json``)::
+
+    text/{train,val,test}.jsonl            {"id", "text", "source"}
+    chat/{train,val,test}.jsonl            {"id", "messages": [...], "source_id", "method"}
+    classification/{train,val,test}.jsonl  {"id", "text", "label"}   + classification/labels.json
+    ner/{train,val,test}.jsonl             {"id", "tokens", "tags"}  + ner/labels.json
+    stats.json  report.md  lengths.png  skipped.jsonl  dropped.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import ArtifactWriter
+from slmforge.config import ProjectConfig
+from slmforge.data.sources import BUILTIN_SOURCES, Document, Skipped
+
+__all__ = ["DataResult", "run_data_stage", "source_refs", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+_PRETOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass
+class DataResult:
+    """What the data stage made."""
+
+    path: Path
+    stats: dict[str, Any]
+
+    def split_file(self, fmt: str, split: str) -> Path:
+        return self.path / fmt / f"{split}.jsonl"
+
+
+def _write_jsonl(path: Path, records) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _resolve_sources(cfg: ProjectConfig) -> list[tuple[str, Path | None]]:
+    from slmforge.errors import DataError
+
+    if not cfg.data.sources:
+        raise DataError(
+            "No data sources configured. Set data.sources in the project file to files or folders of "
+            ".txt .md .rst .html .jsonl .csv .py .pdf, or to the built-in source python-docs "
+            "(for example: --set 'data.sources=[python-docs]')."
+        )
+    out: list[tuple[str, Path | None]] = []
+    for entry in cfg.data.sources:
+        if entry in BUILTIN_SOURCES:
+            out.append((entry, None))
+            continue
+        path = cfg.resolve(entry)
+        if not path.exists():
+            raise DataError(
+                f"Data source {entry!r} does not exist (looked for {path}). Fix data.sources in "
+                f"{cfg.source}; built-in sources are: {', '.join(BUILTIN_SOURCES)}."
+            )
+        out.append((entry, path))
+    return out
+
+
+def source_refs(cfg: ProjectConfig) -> list[dict[str, str]]:
+    """Lineage entries for the data sources: a fingerprint of each source's file names,
+    sizes and modification times (python-docs: the interpreter version), so that
+    ``slmforge run`` re-runs the data stage when a source changes."""
+    import hashlib
+    import sys
+
+    from slmforge.data.sources import list_files
+
+    refs = []
+    for entry, path in _resolve_sources(cfg):
+        h = hashlib.sha256()
+        if path is None:
+            h.update(f"{entry}:{sys.version}".encode())
+        else:
+            for f in list_files(path):
+                st = f.stat()
+                h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        refs.append({"path": str(path) if path else entry, "kind": "source", "fingerprint": h.hexdigest()})
+    return refs
+
+
+def _split(n: int, val: float, test: float, seed: int) -> list[str]:
+    """A split name per document: exact proportions, seeded shuffle, at least one
+    validation/test document whenever that share is non-zero and there are 3+ documents."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = round(n * val) if val else 0
+    n_test = round(n * test) if test else 0
+    if n >= 3:
+        n_val = max(n_val, 1 if val else 0)
+        n_test = max(n_test, 1 if test else 0)
+    names = ["train"] * n
+    for rank, i in enumerate(order):
+        if rank < n_val:
+            names[i] = "val"
+        elif rank < n_val + n_test:
+            names[i] = "test"
+    return names
+
+
+def run_data_stage(
+    cfg: ProjectConfig,
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+) -> DataResult:
+    """Run the data stage described by ``cfg.data``.
+
+    Args:
+        cfg: The project config (``load_config``).
+        out: Output folder; default ``data.out`` or ``<project.out_dir>/data``.
+        command: The command line recorded in the manifest (default ``sys.argv``).
+        progress: Show progress bars on stderr.
+
+    Returns:
+        The artifact folder and its statistics.
+
+    Raises:
+        DataError: No sources, a source path that does not exist, no document left
+            after filtering, or an unreachable teacher endpoint. Bad files never raise:
+            they are skipped and listed in ``skipped.jsonl`` with the reason.
+    """
+    from slmforge._progress import progress_bar
+    from slmforge.data import clean, dedup, filters, formats, pii, report, sources, synth
+    from slmforge.errors import DataError
+
+    dcfg = cfg.data
+    target = Path(out) if out else cfg.stage_dir("data", dcfg.out)
+    entries = _resolve_sources(cfg)
+    parents = source_refs(cfg)  # before reading: a source edited mid-run makes the next run re-read it
+    t0 = time.monotonic()
+
+    skipped: list[Skipped] = []
+    docs: list[Document] = []
+    bytes_in = 0
+    long_lines = 0
+    ids: Counter[str] = Counter()
+
+    def take(record) -> None:
+        nonlocal bytes_in, long_lines
+        if isinstance(record, Skipped):
+            skipped.append(record)
+            return
+        bytes_in += len(record.text.encode("utf-8", "surrogatepass"))
+        record.text, n_long = clean.clean_text(record.text, dcfg.clean)
+        long_lines += n_long
+        ids[record.id] += 1
+        if ids[record.id] > 1:  # e.g. a name defined twice in one module: ids must stay unique
+            record.id = f"{record.id}#{ids[record.id]}"
+        docs.append(record)
+
+    # ---- read + clean
+    jobs: list[tuple[str, Any]] = []
+    for entry, path in entries:
+        if path is None:  # python-docs
+            if dcfg.python_docs.topics:
+                jobs.append((entry, ("topics",)))
+            if dcfg.python_docs.docstrings or dcfg.python_docs.module_source:
+                for mod, mpath in sources.python_docs_modules()[: dcfg.python_docs.max_modules]:
+                    jobs.append((entry, ("module", mod, mpath)))
+        else:
+            jobs.extend((entry, ("file", f)) for f in sources.list_files(path))
+
+    with progress_bar(progress) as bar:
+        task = bar.add_task("reading sources", total=len(jobs), info="")
+        for entry, job in jobs:
+            if job[0] == "topics":
+                records = sources.read_topics()
+            elif job[0] == "module":
+                records = sources.read_module(
+                    job[1], job[2], dcfg.python_docs.docstrings, dcfg.python_docs.module_source
+                )
+            else:
+                records = sources.read_file(job[1], entry, dcfg)
+            for record in records:
+                take(record)
+            bar.update(task, advance=1, info=f"{len(docs)} docs")
+
+    documents_in = len(docs)
+    boiler_removed = 0
+    if dcfg.clean.strip_boilerplate:
+        lines = clean.boilerplate_lines(docs)
+        for d in docs:
+            if d.source in lines:
+                d.text, n = clean.strip_lines(d.text, lines[d.source])
+                boiler_removed += n
+
+    # ---- scrub, filter, dedup
+    dropped: Counter[str] = Counter()
+    dropped_rows: list[dict] = []
+    pii_counts: Counter[str] = Counter()
+    kept: list[Document] = []
+    dd = dedup.Deduplicator(dcfg.dedup)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("filtering", total=len(docs), info="")
+        for d in docs:
+            reason = None
+            if not d.text.strip():
+                reason = "empty_after_cleaning"
+            else:
+                if dcfg.pii.enabled:
+                    d.text, found = pii.scrub_pii(d.text, dcfg.pii.types)
+                    pii_counts.update(found)
+                    if "doc" in d.meta and found:
+                        d.meta["doc"], _ = pii.scrub_pii(d.meta["doc"], dcfg.pii.types)
+                    if "ner" in d.meta:  # records that bring their own tokens
+                        d.meta["ner"]["tokens"] = [pii.scrub_pii(t, dcfg.pii.types)[0] for t in d.meta["ner"]["tokens"]]
+                reason = filters.quality_reason(d.text, dcfg.filters, code=d.is_code)
+                if reason is None:
+                    reason = dd.check(d.id, d.text)
+            if reason:
+                dropped[reason] += 1
+                row = {"id": d.id, "reason": reason}
+                if d.id in dd.duplicate_of:
+                    row["duplicate_of"] = dd.duplicate_of[d.id]
+                dropped_rows.append(row)
+            else:
+                kept.append(d)
+            bar.update(task, advance=1, info=f"{len(kept)} kept")
+
+    if not kept:
+        raise DataError(
+            f"No documents left: {documents_in} read, {sum(dropped.values())} dropped "
+            f"({', '.join(f'{k}: {v}' for k, v in dropped.most_common()) or 'none'}), "
+            f"{len(skipped)} inputs skipped. Check data.sources and relax data.filters."
+        )
+
+    # ---- split
+    split_of = _split(len(kept), dcfg.split.val, dcfg.split.test, cfg.project.seed)
+    by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for d, s in zip(kept, split_of):
+        by_split[s].append(d)
+
+    stats: dict[str, Any] = {
+        "sources": {e: (str(p) if p else "built-in") for e, p in entries},
+        "documents_in": documents_in,
+        "documents_out": len(kept),
+        "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in skipped).most_common()),
+        "dropped": dict(dropped.most_common()),
+        "cleaning": {"long_lines_removed": long_lines, "boilerplate_lines_removed": boiler_removed},
+        "pii": {t: pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
+        "splits": {},
+        "formats": {},
+    }
+    for s in SPLITS:
+        texts = [d.text for d in by_split[s]]
+        stats["splits"][s] = {
+            "documents": len(texts),
+            "chars": sum(map(len, texts)),
+            "pretokens": sum(len(_PRETOKEN.findall(t)) for t in texts),
+        }
+    stats["chars"] = sum(v["chars"] for v in stats["splits"].values())
+    stats["pretokens"] = sum(v["pretokens"] for v in stats["splits"].values())
+
+    with ArtifactWriter(target, kind="dataset", config=dcfg.model_dump(mode="json"), parents=parents, command=command) as w:
+        _write_jsonl(w.path / "skipped.jsonl", ({"where": s.where, "reason": s.reason} for s in skipped))
+        _write_jsonl(w.path / "dropped.jsonl", dropped_rows)
+        for fmt in dcfg.formats:
+            stats["formats"][fmt] = _write_format(fmt, w.path, by_split, cfg, progress)
+        stats["seconds"] = round(time.monotonic() - t0, 3)
+        stats["documents_per_s"] = round(documents_in / max(stats["seconds"], 1e-9), 1)
+        stats["mb_per_s"] = round(bytes_in / 1e6 / max(stats["seconds"], 1e-9), 3)
+        stats["mb_in"] = round(bytes_in / 1e6, 3)
+        (w.path / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        report.write_report(w.path, stats, [len(d.text) for d in kept], cfg.project.name)
+        w.metrics.update(
+            {
+                "documents_in": documents_in,
+                "documents_out": len(kept),
+                "train_documents": len(by_split["train"]),
+                "val_documents": len(by_split["val"]),
+                "test_documents": len(by_split["test"]),
+                "chars": stats["chars"],
+                "pii": stats["pii"],
+                "dropped": stats["dropped"],
+                "inputs_skipped": stats["inputs_skipped"],
+            }
+        )
+    return DataResult(path=target.resolve(), stats=stats)
+
+
+def _write_format(
+    fmt: str, folder: Path, by_split: dict[str, list[Document]], cfg: ProjectConfig, progress: bool
+) -> dict[str, Any]:
+    from slmforge.data import formats, synth
+
+    dcfg = cfg.data
+    out: dict[str, Any] = {}
+    if fmt == "text":
+        for s in SPLITS:
+            out[s] = _write_jsonl(
+                folder / "text" / f"{s}.jsonl", ({"id": d.id, "text": d.text, "source": d.source} for d in by_split[s])
+            )
+    elif fmt == "chat":
+        out.update(_write_chat(folder, by_split, cfg, progress))
+    elif fmt == "classification":
+        labels: Counter[str] = Counter()
+        unlabelled = 0
+        for s in SPLITS:
+            rows = []
+            for d in by_split[s]:
+                label = formats.classification_label(d, dcfg.classification.label_from)
+                if label is None:
+                    unlabelled += 1
+                    continue
+                labels[label] += 1
+                rows.append({"id": d.id, "text": d.text, "label": label})
+            out[s] = _write_jsonl(folder / "classification" / f"{s}.jsonl", rows)
+        (folder / "classification" / "labels.json").write_text(json.dumps(sorted(labels), indent=1) + "\n")
+        out["labels"] = dict(labels.most_common())
+        out["without_label"] = unlabelled
+    elif fmt == "ner":
+        tagger = formats.make_tagger(dcfg)
+        entity_counts: Counter[str] = Counter()
+        label_set: set[str] = set()
+        for s in SPLITS:
+            rows = [r for d in by_split[s] for r in formats.ner_examples(d, dcfg, tagger)]
+            for r in rows:
+                label_set.update(r["tags"])
+                entity_counts.update(t[2:] for t in r["tags"] if t.startswith("B-"))
+            out[s] = _write_jsonl(folder / "ner" / f"{s}.jsonl", rows)
+        # O first, then B-/I- pairs per entity type: the label order a token-classification head uses.
+        types = sorted({t[2:] for t in label_set if t != "O"})
+        label_list = ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+        (folder / "ner" / "labels.json").write_text(json.dumps(label_list, indent=1) + "\n")
+        out["entities"] = dict(entity_counts.most_common())
+    return out
+
+
+def _write_chat(
+    folder: Path, by_split: dict[str, list[Document]], cfg: ProjectConfig, progress: bool
+) -> dict[str, Any]:
+    from slmforge._progress import progress_bar
+    from slmforge.data import synth
+
+    scfg = cfg.data.synth
+    chosen = {s: by_split[s] for s in SPLITS}
+    if scfg.max_documents is not None:  # spread the budget over the splits by their size
+        total = sum(len(v) for v in chosen.values())
+        for s in SPLITS:
+            share = round(scfg.max_documents * len(chosen[s]) / max(total, 1))
+            chosen[s] = chosen[s][: max(share, 1 if chosen[s] else 0)]
+    pairs_by_split: dict[str, list[synth.QAPair]] = {}
+    errors: Counter[str] = Counter()
+    if scfg.method == "template":
+        for s in SPLITS:
+            pairs_by_split[s] = [p for d in chosen[s] for p in synth.template_pairs(d, scfg.max_pairs_per_document)]
+    else:
+        all_docs = [d for s in SPLITS for d in chosen[s]]
+        split_of = {d.id: s for s in SPLITS for d in chosen[s]}
+        with progress_bar(progress) as bar:
+            task = bar.add_task("asking the teacher", total=len(all_docs), info="")
+            pairs, errors = synth.teacher_pairs(all_docs, scfg, on_done=lambda: bar.update(task, advance=1))
+        for s in SPLITS:
+            pairs_by_split[s] = [p for p in pairs if split_of[p.doc_id] == s]
+    heldout = [d.text for s in ("val", "test") for d in by_split[s]]
+    out: dict[str, Any] = {}
+    dropped: Counter[str] = Counter()
+    for s in SPLITS:
+        if s == "train":
+            kept, why = synth.filter_pairs(pairs_by_split[s], heldout, scfg.max_heldout_overlap)
+        else:
+            kept, why = synth.filter_pairs(pairs_by_split[s], [], 1.0)
+        dropped.update(why)
+        counter: Counter[str] = Counter()
+        rows = []
+        for p in kept:
+            counter[p.doc_id] += 1
+            rows.append(synth.to_chat(p, counter[p.doc_id], scfg.system_prompt))
+        out[s] = _write_jsonl(folder / "chat" / f"{s}.jsonl", rows)
+    out["method"] = scfg.method
+    out["pairs_dropped"] = dict(dropped)
+    if errors:
+        out["teacher_errors"] = dict(errors)
+    return out

@@ -1,0 +1,72 @@
+"""Document-level deduplication: exact (hash of normalised text) and near
+(MinHash LSH over word shingles, through ``datasketch``)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+
+from slmforge.config import DedupConfig
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalise_for_hash(text: str) -> str:
+    """Lower-case, whitespace-collapsed text: documents equal under this are exact duplicates."""
+    return " ".join(text.lower().split())
+
+
+def _hash32(data: bytes) -> int:
+    # blake2b is ~3x faster than datasketch's default sha1 here and as well mixed.
+    return struct.unpack("<I", hashlib.blake2b(data, digest_size=4).digest())[0]
+
+
+def shingles(text: str, size: int) -> set[bytes]:
+    """Word ``size``-grams of the lower-cased text (the whole text when it is shorter)."""
+    words = _WORD.findall(text.lower())
+    if len(words) <= size:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+
+
+class Deduplicator:
+    """Feed documents in order; the first of a group of duplicates is kept.
+
+        dd = Deduplicator(cfg.dedup)
+        reason = dd.check("doc-1", text)   # None, "duplicate" or "near_duplicate"
+    """
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        self.cfg = cfg
+        self._seen: dict[str, str] = {}
+        self._lsh = None
+        self._hashes: dict = {}
+        if cfg.near:
+            from datasketch import MinHashLSH
+
+            self._lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+        self.duplicate_of: dict[str, str] = {}
+
+    def check(self, key: str, text: str) -> str | None:
+        """Register a document; return why it is dropped, or None to keep it."""
+        if self.cfg.exact:
+            digest = hashlib.sha256(normalise_for_hash(text).encode()).hexdigest()
+            first = self._seen.get(digest)
+            if first is not None:
+                self.duplicate_of[key] = first
+                return "duplicate"
+            self._seen[digest] = key
+        if self._lsh is not None:
+            from datasketch import MinHash
+
+            mh = MinHash(num_perm=self.cfg.num_perm, hashfunc=_hash32, seed=1)
+            mh.update_batch(list(shingles(text, self.cfg.shingle_size)))
+            # LSH banding only proposes candidates; confirm with the estimated Jaccard.
+            hits = sorted(h for h in self._lsh.query(mh) if mh.jaccard(self._hashes[h]) >= self.cfg.near_threshold)
+            if hits:
+                self.duplicate_of[key] = hits[0]
+                return "near_duplicate"
+            self._lsh.insert(key, mh)
+            self._hashes[key] = mh
+        return None

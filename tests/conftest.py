@@ -1,0 +1,162 @@
+"""Shared fixtures: tiny corpora built on the fly (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SLMFORGE_NO_PROGRESS", "1")
+
+PROSE = [
+    "The garden was planted in early spring. Tomatoes need full sun and regular watering, "
+    "while lettuce prefers a cooler spot with some shade during the hottest part of the day.",
+    "A lighthouse keeper once lived alone on the rocky island. Every evening he climbed the stairs "
+    "to light the lamp, and every morning he wrote the weather in a small leather notebook.",
+    "Bread is made from flour, water, salt and yeast. The dough is kneaded until it is smooth, "
+    "left to rise for a few hours, shaped into a loaf and baked in a very hot oven.",
+    "The river flows slowly through the valley and into the lake. In the summer children swim near "
+    "the old wooden bridge, and in the winter the water is cold and dark.",
+    "Trains leave the central station every twenty minutes. Passengers should buy a ticket before "
+    "boarding, because the conductor checks every ticket on the way to the coast.",
+    "The museum has a large collection of old maps. Some of them show the coast as it was drawn by "
+    "sailors who had never seen the land behind the beaches they mapped.",
+    "Honey bees live in colonies with one queen and thousands of workers. The workers collect nectar "
+    "from flowers and turn it into honey that feeds the colony through the winter.",
+    "The orchestra practised for weeks before the concert. On the night of the performance the hall "
+    "was full, and the audience stood up to applaud when the last note faded.",
+]
+
+LONG_DOC = " ".join(
+    f"Sentence number {i} talks about the {w} and how it changes over the years in the old town."
+    for i, w in enumerate(["harbour", "market", "church", "school", "bakery", "library", "square", "tower"] * 4)
+)
+
+
+def make_pdf(lines: list[str]) -> bytes:
+    """A minimal valid one-page PDF with the given text lines (Helvetica)."""
+    ops = ["BT", "/F1 12 Tf", "14 TL", "72 720 Td"]
+    for line in lines:
+        esc = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        ops.append(f"({esc}) Tj T*")
+    ops.append("ET")
+    stream = "\n".join(ops).encode("latin-1")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    for off in offsets:
+        out += b"%010d 00000 n \n" % off
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def build_mixed_corpus(root: Path) -> dict[str, int]:
+    """A folder mixing every supported format plus bad input. Returns the counts a
+    correct data stage must report."""
+    root.mkdir(parents=True, exist_ok=True)
+    footer = "Copyright 2024 Example Gardening Club. All rights reserved."
+    # --- prose files, each with PII the scrubber must remove
+    (root / "notes.txt").write_text(
+        PROSE[0] + "\nWrite to jane.doe+garden@example.com or call +1 (415) 555-0132 for seeds.\n", encoding="utf-8"
+    )
+    (root / "guide.md").write_text(
+        "# Watering guide\n\nWatering is the practice of giving plants water at the roots. "
+        + PROSE[1]
+        + "\n\n## Payment\n\nThe shop accepted card 4111 1111 1111 1111 from the server at 192.168.10.24 yesterday.\n",
+        encoding="utf-8",
+    )
+    (root / "deploy.rst").write_text(
+        "Deployment\n==========\n\n" + PROSE[2] + "\n\nThe old key AKIAIOSFODNN7EXAMPLE was rotated and "
+        'api_key = "s3cr3t-V4lue-0123456789abcdef" must never be committed.\n',
+        encoding="utf-8",
+    )
+    # --- three HTML pages sharing navigation and a footer (boilerplate)
+    for i, prose in enumerate(PROSE[3:6]):
+        (root / f"page{i}.html").write_text(
+            f"<html><head><title>Page {i}</title><script>var x = 1;</script></head><body>"
+            f"<nav>Home | About | Contact us today</nav><h1>Story {i}</h1><p>{prose}</p>"
+            f"<p>{footer}</p></body></html>",
+            encoding="utf-8",
+        )
+    # --- records
+    (root / "records.jsonl").write_text(
+        '{"text": "%s", "label": "nature"}\n'
+        "{this is not json\n"
+        '{"text": "%s", "label": "music"}\n'
+        '{"tokens": ["Alice", "visited", "Paris", "in", "May", "with", "her", "friend", "from", "school", "and", "they", '
+        '"walked", "along", "the", "river"], "tags": ["B-PER", "O", "B-LOC", "O", "O", "O", "O", "O", "O", "O", "O", "O", '
+        '"O", "O", "O", "O"], "label": "travel"}\n' % (PROSE[6], PROSE[7]),
+        encoding="utf-8",
+    )
+    (root / "table.csv").write_text(
+        "text,label\n"
+        '"The kitchen smelled of cinnamon and apples, and the pie cooled slowly on the window sill.",food\n'
+        '"The mountain path was steep and narrow, but the view from the top was worth every step.",travel\n',
+        encoding="utf-8",
+    )
+    (root / "module.py").write_text(
+        '"""Helpers for the garden planner."""\n\n\ndef water(plant, litres=1.0):\n'
+        '    """Water a plant with the given number of litres."""\n    return plant.add_water(litres)\n',
+        encoding="utf-8",
+    )
+    (root / "report.pdf").write_bytes(
+        make_pdf(
+            [
+                "The annual report describes the harvest of the community garden.",
+                "Pumpkins and beans grew well, but the strawberries suffered from the late frost.",
+            ]
+        )
+    )
+    # --- duplicates
+    dup = (
+        "The bicycle shop on the corner repairs old frames and sells second-hand wheels to students "
+        "who cannot afford new ones, and the owner whistles while he works."
+    )
+    (root / "dup_a.txt").write_text(dup + "\n")
+    (root / "dup_b.txt").write_text("  " + dup.replace(" ", "   ").upper() + "\n\n")
+    (root / "near_a.txt").write_text(LONG_DOC)
+    (root / "near_b.txt").write_text(LONG_DOC.replace("number 3 ", "number three "))
+    # --- an enormous line inside an otherwise good document
+    (root / "longline.txt").write_text(
+        "Our village library opens at nine and closes at six; the librarian knows every reader by name "
+        "and recommends books with great care.\n" + "x" * 50_000 + "\nA final normal line here.\n")
+    # --- bad input
+    (root / "empty.md").write_text("")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
+    (root / "latin.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e \xe0 la fran\xe7aise ".encode("latin-1") * 20)
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not really a pdf at all\n")
+    (root / "image.bmp").write_bytes(b"BM" + bytes(100))
+    return {
+        # documents that become documents (before dedup/filters):
+        # notes, guide, deploy, 3 html, 2+1 jsonl, 2 csv, module, pdf, dup_a, dup_b, near_a, near_b, longline
+        "documents_in": 1 + 1 + 1 + 3 + 3 + 2 + 1 + 1 + 2 + 2 + 1,
+        "duplicate": 1,
+        "near_duplicate": 1,
+        "long_lines_removed": 1,
+        "skipped_empty": 1,
+        "skipped_binary": 1,
+        "skipped_undecodable": 1,
+        "skipped_pdf": 1,
+        "skipped_unsupported": 1,
+        "skipped_jsonl": 1,
+    }
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    root = tmp_path / "corpus"
+    return root, build_mixed_corpus(root)
