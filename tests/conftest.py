@@ -29,9 +29,15 @@ PROSE = [
     "was full, and the audience stood up to applaud when the last note faded.",
 ]
 
-LONG_DOC = " ".join(
-    f"Sentence number {i} talks about the {w} and how it changes over the years in the old town."
-    for i, w in enumerate(["harbour", "market", "church", "school", "bakery", "library", "square", "tower"] * 4)
+LONG_DOC = (
+    "The ship left the harbour at dawn with forty passengers and a cargo of wool. For three days the "
+    "weather was calm, and the sailors mended ropes while the cook baked bread for everyone on board. "
+    "On the fourth morning dark clouds gathered in the west, and the captain ordered the crew to lower "
+    "the heavy sails before the storm arrived. Waves crashed over the deck through the night, yet nobody "
+    "was hurt and the cargo stayed dry below. When the wind finally dropped, a small island appeared on "
+    "the horizon, with white cliffs, a narrow beach and a village of stone houses. The passengers went "
+    "ashore to buy fresh water, fruit and eggs, and the children ran along the sand chasing crabs. Two "
+    "days later the ship reached the mainland, where merchants were already waiting on the quay."
 )
 
 
@@ -129,7 +135,7 @@ def build_mixed_corpus(root: Path) -> dict[str, int]:
     (root / "dup_a.txt").write_text(dup + "\n")
     (root / "dup_b.txt").write_text("  " + dup.replace(" ", "   ").upper() + "\n\n")
     (root / "near_a.txt").write_text(LONG_DOC)
-    (root / "near_b.txt").write_text(LONG_DOC.replace("number 3 ", "number three "))
+    (root / "near_b.txt").write_text(LONG_DOC.replace("forty passengers", "fifty passengers"))
     # --- an enormous line inside an otherwise good document
     (root / "longline.txt").write_text(
         "Our village library opens at nine and closes at six; the librarian knows every reader by name "

@@ -192,7 +192,7 @@ class _Teacher(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls += 1
         doc = body["messages"][-1]["content"]
-        first_word = doc.split("Document:\n", 1)[1].split()[0]
+        first_word = " ".join(doc.split("Document:\n", 1)[1].split()[:5])
         if "bread" in doc.lower():
             content = "I cannot answer in JSON, sorry."
         else:

@@ -205,8 +205,8 @@ def run_data_stage(
     if dcfg.clean.strip_boilerplate:
         lines = clean.boilerplate_lines(docs)
         for d in docs:
-            if d.source in lines:
-                d.text, n = clean.strip_lines(d.text, lines[d.source])
+            if (d.source, d.kind) in lines:
+                d.text, n = clean.strip_lines(d.text, lines[(d.source, d.kind)])
                 boiler_removed += n
 
     # ---- scrub, filter, dedup

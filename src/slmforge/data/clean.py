@@ -45,30 +45,33 @@ def clean_text(text: str, cfg: CleanConfig) -> tuple[str, int]:
     return text, long_lines
 
 
-def boilerplate_lines(docs: list[Document], min_docs: int = 3, min_share: float = 0.2) -> dict[str, set[str]]:
-    """Lines that repeat across many prose documents of the same source.
+def boilerplate_lines(
+    docs: list[Document], min_docs: int = 3, min_share: float = 0.2
+) -> dict[tuple[str, str], set[str]]:
+    """Lines that repeat across many prose documents of the same source and format.
 
-    A line (stripped, at least 12 characters) is boilerplate for a source when it
-    occurs in at least ``min_docs`` documents and in at least ``min_share`` of
-    that source's prose documents: navigation, cookie notices, licence footers.
+    A line (stripped, at least 12 characters) is boilerplate for a group (source,
+    kind) when it occurs in at least ``min_docs`` of the group's documents and in
+    at least ``min_share`` of them: navigation, cookie notices, licence footers.
 
     Returns:
-        source -> set of boilerplate lines.
+        (source, kind) -> set of boilerplate lines.
     """
-    per_source: dict[str, Counter[str]] = {}
-    totals: Counter[str] = Counter()
+    per_group: dict[tuple[str, str], Counter[str]] = {}
+    totals: Counter[tuple[str, str]] = Counter()
     for doc in docs:
         if doc.kind not in _PROSE_KINDS:
             continue
-        totals[doc.source] += 1
+        group = (doc.source, doc.kind)
+        totals[group] += 1
         lines = {line.strip() for line in doc.text.split("\n") if len(line.strip()) >= 12}
-        per_source.setdefault(doc.source, Counter()).update(lines)
-    out: dict[str, set[str]] = {}
-    for source, counts in per_source.items():
-        need = max(min_docs, min_share * totals[source])
+        per_group.setdefault(group, Counter()).update(lines)
+    out: dict[tuple[str, str], set[str]] = {}
+    for group, counts in per_group.items():
+        need = max(min_docs, min_share * totals[group])
         found = {line for line, n in counts.items() if n >= need}
         if found:
-            out[source] = found
+            out[group] = found
     return out
 
 
