@@ -154,15 +154,20 @@ def test_foreign_text_rejected_for_english_only_and_kept_for_any(text: str) -> N
 
 
 def test_low_language_score_is_rejected() -> None:
-    text = "Kubernetes Docker Terraform Ansible Prometheus Grafana and Jenkins pipelines everywhere"
-    assert detect_language(text) == ("en", 1 / 10)
+    text = (
+        "Kubernetes Docker Terraform Ansible Prometheus Grafana and Jenkins pipelines everywhere "
+        "Helm Istio Envoy Consul Vault Nomad Packer Vagrant Podman Buildah"
+    )
+    assert detect_language(text) == ("en", 1 / 20)
     assert quality_reason(text, FilterConfig(min_language_score=0.05)) is None
     assert quality_reason(text, FilterConfig(min_language_score=0.2)) == "language"
 
 
-def test_language_check_skipped_below_five_words() -> None:
-    assert quality_reason("Das ist sehr gut.", FilterConfig(min_chars=None, languages=["en"])) is None
-    assert quality_reason("Das ist sehr gut so.", FilterConfig(min_chars=None, languages=["en"])) == "language"
+def test_language_check_skipped_below_twenty_words() -> None:
+    short = "Das ist sehr gut und wir sind froh, dass es so ist, aber der Tag war lang."  # 17 words
+    longer = short + " Morgen gehen wir in die Stadt."  # 23 words
+    assert quality_reason(short, FilterConfig(min_chars=None, languages=["en"])) is None
+    assert quality_reason(longer, FilterConfig(min_chars=None, languages=["en"])) == "language"
 
 
 def test_unknown_language_is_a_config_error() -> None:
