@@ -101,10 +101,10 @@ def run_pipeline(
         if not force and is_current(cfg, name):
             outcomes.append(StageOutcome(name, out_dir(cfg), "up to date", time.monotonic() - t0))
             if log:
-                log(f"[dim]{name}: up to date, skipped[/]")
+                log(f"{name}: up to date, skipped")
             continue
         if log:
-            log(f"[bold]{name}[/]: running")
+            log(f"{name}: running")
         path = runner(cfg, command)
         outcomes.append(StageOutcome(name, path, "ran", time.monotonic() - t0))
     return outcomes

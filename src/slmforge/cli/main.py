@@ -29,8 +29,9 @@ tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_arg
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 
-out = Console()
-err = Console(stderr=True)
+# markup off: paths and user text may contain [brackets]; colour goes through style=.
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="Project file (default: ./slmforge.yaml if present).")
@@ -84,7 +85,7 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from slmforge.config import dump_config
 
     cfg = _load(config, set_)
-    out.print(f"# resolved from: {cfg.source}", highlight=False)
+    out.print(f"# resolved from: {cfg.source}")
     print(dump_config(cfg), end="")
 
 
@@ -101,21 +102,21 @@ def inspect(
     if as_json:
         print(json.dumps({**m.to_json(), "problems": problems}, indent=2))
     else:
-        out.print(f"[bold]{m.kind}[/] at {m.path}")
+        out.print(f"{m.kind} at {m.path}")
         out.print(f"  made by slmforge {m.slmforge_version} at {m.finished_at} in {m.duration_s} s")
-        out.print(f"  command: {' '.join(m.command)}", highlight=False)
+        out.print(f"  command: {' '.join(m.command)}")
         for p in m.parents:
-            out.print(f"  parent: {p.get('kind')} {p.get('path')}", highlight=False)
+            out.print(f"  parent: {p.get('kind')} {p.get('path')}")
         total = sum(f["size"] for f in m.files.values())
         out.print(f"  files: {len(m.files)} ({total / 1e6:.2f} MB)")
         for k, v in m.metrics.items():
-            out.print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}", highlight=False)
+            out.print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
         if problems:
-            err.print(f"[red]{len(problems)} problem(s):[/]")
+            err.print(f"{len(problems)} problem(s):", style="red")
             for p in problems:
-                err.print(f"  {p}", highlight=False)
+                err.print(f"  {p}")
         else:
-            out.print("[green]all files match the manifest[/]")
+            out.print("all files match the manifest", style="green")
     if problems:
         raise typer.Exit(1)
 
@@ -136,17 +137,17 @@ def data(
     result = run_data_stage(cfg, out=out_dir, command=sys.argv)
     s = result.stats
     out.print(
-        f"[green]data[/] {s['documents_in']} read -> {s['documents_out']} kept "
+        f"data {s['documents_in']} read -> {s['documents_out']} kept "
         f"(train {s['splits']['train']['documents']}, val {s['splits']['val']['documents']}, "
         f"test {s['splits']['test']['documents']}) in {s['seconds']} s"
     )
     if s["dropped"]:
-        out.print("  dropped: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()), highlight=False)
+        out.print("  dropped: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()))
     if s["inputs_skipped"]:
-        out.print("  skipped: " + ", ".join(f"{k} {v}" for k, v in s["inputs_skipped"].items()), highlight=False)
+        out.print("  skipped: " + ", ".join(f"{k} {v}" for k, v in s["inputs_skipped"].items()))
     if any(s["pii"].values()):
-        out.print("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in s["pii"].items() if v), highlight=False)
-    out.print(f"  -> {result.path} (report: {result.path / 'report.md'})", highlight=False)
+        out.print("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in s["pii"].items() if v))
+    out.print(f"  -> {result.path} (report: {result.path / 'report.md'})")
 
 
 @tokenizer_app.command("train")
@@ -161,7 +162,7 @@ def tokenizer_train(
 
     cfg = _load(config, set_)
     result = train_tokenizer(cfg, data=data_dir, out=out_dir, command=sys.argv)
-    out.print(f"[green]tokenizer[/] vocab {result.vocab_size}, {len(result.domain_terms)} domain terms -> {result.path}")
+    out.print(f"tokenizer vocab {result.vocab_size}, {len(result.domain_terms)} domain terms -> {result.path}")
     held = result.metrics.get("heldout")
     if held:
         out.print(
@@ -215,8 +216,8 @@ def run(
 
 def _print_outcomes(outcomes) -> None:
     for o in outcomes:
-        verb = "[green]ran[/]" if o.status == "ran" else "[dim]up to date[/]"
-        out.print(f"  {o.stage:<10} {verb} {o.path} ({o.seconds:.1f} s)", highlight=False)
+        verb = "ran" if o.status == "ran" else "up to date"
+        out.print(f"  {o.stage:<10} {verb} {o.path} ({o.seconds:.1f} s)")
 
 
 @app.command()
@@ -241,13 +242,15 @@ def quickstart(
         stats = analyze_tokenizers([paths["tokenizer"]], heldout_texts(paths["data"], "val"))
         out.print("\nThe domain tokenizer on held-out python-docs text:")
         print(format_stats_table(stats))
-    out.print(
+    # Plain print: these lines are meant to be copied, so no wrapping.
+    print(
         "\nNext:\n"
-        f"  open {paths.get('data')}/report.md            (what the data stage kept, dropped and scrubbed)\n"
-        f"  slmforge inspect {paths.get('tokenizer')}     (lineage and file checks)\n"
-        f"  slmforge tokenizer analyze {paths.get('tokenizer')} OTHER_TOKENIZER --data {paths.get('data')}\n"
-        f"  edit {project_file} and run `slmforge run -c {project_file}` (only changed stages re-run)",
-        highlight=False,
+        f"  {paths.get('data')}/report.md   what the data stage kept, dropped and scrubbed\n"
+        f"  slmforge inspect {paths.get('tokenizer')}\n"
+        f"  slmforge tokenizer analyze {paths.get('tokenizer')} OTHER_TOKENIZER_DIR --data {paths.get('data')}\n"
+        f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)\n"
+        "This version stops after the tokenizer; model training, evaluation, export and serving "
+        "join this pipeline as they land."
     )
 
 
@@ -256,7 +259,7 @@ def main() -> None:
     try:
         app()
     except SlmForgeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"error: {exc}", style="bold red")
         sys.exit(exc.exit_code)
 
 
