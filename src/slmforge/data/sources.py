@@ -285,19 +285,23 @@ _SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "
 
 def python_docs_modules() -> list[tuple[str, Path]]:
     """(module name, file) for every standard-library module of this interpreter, sorted."""
+    import os
+
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root)
-        if any(part in _SKIP_PARTS or part.startswith(("test_", ".")) for part in rel.parts):
-            continue
-        parts = list(rel.with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if not parts or any(not part.isidentifier() for part in parts):
-            continue
-        out.append((".".join(parts), p))
-    return out
+    # os.walk with pruning: the stdlib folder also holds site-packages, which can be huge.
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_PARTS and not d.startswith(("test_", ".")))
+        for name in files:
+            if not name.endswith(".py") or name.startswith(("test_", ".")):
+                continue
+            p = Path(folder) / name
+            parts = list(p.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts and all(part.isidentifier() for part in parts):
+                out.append((".".join(parts), p))
+    return sorted(out)
 
 
 def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
