@@ -23,12 +23,31 @@ from _common import machine, median, save
 os.environ.setdefault("SLMFORGE_NO_PROGRESS", "1")
 
 
-def variants(module_source: bool):
+def make_files_corpus(folder: Path) -> Path:
+    """The python-docs documents written out as one .md file each: a folder of files,
+    the way most users' domain corpora arrive."""
+    from slmforge.config import ProjectConfig
+    from slmforge.data import sources
+
+    cfg = ProjectConfig()
+    root = folder / "corpus"
+    root.mkdir()
+    n = 0
+    for rec in sources.read_python_docs(cfg.data):
+        if isinstance(rec, sources.Document):
+            sub = root / rec.id.split(":")[1]
+            sub.mkdir(exist_ok=True)
+            (sub / f"{n:05d}.md").write_text(f"# {rec.title}\n\n{rec.text}\n", encoding="utf-8")
+            n += 1
+    return root
+
+
+def variants(module_source: bool, source: str = "python-docs"):
     from slmforge.config import ProjectConfig
 
     def base():
         cfg = ProjectConfig()
-        cfg.data.sources = ["python-docs"]
+        cfg.data.sources = [source]
         cfg.data.python_docs.module_source = module_source
         cfg.data.formats = ["text", "chat", "classification", "ner"]
         cfg.data.classification.label_from = "source"
@@ -68,7 +87,11 @@ def main() -> None:
     from slmforge.data import run_data_stage
 
     rows = []
-    for name, cfg in variants(args.module_source).items():
+    files_dir = tempfile.TemporaryDirectory()
+    corpus = make_files_corpus(Path(files_dir.name))
+    runs = list(variants(args.module_source).items())
+    runs.append(("files: same docs as .md", variants(False, str(corpus))["full stage (4 formats)"]))
+    for name, cfg in runs:
         secs, docs, mb = [], 0, 0.0
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +105,7 @@ def main() -> None:
         rows.append({"variant": name, "seconds": round(t, 2), "documents_in": docs, "documents_out": kept,
                      "mb_in": mb, "documents_per_s": round(docs / t, 1), "mb_per_s": round(mb / t, 3),
                      "runs": [round(s, 2) for s in secs]})
+    files_dir.cleanup()
     full = rows[0]["seconds"]
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; median of {args.runs} runs")
     print(f"{'variant':<26} {'s':>6} {'docs in':>8} {'kept':>6} {'MB':>6} {'docs/s':>8} {'MB/s':>6} {'x full':>6}")
