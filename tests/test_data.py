@@ -273,3 +273,21 @@ def test_split_is_seeded_and_exact():
     assert a != _split(100, 0.1, 0.05, seed=2)
     assert (a.count("val"), a.count("test"), a.count("train")) == (10, 5, 85)
     assert _split(3, 0.05, 0.05, seed=0).count("train") == 1
+
+
+def test_interrupted_stage_leaves_no_complete_looking_folder(tmp_path, mixed_corpus, monkeypatch):
+    """Ctrl-C while the outputs are being written: no folder appears, nothing half-written is left."""
+    from slmforge.data import report
+
+    root, _ = mixed_corpus
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    cfg = _cfg(tmp_path, [str(root)])
+    with pytest.raises(KeyboardInterrupt):
+        run_data_stage(cfg, progress=False)
+    out = cfg.stage_dir("data")
+    assert not out.exists()
+    assert not list(out.parent.iterdir())  # the temporary folder is gone too
