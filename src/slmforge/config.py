@@ -228,6 +228,147 @@ class TokenizerConfig(Section):
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/tokenizer).")
 
 
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    preset: Literal["nano", "micro", "small", "base", "custom"] = Field(
+        "micro",
+        description="Llama-architecture size: nano ~1M, micro ~5M, small ~25M, base ~100M parameters "
+        "(with an 8k vocabulary); custom = the keys below.",
+    )
+    hidden_size: int | None = Field(None, ge=8, description="Width of the residual stream (null = preset).")
+    num_layers: int | None = Field(None, ge=1, description="Transformer blocks (null = preset).")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads (null = preset).")
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads; fewer than num_heads = grouped-query attention (null = preset)."
+    )
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width (null = preset).")
+    activation: Literal["silu", "gelu", "relu"] = Field("silu", description="MLP activation (SwiGLU with silu).")
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Normalisation layers.")
+    rope_theta: float = Field(10_000.0, gt=0, description="Rotary embedding base.")
+    max_position_embeddings: int = Field(1024, ge=16, description="Longest sequence the model is built for.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding and output projection.")
+    base: str | None = Field(
+        None,
+        description="Start from an existing causal LM instead of a fresh one: a local Hugging Face folder, "
+        "a hub id (online only), or a .gguf file (architectures transformers can read).",
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+class LoopConfig(Section):
+    """Hyperparameters of the one training loop (pretraining, SFT and encoder heads share it)."""
+
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Stop (and save) after this many minutes of training, even before max_steps."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * this.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null = off).")
+    eval_every: int = Field(100, ge=1, description="Validation loss every N steps.")
+    eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
+    save_every: int = Field(200, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last K checkpoints.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
+    )
+    compile: bool = Field(False, description="torch.compile the model (~30 s once; faster steps after).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+
+
+class TrainConfig(LoopConfig):
+    data: str | None = Field(None, description="Data artifact (null = <project.out_dir>/data).")
+    tokenizer: str | None = Field(None, description="Tokenizer artifact (null = <project.out_dir>/tokenizer).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/train).")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+
+
+class SftConfig(LoopConfig):
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full: every weight; lora: adapters only (peft); qlora: 4-bit base + adapters (CUDA)."
+    )
+    base: str | None = Field(
+        None, description="Model to fine-tune: a model folder, hub id or .gguf (null = the train stage's output)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method lora/qlora).")
+    adapter_name: str = Field("default", description="Name of the adapter; several can sit over one base.")
+    data: str | None = Field(None, description="Data artifact with chat/ output (null = <project.out_dir>/data).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/sft).")
+    seq_len: int = Field(512, ge=8, description="Longest conversation in tokens (longer ones are cut).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
+
+
+class EncoderConfig(LoopConfig):
+    task: Literal["classification", "ner"] = Field("classification", description="Which head to train.")
+    base: str | None = Field(
+        None, description="A Hugging Face encoder folder to fine-tune (null = a fresh small BERT on our tokenizer)."
+    )
+    hidden_size: int = Field(128, ge=8, description="Width of a fresh encoder.")
+    num_layers: int = Field(2, ge=1, description="Layers of a fresh encoder.")
+    num_heads: int = Field(4, ge=1, description="Heads of a fresh encoder.")
+    data: str | None = Field(None, description="Data artifact (null = <project.out_dir>/data).")
+    tokenizer: str | None = Field(None, description="Tokenizer for a fresh encoder (null = <project.out_dir>/tokenizer).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/encoder-<task>).")
+    seq_len: int = Field(128, ge=8, description="Tokens per example (longer ones are cut).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    eval_every: int = Field(50, ge=1, description="Validation every N steps.")
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class SamplingProfile(Section):
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(0.0, ge=0, le=5, description="0 = greedy; higher = more random.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens (null = off).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling: smallest set with this mass.")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1 = off; greedy beams when temperature is 0).")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating tokens.")
+    stop: list[str] = Field([], description="Stop when any of these strings appears (not included in the output).")
+    seed: int | None = Field(None, description="Seed for sampling (null = random).")
+
+
+def _default_profiles() -> dict[str, SamplingProfile]:
+    return {
+        "factual": SamplingProfile(temperature=0.0, repetition_penalty=1.1),
+        "balanced": SamplingProfile(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
+        "creative": SamplingProfile(temperature=1.0, top_p=0.95, top_k=100),
+    }
+
+
+class GenerateConfig(Section):
+    profiles: dict[str, SamplingProfile] = Field(
+        default_factory=_default_profiles,
+        description="Named sampling profiles, saved into each model's generation_config.json; pick with --profile.",
+    )
+    default_profile: str = Field("factual", description="Profile used when none is named.")
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -239,6 +380,15 @@ class ProjectConfig(Section):
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig, description="`slmforge tokenizer train`: a domain BPE tokenizer."
     )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="`slmforge model estimate|init`: the architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="`slmforge train`: pretraining from scratch.")
+    sft: SftConfig = Field(
+        default_factory=SftConfig, description="`slmforge train --stage sft`: supervised fine-tuning on chat data."
+    )
+    encoder: EncoderConfig = Field(
+        default_factory=EncoderConfig, description="`slmforge train --stage encoder`: classification / NER heads."
+    )
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`slmforge generate|chat`: sampling.")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr("defaults")
@@ -489,6 +639,10 @@ def _render_section(section: Section, indent: int) -> list[str]:
         if value is None and _section_class(field.annotation) is not None:
             out.append(f"{pad}{name}: null")
             out.extend(f"{pad}#   {line}" for line in _example_lines(_section_class(field.annotation)))
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, Section) for v in value.values()):
+            out.append(f"{pad}{name}:")  # named sub-sections (profiles): one flow mapping per line
+            out.extend(f"{pad}  {k}: {_yaml_value(v.model_dump(mode='json'))}" for k, v in value.items())
             continue
         out.append(f"{pad}{name}: {_yaml_value(value)}")
     return out
