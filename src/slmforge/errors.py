@@ -30,3 +30,15 @@ class DataError(SlmForgeError):
 
 class TokenizerError(SlmForgeError):
     """Tokenizer training, extension, loading or analysis failed."""
+
+
+class ModelError(SlmForgeError):
+    """A model cannot be built, found or loaded."""
+
+
+class TrainError(SlmForgeError):
+    """Training cannot start or continue (bad data, incompatible checkpoint, missing hardware)."""
+
+
+class GenerateError(SlmForgeError):
+    """Generation was asked for something the engine or model cannot do."""

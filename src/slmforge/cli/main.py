@@ -25,9 +25,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 config_app = typer.Typer(help="Show the resolved project config.", no_args_is_help=True)
+model_app = typer.Typer(help="Size, build and merge models.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(model_app, name="model")
 
 # markup off: paths and user text may contain [brackets]; colour goes through style=.
 out = Console(markup=False, highlight=False, soft_wrap=True)
@@ -197,6 +199,77 @@ def tokenizer_analyze(
         print(json.dumps([asdict(s) for s in stats], indent=2))
     else:
         print(format_stats_table(stats))
+
+
+@model_app.command("estimate")
+def model_estimate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length (default: train.seq_len).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: train.batch_size).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Vocabulary (default: the trained tokenizer's, else tokenizer.vocab_size).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Parameters, FLOPs per token, and memory (weights, training, KV cache) at fp32/bf16/int8/int4."""
+    from slmforge.model import estimate, format_estimate
+
+    cfg = _load(config, set_)
+    if vocab_size is None:
+        tok_json = cfg.stage_dir("tokenizer", cfg.tokenizer.out) / "tokenizer.json"
+        if tok_json.exists():
+            from slmforge.tokenizer import load_tokenizer
+
+            vocab_size = len(load_tokenizer(tok_json.parent))
+        else:
+            vocab_size = cfg.tokenizer.vocab_size
+    e = estimate(cfg.model, vocab_size, seq_len or cfg.train.seq_len, batch_size or cfg.train.batch_size)
+    if as_json:
+        print(json.dumps(e.to_json(), indent=2))
+    else:
+        print(f"preset {cfg.model.preset}")
+        print(format_estimate(e))
+
+
+@model_app.command("merge")
+def model_merge(
+    base: Annotated[str, typer.Option(help="The base model (folder, hub id or .gguf).")],
+    adapter: Annotated[Path, typer.Option(help="A LoRA adapter folder made by `slmforge train sft`.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for the merged model.")],
+) -> None:
+    """Merge a LoRA adapter into its base model and save a full model folder."""
+    from slmforge.train import merge_adapter
+
+    path = merge_adapter(base, adapter, out_dir, command=sys.argv)
+    out.print(f"merged -> {path}")
+
+
+@app.command()
+def train(
+    what: Annotated[str, typer.Argument(help="pretrain (from scratch), sft (fine-tune on chat data), encoder (classification/NER head).")] = "pretrain",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the section's out).")] = None,
+) -> None:
+    """Train: interrupted runs (Ctrl-C, kill -9) resume from their last checkpoint when re-run."""
+    from slmforge import train as training
+
+    cfg = _load(config, set_)
+    runners = {"pretrain": training.pretrain, "sft": training.finetune}
+    if what == "encoder":
+        from slmforge.train.encoder import train_encoder
+
+        runners["encoder"] = train_encoder
+    if what not in runners:
+        raise typer.BadParameter(f"choose one of: pretrain, sft, encoder (got {what!r})")
+    try:
+        result = runners[what](cfg, out=out_dir, command=sys.argv, log=err.print)
+    except KeyboardInterrupt as exc:
+        err.print(f"stopped: {exc or 'interrupted'}. Run the same command again to resume.", style="yellow")
+        raise typer.Exit(130) from None
+    m = result.metrics
+    parts = [f"{k} {m[k]}" for k in ("steps", "train_loss", "val_loss", "val_ppl", "unigram_val_ppl", "accuracy", "f1", "tokens_per_s") if k in m]
+    out.print(f"{what}: {', '.join(parts)}")
+    out.print(f"  -> {result.path} ({result.kind})")
 
 
 @app.command()

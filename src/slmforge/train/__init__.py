@@ -1,0 +1,335 @@
+"""Training: pretraining from scratch, supervised fine-tuning (full, LoRA, QLoRA)
+and adapter merging, all on one loop (``_loop.run_loop``).
+
+    from slmforge import load_config
+    from slmforge.train import pretrain, finetune
+    cfg = load_config("slmforge.yaml")
+    base = pretrain(cfg)              # runs/train: a Hugging Face model folder + manifest
+    tuned = finetune(cfg)             # runs/sft: full model, or a LoRA adapter over the base
+
+Each run keeps checkpoints in ``<out>-work/checkpoints`` and resumes from the
+latest one when re-run with the same settings (after Ctrl-C or kill -9).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
+from slmforge.config import ProjectConfig
+from slmforge.errors import ArtifactError, TrainError
+
+__all__ = ["TrainResult", "pretrain", "finetune", "merge_adapter", "work_dir_for", "plot_losses"]
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    kind: str  # "model" or "adapter"
+    metrics: dict[str, Any]
+
+
+def work_dir_for(out: Path) -> Path:
+    """Where a run keeps its checkpoints and log while it trains: ``<out>-work``."""
+    return out.parent / f"{out.name}-work"
+
+
+def plot_losses(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    steps = [r["step"] for r in log]
+    ax.plot(steps, [r["loss"] for r in log], color="#3b75af", linewidth=1, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", color="#d62728", markersize=3, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_log(folder: Path, log: list[dict[str, Any]], title: str) -> None:
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if log:
+        plot_losses(log, folder / "loss.png", title)
+
+
+def _loop_metrics(res) -> dict[str, Any]:
+    m = {
+        "steps": res.steps,
+        "train_loss": round(res.final_loss, 5),
+        "tokens": res.tokens,
+        "seconds": round(res.seconds, 2),
+        "tokens_per_s": round(res.tokens_per_s, 1),
+        "stopped_early": res.stopped_early,
+    }
+    if res.val_loss is not None:
+        m["val_loss"] = round(res.val_loss, 5)
+        m["val_ppl"] = round(math.exp(min(res.val_loss, 50)), 3)
+    if res.resumed_from is not None:
+        m["resumed_from_step"] = res.resumed_from
+    return m
+
+
+def _dataset_dir(cfg: ProjectConfig, override: str | None, explicit: str | Path | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    return cfg.resolve(override) if override else cfg.stage_dir("data")
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def pretrain(
+    cfg: ProjectConfig,
+    data: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+    log=None,
+) -> TrainResult:
+    """Pretrain a fresh model (``cfg.model``) as a causal LM on the data stage's ``text`` output.
+
+    Raises:
+        ArtifactError: The data or tokenizer artifact is missing.
+        TrainError: Too little text for one training sequence.
+    """
+    from slmforge.model import build_model, estimate, save_model_folder
+    from slmforge.tokenizer import load_tokenizer
+    from slmforge.train._data import PackedTokens, read_jsonl, tokenize_documents, unigram_perplexity
+    from slmforge.train._loop import run_loop
+
+    tcfg = cfg.train
+    data_dir = _dataset_dir(cfg, tcfg.data, data)
+    tok_dir = Path(tokenizer) if tokenizer else (cfg.resolve(tcfg.tokenizer) if tcfg.tokenizer else cfg.stage_dir("tokenizer"))
+    out_dir = Path(out) if out else cfg.stage_dir("train", tcfg.out)
+    parents = [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")]
+    tok = load_tokenizer(tok_dir)
+    work = work_dir_for(out_dir)
+    train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
+    val_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "val.jsonl")]
+    train_stream = tokenize_documents(train_texts, tok, work / "cache")
+    val_stream = tokenize_documents(val_texts, tok, work / "cache")
+    if len(train_stream) < tcfg.seq_len + 1:
+        raise TrainError(
+            f"The training text in {data_dir} has {len(train_stream)} tokens, fewer than one sequence of "
+            f"train.seq_len={tcfg.seq_len}. Add data or lower train.seq_len."
+        )
+    train_src = PackedTokens(train_stream, tcfg.seq_len)
+    val_src = PackedTokens(val_stream, tcfg.seq_len) if len(val_stream) >= tcfg.seq_len else None
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
+    est = estimate(cfg.model, len(tok), tcfg.seq_len, tcfg.batch_size)
+    config = {"model": cfg.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json")}
+    run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
+    res = run_loop(model, train_src, val_src, tcfg, work, cfg.project.seed, run_key, "pretraining", progress, log)
+    metrics = _loop_metrics(res)
+    metrics["params"] = est.params
+    metrics["train_tokens_available"] = int(len(train_stream))
+    metrics["epochs"] = round(res.tokens / max(len(train_src) * tcfg.seq_len, 1), 3)
+    if val_src is not None:
+        metrics["unigram_val_ppl"] = round(unigram_perplexity(train_stream, val_stream[: len(val_src) * tcfg.seq_len], len(tok)), 3)
+    model.to("cpu")
+    with ArtifactWriter(out_dir, kind="model", config=config, parents=parents, command=command) as w:
+        save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
+        _write_log(w.path, res.log, f"pretraining {est.params / 1e6:.1f}M parameters")
+        w.metrics.update(metrics)
+    return TrainResult(out_dir.resolve(), "model", metrics)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def _load_base(cfg: ProjectConfig, base: str | Path | None, four_bit: bool = False) -> tuple[Any, Any, list[dict[str, str]], str]:
+    """The model to fine-tune: explicit, ``sft.base``, or the train stage's output."""
+    from slmforge.model import load_causal_lm
+
+    spec = str(base) if base is not None else (cfg.sft.base or str(cfg.stage_dir("train", cfg.train.out)))
+    path = cfg.resolve(spec) if not Path(spec).is_absolute() and cfg.resolve(spec).exists() else Path(spec)
+    parents = []
+    if path.is_dir() and (path / "manifest.json").exists():
+        parents = [parent_ref(path)]
+    elif path.exists():
+        parents = [{"path": str(path.resolve()), "kind": "external-model", "fingerprint": _file_fingerprint(path)}]
+    else:
+        parents = [{"path": spec, "kind": "hub-model", "fingerprint": spec}]
+        if base is None and cfg.sft.base is None:
+            raise ArtifactError(
+                f"No model to fine-tune: {path} does not exist. Run `slmforge train` first, or set sft.base "
+                "to a model folder, hub id or .gguf file."
+            )
+    model, tok = load_causal_lm(path if path.exists() else spec, four_bit=four_bit)
+    return model, tok, parents, str(path if path.exists() else spec)
+
+
+def _file_fingerprint(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _resize_embeddings(model, tok) -> dict[str, Any]:
+    """Grow the embeddings when the tokenizer has more tokens than the model (an extended
+    tokenizer); new rows start at the mean of the old ones (transformers' mean_resizing)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tok) <= old:
+        return {}
+    model.resize_token_embeddings(len(tok), mean_resizing=True)
+    return {"embeddings_resized": {"from": old, "to": len(tok)}}
+
+
+def finetune(
+    cfg: ProjectConfig,
+    base: str | Path | None = None,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+    log=None,
+) -> TrainResult:
+    """Supervised fine-tuning on the data stage's ``chat`` output, loss on assistant tokens only.
+
+    ``sft.method`` full trains every weight and writes a model folder; lora trains peft
+    adapters and writes only the adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``, kind ``adapter``), loadable over the base or mergeable
+    with ``merge_adapter``; qlora does the same over a 4-bit base and needs CUDA + bitsandbytes.
+
+    Raises:
+        TrainError: QLoRA without CUDA/bitsandbytes, no chat examples, or a template without
+            generation markers.
+    """
+    from slmforge.model import save_model_folder
+    from slmforge.train._data import ChatExamples, read_jsonl
+    from slmforge.train._loop import run_loop
+
+    scfg = cfg.sft
+    if scfg.method == "qlora":
+        _check_qlora()
+    data_dir = _dataset_dir(cfg, scfg.data, data)
+    data_parent = parent_ref(data_dir, "dataset")
+    out_dir = Path(out) if out else cfg.stage_dir("sft", scfg.out)
+    model, tok, base_parents, base_spec = _load_base(cfg, base, four_bit=scfg.method == "qlora")
+    resized = _resize_embeddings(model, tok)
+    train_records = read_jsonl(data_dir / "chat" / "train.jsonl")
+    if not train_records:
+        raise TrainError(f"{data_dir / 'chat' / 'train.jsonl'} has no conversations; add `chat` to data.formats.")
+    train_src = ChatExamples(train_records, tok, scfg.seq_len)
+    val_records = read_jsonl(data_dir / "chat" / "val.jsonl")
+    val_src = ChatExamples(val_records, tok, scfg.seq_len) if val_records else None
+    if len(train_src) == 0:
+        raise TrainError(f"Every conversation is longer than sft.seq_len={scfg.seq_len} before its answer starts.")
+    if scfg.method in ("lora", "qlora"):
+        model = _add_lora(model, scfg, bool(resized))
+    parents = base_parents + [data_parent]
+    config = {"sft": scfg.model_dump(mode="json"), "base": base_spec}
+    run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
+    res = run_loop(model, train_src, val_src, scfg, work_dir_for(out_dir), cfg.project.seed, run_key,
+                   f"fine-tuning ({scfg.method})", progress, log)
+    metrics = _loop_metrics(res) | resized
+    metrics["examples"] = len(train_src)
+    metrics["examples_cut_off"] = train_src.skipped
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics["trainable_params"] = trainable
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model.to("cpu")
+    kind = "adapter" if scfg.method in ("lora", "qlora") else "model"
+    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
+        if kind == "adapter":
+            model.save_pretrained(w.path, selected_adapters=None)
+            tok.save_pretrained(w.path)
+            (w.path / "slmforge_adapter.json").write_text(
+                json.dumps({"base": base_spec, "adapter_name": scfg.adapter_name}, indent=1) + "\n"
+            )
+        else:
+            save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
+        _write_log(w.path, res.log, f"fine-tuning ({scfg.method})")
+        w.metrics.update(metrics)
+    return TrainResult(out_dir.resolve(), kind, metrics)
+
+
+def _check_qlora() -> None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        have = "a CUDA GPU" if torch.cuda.is_available() else "no CUDA GPU"
+        bnb = "bitsandbytes installed" if importlib.util.find_spec("bitsandbytes") else "no bitsandbytes"
+        raise TrainError(
+            f"sft.method qlora needs a CUDA GPU and the bitsandbytes package; this machine has {have} and {bnb}. "
+            "Use sft.method lora (same adapters, full-precision base) or run on a GPU machine with "
+            "`pip install bitsandbytes`."
+        )
+
+
+def _add_lora(model, scfg, resized: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    targets = [t for t in scfg.lora.target_modules if t in names]
+    if not targets:
+        raise TrainError(
+            f"None of sft.lora.target_modules {scfg.lora.target_modules} exist in this model; its linear layers "
+            f"include: {sorted(n for n in names if n.endswith('proj'))[:12]}."
+        )
+    if scfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    lcfg = LoraConfig(
+        r=scfg.lora.r,
+        lora_alpha=scfg.lora.alpha,
+        lora_dropout=scfg.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        # New token rows must learn too, or the extended vocabulary stays at its mean init.
+        modules_to_save=["embed_tokens", "lm_head"] if resized else None,
+    )
+    # Trained under peft's "default" slot so the files sit at the top of the folder; the
+    # name the user chose is recorded in slmforge_adapter.json and used when loading.
+    return get_peft_model(model, lcfg)
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, command: list[str] | None = None) -> Path:
+    """Merge a LoRA adapter into its base and write a full model folder (kind ``model``)."""
+    from peft import PeftModel
+
+    from slmforge.model import load_causal_lm, read_profiles, save_model_folder
+
+    adapter = Path(adapter)
+    read_manifest(adapter, "adapter")
+    model, tok = load_causal_lm(base)
+    adapter_tok_file = adapter / "tokenizer.json"
+    if adapter_tok_file.exists():
+        from slmforge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(adapter)
+    _resize_embeddings(model, tok)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    base_path = Path(str(base))
+    profiles, default = read_profiles(base_path) if base_path.is_dir() else ({}, None)
+    parents = [parent_ref(adapter, "adapter")]
+    if base_path.is_dir() and (base_path / "manifest.json").exists():
+        parents.insert(0, parent_ref(base_path))
+    with ArtifactWriter(Path(out), kind="model", config={"merge": {"base": str(base), "adapter": str(adapter)}},
+                        parents=parents, command=command) as w:
+        save_model_folder(merged, tok, w.path, profiles or None, default)
+        w.metrics["merged"] = True
+    return Path(out).resolve()

@@ -1,0 +1,297 @@
+"""The one training loop. Pretraining, supervised fine-tuning and encoder heads
+differ only in the model and the batch source they hand to it.
+
+Why our own loop rather than ``transformers.Trainer``: a run must resume bit for
+bit after ``kill -9`` (weights, AdamW state, schedule, RNG and data position),
+batches must be a pure function of (seed, step) so that resuming needs no data
+iterator state, and bf16 autocast + ``torch.compile`` on CPU must be one flag.
+``benchmarks/train_throughput.py`` measures it against the Trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from slmforge.config import LoopConfig
+from slmforge.train._checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+
+
+class BatchSource(Protocol):
+    """A fixed, indexable set of examples that turns index lists into model inputs."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    resumed_from: int | None
+    stopped_early: bool
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    return torch.bfloat16 if native else None
+
+
+class _EpochOrder:
+    """An endless stream of seeded epochs over ``n`` examples: each epoch is a fresh
+    permutation, so every example is seen once per epoch, and the examples of any
+    position in the stream are a pure function of (seed, position)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for k in range(start, start + count):
+            epoch, pos = divmod(k, self.n)
+            if epoch not in self._cache:
+                self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            out.append(int(self._cache[epoch][pos]))
+        return out
+
+
+def cosine_schedule(cfg: LoopConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def resume_key(cfg: LoopConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it: everything
+    that shapes the trajectory, not bookkeeping like how often to save."""
+    skip = {"max_minutes", "keep_checkpoints", "save_every", "eval_every", "eval_batches", "compile", "device"}
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
+
+
+@torch.no_grad()
+def evaluate_loss(model, source: BatchSource, batch_size: int, max_batches: int, device, amp) -> float | None:
+    """Mean loss per target token over the first ``max_batches`` batches of ``source``."""
+    if source is None or len(source) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(min(max_batches, math.ceil(len(source) / batch_size))):
+        idx = list(range(b * batch_size, min(len(source), (b + 1) * batch_size)))
+        batch = {k: v.to(device) for k, v in source.batch(idx).items()}
+        n = int((batch["labels"] != -100).sum()) if "labels" in batch else len(idx)
+        with _amp(device, amp):
+            loss = model(**batch).loss
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _amp(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _SigintToCheckpoint:
+    """Turns the first Ctrl-C into a flag the loop checks after its current step, so the
+    step finishes, a checkpoint is written, and then KeyboardInterrupt is raised."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def run_loop(
+    model: torch.nn.Module,
+    train: BatchSource,
+    val: BatchSource | None,
+    cfg: LoopConfig,
+    work_dir: Path,
+    seed: int,
+    run_key: dict[str, Any],
+    describe: str = "training",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> LoopResult:
+    """Train ``model`` on ``train`` for ``cfg.max_steps`` optimizer steps.
+
+    Checkpoints go to ``work_dir/checkpoints`` every ``cfg.save_every`` steps and on
+    Ctrl-C; the metrics log to ``work_dir/log.jsonl``. A run whose ``run_key`` (plus the
+    trajectory-shaping settings of ``cfg``) matches the latest checkpoint resumes from it.
+    """
+    from slmforge._progress import progress_bar
+
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    if not getattr(model, "hf_device_map", None):  # 4-bit (QLoRA) models are placed when loaded
+        model.to(device)
+    model.train()
+    torch.manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    key = {"run": run_key, "loop": resume_key(cfg), "seed": seed}
+    ckpt_root = work_dir / "checkpoints"
+    log_file = work_dir / "log.jsonl"
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    start_step, tokens_seen, elapsed_before, resumed_from = 0, 0, 0.0, None
+    history: list[dict[str, Any]] = []
+    latest = checkpoint_dirs(ckpt_root)
+    if latest:
+        meta = json.loads((latest[-1] / "state.json").read_text())
+        if meta.get("key") == json.loads(json.dumps(key)):
+            state = load_checkpoint(latest[-1], model, optimizer, scheduler)
+            start_step, tokens_seen = state["step"], state["tokens"]
+            elapsed_before = state.get("elapsed_s", 0.0)
+            resumed_from = start_step
+            if log:
+                log(f"{describe}: resuming from {latest[-1]} (step {start_step})")
+        elif log:
+            log(f"{describe}: checkpoints in {ckpt_root} are from a different configuration; starting over")
+    if log_file.exists() and resumed_from is not None:
+        history = [r for r in map(json.loads, log_file.read_text().splitlines()) if r["step"] <= start_step]
+    log_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    forward = torch.compile(model) if cfg.compile else model
+    order = _EpochOrder(len(train), seed)
+    per_step = cfg.batch_size * cfg.grad_accum
+    t_start = time.monotonic()
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    last_loss, val_loss, stopped_early = float("nan"), None, False
+    step = start_step
+
+    def checkpoint(at: int) -> None:
+        extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
+        save_checkpoint(ckpt_root, at, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+
+    with progress_bar(progress) as bar, _SigintToCheckpoint() as sigint, open(log_file, "a") as logf:
+        task = bar.add_task(describe, total=cfg.max_steps, completed=start_step, info="")
+        window_t, window_tokens = time.monotonic(), 0
+        for step in range(start_step, cfg.max_steps):
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)
+                batch = {k: v.to(device) for k, v in train.batch(idx).items()}
+                n_tokens = train.tokens_in(batch)
+                with _amp(device, amp):
+                    loss = forward(**batch).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+                tokens_seen += n_tokens
+                window_tokens += n_tokens
+            if cfg.grad_clip:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+            else:
+                grad_norm = float("nan")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = loss_sum
+            done = step + 1
+            now = time.monotonic()
+            tps = window_tokens / max(now - window_t, 1e-9)
+            record = {"step": done, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+                if val_loss is not None:
+                    record["val_loss"] = round(val_loss, 5)
+                    record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
+            history.append(record)
+            if done % 10 == 0:
+                window_t, window_tokens = now, 0
+            bar.update(task, completed=done,
+                       info=f"loss {last_loss:.3f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
+                       + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
+            interrupted = sigint.hit
+            out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
+            if done % cfg.save_every == 0 or interrupted or out_of_time:
+                checkpoint(done)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved in {ckpt_root}")
+            if out_of_time:
+                stopped_early = True
+                if val_loss is None or "val_loss" not in record:
+                    val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+                break
+    if start_step >= cfg.max_steps:  # resumed from a checkpoint at the very end
+        last_loss = history[-1]["loss"] if history else float("nan")
+        val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+    seconds = elapsed_before + time.monotonic() - t_start
+    return LoopResult(
+        steps=history[-1]["step"] if history else start_step,
+        final_loss=last_loss,
+        val_loss=val_loss,
+        tokens=tokens_seen,
+        seconds=seconds,
+        tokens_per_s=tokens_seen / max(seconds, 1e-9),
+        resumed_from=resumed_from,
+        stopped_early=stopped_early,
+        log=history,
+    )
