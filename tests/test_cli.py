@@ -21,7 +21,7 @@ def slm(*args: str, cwd: Path | None = None, ok: bool = True) -> subprocess.Comp
 
 def test_help_lists_every_command():
     out = slm("--help").stdout
-    for command in ("init", "config", "inspect", "data", "tokenizer", "run", "quickstart"):
+    for command in ("init", "config", "inspect", "data", "tokenizer", "model", "train", "generate", "chat", "run", "quickstart"):
         assert command in out
     assert "train" in slm("tokenizer", "--help").stdout
     assert slm("--version").stdout.startswith("slmforge ")
@@ -52,7 +52,8 @@ def test_data_tokenizer_run_and_skip(tmp_path, mixed_corpus):
     proj = tmp_path / "proj"
     slm("init", str(proj), "--template", "blank")
     cfg = proj / "slmforge.yaml"
-    sets = ["--set", f"data.sources=[{root}]", "--set", "tokenizer.vocab_size=400", "--set", "tokenizer.min_frequency=1"]
+    sets = ["--set", f"data.sources=[{root}]", "--set", "tokenizer.vocab_size=400", "--set", "tokenizer.min_frequency=1",
+            "--set", "project.stages=[data, tokenizer]"]
     out = slm("data", "-c", str(cfg), *sets).stdout
     assert "kept" in out and "PII replaced" in out
     data_dir = proj / "runs" / "data"
@@ -76,7 +77,7 @@ def test_data_tokenizer_run_and_skip(tmp_path, mixed_corpus):
     assert "data       ran" in run and "tokenizer  ran" in run
     run = slm("run", "-c", str(cfg), *sets, "--until", "data", "--force").stdout
     assert "data       ran" in run and "  tokenizer " not in run
-    bad = slm("run", "-c", str(cfg), "--until", "deploy", ok=False)
+    bad = slm("run", "-c", str(cfg), *sets, "--until", "deploy", ok=False)
     assert bad.returncode == 2 and "data, tokenizer" in bad.stderr
 
 
@@ -90,19 +91,30 @@ def test_stage_error_exit_code_and_message(tmp_path):
 
 @pytest.mark.integration
 def test_quickstart_end_to_end(tmp_path):
-    """`make demo` runs this on the full python-docs source; here it is limited to 30 modules."""
+    """`make demo` runs this on the full python-docs source with a micro model; here it is shrunk
+    (30 modules, a nano model, a few dozen steps) so that it takes seconds."""
     proj = tmp_path / "qs"
-    slm("init", str(proj))
-    cfg = proj / "slmforge.yaml"
-    cfg.write_text(cfg.read_text().replace("max_modules: null", "max_modules: 30").replace("vocab_size: 8192", "vocab_size: 2000"))
-    out = slm("quickstart", "--out", str(proj)).stdout
-    assert "data       ran" in out and "tokenizer  ran" in out and "fertility" in out
-    assert (proj / "runs" / "data" / "report.md").exists()
+    small = [
+        "data.python_docs.max_modules=30", "tokenizer.vocab_size=2000", "model.preset=nano", "train.max_steps=30",
+        "train.compile=false", "train.seq_len=64", "train.eval_every=10", "sft.max_steps=8", "sft.seq_len=256",
+        "report.max_new_tokens=8", "report.heldout_questions=1",
+    ]
+    sets = [arg for item in small for arg in ("--set", item)]
+    out = slm("quickstart", "--out", str(proj), *sets).stdout
+    for stage in ("data", "tokenizer", "train", "sft", "report"):
+        assert f"{stage:<10} ran" in out
+    assert "held-out perplexity" in out and "unigram baseline" in out and "slmforge chat --model" in out
+    report = (proj / "runs" / "report" / "report.md").read_text()
+    assert "Perplexity" in report and "Sample answers" in report and "pretraining_loss.png" in report
+    assert (proj / "runs" / "report" / "report.html").read_text().startswith("<!doctype html>")
+    m = json.loads((proj / "runs" / "report" / "report.json").read_text())
+    assert m["metrics"]["ppl"] > 1 and m["metrics"]["unigram_ppl"] > 1
+    assert {"factual", "creative"} == set(m["samples"][0]["answers"])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(proj / "runs" / "tokenizer")
     assert len(tok) == 2000
     for term in ("asyncio", "dataclass", "coroutine"):
         assert len(tok.encode(" " + term, add_special_tokens=False)) == 1
-    rerun = slm("quickstart", "--out", str(proj)).stdout
-    assert rerun.count("up to date") == 2
+    rerun = slm("quickstart", "--out", str(proj), *sets).stdout
+    assert rerun.count("up to date") == 5

@@ -36,6 +36,9 @@ class ProjectSection(Section):
         description="Folder (relative to this file) where every stage writes its artifact folder.",
     )
     seed: int = Field(0, description="Seed for everything random (splits, sampling, initialisation).")
+    stages: list[Literal["data", "tokenizer", "train", "sft", "report"]] = Field(
+        ["data", "tokenizer", "train", "sft", "report"], description="Stages `slmforge run` runs, in this order."
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -369,6 +372,23 @@ class GenerateConfig(Section):
     default_profile: str = Field("factual", description="Profile used when none is named.")
 
 
+# --------------------------------------------------------------------------- report
+
+
+class ReportConfig(Section):
+    model: str | None = Field(
+        None, description="Model to report on (null = the sft output if it exists, else the train output)."
+    )
+    heldout_split: Literal["val", "test"] = Field("test", description="Held-out split for perplexity.")
+    questions: list[str] = Field(
+        [], description="Questions to answer in the report, besides a few from the held-out chat split."
+    )
+    heldout_questions: int = Field(3, ge=0, description="Questions taken from the held-out chat split.")
+    profiles: list[str] = Field(["factual", "creative"], description="Generation profiles to answer with.")
+    max_new_tokens: int = Field(80, ge=1, description="Length cap of each sample answer.")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/report).")
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -389,6 +409,9 @@ class ProjectConfig(Section):
         default_factory=EncoderConfig, description="`slmforge train --stage encoder`: classification / NER heads."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`slmforge generate|chat`: sampling.")
+    report: ReportConfig = Field(
+        default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr("defaults")
@@ -600,6 +623,20 @@ def _template_values(template: str) -> ProjectConfig:
         cfg.data.ner.builtin_gazetteer = "python"
         cfg.tokenizer.domain_terms = ["asyncio", "dataclass", "coroutine", "iterable", "subprocess", "namedtuple"]
         cfg.tokenizer.domain_terms_top_n = 64
+        # Sized for 2 CPU cores: the whole pipeline in under 10 minutes.
+        cfg.model.preset = "micro"
+        cfg.train.max_steps = 900
+        cfg.train.max_minutes = 5.0
+        cfg.train.compile = True
+        cfg.train.eval_every = 150
+        cfg.train.save_every = 150
+        cfg.sft.method = "full"
+        cfg.sft.max_steps = 150
+        cfg.sft.max_minutes = 1.5
+        cfg.sft.batch_size = 16
+        cfg.sft.eval_every = 50
+        cfg.sft.save_every = 50
+        cfg.report.questions = ["What does `json.dumps` do?", "What is the `asyncio` module for?"]
         return cfg
     if template == "blank":
         return ProjectConfig()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmforge.artifacts import fingerprint, read_manifest
+from slmforge.artifacts import fingerprint, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, ConfigError
 
@@ -27,51 +27,87 @@ class StageOutcome:
     seconds: float
 
 
-def _data_dir(cfg: ProjectConfig) -> Path:
-    return cfg.stage_dir("data", cfg.data.out)
+Plan = tuple[str, dict, list[dict[str, str]]]  # (kind, config, parents) of the output a stage would write
 
 
-def _tokenizer_data_dir(cfg: ProjectConfig) -> Path:
-    return cfg.resolve(cfg.tokenizer.data) if cfg.tokenizer.data else _data_dir(cfg)
-
-
-def _data_expected(cfg: ProjectConfig) -> str:
+def _data_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.data import source_refs
 
-    return fingerprint("dataset", cfg.data.model_dump(mode="json"), [r["fingerprint"] for r in source_refs(cfg)])
+    return "dataset", cfg.data.model_dump(mode="json"), source_refs(cfg)
 
 
-def _tokenizer_expected(cfg: ProjectConfig) -> str:
-    parent = read_manifest(_tokenizer_data_dir(cfg), "dataset")
-    return fingerprint("tokenizer", cfg.tokenizer.model_dump(mode="json"), [parent.fingerprint])
+def _tokenizer_plan(cfg: ProjectConfig) -> Plan:
+    data = cfg.resolve(cfg.tokenizer.data) if cfg.tokenizer.data else cfg.stage_dir("data", cfg.data.out)
+    return "tokenizer", cfg.tokenizer.model_dump(mode="json"), [parent_ref(data, "dataset")]
 
 
-def _run_data(cfg: ProjectConfig, command: list[str] | None) -> Path:
+def _train_plan(cfg: ProjectConfig) -> Plan:
+    from slmforge.train import pretrain_plan
+
+    return pretrain_plan(cfg)
+
+
+def _sft_plan(cfg: ProjectConfig) -> Plan:
+    from slmforge.train import finetune_plan
+
+    return finetune_plan(cfg)
+
+
+def _report_plan(cfg: ProjectConfig) -> Plan:
+    from slmforge.evaluate.report import report_plan
+
+    return report_plan(cfg)
+
+
+def _run_data(cfg: ProjectConfig, command, log) -> Path:
     from slmforge.data import run_data_stage
 
     return run_data_stage(cfg, command=command).path
 
 
-def _run_tokenizer(cfg: ProjectConfig, command: list[str] | None) -> Path:
+def _run_tokenizer(cfg: ProjectConfig, command, log) -> Path:
     from slmforge.tokenizer import train_tokenizer
 
     return train_tokenizer(cfg, command=command).path
 
 
-# name -> (output folder, expected fingerprint, runner). Order is execution order.
-STAGES: dict[str, tuple[Callable[[ProjectConfig], Path], Callable[[ProjectConfig], str], Callable]] = {
-    "data": (_data_dir, _data_expected, _run_data),
-    "tokenizer": (lambda c: c.stage_dir("tokenizer", c.tokenizer.out), _tokenizer_expected, _run_tokenizer),
+def _run_train(cfg: ProjectConfig, command, log) -> Path:
+    from slmforge.train import pretrain
+
+    return pretrain(cfg, command=command, log=log).path
+
+
+def _run_sft(cfg: ProjectConfig, command, log) -> Path:
+    from slmforge.train import finetune
+
+    return finetune(cfg, command=command, log=log).path
+
+
+def _run_report(cfg: ProjectConfig, command, log) -> Path:
+    from slmforge.evaluate.report import write_report
+
+    return write_report(cfg, command=command, log=log).path
+
+
+# name -> (output folder, plan, runner). Execution order is project.stages, which must follow this order.
+STAGES: dict[str, tuple[Callable[[ProjectConfig], Path], Callable[[ProjectConfig], Plan], Callable]] = {
+    "data": (lambda c: c.stage_dir("data", c.data.out), _data_plan, _run_data),
+    "tokenizer": (lambda c: c.stage_dir("tokenizer", c.tokenizer.out), _tokenizer_plan, _run_tokenizer),
+    "train": (lambda c: c.stage_dir("train", c.train.out), _train_plan, _run_train),
+    "sft": (lambda c: c.stage_dir("sft", c.sft.out), _sft_plan, _run_sft),
+    "report": (lambda c: c.stage_dir("report", c.report.out), _report_plan, _run_report),
 }
 
 
 def is_current(cfg: ProjectConfig, stage: str) -> bool:
     """Whether the stage's output exists and matches what it would write now."""
-    out_dir, expected, _ = STAGES[stage]
+    out_dir, plan, _ = STAGES[stage]
     try:
-        return read_manifest(out_dir(cfg)).fingerprint == expected(cfg)
-    except ArtifactError:
+        existing = read_manifest(out_dir(cfg))
+        kind, config, parents = plan(cfg)
+    except ArtifactError:  # no output yet, or an input is missing (the stage will say which)
         return False
+    return existing.fingerprint == fingerprint(kind, config, [p["fingerprint"] for p in parents])
 
 
 def run_pipeline(
@@ -88,10 +124,12 @@ def run_pipeline(
         ConfigError: An unknown stage name.
         SlmForgeError: Whatever a stage raises; stages finished before it keep their output.
     """
-    names = list(STAGES)
+    names = [n for n in STAGES if n in cfg.project.stages]
+    if [n for n in cfg.project.stages if n in STAGES] != names:
+        raise ConfigError(f"project.stages must keep this order: {', '.join(STAGES)}; got {cfg.project.stages}.")
     for given in (until, start):
-        if given is not None and given not in STAGES:
-            raise ConfigError(f"Unknown stage {given!r}; the stages are, in order: {', '.join(names)}.")
+        if given is not None and given not in names:
+            raise ConfigError(f"Unknown stage {given!r}; this project's stages are, in order: {', '.join(names)}.")
     first = names.index(start) if start else 0
     last = names.index(until) if until else len(names) - 1
     outcomes = []
@@ -105,6 +143,6 @@ def run_pipeline(
             continue
         if log:
             log(f"{name}: running")
-        path = runner(cfg, command)
+        path = runner(cfg, command, log)
         outcomes.append(StageOutcome(name, path, "ran", time.monotonic() - t0))
     return outcomes

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from slmforge import __version__
+from slmforge.cli import generate_cmd
 from slmforge.errors import SlmForgeError
 
 app = typer.Typer(
@@ -30,6 +31,8 @@ tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_arg
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+app.command("generate")(generate_cmd.generate)
+app.command("chat")(generate_cmd.chat)
 
 # markup off: paths and user text may contain [brackets]; colour goes through style=.
 out = Console(markup=False, highlight=False, soft_wrap=True)
@@ -294,36 +297,60 @@ def _print_outcomes(outcomes) -> None:
 
 
 @app.command()
+def report(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: report.out).")] = None,
+) -> None:
+    """Held-out perplexity vs a unigram baseline, loss curves, data stats and sample answers (MD + HTML)."""
+    from slmforge.evaluate.report import write_report
+
+    cfg = _load(config, set_)
+    result = write_report(cfg, out=out_dir, command=sys.argv, log=err.print)
+    _print_report(result.path, result.metrics)
+
+
+def _print_report(path: Path, m: dict) -> None:
+    verdict = "beats" if m["beats_unigram"] else "does NOT beat"
+    out.print(f"held-out perplexity {m['ppl']} ({m['bits_per_byte']} bits/byte): {verdict} the unigram baseline {m['unigram_ppl']}")
+    out.print(f"  -> {path / 'report.html'}")
+
+
+@app.command()
 def quickstart(
     out_dir: Annotated[Path, typer.Option("--out", help="Project folder to create and run in.")] = Path("quickstart"),
     force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
+    set_: SetOpt = None,
 ) -> None:
-    """Init + run on the built-in python-docs domain (the Python documentation of this interpreter)."""
+    """Init + run on the built-in python-docs domain: data, tokenizer, pretraining, fine-tuning, report."""
     from slmforge.config import PROJECT_FILE, init_project, load_config
     from slmforge.pipeline import run_pipeline
-    from slmforge.tokenizer import analyze_tokenizers, format_stats_table, heldout_texts
 
     project_file = out_dir / PROJECT_FILE
     if not project_file.exists():
         init_project(out_dir, "quickstart")
         out.print(f"Wrote {project_file}")
-    cfg = load_config(project_file)
+    cfg = load_config(project_file, set_ or [])
     outcomes = run_pipeline(cfg, force=force, command=sys.argv, log=err.print)
     _print_outcomes(outcomes)
     paths = {o.stage: o.path for o in outcomes}
-    if "tokenizer" in paths and "data" in paths:
-        stats = analyze_tokenizers([paths["tokenizer"]], heldout_texts(paths["data"], "val"))
-        out.print("\nThe domain tokenizer on held-out python-docs text:")
-        print(format_stats_table(stats))
+    if "report" in paths:
+        report_json = json.loads((paths["report"] / "report.json").read_text())
+        out.print("")
+        _print_report(paths["report"], report_json["metrics"])
+        for sample in report_json["samples"][:2]:
+            out.print(f"\nQ: {sample['question']}")
+            for name, answer in sample["answers"].items():
+                out.print(f"  [{name}] {answer[:300]}")
+    model = paths.get("sft") or paths.get("train")
     # Plain print: these lines are meant to be copied, so no wrapping.
     print(
         "\nNext:\n"
-        f"  {paths.get('data')}/report.md   what the data stage kept, dropped and scrubbed\n"
-        f"  slmforge inspect {paths.get('tokenizer')}\n"
-        f"  slmforge tokenizer analyze {paths.get('tokenizer')} OTHER_TOKENIZER_DIR --data {paths.get('data')}\n"
-        f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)\n"
-        "This version stops after the tokenizer; model training, evaluation, export and serving "
-        "join this pipeline as they land."
+        f"  open {paths.get('report', '')}/report.html\n"
+        f"  slmforge chat --model {model}\n"
+        f"  slmforge generate 'What does json.dumps do?' --chat --model {model} --profile creative\n"
+        f"  slmforge inspect {model}\n"
+        f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)"
     )
 
 

@@ -23,7 +23,8 @@ from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, TrainError
 
-__all__ = ["TrainResult", "pretrain", "finetune", "merge_adapter", "work_dir_for", "plot_losses"]
+__all__ = ["TrainResult", "pretrain", "pretrain_plan", "finetune", "finetune_plan", "merge_adapter", "work_dir_for",
+           "plot_losses"]
 
 
 @dataclass
@@ -93,6 +94,21 @@ def _dataset_dir(cfg: ProjectConfig, override: str | None, explicit: str | Path 
 # --------------------------------------------------------------------------- pretraining
 
 
+def _pretrain_inputs(cfg: ProjectConfig, data, tokenizer) -> tuple[Path, Path]:
+    tcfg = cfg.train
+    data_dir = _dataset_dir(cfg, tcfg.data, data)
+    tok_dir = Path(tokenizer) if tokenizer else (cfg.resolve(tcfg.tokenizer) if tcfg.tokenizer else cfg.stage_dir("tokenizer"))
+    return data_dir, tok_dir
+
+
+def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+    """(kind, config, parents) of the model ``pretrain`` would write: what decides whether it is current."""
+    data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
+    config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+              "seed": cfg.project.seed}
+    return "model", config, [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")]
+
+
 def pretrain(
     cfg: ProjectConfig,
     data: str | Path | None = None,
@@ -114,10 +130,9 @@ def pretrain(
     from slmforge.train._loop import run_loop
 
     tcfg = cfg.train
-    data_dir = _dataset_dir(cfg, tcfg.data, data)
-    tok_dir = Path(tokenizer) if tokenizer else (cfg.resolve(tcfg.tokenizer) if tcfg.tokenizer else cfg.stage_dir("tokenizer"))
+    data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     out_dir = Path(out) if out else cfg.stage_dir("train", tcfg.out)
-    parents = [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")]
+    kind, config, parents = pretrain_plan(cfg, data, tokenizer)
     tok = load_tokenizer(tok_dir)
     work = work_dir_for(out_dir)
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
@@ -134,7 +149,6 @@ def pretrain(
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
     est = estimate(cfg.model, len(tok), tcfg.seq_len, tcfg.batch_size)
-    config = {"model": cfg.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json")}
     run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
     res = run_loop(model, train_src, val_src, tcfg, work, cfg.project.seed, run_key, "pretraining", progress, log)
     metrics = _loop_metrics(res)
@@ -144,7 +158,7 @@ def pretrain(
     if val_src is not None:
         metrics["unigram_val_ppl"] = round(unigram_perplexity(train_stream, val_stream[: len(val_src) * tcfg.seq_len], len(tok)), 3)
     model.to("cpu")
-    with ArtifactWriter(out_dir, kind="model", config=config, parents=parents, command=command) as w:
+    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
         save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
         _write_log(w.path, res.log, f"pretraining {est.params / 1e6:.1f}M parameters")
         w.metrics.update(metrics)
@@ -154,26 +168,30 @@ def pretrain(
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def _load_base(cfg: ProjectConfig, base: str | Path | None, four_bit: bool = False) -> tuple[Any, Any, list[dict[str, str]], str]:
-    """The model to fine-tune: explicit, ``sft.base``, or the train stage's output."""
-    from slmforge.model import load_causal_lm
-
+def _base_spec(cfg: ProjectConfig, base: str | Path | None) -> tuple[str, list[dict[str, str]]]:
+    """The model to fine-tune (explicit, ``sft.base``, or the train stage's output) and its lineage entry."""
     spec = str(base) if base is not None else (cfg.sft.base or str(cfg.stage_dir("train", cfg.train.out)))
-    path = cfg.resolve(spec) if not Path(spec).is_absolute() and cfg.resolve(spec).exists() else Path(spec)
-    parents = []
+    resolved = cfg.resolve(spec)
+    path = resolved if resolved.exists() else Path(spec)
     if path.is_dir() and (path / "manifest.json").exists():
-        parents = [parent_ref(path)]
-    elif path.exists():
-        parents = [{"path": str(path.resolve()), "kind": "external-model", "fingerprint": _file_fingerprint(path)}]
-    else:
-        parents = [{"path": spec, "kind": "hub-model", "fingerprint": spec}]
-        if base is None and cfg.sft.base is None:
-            raise ArtifactError(
-                f"No model to fine-tune: {path} does not exist. Run `slmforge train` first, or set sft.base "
-                "to a model folder, hub id or .gguf file."
-            )
-    model, tok = load_causal_lm(path if path.exists() else spec, four_bit=four_bit)
-    return model, tok, parents, str(path if path.exists() else spec)
+        return str(path), [parent_ref(path)]
+    if path.exists():
+        return str(path), [{"path": str(path.resolve()), "kind": "external-model", "fingerprint": _file_fingerprint(path)}]
+    if base is None and cfg.sft.base is None:
+        raise ArtifactError(
+            f"No model to fine-tune: {path} does not exist. Run `slmforge train` first, or set sft.base "
+            "to a model folder, hub id or .gguf file."
+        )
+    return spec, [{"path": spec, "kind": "hub-model", "fingerprint": spec}]
+
+
+def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+    """(kind, config, parents) of what ``finetune`` would write: what decides whether it is current."""
+    spec, base_parents = _base_spec(cfg, base)
+    data_dir = _dataset_dir(cfg, cfg.sft.data, data)
+    kind = "adapter" if cfg.sft.method in ("lora", "qlora") else "model"
+    config = {"sft": cfg.sft.model_dump(mode="json"), "base": spec, "seed": cfg.project.seed}
+    return kind, config, base_parents + [parent_ref(data_dir, "dataset")]
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -224,10 +242,13 @@ def finetune(
     scfg = cfg.sft
     if scfg.method == "qlora":
         _check_qlora()
+    from slmforge.model import load_causal_lm
+
     data_dir = _dataset_dir(cfg, scfg.data, data)
-    data_parent = parent_ref(data_dir, "dataset")
     out_dir = Path(out) if out else cfg.stage_dir("sft", scfg.out)
-    model, tok, base_parents, base_spec = _load_base(cfg, base, four_bit=scfg.method == "qlora")
+    kind, config, parents = finetune_plan(cfg, base, data)
+    base_spec = config["base"]
+    model, tok = load_causal_lm(base_spec, four_bit=scfg.method == "qlora")
     resized = _resize_embeddings(model, tok)
     train_records = read_jsonl(data_dir / "chat" / "train.jsonl")
     if not train_records:
@@ -239,8 +260,6 @@ def finetune(
         raise TrainError(f"Every conversation is longer than sft.seq_len={scfg.seq_len} before its answer starts.")
     if scfg.method in ("lora", "qlora"):
         model = _add_lora(model, scfg, bool(resized))
-    parents = base_parents + [data_parent]
-    config = {"sft": scfg.model_dump(mode="json"), "base": base_spec}
     run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
     res = run_loop(model, train_src, val_src, scfg, work_dir_for(out_dir), cfg.project.seed, run_key,
                    f"fine-tuning ({scfg.method})", progress, log)
@@ -251,7 +270,6 @@ def finetune(
     metrics["trainable_params"] = trainable
     if not getattr(model, "is_loaded_in_4bit", False):
         model.to("cpu")
-    kind = "adapter" if scfg.method in ("lora", "qlora") else "model"
     with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
         if kind == "adapter":
             model.save_pretrained(w.path, selected_adapters=None)

@@ -1,0 +1,247 @@
+"""The pipeline's closing report: held-out perplexity against a unigram baseline,
+loss curves, data statistics, and sample answers under two sampling profiles,
+as Markdown and HTML (plots as PNG files beside them)."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
+from slmforge.config import ProjectConfig
+from slmforge.errors import ArtifactError
+
+__all__ = ["ReportResult", "report_plan", "write_report"]
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    metrics: dict[str, Any]
+
+
+def _model_dir(cfg: ProjectConfig) -> Path:
+    if cfg.report.model:
+        return cfg.resolve(cfg.report.model)
+    sft = cfg.stage_dir("sft", cfg.sft.out)
+    if (sft / "manifest.json").exists() and "sft" in cfg.project.stages:
+        return sft
+    return cfg.stage_dir("train", cfg.train.out)
+
+
+def report_plan(cfg: ProjectConfig) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+    """(kind, config, parents) of the report the config asks for: what decides whether
+    an existing report is current."""
+    model = _model_dir(cfg)
+    parents = [parent_ref(model), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    return "report", {"report": cfg.report.model_dump(mode="json"), "model": str(model)}, parents
+
+
+def _generator(model_dir: Path):
+    """A generator for a model folder, or for an adapter over its base."""
+    from slmforge.generate import TorchGenerator
+
+    m = read_manifest(model_dir)
+    if m.kind == "adapter":
+        info = json.loads((model_dir / "slmforge_adapter.json").read_text())
+        gen = TorchGenerator.from_pretrained(info["base"], adapters={info["adapter_name"]: model_dir})
+        gen.set_adapter(info["adapter_name"])
+        return gen, info["base"]
+    return TorchGenerator.from_pretrained(model_dir), str(model_dir)
+
+
+def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: list[str] | None = None,
+                 progress: bool = True, log=None) -> ReportResult:
+    """Write the report artifact for the project's final model.
+
+    Raises:
+        ArtifactError: The model or the data artifact is missing.
+    """
+    import torch
+
+    from slmforge.evaluate import perplexity
+    from slmforge.generate import SamplingParams, resolve_profile
+    from slmforge.train._data import read_jsonl, tokenize_documents, unigram_perplexity
+
+    rcfg = cfg.report
+    kind, config, parents = report_plan(cfg)
+    model_dir = _model_dir(cfg)
+    data_dir = cfg.stage_dir("data", cfg.data.out)
+    out_dir = Path(out) if out else cfg.stage_dir("report", rcfg.out)
+    heldout = [r["text"] for r in read_jsonl(data_dir / "text" / f"{rcfg.heldout_split}.jsonl")]
+    train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
+    if not heldout:
+        raise ArtifactError(f"{data_dir} has no {rcfg.heldout_split} text to measure perplexity on.")
+    gen, base_spec = _generator(model_dir)
+    tok = gen.tokenizer
+    seq_len = min(cfg.train.seq_len, 512)
+    if log:
+        log("report: measuring held-out perplexity")
+    with torch.no_grad():
+        ppl = perplexity(gen.model, tok, heldout, seq_len=seq_len)
+    train_stream = tokenize_documents(train_texts, tok)
+    held_stream = tokenize_documents(heldout, tok)[: ppl.tokens + len(heldout)]
+    unigram = unigram_perplexity(train_stream, held_stream, len(tok))
+    rows: list[dict[str, Any]] = []
+    base_ppl = None
+    train_dir = cfg.stage_dir("train", cfg.train.out)
+    if model_dir != train_dir and (train_dir / "manifest.json").exists():
+        from slmforge.generate import TorchGenerator
+
+        base_gen = TorchGenerator.from_pretrained(train_dir)
+        base_ppl = perplexity(base_gen.model, base_gen.tokenizer, heldout, seq_len=seq_len)
+        del base_gen
+
+    # ---- sample answers
+    questions = [(q, None) for q in rcfg.questions]
+    for r in read_jsonl(data_dir / "chat" / f"{rcfg.heldout_split}.jsonl")[: rcfg.heldout_questions]:
+        user = next(m["content"] for m in r["messages"] if m["role"] == "user")
+        reference = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        questions.append((user, reference))
+    if log:
+        log(f"report: answering {len(questions)} questions with profiles {', '.join(rcfg.profiles)}")
+    for q, ref in questions:
+        answers = {}
+        for name in rcfg.profiles:
+            profile = resolve_profile(name, model_dir if (model_dir / "generation_config.json").exists() else None,
+                                      cfg.generate)
+            params = SamplingParams.from_profile(profile, max_new_tokens=rcfg.max_new_tokens,
+                                                 seed=cfg.project.seed if profile.temperature > 0 else None)
+            answers[name] = gen.chat([{"role": "user", "content": q}], params)[0].text.strip()
+        rows.append({"question": q, "reference": ref, "answers": answers})
+
+    metrics = {
+        "model": str(model_dir),
+        "heldout_split": rcfg.heldout_split,
+        "heldout_tokens": ppl.tokens,
+        "ppl": round(ppl.ppl, 3),
+        "bits_per_byte": round(ppl.bits_per_byte, 4),
+        "unigram_ppl": round(unigram, 3),
+        "beats_unigram": ppl.ppl < unigram,
+    }
+    if base_ppl is not None:
+        metrics["pretrained_ppl"] = round(base_ppl.ppl, 3)
+    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
+        figures = _copy_figures(cfg, w.path)
+        data_stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").exists() else {}
+        train_metrics = _metrics_of(train_dir)
+        sft_metrics = _metrics_of(cfg.stage_dir("sft", cfg.sft.out)) if "sft" in cfg.project.stages else {}
+        doc = _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metrics)
+        (w.path / "report.md").write_text(_markdown(doc), encoding="utf-8")
+        (w.path / "report.html").write_text(_html(doc), encoding="utf-8")
+        (w.path / "report.json").write_text(json.dumps({"metrics": metrics, "samples": rows}, indent=2) + "\n")
+        w.metrics.update(metrics)
+    return ReportResult(out_dir.resolve(), metrics)
+
+
+def _metrics_of(folder: Path) -> dict[str, Any]:
+    try:
+        return read_manifest(folder).metrics
+    except ArtifactError:
+        return {}
+
+
+def _copy_figures(cfg: ProjectConfig, folder: Path) -> dict[str, str]:
+    found = {}
+    for label, src in (
+        ("pretraining loss", cfg.stage_dir("train", cfg.train.out) / "loss.png"),
+        ("fine-tuning loss", cfg.stage_dir("sft", cfg.sft.out) / "loss.png"),
+        ("document lengths", cfg.stage_dir("data", cfg.data.out) / "lengths.png"),
+    ):
+        if src.exists():
+            name = label.replace(" ", "_").replace("-", "_") + ".png"
+            shutil.copyfile(src, folder / name)
+            found[label] = name
+    return found
+
+
+# A report is a list of blocks rendered twice (Markdown and HTML): ("h", text), ("p", text),
+# ("table", (header, rows)), ("img", (alt, file)), ("pre", text).
+def _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metrics) -> list[tuple[str, Any]]:
+    d: list[tuple[str, Any]] = [("h1", f"Model report: {cfg.project.name}")]
+    verdict = "beats" if metrics["beats_unigram"] else "does NOT beat"
+    d.append(("p", f"Held-out perplexity {metrics['ppl']} on the {metrics['heldout_split']} split "
+                   f"({metrics['heldout_tokens']:,} tokens): the model {verdict} the unigram baseline of the same "
+                   f"tokenizer ({metrics['unigram_ppl']}). Bits per byte: {metrics['bits_per_byte']}."))
+    table = [["model", str(metrics["ppl"]), str(metrics["bits_per_byte"])],
+             ["unigram baseline (same tokenizer)", str(metrics["unigram_ppl"]), ""]]
+    if "pretrained_ppl" in metrics:
+        table.insert(1, ["pretrained model before fine-tuning", str(metrics["pretrained_ppl"]), ""])
+    d += [("h2", "Perplexity"), ("table", (["model", "perplexity", "bits/byte"], table))]
+    if train_metrics or sft_metrics:
+        d.append(("h2", "Training"))
+        keys = ["params", "trainable_params", "steps", "tokens", "tokens_per_s", "seconds", "train_loss", "val_loss",
+                "val_ppl", "epochs"]
+        tr = [[k, str(train_metrics.get(k, "")), str(sft_metrics.get(k, ""))] for k in keys
+              if k in train_metrics or k in sft_metrics]
+        d.append(("table", (["", "pretraining", "fine-tuning"], tr)))
+    for label in ("pretraining loss", "fine-tuning loss"):
+        if label in figures:
+            d.append(("img", (label, figures[label])))
+    if data_stats:
+        d.append(("h2", "Data"))
+        d.append(("p", f"{data_stats['documents_in']} documents read, {data_stats['documents_out']} kept; "
+                       f"dropped: {', '.join(f'{k} {v}' for k, v in data_stats['dropped'].items()) or 'none'}; "
+                       f"PII replaced: {', '.join(f'{k} {v}' for k, v in data_stats['pii'].items() if v) or 'none'}."))
+        splits = [[k, str(v["documents"]), f"{v['chars']:,}"] for k, v in data_stats["splits"].items()]
+        d.append(("table", (["split", "documents", "characters"], splits)))
+        if "document lengths" in figures:
+            d.append(("img", ("document lengths", figures["document lengths"])))
+    d.append(("h2", "Sample answers"))
+    profiles = list(rows[0]["answers"]) if rows else []
+    for r in rows:
+        d.append(("h3", r["question"]))
+        for name in profiles:
+            d.append(("answer", (name, r["answers"][name])))
+        if r["reference"]:
+            d.append(("answer", ("reference", r["reference"])))
+    return d
+
+
+def _markdown(doc) -> str:
+    out = []
+    for kind, body in doc:
+        if kind in ("h1", "h2", "h3"):
+            out += ["#" * int(kind[1]) + " " + body, ""]
+        elif kind == "p":
+            out += [body, ""]
+        elif kind == "table":
+            header, rows = body
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+        elif kind == "img":
+            out += [f"![{body[0]}]({body[1]})", ""]
+        elif kind == "answer":
+            text = body[1].replace("\n", " ") or "(empty)"
+            out += [f"- **{body[0]}**: {text}"]
+            continue
+    return "\n".join(out) + "\n"
+
+
+def _html(doc) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>slmforge report</title><style>",
+             "body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;line-height:1.45;color:#222}",
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}",
+             "img{max-width:100%}.answer{margin:.3em 0 .3em 1em}.answer b{display:inline-block;min-width:6em}",
+             "</style></head><body>"]
+    for kind, body in doc:
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{e(body)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{e(body)}</p>")
+        elif kind == "table":
+            header, rows = body
+            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
+            parts.append("</table>")
+        elif kind == "img":
+            parts.append(f"<figure><img src='{e(body[1])}' alt='{e(body[0])}'><figcaption>{e(body[0])}</figcaption></figure>")
+        elif kind == "answer":
+            parts.append(f"<div class='answer'><b>{e(body[0])}</b> {e(body[1]) or '(empty)'}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,266 @@
+"""Generation: the ``Generator`` protocol, engine-neutral sampling parameters,
+named sampling profiles, and the in-process torch engine.
+
+    from slmforge.generate import SamplingParams, TorchGenerator, resolve_profile
+    gen = TorchGenerator.from_pretrained("runs/sft")
+    params = SamplingParams.from_profile(resolve_profile("balanced", "runs/sft"), max_new_tokens=64, seed=0)
+    print(gen.complete("asyncio is", params)[0].text)
+    for piece in gen.stream([{"role": "user", "content": "What is a coroutine?"}], params):
+        print(piece, end="", flush=True)
+
+Evaluation, RAG, agents, reasoning and the server depend only on ``Generator``;
+later engines (ONNX Runtime, llama.cpp, OpenAI-compatible HTTP) implement the
+same four methods. torch and transformers are imported only when
+``TorchGenerator`` is first used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from slmforge.config import GenerateConfig, ProjectConfig, SamplingProfile
+from slmforge.errors import GenerateError
+
+if TYPE_CHECKING:
+    from slmforge.generate._torch import TorchGenerator
+
+__all__ = [
+    "SamplingParams",
+    "Completion",
+    "Generator",
+    "TorchGenerator",
+    "profiles_from_model",
+    "resolve_profile",
+    "default_model_dir",
+]
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+@dataclass
+class SamplingParams:
+    """How to sample, independent of the engine.
+
+    ``temperature`` 0 means greedy decoding (or plain beam search when
+    ``num_beams`` > 1); ``top_k``/``top_p`` None mean off; ``n`` is the number of
+    completions returned per prompt.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+    @classmethod
+    def from_profile(cls, profile: SamplingProfile, **overrides: Any) -> SamplingParams:
+        """The profile's values, with every override that is not None taking precedence.
+
+        Raises:
+            TypeError: An override that is not a field of SamplingParams.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"SamplingParams has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(names))}.")
+        values = {k: v for k, v in profile.model_dump().items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Check the values every engine relies on.
+
+        Raises:
+            GenerateError: A value out of range, or n > 1 that greedy decoding cannot honour.
+        """
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be >= 1 or unset (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] or unset (got {self.top_p})")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be >= 1 (got {self.num_beams})")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if self.n < 1:
+            problems.append(f"n must be >= 1 (got {self.n})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop strings must be non-empty strings (got {self.stop!r})")
+        if problems:
+            raise GenerateError("Invalid sampling parameters: " + "; ".join(problems) + ".")
+        if self.n > 1 and self.num_beams > 1 and self.n > self.num_beams:
+            raise GenerateError(
+                f"n={self.n} completions need at least as many beams: set num_beams >= {self.n} (--beams), "
+                f"or lower n to {self.num_beams}."
+            )
+        if self.n > 1 and self.temperature == 0 and self.num_beams == 1:
+            raise GenerateError(
+                f"n={self.n} with temperature 0 would return {self.n} identical greedy completions. Set "
+                f"temperature > 0 to sample different ones, or num_beams >= {self.n} (--beams) for the "
+                f"{self.n} best beams."
+            )
+
+
+@dataclass
+class Completion:
+    """One generated text."""
+
+    text: str  # special tokens removed; cut before the first stop string
+    tokens: int  # tokens generated (an end-of-sequence token counts)
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length" (max_new_tokens reached)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What every engine offers: completion, chat, streaming and batches, with n samples."""
+
+    def complete(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions of a plain-text prompt."""
+        ...
+
+    def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
+        """``params.n`` assistant replies to a conversation, rendered with the model's chat template."""
+        ...
+
+    def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
+        """Text pieces of one completion (a str prompt) or one assistant reply (a message list), as produced."""
+        ...
+
+    def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt, in prompt order."""
+        ...
+
+
+def __getattr__(name: str) -> Any:
+    # TorchGenerator lives in a private module so that importing this package
+    # does not import torch (`slmforge --help` stays instant).
+    if name == "TorchGenerator":
+        from slmforge.generate._torch import TorchGenerator
+
+        return TorchGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _generation_config_file(path: str | Path) -> Path | None:
+    """The generation_config.json of a model folder, or of the base model an adapter folder names."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None  # a .gguf file or a hub id: no slmforge profiles
+    if (folder / "generation_config.json").is_file():
+        return folder / "generation_config.json"
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            return None
+        if base:
+            base_dir = Path(base) if Path(base).is_absolute() else folder / base
+            if (base_dir / "generation_config.json").is_file():
+                return base_dir / "generation_config.json"
+    return None
+
+
+def _read_profiles(path: str | Path) -> tuple[dict[str, SamplingProfile], str | None]:
+    file = _generation_config_file(path)
+    if file is None:
+        return {}, None
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GenerateError(f"Could not read {file}: {exc}. Fix or delete the file.") from None
+    profiles = {}
+    for name, values in (raw.get("slmforge_profiles") or {}).items():
+        try:
+            profiles[name] = SamplingProfile.model_validate(values)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise GenerateError(
+                f"{file}: sampling profile {name!r} is invalid ({str(exc).splitlines()[0]}). "
+                "Fix it in the file, or save the model again."
+            ) from None
+    default = raw.get("slmforge_default_profile")
+    return profiles, default if isinstance(default, str) else None
+
+
+def profiles_from_model(path: str | Path) -> dict[str, SamplingProfile]:
+    """The sampling profiles saved in a model folder's ``generation_config.json``.
+
+    Args:
+        path: A model folder (an adapter folder reads its base model's), a .gguf file or a hub id.
+
+    Returns:
+        Profile name -> profile; empty when the model carries none.
+
+    Raises:
+        GenerateError: The file is not valid JSON or holds an invalid profile.
+    """
+    return _read_profiles(path)[0]
+
+
+def resolve_profile(
+    name: str | None, model_path: str | Path | None = None, cfg: GenerateConfig | ProjectConfig | None = None
+) -> SamplingProfile:
+    """Find a sampling profile by name: the model's saved profiles first, then the project's.
+
+    Args:
+        name: The profile's name; None means the model's default profile, else ``cfg.default_profile``,
+            else plain greedy defaults.
+        model_path: The model folder whose ``generation_config.json`` may hold profiles.
+        cfg: The ``generate`` section (or the whole project config).
+
+    Returns:
+        The profile.
+
+    Raises:
+        GenerateError: No profile of that name; the message lists the known names.
+    """
+    if isinstance(cfg, ProjectConfig):
+        cfg = cfg.generate
+    model_profiles, model_default = _read_profiles(model_path) if model_path is not None else ({}, None)
+    cfg_profiles = cfg.profiles if cfg is not None else {}
+    explicit = name is not None
+    if name is None:
+        name = model_default or (cfg.default_profile if cfg is not None else None)
+        if name is None:
+            return SamplingProfile()
+    if name in model_profiles:
+        return model_profiles[name]
+    if name in cfg_profiles:
+        return cfg_profiles[name]
+    known = list(dict.fromkeys([*model_profiles, *cfg_profiles]))
+    what = f"Unknown sampling profile {name!r}" if explicit else f"The default sampling profile {name!r} does not exist"
+    raise GenerateError(
+        f"{what}; known profiles: {', '.join(known) or '(none)'}. Pick one with --profile, or add it under "
+        "generate.profiles in the project file."
+    )
+
+
+def default_model_dir(cfg: ProjectConfig) -> Path:
+    """The model a project generates with by default: the sft stage's output, else the train stage's.
+
+    Raises:
+        GenerateError: Neither folder exists.
+    """
+    candidates = [cfg.stage_dir("sft", cfg.sft.out), cfg.stage_dir("train", cfg.train.out)]
+    for folder in candidates:
+        if folder.exists():
+            return folder
+    raise GenerateError(
+        f"No model to generate with: neither {candidates[0]} nor {candidates[1]} exists. Train one first "
+        "(`slmforge train`), or pass --model with a model folder, a .gguf file or a hub id."
+    )

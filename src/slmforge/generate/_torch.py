@@ -1,0 +1,365 @@
+"""The in-process torch engine: ``Generator`` over a transformers causal LM.
+
+Everything goes through one ``model.generate`` call per request, with a
+``GenerationConfig`` built entirely from ``SamplingParams``, so defaults saved in
+the model folder's generation_config.json (its default profile) never leak
+into a request that did not ask for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from slmforge.errors import GenerateError, ModelError
+from slmforge.generate import Completion, Message, SamplingParams
+from slmforge.generate._text import StopCutter, cut_at_stop
+
+
+class TorchGenerator:
+    """``Generator`` over a transformers causal LM and its tokenizer, optionally with peft LoRA adapters.
+
+    Args:
+        model: A causal LM (``AutoModelForCausalLM``), or a ``peft.PeftModel`` over one.
+        tokenizer: Its tokenizer; a chat template is needed for ``chat`` and message streams.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    def __init__(self, model, tokenizer, device: str = "auto") -> None:
+        self.device = _pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        if pad is None and self.eos_token_ids:
+            pad = self.eos_token_ids[0]  # the usual fallback; finished rows are cut at their first eos anyway
+        self.pad_token_id = pad
+        self._adapter_disabled = False
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        adapters: dict[str, str | Path] | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+    ) -> TorchGenerator:
+        """Load a model (folder, .gguf file or hub id) and, optionally, LoRA adapters over it.
+
+        Args:
+            path: What ``slmforge.model.load_causal_lm`` accepts; a peft adapter folder (adapter_config.json,
+                no config.json) also works: its base model is loaded and the adapter, named ``default``, is active.
+            adapters: Adapter name -> peft adapter folder. The first one is active; switch with ``set_adapter``.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            dtype: ``float32`` or ``bfloat16``.
+
+        Raises:
+            ModelError: The model or an adapter cannot be found or loaded.
+        """
+        from slmforge.model import load_causal_lm
+
+        folder = Path(str(path)).expanduser()
+        adapters = dict(adapters or {})
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            base = _adapter_base(folder)
+            model, tokenizer = load_causal_lm(base, dtype=dtype)
+            if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+                from slmforge.model import load_tokenizer_for
+
+                tokenizer = load_tokenizer_for(folder)
+            adapters = {"default": folder, **adapters}
+        else:
+            model, tokenizer = load_causal_lm(path, dtype=dtype)
+        if adapters:
+            model = _attach_adapters(model, adapters)
+        gen = cls(model, tokenizer, device=device)
+        if adapters:
+            gen.set_adapter(next(iter(adapters)))
+        return gen
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters (empty without peft)."""
+        return list(getattr(self.model, "peft_config", {}) or {})
+
+    def set_adapter(self, name: str | None) -> None:
+        """Generate with the named adapter, or with the bare base model when ``name`` is None.
+
+        Raises:
+            GenerateError: No adapter of that name is loaded.
+        """
+        if name is None:
+            self._adapter_disabled = bool(self.adapters)
+            return
+        if name not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none (load some with from_pretrained(adapters=...) or --adapter)"
+            raise GenerateError(f"No adapter named {name!r}; loaded adapters: {loaded}.")
+        self.model.set_adapter(name)
+        self._adapter_disabled = False
+
+    # ------------------------------------------------------------------ Generator
+
+    def complete(self, prompt: str, params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions of a plain-text prompt (the tokenizer adds BOS as in training)."""
+        return self._run([self._encode(prompt)], params)[0]
+
+    def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
+        """``params.n`` assistant replies to the conversation, rendered with the chat template.
+
+        Raises:
+            GenerateError: The tokenizer has no chat template, or the messages are malformed.
+        """
+        return self._run([self._encode(self.render_chat(messages), special=False)], params)[0]
+
+    def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, from one left-padded batched ``generate`` call."""
+        if not prompts:
+            return []
+        return self._run([self._encode(p) for p in prompts], params)
+
+    def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
+        """Text pieces of one completion (str) or one assistant reply (message list), as they are produced.
+
+        Generation runs in a background thread; stopping the iteration early stops it.
+
+        Raises:
+            GenerateError: n > 1 or beam search (one sequence can be streamed), or no chat template.
+        """
+        params.validate()
+        if params.n != 1 or params.num_beams != 1:
+            raise GenerateError(
+                f"Streaming returns one sequence as it is produced, so it needs n=1 and num_beams=1 "
+                f"(got n={params.n}, num_beams={params.num_beams}); use complete() or chat() for more."
+            )
+        ids = self._encode(prompt) if isinstance(prompt, str) else self._encode(self.render_chat(prompt), special=False)
+        return self._stream(ids, params)
+
+    # ------------------------------------------------------------------ helpers
+
+    def render_chat(self, messages: list[Message]) -> str:
+        """The prompt text the chat template makes of the messages, ending with the assistant's turn opener.
+
+        Raises:
+            GenerateError: No chat template, malformed messages, or a template that rejects them.
+        """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise GenerateError(
+                "This model's tokenizer has no chat template, so it cannot chat. Use plain completion "
+                "(`slmforge generate` without --chat), or set tokenizer.chat_template and retrain the tokenizer."
+            )
+        if not isinstance(messages, list) or not messages:
+            raise GenerateError("A chat needs at least one message: [{'role': 'user', 'content': '...'}].")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise GenerateError(f"Message {i} must be a dict with string 'role' and 'content'; got {m!r}.")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+            raise GenerateError(f"The chat template rejected the messages: {type(exc).__name__}: {exc}") from None
+
+    def _encode(self, text: str, special: bool = True) -> list[int]:
+        # A rendered chat template already holds its BOS, so it is tokenized without special tokens.
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if not ids:
+            raise GenerateError("The prompt is empty (and the tokenizer adds no BOS token); give some text.")
+        return list(ids)
+
+    def _generation_config(self, params: SamplingParams):
+        from transformers import GenerationConfig
+
+        sample = params.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            # Every knob is set, so nothing is filled in from the model folder's generation_config.json.
+            # Without sampling they are unused; transformers' defaults (1.0, 50, 1.0) keep it from warning.
+            temperature=params.temperature if sample else 1.0,
+            top_k=(params.top_k or 0) if sample else 50,
+            top_p=(params.top_p or 1.0) if sample else 1.0,
+            num_beams=params.num_beams,
+            num_return_sequences=params.n,
+            repetition_penalty=params.repetition_penalty,
+            stop_strings=list(params.stop) or None,
+            eos_token_id=self.eos_token_ids or None,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+
+    def _generate(self, id_lists: list[list[int]], params: SamplingParams, streamer=None, cancel=None):
+        """One ``generate`` call over left-padded prompts. Returns (sequences, prompt width)."""
+        width = max(len(ids) for ids in id_lists)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0  # masked out either way
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in id_lists], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in id_lists], device=self.device)
+        kwargs = {}
+        if params.stop:
+            kwargs["tokenizer"] = self.tokenizer  # StopStringCriteria needs it
+        if cancel is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        adapter_off = self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
+        rng = contextlib.nullcontext()
+        if params.seed is not None:
+            # Sampling draws from torch's global generator; fork it so a seeded request leaves it as it was.
+            cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+            rng = torch.random.fork_rng(devices=cuda)
+        try:
+            with rng, adapter_off, torch.inference_mode():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    generation_config=self._generation_config(params),
+                    streamer=streamer,
+                    **kwargs,
+                )
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise GenerateError(f"Generation failed: {type(exc).__name__}: {str(exc)[:500]}") from None
+        return out, width
+
+    def _run(self, id_lists: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        params.validate()
+        out, width = self._generate(id_lists, params)
+        rows = [self._completion(row[width:].tolist(), params) for row in out]
+        return [rows[i * params.n : (i + 1) * params.n] for i in range(len(id_lists))]
+
+    def _completion(self, generated: list[int], params: SamplingParams) -> Completion:
+        eos = set(self.eos_token_ids)
+        end = len(generated)
+        for i, token in enumerate(generated):
+            if token in eos:
+                end = i + 1
+                break
+        else:
+            # Rows that finished early (a stop string) are filled with padding up to the batch's length.
+            if self.pad_token_id is not None:
+                while end and generated[end - 1] == self.pad_token_id:
+                    end -= 1
+        ids = generated[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(text, params.stop)
+        stopped = hit or end < params.max_new_tokens or (bool(ids) and ids[-1] in eos)
+        return Completion(text=text, tokens=len(ids), finish_reason="stop" if stopped else "length")
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._generate([ids], params, streamer=streamer, cancel=cancel)
+            except BaseException as exc:  # handed to the consuming thread below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="slmforge-generate", daemon=True)
+        thread.start()
+        cutter = StopCutter(params.stop)
+        try:
+            for piece in streamer:
+                text = cutter.feed(piece)
+                if text:
+                    yield text
+                if cutter.stopped:
+                    break
+            tail = cutter.flush()
+            if tail:
+                yield tail
+        finally:
+            cancel.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation once the stream's consumer has gone."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"device {device!r} was asked for, but no CUDA GPU is available; use --device cpu.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise GenerateError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
+    return device
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model's generation config (often a list: <|eos|> and <|im_end|>), plus the
+    tokenizer's end-of-document and end-of-turn tokens, so a chat reply stops at its turn's end."""
+    from slmforge.model import _stop_ids
+
+    config = getattr(model, "generation_config", None)
+    ids = _as_list(getattr(config, "eos_token_id", None))
+    if not ids:
+        ids = _as_list(getattr(model.config, "eos_token_id", None))
+    for tid in _as_list(_stop_ids(tokenizer)):
+        if tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def _adapter_base(folder: Path) -> str:
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"Could not read {folder / 'adapter_config.json'}: {exc}.") from None
+    if not base:
+        raise ModelError(
+            f"{folder} is a LoRA adapter folder, but its adapter_config.json names no base model "
+            "(base_model_name_or_path). Pass the base model with --model and the adapter with --adapter."
+        )
+    if not Path(base).is_absolute() and (folder / base).exists():
+        return str(folder / base)
+    return base
+
+
+def _attach_adapters(model, adapters: dict[str, str | Path]):
+    from peft import PeftModel
+
+    for name, where in adapters.items():
+        if not (Path(where).expanduser() / "adapter_config.json").is_file():
+            raise ModelError(
+                f"Adapter {name!r}: {where} is not a peft adapter folder (no adapter_config.json). Point at the "
+                "folder written by `slmforge train --stage sft` with sft.method lora, or by peft's save_pretrained."
+            )
+    items = list(adapters.items())
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(Path(items[0][1]).expanduser()), adapter_name=items[0][0])
+        for name, where in items[1:]:
+            peft_model.load_adapter(str(Path(where).expanduser()), adapter_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(
+            f"Could not load the LoRA adapters {adapters}: {type(exc).__name__}: {str(exc)[:400]}"
+        ) from None
+    return peft_model
