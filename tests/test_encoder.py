@@ -14,7 +14,7 @@ import torch
 
 from slmforge.artifacts import ArtifactWriter, read_manifest, verify_artifact
 from slmforge.config import ProjectConfig
-from slmforge.errors import TrainError
+from slmforge.errors import ArtifactError, TrainError
 from slmforge.train.encoder import classification_metrics, entity_f1, entity_spans, train_encoder
 
 EXE = Path(sys.executable).parent / "slmforge"
@@ -296,6 +296,8 @@ def test_long_ner_records_are_split_into_windows_of_whole_words(project):
 
 
 def test_missing_task_output_says_to_add_the_format(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        train_encoder(_cfg(tmp_path, "ner"), progress=False)
     make_dataset(tmp_path / "runs", formats=("text", "classification"))
     with pytest.raises(TrainError, match=r"no ner output.*Add ner to data\.formats"):
         train_encoder(_cfg(tmp_path, "ner"), progress=False)

@@ -232,6 +232,7 @@ def run_loop(
         task = bar.add_task(describe, total=cfg.max_steps, completed=start_step, info="")
         window_t, window_tokens = time.monotonic(), 0
         for step in range(start_step, cfg.max_steps):
+            step_t0 = time.monotonic()
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)
@@ -255,7 +256,8 @@ def run_loop(
             now = time.monotonic()
             tps = window_tokens / max(now - window_t, 1e-9)
             record = {"step": done, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
+                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
+                      "step_s": round(now - step_t0, 4)}
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
                 if val_loss is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from slmforge.artifacts import ArtifactWriter, parent_ref
+from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError, ModelError, TrainError
 from slmforge.train import TrainResult, _dataset_dir, _file_fingerprint, _loop_metrics, _write_log, work_dir_for
@@ -518,6 +518,7 @@ def train_encoder(
     task = ecfg.task
     data_dir = _dataset_dir(cfg, ecfg.data, data)
     out_dir = Path(out) if out else cfg.stage_dir(f"encoder-{task}", ecfg.out)
+    read_manifest(data_dir, "dataset")  # a missing dataset is reported as such, not as a missing format
     labels, splits = _read_task_data(data_dir, task)
     kind, config, parents = encoder_plan(cfg, data)
     label2id = {label: i for i, label in enumerate(labels)}

@@ -1,0 +1,131 @@
+"""Decode speed of the torch engine versus plain ``model.generate``, per model preset.
+
+    python benchmarks/generate_speed.py [--runs 3] [--new-tokens 128] [--presets nano,micro,small,base]
+
+For each preset: a randomly initialised model (vocabulary 8192), a 32-token
+prompt, greedy decoding of exactly ``--new-tokens`` tokens at batch 1 (the
+tokenizer has no end-of-sequence token, so nothing stops early), timed through
+``TorchGenerator.complete`` and through ``model.generate`` on the same model and
+input ids, alternating, median of ``--runs`` after one warm-up of each. The
+ratio shows what the engine's own work costs (tokenizing, building the
+generation config, decoding the text). Runs on one torch thread unless
+``--threads`` says otherwise. Prints a table and writes
+benchmarks/results/generate_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from _common import machine, median, save
+
+VOCAB = 8192
+PROMPT_TOKENS = 32
+
+
+def word_tokenizer():
+    """A tokenizer of VOCAB plain words and no special tokens: generation can only stop at the length limit."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, model_input_names=["input_ids", "attention_mask"])
+
+
+def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int) -> dict:
+    import torch
+
+    from slmforge.config import ModelConfig
+    from slmforge.generate import SamplingParams, TorchGenerator
+    from slmforge.model import build_model
+
+    model = build_model(ModelConfig(preset=preset), vocab_size=VOCAB, special_ids=None, seed=0)
+    params_count = sum(p.numel() for p in model.parameters())
+    gen = TorchGenerator(model, tokenizer, device="cpu")
+    prompt = " ".join(f"w{(i * 37) % VOCAB + 1}" for i in range(PROMPT_TOKENS))
+    params = SamplingParams(max_new_tokens=new_tokens)
+    enc = tokenizer(prompt, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == PROMPT_TOKENS
+
+    def engine():
+        c = gen.complete(prompt, params)[0]
+        assert c.tokens == new_tokens and c.finish_reason == "length", c
+        return c.text
+
+    def plain():
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == PROMPT_TOKENS + new_tokens
+        return tokenizer.decode(out[0, PROMPT_TOKENS:], skip_special_tokens=True)
+
+    same = engine() == plain()  # also the warm-up
+    times = {"engine": [], "plain": []}
+    for _ in range(runs):  # alternate, so both see the same machine load
+        for name, fn in (("engine", engine), ("plain", plain)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    engine_tps = new_tokens / median(times["engine"])
+    plain_tps = new_tokens / median(times["plain"])
+    return {
+        "preset": preset,
+        "params": params_count,
+        "new_tokens": new_tokens,
+        "engine_tokens_per_s": round(engine_tps, 1),
+        "plain_generate_tokens_per_s": round(plain_tps, 1),
+        "engine_over_plain": round(engine_tps / plain_tps, 3),
+        "same_greedy_output": same,
+        "seconds": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--presets", default="nano,micro,small,base")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0 = torch's choice). 1 by default: on a small shared machine "
+                        "two spinning OpenMP threads made timings swing 3x from run to run")
+    args = parser.parse_args()
+
+    import torch
+
+    from slmforge.model import PRESETS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = word_tokenizer()
+    rows = []
+    for preset in args.presets.split(","):
+        if preset not in PRESETS:
+            parser.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        rows.append(bench_preset(preset, tokenizer, args.runs, args.new_tokens))
+        r = rows[-1]
+        print(f"  {preset}: engine {r['engine_tokens_per_s']} tok/s, plain {r['plain_generate_tokens_per_s']} tok/s",
+              flush=True)
+
+    head = (f"{'preset':<8}{'params':>12}{'TorchGenerator tok/s':>22}{'model.generate tok/s':>22}"
+            f"{'ratio':>8}{'same':>6}")
+    print(f"\nGreedy decode, batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new tokens, "
+          f"median of {args.runs} (torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f})")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        same = "yes" if r["same_greedy_output"] else "NO"
+        print(f"{r['preset']:<8}{r['params']:>12,}{r['engine_tokens_per_s']:>22.1f}"
+              f"{r['plain_generate_tokens_per_s']:>22.1f}{r['engine_over_plain']:>8.3f}{same:>6}")
+    path = save("generate_speed", {
+        "settings": {"runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
+                     "vocab_size": VOCAB, "torch_threads": torch.get_num_threads(),
+                     "load_average_1min": os.getloadavg()[0]},
+        "results": rows,
+    })
+    print(f"\nwrote {path}  (machine: {machine()['cpu']}, {machine()['cores']} cores)")
+
+
+if __name__ == "__main__":
+    main()
