@@ -8,6 +8,7 @@ when a stage that needs them runs.
     >>> cfg = slmforge.load_config("slmforge.yaml")
     >>> data = slmforge.run_data_stage(cfg)
     >>> tok = slmforge.train_tokenizer(cfg)
+    >>> model = slmforge.pretrain(cfg)
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ _EXPORTS = {
     "ArtifactError": "slmforge.errors",
     "DataError": "slmforge.errors",
     "TokenizerError": "slmforge.errors",
+    "ModelError": "slmforge.errors",
+    "TrainError": "slmforge.errors",
+    "GenerateError": "slmforge.errors",
     "ProjectConfig": "slmforge.config",
     "load_config": "slmforge.config",
     "render_template": "slmforge.config",
@@ -37,6 +41,15 @@ _EXPORTS = {
     "train_tokenizer": "slmforge.tokenizer",
     "analyze_tokenizers": "slmforge.tokenizer",
     "load_tokenizer": "slmforge.tokenizer",
+    "estimate": "slmforge.model",
+    "build_model": "slmforge.model",
+    "load_causal_lm": "slmforge.model",
+    "pretrain": "slmforge.train",
+    "finetune": "slmforge.train",
+    "merge_adapter": "slmforge.train",
+    "SamplingParams": "slmforge.generate",
+    "TorchGenerator": "slmforge.generate",
+    "write_report": "slmforge.evaluate.report",
     "run_pipeline": "slmforge.pipeline",
 }
 

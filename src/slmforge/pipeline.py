@@ -53,6 +53,12 @@ def _sft_plan(cfg: ProjectConfig) -> Plan:
     return finetune_plan(cfg)
 
 
+def _encoder_plan(cfg: ProjectConfig) -> Plan:
+    from slmforge.train.encoder import encoder_plan
+
+    return encoder_plan(cfg)
+
+
 def _report_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.evaluate.report import report_plan
 
@@ -83,6 +89,12 @@ def _run_sft(cfg: ProjectConfig, command, log) -> Path:
     return finetune(cfg, command=command, log=log).path
 
 
+def _run_encoder(cfg: ProjectConfig, command, log) -> Path:
+    from slmforge.train.encoder import train_encoder
+
+    return train_encoder(cfg, command=command, log=log).path
+
+
 def _run_report(cfg: ProjectConfig, command, log) -> Path:
     from slmforge.evaluate.report import write_report
 
@@ -95,6 +107,7 @@ STAGES: dict[str, tuple[Callable[[ProjectConfig], Path], Callable[[ProjectConfig
     "tokenizer": (lambda c: c.stage_dir("tokenizer", c.tokenizer.out), _tokenizer_plan, _run_tokenizer),
     "train": (lambda c: c.stage_dir("train", c.train.out), _train_plan, _run_train),
     "sft": (lambda c: c.stage_dir("sft", c.sft.out), _sft_plan, _run_sft),
+    "encoder": (lambda c: c.stage_dir(f"encoder-{c.encoder.task}", c.encoder.out), _encoder_plan, _run_encoder),
     "report": (lambda c: c.stage_dir("report", c.report.out), _report_plan, _run_report),
 }
 

@@ -13,18 +13,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-# The same options as cli/main.py, repeated here so that this module does not import main (main imports it).
-err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True, emoji=False)
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Project file (default: ./slmforge.yaml if present).")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key: section.key=value (repeatable; value parsed as YAML)."),
-]
+from slmforge.cli._options import ConfigOpt, SetOpt, err
 ModelOpt = Annotated[
     str | None,
     typer.Option(

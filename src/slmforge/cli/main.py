@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from slmforge import __version__
 from slmforge.cli import generate_cmd
+from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
 app = typer.Typer(
@@ -34,17 +34,6 @@ app.add_typer(model_app, name="model")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 
-# markup off: paths and user text may contain [brackets]; colour goes through style=.
-out = Console(markup=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Project file (default: ./slmforge.yaml if present).")
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key: section.key=value (repeatable; value parsed as YAML)."),
-]
 
 
 def _load(config: Path | None, overrides: list[str] | None):

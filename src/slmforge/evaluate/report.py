@@ -167,7 +167,8 @@ def _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metric
     d.append(("p", f"Held-out perplexity {metrics['ppl']} on the {metrics['heldout_split']} split "
                    f"({metrics['heldout_tokens']:,} tokens): the model {verdict} the unigram baseline of the same "
                    f"tokenizer ({metrics['unigram_ppl']}). Bits per byte: {metrics['bits_per_byte']}."))
-    table = [["model", str(metrics["ppl"]), str(metrics["bits_per_byte"])],
+    final = "fine-tuned model" if "pretrained_ppl" in metrics else "model"
+    table = [[final, str(metrics["ppl"]), str(metrics["bits_per_byte"])],
              ["unigram baseline (same tokenizer)", str(metrics["unigram_ppl"]), ""]]
     if "pretrained_ppl" in metrics:
         table.insert(1, ["pretrained model before fine-tuning", str(metrics["pretrained_ppl"]), ""])
@@ -206,6 +207,8 @@ def _markdown(doc) -> str:
     out = []
     for kind, body in doc:
         if kind in ("h1", "h2", "h3"):
+            if out and out[-1] != "":
+                out.append("")
             out += ["#" * int(kind[1]) + " " + body, ""]
         elif kind == "p":
             out += [body, ""]

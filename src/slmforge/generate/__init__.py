@@ -177,15 +177,17 @@ def _generation_config_file(path: str | Path) -> Path | None:
 
 
 def _read_profiles(path: str | Path) -> tuple[dict[str, SamplingProfile], str | None]:
+    from slmforge.model import read_profiles
+
     file = _generation_config_file(path)
     if file is None:
         return {}, None
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw, default = read_profiles(file.parent)
     except (OSError, json.JSONDecodeError) as exc:
         raise GenerateError(f"Could not read {file}: {exc}. Fix or delete the file.") from None
     profiles = {}
-    for name, values in (raw.get("slmforge_profiles") or {}).items():
+    for name, values in raw.items():
         try:
             profiles[name] = SamplingProfile.model_validate(values)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -193,7 +195,6 @@ def _read_profiles(path: str | Path) -> tuple[dict[str, SamplingProfile], str | 
                 f"{file}: sampling profile {name!r} is invalid ({str(exc).splitlines()[0]}). "
                 "Fix it in the file, or save the model again."
             ) from None
-    default = raw.get("slmforge_default_profile")
     return profiles, default if isinstance(default, str) else None
 
 
