@@ -367,3 +367,22 @@ def test_qlora_on_cuda(project, pretrained):
     cfg.sft.device = "cuda"
     res = finetune(cfg, out=project / "runs" / "qlora", progress=False)
     assert res.kind == "adapter" and res.metrics["steps"] == cfg.sft.max_steps
+
+
+def test_sft_with_an_extended_tokenizer_grows_the_model(project, pretrained):
+    """tokenizer.method extend + sft.tokenizer: the new domain tokens get embedding rows and are trained."""
+    from slmforge.tokenizer import train_tokenizer
+    from slmforge.train import finetune
+
+    cfg = _cfg(project)
+    cfg.tokenizer.method = "extend"
+    cfg.tokenizer.base = str(pretrained.path)
+    cfg.tokenizer.domain_terms = ["zyxwvut", "qqqdomainword"]
+    extended = train_tokenizer(cfg, out=project / "runs" / "tok-extended", progress=False)
+    assert extended.vocab_size > 600
+    cfg.sft.tokenizer = str(extended.path)
+    cfg.sft.method = "lora"
+    cfg.sft.max_steps = 3
+    res = finetune(cfg, out=project / "runs" / "sft-extended", progress=False)
+    assert res.metrics["embeddings_resized"]["to"] == extended.vocab_size
+    assert any(p["kind"] == "tokenizer" for p in read_manifest(res.path).parents)

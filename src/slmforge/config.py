@@ -314,6 +314,11 @@ class SftConfig(LoopConfig):
     base: str | None = Field(
         None, description="Model to fine-tune: a model folder, hub id or .gguf (null = the train stage's output)."
     )
+    tokenizer: str | None = Field(
+        None,
+        description="A tokenizer to use instead of the base model's, e.g. one extended with domain terms "
+        "(tokenizer.method: extend); the model's embeddings grow to fit, new rows at the mean of the old.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method lora/qlora).")
     adapter_name: str = Field("default", description="Name of the adapter; several can sit over one base.")
     data: str | None = Field(None, description="Data artifact with chat/ output (null = <project.out_dir>/data).")

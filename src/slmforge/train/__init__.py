@@ -191,7 +191,10 @@ def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[s
     data_dir = _dataset_dir(cfg, cfg.sft.data, data)
     kind = "adapter" if cfg.sft.method in ("lora", "qlora") else "model"
     config = {"sft": cfg.sft.model_dump(mode="json"), "base": spec, "seed": cfg.project.seed}
-    return kind, config, base_parents + [parent_ref(data_dir, "dataset")]
+    parents = base_parents + [parent_ref(data_dir, "dataset")]
+    if cfg.sft.tokenizer:
+        parents.append(parent_ref(cfg.resolve(cfg.sft.tokenizer), "tokenizer"))
+    return kind, config, parents
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -249,6 +252,10 @@ def finetune(
     kind, config, parents = finetune_plan(cfg, base, data)
     base_spec = config["base"]
     model, tok = load_causal_lm(base_spec, four_bit=scfg.method == "qlora")
+    if scfg.tokenizer:
+        from slmforge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.resolve(scfg.tokenizer))
     resized = _resize_embeddings(model, tok)
     train_records = read_jsonl(data_dir / "chat" / "train.jsonl")
     if not train_records:
