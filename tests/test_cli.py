@@ -97,15 +97,16 @@ def test_quickstart_end_to_end(tmp_path):
     small = [
         "data.python_docs.max_modules=30", "tokenizer.vocab_size=2000", "model.preset=nano", "train.max_steps=30",
         "train.compile=false", "train.seq_len=64", "train.eval_every=10", "sft.max_steps=8", "sft.seq_len=256",
-        "report.max_new_tokens=8", "report.heldout_questions=1",
+        "report.max_new_tokens=8", "report.heldout_questions=1", "eval.limit=4",
     ]
     sets = [arg for item in small for arg in ("--set", item)]
     out = slm("quickstart", "--out", str(proj), *sets).stdout
-    for stage in ("data", "tokenizer", "train", "sft", "report"):
+    for stage in ("data", "tokenizer", "train", "sft", "eval", "report"):
         assert f"{stage:<10} ran" in out
     assert "held-out perplexity" in out and "unigram baseline" in out and "slmforge chat --model" in out
     report = (proj / "runs" / "report" / "report.md").read_text()
     assert "Perplexity" in report and "Sample answers" in report and "pretraining_loss.png" in report
+    assert "python-docs-qa.token_f1" in report  # the domain suite score
     assert (proj / "runs" / "report" / "report.html").read_text().startswith("<!doctype html>")
     m = json.loads((proj / "runs" / "report" / "report.json").read_text())
     assert m["metrics"]["ppl"] > 1 and m["metrics"]["unigram_ppl"] > 1
@@ -117,4 +118,4 @@ def test_quickstart_end_to_end(tmp_path):
     for term in ("asyncio", "dataclass", "coroutine"):
         assert len(tok.encode(" " + term, add_special_tokens=False)) == 1
     rerun = slm("quickstart", "--out", str(proj), *sets).stdout
-    assert rerun.count("up to date") == 5
+    assert rerun.count("up to date") == 6

@@ -36,8 +36,8 @@ class ProjectSection(Section):
         description="Folder (relative to this file) where every stage writes its artifact folder.",
     )
     seed: int = Field(0, description="Seed for everything random (splits, sampling, initialisation).")
-    stages: list[Literal["data", "tokenizer", "train", "sft", "encoder", "report"]] = Field(
-        ["data", "tokenizer", "train", "sft", "report"],
+    stages: list[Literal["data", "tokenizer", "train", "sft", "encoder", "eval", "report"]] = Field(
+        ["data", "tokenizer", "train", "sft", "eval", "report"],
         description="Stages `slmforge run` runs, in this order (encoder, for a classification/NER head, is optional).",
     )
 
@@ -378,6 +378,26 @@ class GenerateConfig(Section):
     default_profile: str = Field("factual", description="Profile used when none is named.")
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(Section):
+    suites: list[str] = Field(
+        ["python-docs-qa", "perplexity"],
+        description="Suites to run: built-in names (python-docs-qa, humaneval, arithmetic, gsm8k, sentiment), "
+        "paths to suite YAML files, or perplexity (held-out text).",
+    )
+    gates: list[str] = Field(
+        [], description="Rules the model must meet, e.g. 'python-docs-qa.token_f1 >= 0.2', 'ppl_delta_pct <= 1.0'."
+    )
+    regression_vs: str | None = Field(
+        None, description="Baseline for *_delta gates: parent (the model this one was made from) or a model path."
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts generated together.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many items per suite (null = the suite's own).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/eval).")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -415,6 +435,7 @@ class ProjectConfig(Section):
         default_factory=EncoderConfig, description="`slmforge train --stage encoder`: classification / NER heads."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`slmforge generate|chat`: sampling.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="`slmforge eval`: suites, gates, comparisons.")
     report: ReportConfig = Field(
         default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
     )
@@ -644,6 +665,7 @@ def _template_values(template: str) -> ProjectConfig:
         cfg.sft.eval_every = 50
         cfg.sft.save_every = 50
         cfg.report.questions = ["What does `json.dumps` do?", "What is the `asyncio` module for?"]
+        cfg.eval.limit = 48
         return cfg
     if template == "blank":
         return ProjectConfig()

@@ -42,3 +42,13 @@ class TrainError(SlmForgeError):
 
 class GenerateError(SlmForgeError):
     """Generation was asked for something the engine or model cannot do."""
+
+
+class EvalError(SlmForgeError):
+    """An evaluation suite, model or gate is malformed, or a gate failed to parse."""
+
+
+class GateFailed(SlmForgeError):
+    """A quality gate failed: the numbers did not meet the project's bar."""
+
+    exit_code = 3

@@ -27,10 +27,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the resolved project config.", no_args_is_help=True)
 model_app = typer.Typer(help="Size, build and merge models.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models on suites, check gates, compare A/B.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 
@@ -283,6 +285,68 @@ def _print_outcomes(outcomes) -> None:
     for o in outcomes:
         verb = "ran" if o.status == "ran" else "up to date"
         out.print(f"  {o.stage:<10} {verb} {o.path} ({o.seconds:.1f} s)")
+
+
+@eval_app.command("list")
+def eval_list() -> None:
+    """The built-in suites."""
+    from slmforge.evaluate.suites import builtin_suites, load_suite
+
+    for name in builtin_suites():
+        spec, _ = load_suite(name)
+        out.print(f"{name:<16} {spec.task:<16} {spec.description}")
+    out.print(f"{'perplexity':<16} {'perplexity':<16} Held-out perplexity and bits per byte of the project's text.")
+
+
+@eval_app.command("run")
+def eval_run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (default: sft, else train output).")] = None,
+    suite: Annotated[list[str] | None, typer.Option("--suite", "-s", help="Suite name or YAML (repeatable; default eval.suites).")] = None,
+    gate: Annotated[list[str] | None, typer.Option("--gate", help="A gate such as 'exact_match >= 0.6' (repeatable; default eval.gates).")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Baseline for *_delta gates: parent or a model path.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most this many items per suite.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore cached results.")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: eval.out).")] = None,
+) -> None:
+    """Run suites on a model; exit 3 if a quality gate fails."""
+    from slmforge.errors import GateFailed
+    from slmforge.evaluate.run import run_eval
+
+    cfg = _load(config, set_)
+    try:
+        result = run_eval(cfg, model, suite or None, gate, baseline, out_dir, not no_cache, limit, sys.argv, log=err.print)
+    except GateFailed:
+        out.print(f"results: {cfg.stage_dir('eval', cfg.eval.out) if out_dir is None else out_dir}")
+        raise
+    for name, r in result.results.items():
+        cached = " (cached)" if r.cached else ""
+        out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()) + cached)
+    for g in result.gates:
+        out.print(g.describe())
+    out.print(f"  -> {result.path / 'report.md'}")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    model_a: Annotated[str, typer.Argument(help="Model A (the reference).")],
+    model_b: Annotated[str, typer.Argument(help="Model B (the candidate).")],
+    suite: Annotated[list[str], typer.Option("--suite", "-s", help="Suite name or YAML (repeatable).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most this many items per suite.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <out_dir>/compare).")] = None,
+) -> None:
+    """Paired A/B comparison: B - A with a 95% bootstrap CI, a p-value and a verdict."""
+    from slmforge.evaluate.run import compare_models
+
+    cfg = _load(config, set_)
+    result = compare_models(cfg, model_a, model_b, suite, out_dir, limit=limit, command=sys.argv)
+    for name, r in result.suites.items():
+        out.print(f"{name} ({r['metric']}, n={r['n']}): A {r['mean_a']:.4f}, B {r['mean_b']:.4f}, "
+                  f"B-A {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}], p={r['p_value']:.3g}: {r['verdict']}")
+    out.print(f"  -> {result.path / 'report.md'}")
 
 
 @app.command()

@@ -38,6 +38,8 @@ def report_plan(cfg: ProjectConfig) -> tuple[str, dict[str, Any], list[dict[str,
     an existing report is current."""
     model = _model_dir(cfg)
     parents = [parent_ref(model), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    if "eval" in cfg.project.stages:
+        parents.append(parent_ref(cfg.stage_dir("eval", cfg.eval.out), "evaluation"))
     return "report", {"report": cfg.report.model_dump(mode="json"), "model": str(model)}, parents
 
 
@@ -45,12 +47,6 @@ def _generator(model_dir: Path):
     """A generator for a model folder, or for an adapter over its base."""
     from slmforge.generate import TorchGenerator
 
-    m = read_manifest(model_dir)
-    if m.kind == "adapter":
-        info = json.loads((model_dir / "slmforge_adapter.json").read_text())
-        gen = TorchGenerator.from_pretrained(info["base"], adapters={info["adapter_name"]: model_dir})
-        gen.set_adapter(info["adapter_name"])
-        return gen, info["base"]
     return TorchGenerator.from_pretrained(model_dir), str(model_dir)
 
 
@@ -125,6 +121,11 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     }
     if base_ppl is not None:
         metrics["pretrained_ppl"] = round(base_ppl.ppl, 3)
+    eval_file = cfg.stage_dir("eval", cfg.eval.out) / "results.json"
+    if "eval" in cfg.project.stages and eval_file.exists():
+        evaluation = json.loads(eval_file.read_text())
+        metrics["suites"] = {k: round(v, 4) for k, v in evaluation["metrics"].items()}
+        metrics["gates_passing"] = evaluation["passing"]
     with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
         figures = _copy_figures(cfg, w.path)
         data_stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").exists() else {}
@@ -173,6 +174,10 @@ def _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metric
     if "pretrained_ppl" in metrics:
         table.insert(1, ["pretrained model before fine-tuning", str(metrics["pretrained_ppl"]), ""])
     d += [("h2", "Perplexity"), ("table", (["model", "perplexity", "bits/byte"], table))]
+    if metrics.get("suites"):
+        d.append(("h2", "Evaluation suites"))
+        d.append(("table", (["suite.metric", "value"], [[k, str(v)] for k, v in metrics["suites"].items()])))
+        d.append(("p", "Gates: " + ("all passing." if metrics.get("gates_passing") else "FAILING (see the eval report).")))
     if train_metrics or sft_metrics:
         d.append(("h2", "Training"))
         keys = ["params", "trainable_params", "steps", "tokens", "tokens_per_s", "seconds", "train_loss", "val_loss",

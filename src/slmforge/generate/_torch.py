@@ -126,6 +126,41 @@ class TorchGenerator:
             return []
         return self._run([self._encode(p) for p in prompts], params)
 
+    def chat_batch(self, conversations: list[list[Message]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` replies per conversation, from one left-padded batched ``generate`` call."""
+        if not conversations:
+            return []
+        return self._run([self._encode(self.render_chat(c), special=False) for c in conversations], params)
+
+    def loglikelihood(self, requests: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
+        """Sum of log-probabilities of each continuation given its context (nats).
+
+        The context is tokenized with the tokenizer's special tokens (BOS), the
+        continuation without, and the two id lists are joined: scoring the
+        continuation's own tokens, as multiple-choice evaluation needs.
+        """
+        import torch
+
+        out: list[float] = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            pairs = [(self._encode(c), self.tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in chunk]
+            width = max(len(a) + len(b) for a, b in pairs)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # (B, T), right-padded
+            attn = torch.zeros_like(ids)
+            for row, (a, b) in enumerate(pairs):
+                ids[row, : len(a) + len(b)] = torch.tensor(a + b)
+                attn[row, : len(a) + len(b)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            for row, (a, b) in enumerate(pairs):
+                positions = torch.arange(len(a) - 1, len(a) + len(b) - 1)
+                targets = torch.tensor(b)
+                out.append(float(logp[row, positions, targets].sum()) if len(b) else 0.0)
+        return out
+
     def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion (str) or one assistant reply (message list), as they are produced.
 

@@ -1,0 +1,312 @@
+"""`slmforge eval run|compare`: suites against a model, gates, A/B comparison,
+results into the model's manifest, and a report (Markdown, HTML, PNG)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import MANIFEST, ArtifactWriter, parent_ref, read_manifest
+from slmforge.config import ProjectConfig
+from slmforge.errors import ArtifactError, EvalError
+from slmforge.evaluate.gates import GateResult, check_gates, enforce
+from slmforge.evaluate.runner import SuiteResult, run_suite
+from slmforge.evaluate.suites import load_suite
+
+__all__ = ["EvalResult", "CompareResult", "run_eval", "eval_plan", "compare_models", "PERPLEXITY"]
+
+PERPLEXITY = "perplexity"  # a pseudo-suite: held-out perplexity of the project's text
+
+
+@dataclass
+class EvalResult:
+    path: Path
+    model: str
+    results: dict[str, SuiteResult]
+    metrics: dict[str, float]  # "suite.metric" -> value
+    gates: list[GateResult] = field(default_factory=list)
+    baseline: dict[str, float] | None = None
+
+    @property
+    def passing(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def _default_model(cfg: ProjectConfig) -> Path:
+    from slmforge.generate import default_model_dir
+
+    return default_model_dir(cfg)
+
+
+def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult:
+    from slmforge.evaluate import perplexity
+    from slmforge.train._data import read_jsonl
+
+    split = cfg.report.heldout_split
+    texts = [r["text"] for r in read_jsonl(cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl")]
+    if not texts:
+        raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
+    p = perplexity(generator.model, generator.tokenizer, texts, seq_len=min(cfg.train.seq_len, 512))
+    metrics = {"ppl": round(p.ppl, 4), "bits_per_byte": round(p.bits_per_byte, 5)}
+    return SuiteResult(PERPLEXITY, "perplexity", model, metrics, [], "ppl", 0.0, {"tokens": p.tokens})
+
+
+def evaluate_suites(
+    generator, model: str | Path, suites: list[str], cfg: ProjectConfig | None, use_cache: bool = True,
+    limit: int | None = None, progress: bool = True,
+) -> dict[str, SuiteResult]:
+    """Run suites (names or YAML paths; ``perplexity`` for held-out perplexity) against one generator."""
+    cache = (cfg.resolve(cfg.project.out_dir) / "eval-cache") if (cfg is not None and use_cache) else None
+    out = {}
+    for name in suites:
+        if name == PERPLEXITY:
+            if cfg is None:
+                raise EvalError("The perplexity suite measures the project's held-out text; run inside a project.")
+            out[name] = _perplexity_result(generator, cfg, str(model))
+            continue
+        spec, base = load_suite(name)
+        if limit is not None:
+            spec.limit = min(limit, spec.limit or limit)
+        out[spec.name] = run_suite(generator, spec, base, model, cfg, cache, cfg.eval.batch_size if cfg else 8,
+                                   progress)
+    return out
+
+
+def _flat(results: dict[str, SuiteResult]) -> dict[str, float]:
+    return {f"{s}.{k}": v for s, r in results.items() for k, v in r.metrics.items()}
+
+
+def _baseline_model(cfg: ProjectConfig, model: Path, spec: str | None) -> str | None:
+    """``parent``: the model this one was made from (by its manifest); else a path; else none."""
+    if not spec:
+        return None
+    if spec != "parent":
+        return str(cfg.resolve(spec))
+    try:
+        parents = read_manifest(model).parents
+    except ArtifactError:
+        return None
+    for p in parents:
+        if p.get("kind") in ("model", "external-model", "hub-model"):
+            return p["path"]
+    return None
+
+
+def eval_plan(cfg: ProjectConfig) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+    """(kind, config, parents) of the evaluation ``slmforge run`` would write."""
+    model = _default_model(cfg)
+    config = {"eval": cfg.eval.model_dump(mode="json"), "suites": cfg.eval.suites, "gates": cfg.eval.gates,
+              "baseline": _baseline_model(cfg, model, cfg.eval.regression_vs)}
+    return "evaluation", config, [parent_ref(model)]
+
+
+def run_eval(
+    cfg: ProjectConfig,
+    model: str | Path | None = None,
+    suites: list[str] | None = None,
+    gates: list[str] | None = None,
+    baseline: str | None = None,
+    out: str | Path | None = None,
+    use_cache: bool = True,
+    limit: int | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+    log=None,
+) -> EvalResult:
+    """Evaluate a model on suites, check gates, write the evaluation artifact and the
+    results into the model's manifest.
+
+    Raises:
+        GateFailed: A gate failed (after everything is written, with the numbers).
+        EvalError: Unknown suite, bad gate, or a model the engine cannot run.
+    """
+    from slmforge.generate import TorchGenerator
+
+    ecfg = cfg.eval
+    model_path = Path(str(model)) if model else _default_model(cfg)
+    suites = suites or ecfg.suites
+    limit = limit if limit is not None else ecfg.limit
+    rules = gates if gates is not None else ecfg.gates
+    base_spec = baseline if baseline is not None else ecfg.regression_vs
+    generator = TorchGenerator.from_pretrained(model_path)
+    if log:
+        log(f"eval: {model_path} on {', '.join(suites)}")
+    results = evaluate_suites(generator, model_path, suites, cfg, use_cache, limit, progress)
+    metrics = _flat(results)
+    base_metrics = None
+    base_model = _baseline_model(cfg, model_path, base_spec)
+    if base_model:
+        if log:
+            log(f"eval: baseline {base_model}")
+        base_gen = TorchGenerator.from_pretrained(base_model)
+        base_metrics = _flat(evaluate_suites(base_gen, base_model, suites, cfg, use_cache, limit, progress))
+    gate_results = check_gates(rules, metrics, base_metrics) if rules else []
+    out_dir = Path(out) if out else cfg.stage_dir("eval", ecfg.out)
+    parents = [parent_ref(model_path)] if (model_path / MANIFEST).exists() else []
+    result = EvalResult(out_dir.resolve(), str(model_path), results, metrics, gate_results, base_metrics)
+    config = {"eval": ecfg.model_dump(mode="json"), "suites": suites, "gates": rules, "baseline": base_model}
+    if (model is None or Path(str(model)).resolve() == _default_model(cfg).resolve()) and suites == ecfg.suites \
+            and rules == ecfg.gates and limit == ecfg.limit:
+        config = eval_plan(cfg)[1]  # what `slmforge run` checks to skip an up-to-date evaluation
+    with ArtifactWriter(out_dir, kind="evaluation", config=config, parents=parents, command=command) as w:
+        for name, r in results.items():
+            (w.path / "items").mkdir(exist_ok=True)
+            (w.path / "items" / f"{name}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in r.items))
+        payload = {"model": str(model_path), "metrics": metrics, "baseline": base_metrics,
+                   "gates": [g.__dict__ for g in gate_results], "passing": result.passing,
+                   "suites": {n: {k: v for k, v in r.to_json().items() if k != "items"} for n, r in results.items()}}
+        (w.path / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+        _plot_metrics(w.path / "metrics.png", metrics, base_metrics)
+        _write_eval_report(w.path, result)
+        w.metrics.update({**metrics, "passing": result.passing})
+    if (model_path / MANIFEST).exists():
+        record_in_manifest(model_path, metrics, result.passing, gate_results)
+    enforce(gate_results, str(model_path))
+    return result
+
+
+def record_in_manifest(folder: Path, metrics: dict[str, float], passing: bool, gates: list[GateResult]) -> None:
+    """Put evaluation results into a model's manifest (the manifest is not in its own file list,
+    so the artifact still verifies). Written atomically."""
+    file = folder / MANIFEST
+    data = json.loads(file.read_text())
+    data["metrics"].setdefault("eval", {}).update(metrics)
+    data["metrics"]["passing"] = passing
+    if gates:
+        data["metrics"]["gates"] = [g.describe() for g in gates]
+    tmp = file.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(file)
+
+
+# --------------------------------------------------------------------------- A/B
+
+
+@dataclass
+class CompareResult:
+    path: Path
+    suites: dict[str, dict[str, Any]]  # suite -> stats.compare output (+ metric, n)
+
+
+def compare_models(
+    cfg: ProjectConfig | None, a: str | Path, b: str | Path, suites: list[str], out: str | Path | None = None,
+    use_cache: bool = True, limit: int | None = None, command: list[str] | None = None, progress: bool = True,
+) -> CompareResult:
+    """Paired A/B comparison on the same items: difference with a 95% paired-bootstrap CI,
+    McNemar (binary scores) or paired permutation p-value, and a verdict for B vs. A."""
+    from slmforge.evaluate.stats import compare
+    from slmforge.generate import TorchGenerator
+
+    ra = evaluate_suites(TorchGenerator.from_pretrained(a), a, suites, cfg, use_cache, limit, progress)
+    rb = evaluate_suites(TorchGenerator.from_pretrained(b), b, suites, cfg, use_cache, limit, progress)
+    report: dict[str, dict[str, Any]] = {}
+    for name in ra:
+        if not ra[name].items:
+            continue  # perplexity has no per-item scores to pair
+        sa, sb = ra[name].scores(), rb[name].scores()
+        ids = [i for i in sa if i in sb]
+        xa, xb = [sa[i] for i in ids], [sb[i] for i in ids]
+        binary = all(v in (0.0, 1.0) for v in xa + xb)
+        report[name] = {"metric": ra[name].primary, "n": len(ids), **compare(xa, xb, binary=binary)}
+    target = Path(out) if out else (cfg.stage_dir("compare") if cfg else Path("compare"))
+    with ArtifactWriter(target, kind="comparison", config={"a": str(a), "b": str(b), "suites": suites},
+                        command=command) as w:
+        (w.path / "compare.json").write_text(json.dumps({"a": str(a), "b": str(b), "suites": report}, indent=2) + "\n")
+        _plot_compare(w.path / "difference.png", report)
+        _write_compare_report(w.path, str(a), str(b), report)
+        w.metrics.update({f"{s}.verdict": r["verdict"] for s, r in report.items()})
+    return CompareResult(target.resolve(), report)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _plot_metrics(path: Path, metrics: dict[str, float], baseline: dict[str, float] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in metrics if not k.endswith(("ppl", "bits_per_byte"))] or list(metrics)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.6), dpi=110)
+    xs = range(len(names))
+    width = 0.38 if baseline else 0.6
+    ax.bar([x - (width / 2 if baseline else 0) for x in xs], [metrics[n] for n in names], width, label="model",
+           color="#3b75af")
+    if baseline:
+        ax.bar([x + width / 2 for x in xs], [baseline.get(n, 0.0) for n in names], width, label="baseline",
+               color="#aaaaaa")
+        ax.legend()
+    ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    ax.set_title("metrics per suite")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_compare(path: Path, report: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report)
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.8), dpi=110)
+    for i, n in enumerate(names):
+        r = report[n]
+        color = {"better": "#2ca02c", "worse": "#d62728"}.get(r["verdict"], "#7f7f7f")
+        ax.errorbar(r["diff"], i, xerr=[[r["diff"] - r["ci_low"]], [r["ci_high"] - r["diff"]]], fmt="o", color=color,
+                    capsize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(names)), [f"{n} ({report[n]['metric']})" for n in names])
+    ax.set_xlabel("B - A (95% paired bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_eval_report(folder: Path, result: EvalResult) -> None:
+    lines = [f"# Evaluation of {result.model}", ""]
+    lines += ["| metric | value |" + (" baseline |" if result.baseline else ""), "|---|---:|" + ("---:|" if result.baseline else "")]
+    for k, v in result.metrics.items():
+        base = f" {result.baseline.get(k, float('nan')):.4g} |" if result.baseline else ""
+        lines.append(f"| {k} | {v:.4g} |{base}")
+    lines.append("")
+    if result.gates:
+        lines += ["## Gates", ""] + [f"- {g.describe()}" for g in result.gates] + [""]
+    lines += ["![metrics](metrics.png)", "", "## Errors (first items scoring 0)", ""]
+    for name, r in result.results.items():
+        misses = [it for it in r.items if it["scores"].get(r.primary, 1) == 0][:5]
+        for it in misses:
+            lines.append(f"- **{name} {it['id']}**: expected `{str(it['target'])[:120]}`, got `{str(it['answer'])[:120]}`")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in result.metrics.items())
+    gates = "".join(f"<li>{html.escape(g.describe())}</li>" for g in result.gates)
+    (folder / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>slmforge evaluation</title></head><body>"
+        f"<h1>Evaluation of {html.escape(result.model)}</h1><table border=1>{body}</table>"
+        f"<ul>{gates}</ul><img src='metrics.png' alt='metrics'></body></html>\n"
+    )
+
+
+def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[str, Any]]) -> None:
+    lines = [f"# A/B comparison", "", f"A: `{a}`  ", f"B: `{b}`", "",
+             "| suite | metric | n | A | B | B - A | 95% CI | p | verdict |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for s, r in report.items():
+        lines.append(f"| {s} | {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | {r['diff']:+.4f} | "
+                     f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_value']:.4g} | {r['verdict']} |")
+    lines += ["", "![difference](difference.png)"]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    rows = "".join(
+        f"<tr><td>{html.escape(s)}</td><td>{r['diff']:+.4f}</td><td>[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]</td>"
+        f"<td>{r['p_value']:.4g}</td><td>{html.escape(r['verdict'])}</td></tr>" for s, r in report.items())
+    (folder / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>slmforge A/B</title></head><body>"
+        f"<h1>A/B comparison</h1><p>A: {html.escape(a)}<br>B: {html.escape(b)}</p><table border=1>"
+        f"<tr><th>suite</th><th>B - A</th><th>95% CI</th><th>p</th><th>verdict</th></tr>{rows}</table>"
+        "<img src='difference.png' alt='difference'></body></html>\n"
+    )

