@@ -243,3 +243,22 @@ def test_compare_same_model_reports_no_difference(tiny_project):
     r = res.suites["python-docs-qa"]
     assert r["diff"] == 0 and r["verdict"] == "no significant difference"
     assert (res.path / "difference.png").exists() and "verdict" in (res.path / "report.md").read_text()
+
+
+def test_lm_eval_task_export(tmp_path):
+    import yaml
+
+    from slmforge.evaluate.suites import export_lm_eval_task
+
+    spec, base = load_suite("arithmetic")
+    spec.limit = 5
+    task = yaml.safe_load(export_lm_eval_task(spec, base, None, tmp_path).read_text())
+    assert task["task"] == "slmforge_arithmetic" and task["output_type"] == "generate_until"
+    rows = [json.loads(line) for line in (tmp_path / "slmforge_arithmetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and rows[0]["prompt"].startswith("Question: Mia has 4 pens")
+    assert Path(task["dataset_kwargs"]["data_files"]["test"]).exists()
+    spec, base = load_suite("sentiment")
+    task = yaml.safe_load(export_lm_eval_task(spec, base, None, tmp_path).read_text())
+    assert task["output_type"] == "multiple_choice"
+    with pytest.raises(EvalError, match="code suite"):
+        export_lm_eval_task(*load_suite("humaneval"), None, tmp_path)

@@ -328,6 +328,23 @@ def eval_run(
     out.print(f"  -> {result.path / 'report.md'}")
 
 
+@eval_app.command("lm-eval-task")
+def eval_lm_eval_task(
+    suite: Annotated[str, typer.Option("--suite", "-s", help="Suite name or YAML.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the task YAML and its JSONL.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a suite as an lm-evaluation-harness task, to score the same items with lm-eval."""
+    from slmforge.evaluate.suites import export_lm_eval_task, load_suite
+
+    cfg = _load(config, set_)
+    spec, base = load_suite(suite)
+    path = export_lm_eval_task(spec, base, cfg, out_dir)
+    out.print(f"wrote {path}")
+    print(f"  lm_eval --model hf --model_args pretrained=MODEL_DIR --include_path {out_dir} --tasks {path.stem}")
+
+
 @eval_app.command("compare")
 def eval_compare(
     model_a: Annotated[str, typer.Argument(help="Model A (the reference).")],

@@ -54,9 +54,10 @@ def model_identity(model: str | Path) -> str:
 
 
 def build_prompt(spec: SuiteSpec, item: dict[str, Any]) -> str:
+    from slmforge.evaluate.suites import render_prompt
+
     try:
-        shots = "".join(spec.prompt.format(**ex) + ex.get("target", "") + spec.fewshot_separator for ex in spec.fewshot)
-        return shots + spec.prompt.format(**item)
+        return render_prompt(spec, item)
     except KeyError as exc:
         raise EvalError(f"Suite {spec.name}: the prompt uses the field {exc} that item {item.get('id')} lacks.") from None
 

@@ -230,3 +230,51 @@ def arithmetic_problems(size: int, seed: int = 0) -> list[dict[str, Any]]:
             ans = a + c
         items.append({"id": f"arith-{seed}-{i}", "input": q, "target": str(ans)})
     return items
+
+
+def export_lm_eval_task(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None, out: Path) -> Path:
+    """Write a suite as an lm-evaluation-harness task (YAML + local JSONL), so the same items
+    can be scored by lm-eval (offline: ``dataset_path: json`` with local ``data_files``) and
+    compared with published numbers:
+
+        lm_eval --model hf --model_args pretrained=runs/sft --include_path OUT --tasks slmforge_NAME
+        lm_eval --model local-completions --model_args model=m,base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=None ...
+
+    Only generate and multiple_choice suites translate; code suites need lm-eval's own sandbox.
+    """
+    if spec.task == "code":
+        raise EvalError(f"Suite {spec.name} is a code suite; lm-eval runs HumanEval with its own `humaneval` task.")
+    items = load_items(spec, base, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    task = f"slmforge_{spec.name.replace('-', '_')}"
+    rows = [{"id": it["id"], "prompt": render_prompt(spec, it), "target": str(it["target"]),
+             **({"choices": it.get("choices") or spec.choices} if spec.task == "multiple_choice" else {})}
+            for it in items]
+    data = out / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    doc: dict[str, Any] = {
+        "task": task,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+    }
+    if spec.task == "multiple_choice":
+        doc |= {"output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{choices.index(target)}}", "target_delimiter": spec.choice_prefix,
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    else:
+        doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}",
+                "generation_kwargs": {"until": spec.stop or ["\n\n"], "max_gen_toks": spec.max_new_tokens,
+                                      "do_sample": False},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                 "ignore_case": True, "ignore_punctuation": True}]}
+    file = out / f"{task}.yaml"
+    file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return file
+
+
+def render_prompt(spec: SuiteSpec, item: dict[str, Any]) -> str:
+    """The prompt of an item: the few-shot examples, then the template over the item's fields."""
+    shots = "".join(spec.prompt.format(**ex) + ex.get("target", "") + spec.fewshot_separator for ex in spec.fewshot)
+    return shots + spec.prompt.format(**item)
