@@ -1,0 +1,494 @@
+"""Metrics: pure functions from predictions and references to numbers.
+
+    from slmforge.evaluate.metrics import token_f1, bleu, pass_at_k, extract_answer
+    token_f1("the cat sat on the mat", "a cat on a mat")     # 0.857 (SQuAD token F1)
+    bleu(["the cat sat on the mat"], [["the cat sat on the mat"]])   # 100.0
+    pass_at_k(n=10, c=3, k=1)                                 # 0.3
+    extract_answer("... so she has #### 1,234", "last_number")      # "1234"
+
+Scales follow the tools they come from: ``bleu`` and ``chrf`` are sacrebleu's 0-100,
+everything else is 0-1. This module imports nothing from slmforge, so any stage
+(``train/`` included) can use it without an import cycle; sacrebleu and rouge_score
+are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "normalize_answer",
+    "exact_match",
+    "token_f1",
+    "bleu",
+    "chrf",
+    "rouge",
+    "classification_metrics",
+    "entity_spans",
+    "entity_f1",
+    "pass_at_k",
+    "pass_at_k_mean",
+    "multiple_choice_accuracy",
+    "extract_answer",
+    "EXTRACTION_METHODS",
+]
+
+
+# --------------------------------------------------------------------------- short answers (SQuAD)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's answer normalization: lowercase, drop punctuation and the articles
+    a/an/the, collapse whitespace. ``"The  Cat, sat!"`` -> ``"cat sat"``."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def _references(refs: str | Sequence[str]) -> list[str]:
+    out = [refs] if isinstance(refs, str) else list(refs)
+    if not out:
+        raise ValueError("no reference answers given; pass a string or a non-empty list of strings")
+    return out
+
+
+def exact_match(pred: str, refs: str | Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized reference, else 0.0.
+
+    Args:
+        pred: The predicted answer.
+        refs: One reference answer, or several (the best one counts).
+
+    Raises:
+        ValueError: ``refs`` is an empty list.
+    """
+    p = normalize_answer(pred)
+    return max(float(p == normalize_answer(r)) for r in _references(refs))
+
+
+def _f1_one(pred_tokens: list[str], ref_tokens: list[str]) -> float:
+    if not pred_tokens or not ref_tokens:
+        return float(pred_tokens == ref_tokens)  # both empty: a correct "no answer"
+    same = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(pred: str, refs: str | Sequence[str]) -> float:
+    """SQuAD token F1: overlap of the normalized tokens (as multisets) of prediction and reference.
+
+    Both empty after normalization gives 1.0; one empty gives 0.0.
+
+    Args:
+        pred: The predicted answer.
+        refs: One reference answer, or several (the best F1 counts).
+
+    Raises:
+        ValueError: ``refs`` is an empty list.
+    """
+    p = normalize_answer(pred).split()
+    return max(_f1_one(p, normalize_answer(r).split()) for r in _references(refs))
+
+
+# --------------------------------------------------------------------------- generation (sacrebleu, rouge)
+
+
+def _reference_streams(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> list[list[str | None]]:
+    """Per-prediction reference lists -> sacrebleu's reference streams (one list per
+    reference slot, ``None`` where a prediction has fewer references than the most)."""
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} reference entries; they must pair up")
+    per_item = [_references(r) for r in refs]
+    width = max(len(r) for r in per_item)
+    return [[r[i] if i < len(r) else None for r in per_item] for i in range(width)]
+
+
+def bleu(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenization, exponential smoothing), 0-100.
+
+    Args:
+        preds: One hypothesis per item.
+        refs: For each item, its reference string or a list of references (may vary in number).
+
+    Returns:
+        The corpus score; 0.0 for no items.
+
+    Raises:
+        ValueError: ``preds`` and ``refs`` differ in length, or an item has no reference.
+    """
+    if not preds and not refs:
+        return 0.0
+    from sacrebleu.metrics import BLEU
+
+    streams = _reference_streams(preds, refs)
+    return float(BLEU().corpus_score(list(preds), streams).score)
+
+
+def chrf(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> float:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100.
+
+    Args and Raises as for ``bleu``.
+    """
+    if not preds and not refs:
+        return 0.0
+    from sacrebleu.metrics import CHRF
+
+    streams = _reference_streams(preds, refs)
+    return float(CHRF().corpus_score(list(preds), streams).score)
+
+
+def rouge(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures (rouge_score, Porter stemming), 0-1.
+
+    With several references an item scores against the one with the best F-measure
+    (rouge_score's ``score_multi``), per ROUGE type.
+
+    Args:
+        preds: One prediction per item.
+        refs: For each item, its reference string or a list of references.
+
+    Returns:
+        ``rouge1``, ``rouge2``, ``rougeL``: means over items (0.0 each for no items).
+
+    Raises:
+        ValueError: ``preds`` and ``refs`` differ in length, or an item has no reference.
+    """
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} reference entries; they must pair up")
+    types = ("rouge1", "rouge2", "rougeL")
+    if not preds:
+        return dict.fromkeys(types, 0.0)
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    totals = dict.fromkeys(types, 0.0)
+    for pred, ref in zip(preds, refs):
+        scores = scorer.score_multi(_references(ref), pred)
+        for t in types:
+            totals[t] += scores[t].fmeasure
+    return {t: totals[t] / len(preds) for t in types}
+
+
+# --------------------------------------------------------------------------- classification and NER
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+    """Precision, recall, F1; 0 where a denominator is 0 (scikit-learn's zero_division=0)."""
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix.
+
+    Macro averages run over the labels that occur in ``gold`` or ``pred`` (as scikit-learn
+    does without ``labels=``), so a class absent from a small test split does not count as 0.
+    Macro F1 is the mean of the per-class F1s, not the F1 of macro P and R.
+
+    Args:
+        gold: The true label of each example.
+        pred: The predicted label of each example.
+        labels: Every label, in the order of the confusion matrix's rows and columns.
+
+    Returns:
+        ``accuracy``, ``precision``, ``recall``, ``f1``, ``examples``, ``per_class``
+        (label -> precision, recall, f1, support) and ``confusion`` (rows: gold, columns: pred).
+
+    Raises:
+        ValueError: ``gold`` and ``pred`` differ in length, or hold a label not in ``labels``.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} labels and pred {len(pred)}; they must pair up")
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({x for x in [*gold, *pred] if x not in index})
+    if unknown:
+        raise ValueError(f"labels not in the label list: {unknown}")
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        confusion[index[g]][index[p]] += 1
+    per_class = {}
+    for i, label in enumerate(labels):
+        n_gold = sum(confusion[i])
+        n_pred = sum(row[i] for row in confusion)
+        if not n_gold and not n_pred:
+            continue
+        p, r, f = _prf(confusion[i][i], n_pred, n_gold)
+        per_class[label] = {"precision": p, "recall": r, "f1": f, "support": n_gold}
+    present = list(per_class.values())
+    mean = lambda key: sum(c[key] for c in present) / len(present) if present else 0.0  # noqa: E731
+    correct = sum(confusion[i][i] for i in range(len(labels)))
+    return {
+        "accuracy": correct / len(gold) if gold else 0.0,
+        "precision": mean("precision"),
+        "recall": mean("recall"),
+        "f1": mean("f1"),
+        "examples": len(gold),
+        "per_class": per_class,
+        "confusion": confusion,
+    }
+
+
+def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entities of one IOB2 tag sequence, as ``(type, start, end)`` with ``end`` exclusive.
+
+    An entity is a maximal run ``B-X I-X ...``. Like conlleval and seqeval's default mode, an
+    ``I-X`` that does not continue an ``X`` entity (after ``O``, or after another type) starts
+    one; a tag without a ``B-``/``I-`` prefix counts as ``O``.
+    """
+    spans = []
+    start, kind = 0, None
+    for i, tag in enumerate([*tags, "O"]):  # the sentinel closes a trailing entity
+        prefix, _, label = tag.partition("-")
+        continues = prefix == "I" and label == kind
+        if kind is not None and not continues:
+            spans.append((kind, start, i))
+            kind = None
+        if prefix in ("B", "I") and label and not continues:
+            start, kind = i, label
+    return spans
+
+
+def entity_f1(gold_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity-level precision/recall/F1 (micro over entities, and per type) plus token accuracy.
+
+    A predicted entity counts only if its type, start and end all match a gold entity
+    (``entity_spans`` defines the entities).
+
+    Args:
+        gold_tags: One IOB2 tag sequence per sentence.
+        pred_tags: The predicted tags, same shape.
+
+    Returns:
+        ``precision``, ``recall``, ``f1``, ``token_accuracy``, ``entities`` (gold count),
+        ``predicted_entities``, and ``per_type`` (type -> precision, recall, f1, support).
+
+    Raises:
+        ValueError: A sentence's gold and predicted sequences differ in length.
+    """
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
+    gold, pred = set(), set()
+    tokens = correct = 0
+    for n, (g, p) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {n}: {len(g)} gold tags but {len(p)} predicted")
+        gold.update((n, *span) for span in entity_spans(g))
+        pred.update((n, *span) for span in entity_spans(p))
+        tokens += len(g)
+        correct += sum(a == b for a, b in zip(g, p))
+    hit = gold & pred
+    per_type = {}
+    for kind in sorted({e[1] for e in gold | pred}):
+        n_gold = sum(e[1] == kind for e in gold)
+        p, r, f = _prf(sum(e[1] == kind for e in hit), sum(e[1] == kind for e in pred), n_gold)
+        per_type[kind] = {"precision": p, "recall": r, "f1": f, "support": n_gold}
+    p, r, f = _prf(len(hit), len(pred), len(gold))
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f,
+        "token_accuracy": correct / tokens if tokens else 0.0,
+        "entities": len(gold),
+        "predicted_entities": len(pred),
+        "per_type": per_type,
+    }
+
+
+# --------------------------------------------------------------------------- code (pass@k)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from ``n`` samples of which ``c`` passed: 1 - C(n-c, k) / C(n, k).
+
+    Computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al. 2021, the Codex
+    paper), which never forms the huge binomials.
+
+    Args:
+        n: Samples drawn for the problem.
+        c: How many of them passed.
+        k: The k of pass@k; at most ``n`` (fewer samples cannot estimate it).
+
+    Raises:
+        ValueError: Not 0 <= c <= n, or not 1 <= k <= n.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n; got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n samples per problem; got n={n}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a passing sample
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_mean(results: Sequence[tuple[int, int]], k: int) -> float:
+    """Mean ``pass_at_k`` over problems, each given as ``(n, c)``; 0.0 for no problems.
+
+    Raises:
+        ValueError: As ``pass_at_k``, for any problem.
+    """
+    if not results:
+        return 0.0
+    return sum(pass_at_k(n, c, k) for n, c in results) / len(results)
+
+
+# --------------------------------------------------------------------------- multiple choice
+
+
+def multiple_choice_accuracy(
+    loglikelihoods: Sequence[Sequence[float]],
+    gold: Sequence[int],
+    lengths: Sequence[Sequence[int]] | None = None,
+) -> dict[str, float]:
+    """Accuracy of picking the choice the model finds most likely (lm-evaluation-harness style).
+
+    Ties go to the first choice.
+
+    Args:
+        loglikelihoods: Per item, the log-likelihood of each choice's continuation.
+        gold: Per item, the index of the right choice.
+        lengths: Per item, each choice's length (e.g. UTF-8 bytes of the continuation).
+            When given, ``acc_norm`` picks by log-likelihood per unit of length, which
+            stops long answers losing just for being long.
+
+    Returns:
+        ``acc`` and ``examples``, plus ``acc_norm`` when ``lengths`` is given; 0.0 for no items.
+
+    Raises:
+        ValueError: Lengths of the arguments do not pair up, an item has no choices, a gold
+            index is out of range, or a length is not positive.
+    """
+    if len(loglikelihoods) != len(gold):
+        raise ValueError(f"{len(loglikelihoods)} items of log-likelihoods but {len(gold)} gold answers")
+    if lengths is not None and len(lengths) != len(gold):
+        raise ValueError(f"{len(lengths)} items of lengths but {len(gold)} gold answers")
+    hits = hits_norm = 0
+    for i, (ll, g) in enumerate(zip(loglikelihoods, gold)):
+        if not ll:
+            raise ValueError(f"item {i} has no choices")
+        if not 0 <= g < len(ll):
+            raise ValueError(f"item {i}: gold index {g} is not one of its {len(ll)} choices")
+        hits += int(np.argmax(ll)) == g
+        if lengths is not None:
+            size = lengths[i]
+            if len(size) != len(ll) or any(x <= 0 for x in size):
+                raise ValueError(f"item {i}: needs one positive length per choice ({len(ll)}), got {list(size)}")
+            hits_norm += int(np.argmax(np.asarray(ll, dtype=float) / np.asarray(size, dtype=float))) == g
+    n = len(gold)
+    out = {"acc": hits / n if n else 0.0, "examples": n}
+    if lengths is not None:
+        out["acc_norm"] = hits_norm / n if n else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+# A number: optional sign (not the hyphen of "3-5"), thousands groups or plain digits, decimals.
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)  # ```lang\n ... ```
+_INLINE_FENCE = re.compile(r"```(.*?)```", re.DOTALL)  # ```code``` on one line
+
+
+def _extract_regex(text: str, pattern: str | None) -> str | None:
+    if not pattern:
+        raise ValueError('extract_answer(method="regex") needs arg: the pattern to search for')
+    try:
+        m = re.search(pattern, text)
+    except re.error as exc:
+        raise ValueError(f"extract_answer: {pattern!r} is not a valid regular expression: {exc}") from None
+    if m is None:
+        return None
+    if m.re.groups and m.group(1) is not None:
+        return m.group(1).strip()
+    return m.group(0).strip()
+
+
+def _extract_last_number(text: str, _: str | None) -> str | None:
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def _extract_json_field(text: str, field: str | None) -> str | None:
+    if not field:
+        raise ValueError('extract_answer(method="json_field") needs arg: the field name')
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):  # the first object that parses; a later one is not consulted
+            value = obj.get(field)
+            if value is None:
+                return None
+            return value if isinstance(value, str) else json.dumps(value)
+    return None
+
+
+def _extract_code_block(text: str, _: str | None) -> str | None:
+    m = _FENCE.search(text) or _INLINE_FENCE.search(text)
+    if m:
+        return m.group(1).rstrip("\n")
+    start = text.find("```")
+    if start >= 0:  # an opening fence never closed (generation stopped): the rest of the text
+        body = text[start + 3 :]
+        return body.split("\n", 1)[1] if "\n" in body else body
+    return text
+
+
+def _extract_first_line(text: str, _: str | None) -> str | None:
+    return next((line.strip() for line in text.splitlines() if line.strip()), None)
+
+
+def _extract_none(text: str, _: str | None) -> str | None:
+    return text
+
+
+EXTRACTION_METHODS: dict[str, Callable[[str, str | None], str | None]] = {
+    "regex": _extract_regex,
+    "last_number": _extract_last_number,
+    "json_field": _extract_json_field,
+    "code_block": _extract_code_block,
+    "first_line": _extract_first_line,
+    "none": _extract_none,
+}
+
+
+def extract_answer(text: str, method: str, arg: str | None = None) -> str | None:
+    """Pull the answer out of a model's output.
+
+    Methods:
+        ``regex``: ``arg`` is a pattern; its first group (or the whole match if it has no group).
+        ``last_number``: the last integer or decimal, thousands commas removed
+        (GSM8K's ``"#### 1,234"`` -> ``"1234"``).
+        ``json_field``: ``arg`` is a field of the first JSON object in the text; a non-string
+        value comes back as JSON (``42``, ``true``, ``[1, 2]``).
+        ``code_block``: the body of the first fenced ``` block (to the end of the text if
+        the fence never closes), else the whole text.
+        ``first_line``: the first non-blank line, stripped.
+        ``none``: the text unchanged.
+
+    Returns:
+        The answer, or ``None`` when the method finds none (no match, no number, no object
+        or field, no non-blank line).
+
+    Raises:
+        ValueError: Unknown method, ``regex``/``json_field`` without ``arg``, or a bad pattern.
+    """
+    try:
+        extract = EXTRACTION_METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown extraction method {method!r}; choose one of {sorted(EXTRACTION_METHODS)}") from None
+    return extract(text, arg)
