@@ -52,3 +52,10 @@ class GateFailed(SlmForgeError):
     """A quality gate failed: the numbers did not meet the project's bar."""
 
     exit_code = 3
+
+
+class SandboxError(SlmForgeError):
+    """The sandbox itself cannot run (bad limits, interpreter not runnable in the box).
+
+    A program that misbehaves is never an error: it is a result with a status.
+    """
