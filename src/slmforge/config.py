@@ -398,6 +398,57 @@ class EvalConfig(Section):
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/eval).")
 
 
+# --------------------------------------------------------------------------- compression and export
+
+
+class QuantizeConfig(Section):
+    method: Literal["int8_weight_only", "int8_dynamic", "int4_weight_only", "smoothquant", "ternary"] = Field(
+        "int8_weight_only",
+        description="int8_weight_only / int8_dynamic (PyTorch), int4_weight_only (group-wise), smoothquant (W8A8, "
+        "calibrated), ternary (BitNet b1.58-style quantization-aware fine-tune; experimental).",
+    )
+    group_size: int = Field(64, ge=8, description="Weights per scale for int4 (and ternary).")
+    smoothquant_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength.")
+    calibration_samples: int = Field(32, ge=1, description="Domain sequences used to calibrate activations.")
+    ternary_steps: int = Field(100, ge=1, description="Fine-tuning steps of the ternary method.")
+    plan: dict[str, str] = Field(
+        {}, description="Mixed precision: module name (or prefix) -> method or 'none', e.g. from `slmforge quantize --sensitivity`."
+    )
+    max_ppl_increase_pct: float = Field(
+        2.0, ge=0, description="Gate: the quantized model passes only if its perplexity rises by at most this much."
+    )
+    model: str | None = Field(None, description="Model to quantize (null = the sft output, else train).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/quantize-<method>).")
+
+
+class OnnxExportConfig(Section):
+    precision: Literal["fp32", "int8", "int4"] = Field("fp32", description="Weights of the exported graph.")
+    optimization: Literal["disabled", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimization level baked into the saved model."
+    )
+    providers: list[str] = Field(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="Execution providers in order of preference; the first available one runs.",
+    )
+
+
+class GgufExportConfig(Section):
+    type: Literal["F32", "F16", "Q8_0", "Q4_0"] = Field("Q8_0", description="Tensor type of the GGUF file.")
+
+
+class OllamaExportConfig(Section):
+    system: str | None = Field(None, description="SYSTEM message of the Modelfile.")
+    profile: str = Field("factual", description="Generation profile written as PARAMETER lines.")
+
+
+class ExportConfig(Section):
+    model: str | None = Field(None, description="Model to export (null = the sft output, else train).")
+    onnx: OnnxExportConfig = Field(default_factory=OnnxExportConfig, description="`slmforge export onnx`.")
+    gguf: GgufExportConfig = Field(default_factory=GgufExportConfig, description="`slmforge export gguf`.")
+    ollama: OllamaExportConfig = Field(default_factory=OllamaExportConfig, description="`slmforge export ollama`.")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/export-<format>).")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -436,6 +487,8 @@ class ProjectConfig(Section):
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`slmforge generate|chat`: sampling.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="`slmforge eval`: suites, gates, comparisons.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="`slmforge quantize`: compression.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="`slmforge export onnx|gguf|ollama`.")
     report: ReportConfig = Field(
         default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
     )
