@@ -65,14 +65,15 @@ def _prepare(config, set_, model, profile, **overrides):
 def _load(model_ref: str, adapter: Path | None, device: str):
     from transformers.utils import logging as hf_logging
 
-    from slmforge.generate import TorchGenerator
+    from slmforge.generate import engine_for, load_generator
 
     hf_logging.disable_progress_bar()  # a weights bar for a model that loads in a second is noise
     adapters = {adapter.name or "adapter": adapter} if adapter else None
     t0 = time.perf_counter()
-    gen = TorchGenerator.from_pretrained(model_ref, adapters=adapters, device=device)
+    gen = load_generator(model_ref, adapters=adapters, device=device)
     err.print(f"model {model_ref}" + (f" + adapter {adapter}" if adapter else "")
-              + f" on {gen.device} ({time.perf_counter() - t0:.1f} s)", style="dim")
+              + f" ({engine_for(model_ref)}, {getattr(gen, 'device', 'cpu')}, {time.perf_counter() - t0:.1f} s)",
+              style="dim")
     return gen
 
 

@@ -50,6 +50,11 @@ def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult
     texts = [r["text"] for r in read_jsonl(cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl")]
     if not texts:
         raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
+    if not hasattr(generator, "model"):
+        raise EvalError(
+            f"The perplexity suite scores every token with the in-process PyTorch engine; {model} runs on "
+            "another engine. Measure the PyTorch model it was exported from, or use generation suites."
+        )
     p = perplexity(generator.model, generator.tokenizer, texts, seq_len=min(cfg.train.seq_len, 512))
     metrics = {"ppl": round(p.ppl, 4), "bits_per_byte": round(p.bits_per_byte, 5)}
     return SuiteResult(PERPLEXITY, "perplexity", model, metrics, [], "ppl", 0.0, {"tokens": p.tokens})
@@ -124,7 +129,7 @@ def run_eval(
         GateFailed: A gate failed (after everything is written, with the numbers).
         EvalError: Unknown suite, bad gate, or a model the engine cannot run.
     """
-    from slmforge.generate import TorchGenerator
+    from slmforge.generate import load_generator
 
     ecfg = cfg.eval
     model_path = Path(str(model)) if model else _default_model(cfg)
@@ -132,7 +137,7 @@ def run_eval(
     limit = limit if limit is not None else ecfg.limit
     rules = gates if gates is not None else ecfg.gates
     base_spec = baseline if baseline is not None else ecfg.regression_vs
-    generator = TorchGenerator.from_pretrained(model_path)
+    generator = load_generator(model_path)
     if log:
         log(f"eval: {model_path} on {', '.join(suites)}")
     results = evaluate_suites(generator, model_path, suites, cfg, use_cache, limit, progress)
@@ -142,7 +147,7 @@ def run_eval(
     if base_model:
         if log:
             log(f"eval: baseline {base_model}")
-        base_gen = TorchGenerator.from_pretrained(base_model)
+        base_gen = load_generator(base_model)
         base_metrics = _flat(evaluate_suites(base_gen, base_model, suites, cfg, use_cache, limit, progress))
     gate_results = check_gates(rules, metrics, base_metrics) if rules else []
     out_dir = Path(out) if out else cfg.stage_dir("eval", ecfg.out)
@@ -199,10 +204,10 @@ def compare_models(
     """Paired A/B comparison on the same items: difference with a 95% paired-bootstrap CI,
     McNemar (binary scores) or paired permutation p-value, and a verdict for B vs. A."""
     from slmforge.evaluate.stats import compare
-    from slmforge.generate import TorchGenerator
+    from slmforge.generate import load_generator
 
-    ra = evaluate_suites(TorchGenerator.from_pretrained(a), a, suites, cfg, use_cache, limit, progress)
-    rb = evaluate_suites(TorchGenerator.from_pretrained(b), b, suites, cfg, use_cache, limit, progress)
+    ra = evaluate_suites(load_generator(a), a, suites, cfg, use_cache, limit, progress)
+    rb = evaluate_suites(load_generator(b), b, suites, cfg, use_cache, limit, progress)
     report: dict[str, dict[str, Any]] = {}
     for name in ra:
         if not ra[name].items:

@@ -143,14 +143,51 @@ class Generator(Protocol):
         ...
 
 
-def __getattr__(name: str) -> Any:
-    # TorchGenerator lives in a private module so that importing this package
-    # does not import torch (`slmforge --help` stays instant).
-    if name == "TorchGenerator":
-        from slmforge.generate._torch import TorchGenerator
+# Engines live in private modules so that importing this package imports no
+# torch, onnxruntime or llama.cpp (`slmforge --help` stays instant).
+_ENGINES = {
+    "TorchGenerator": "slmforge.generate._torch",
+    "OnnxGenerator": "slmforge.generate._onnx",
+    "LlamaCppGenerator": "slmforge.generate._llamacpp",
+}
 
-        return TorchGenerator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _ENGINES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def engine_for(path: str | Path) -> str:
+    """Which engine runs a model: ``llama.cpp`` for a .gguf file, ``onnx`` for an exported
+    ONNX folder, ``torch`` for anything else (Hugging Face folder, adapter folder, hub id)."""
+    p = Path(str(path))
+    if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf")) and not (p / "config.json").exists()):
+        return "llama.cpp"
+    if p.is_dir() and ((p / "genai_config.json").exists() or any(p.glob("*.onnx"))):
+        return "onnx"
+    return "torch"
+
+
+def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto"):
+    """The right engine for a model path, behind the Generator protocol."""
+    engine = engine_for(path)
+    p = Path(str(path))
+    if engine == "llama.cpp":
+        from slmforge.generate._llamacpp import LlamaCppGenerator
+
+        gguf = p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0]
+        return LlamaCppGenerator(gguf)
+    if engine == "onnx":
+        from slmforge.generate._onnx import OnnxGenerator
+
+        return OnnxGenerator(p)
+    from slmforge.generate._torch import TorchGenerator
+
+    return TorchGenerator.from_pretrained(path, adapters=adapters, device=device)
 
 
 # --------------------------------------------------------------------------- profiles
