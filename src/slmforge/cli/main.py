@@ -367,6 +367,74 @@ def eval_compare(
 
 
 @app.command()
+def quantize(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (default: quantize.model, else sft, else train).")] = None,
+    sensitivity: Annotated[bool, typer.Option(help="Only measure per-layer sensitivity and propose a mixed-precision plan.")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: quantize.out).")] = None,
+) -> None:
+    """Quantize a model (int8, int4, SmoothQuant, ternary); exit 3 if perplexity rises past the gate."""
+    cfg = _load(config, set_)
+    if sensitivity:
+        from slmforge.compress import sensitivity as measure
+
+        rows = measure(cfg, model=model)
+        for r in rows[:20]:
+            out.print(f"  {r['module']:<48} ppl delta {r['ppl_delta_pct']:+.3f}%")
+        return
+    from slmforge.compress import quantize as run_quantize
+
+    result = run_quantize(cfg, model=model, out=out_dir, command=sys.argv, log=err.print)
+    m = result.metrics
+    out.print(", ".join(f"{k} {m[k]}" for k in ("method", "compression_ratio", "ppl", "ppl_delta_pct", "passing") if k in m))
+    out.print(f"  -> {result.path}")
+
+
+@app.command()
+def export(
+    fmt: Annotated[str, typer.Argument(help="onnx, gguf or ollama.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (default: export.model, else sft, else train).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <out_dir>/export-<format>).")] = None,
+) -> None:
+    """Export a model: ONNX (+ ONNX Runtime optimisation), GGUF for llama.cpp, or an Ollama Modelfile."""
+    from slmforge.export import FORMATS, run_export
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"choose one of: {', '.join(FORMATS)}")
+    cfg = _load(config, set_)
+    result = run_export(cfg, fmt, model=model, out=out_dir, command=sys.argv, log=err.print)
+    out.print(f"export {fmt}: {result.metrics['bytes'] / 1e6:.1f} MB -> {result.path}")
+    if "import" in result.metrics:
+        print(f"  {result.metrics['import']}")
+
+
+@app.command()
+def profile(
+    onnx_dir: Annotated[Path, typer.Argument(help="An exported ONNX folder (slmforge export onnx).")],
+    prompt: Annotated[str, typer.Option(help="Prompt to run.")] = "def fibonacci(n):",
+    top: Annotated[int, typer.Option(help="Operators to list.")] = 10,
+    levels: Annotated[bool, typer.Option(help="Also compare the graph optimisation levels.")] = False,
+) -> None:
+    """ONNX Runtime profile: the top operators by time and a Chrome trace file."""
+    from slmforge.export.onnx import optimization_table, profile_onnx
+
+    rows, trace = profile_onnx(onnx_dir, prompt, top_n=top)
+    print(f"{'operator':<28}{'ms':>10}{'share':>9}")
+    for r in rows:
+        print(f"{r['op']:<28}{r['ms']:>10.2f}{r['share'] * 100:>8.1f}%")
+    print(f"trace: {trace}  (open in chrome://tracing or https://ui.perfetto.dev)")
+    if levels:
+        table = optimization_table(onnx_dir)
+        keys = list(table[0])
+        print("  ".join(f"{k:>14}" for k in keys))
+        for r in table:
+            print("  ".join(f"{str(r[k]):>14}" for k in keys))
+
+
+@app.command()
 def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,

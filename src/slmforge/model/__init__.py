@@ -285,6 +285,10 @@ def load_causal_lm(spec: str | Path, dtype: str = "float32", four_bit: bool = Fa
                 quantization_config=GgufConfig(gguf_file=name, dequantize=True),
             )
             return model, tokenizer
+        if (path / "quantize.json").is_file():  # written by `slmforge quantize`
+            from slmforge.compress import load_quantized
+
+            return load_quantized(path)
         if path.exists():
             if not (path / "config.json").is_file():
                 raise ModelError(

@@ -1,0 +1,398 @@
+"""Compression: post-training quantization (int8, int4, SmoothQuant W8A8), a ternary
+quantization-aware fine-tune, per-layer sensitivity with mixed-precision plans, and
+loading models larger than memory with offload.
+
+    from slmforge.compress import quantize, sensitivity, load_quantized
+    rows = sensitivity(cfg)                      # runs/quantize-sensitivity: sensitivity.json + .png
+    cfg.quantize.plan = json.load(open("runs/quantize-sensitivity/sensitivity.json"))["plan"]
+    res = quantize(cfg)                          # runs/quantize-<method>, gated on perplexity
+    model, tok = load_quantized(res.path)
+
+Every quantized layer is a small ``nn.Module`` of ours (``_layers``), stored as
+safetensors (int8 / packed int4 / packed ternary tensors plus scales), not
+``torch.ao.quantization``: its ``quantize_dynamic`` is deprecated in favour of
+torchao, CPU-only, and its packed parameters cannot be written without pickle.
+Hand-written layers also run unchanged on CUDA, and one W8A8 layer serves both
+int8_dynamic and SmoothQuant. torchao would bring faster kernels but a new
+dependency; the formats here are simple enough to port to it later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import ArtifactWriter, parent_ref
+from slmforge.compress._io import load_quantized, save_quantized
+from slmforge.compress._methods import METHODS, NONE
+from slmforge.compress._offload import load_offloaded
+from slmforge.config import ProjectConfig
+from slmforge.errors import ArtifactError, ConfigError, GenerateError
+
+__all__ = [
+    "METHODS",
+    "QuantizeResult",
+    "quantize_plan",
+    "quantize",
+    "quantize_model",
+    "sensitivity",
+    "propose_mixed_precision",
+    "save_quantized",
+    "load_quantized",
+    "load_offloaded",
+]
+
+SENSITIVITY_FORMAT = "slmforge.sensitivity/1"
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _model_spec(cfg: ProjectConfig, model: str | Path | None) -> str:
+    """The model to quantize: explicit, ``quantize.model``, else the sft output, else train's."""
+    spec = model if model is not None else cfg.quantize.model
+    if spec is None:
+        from slmforge.generate import default_model_dir
+
+        try:
+            return str(default_model_dir(cfg))
+        except GenerateError:
+            raise ArtifactError(
+                f"No model to quantize: neither {cfg.stage_dir('sft', cfg.sft.out)} nor "
+                f"{cfg.stage_dir('train', cfg.train.out)} exists. Run `slmforge train` first, or set quantize.model."
+            ) from None
+    resolved = cfg.resolve(spec)
+    return str(resolved) if resolved.exists() else str(spec)
+
+
+def _model_parent(spec: str) -> dict[str, str]:
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").exists():
+        return parent_ref(path)
+    if path.exists():
+        h = hashlib.sha256()
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        return {"path": str(path.resolve()), "kind": "external-model", "fingerprint": h.hexdigest()}
+    return {"path": spec, "kind": "hub-model", "fingerprint": spec}
+
+
+def _uses(cfg: ProjectConfig, method: str) -> bool:
+    return cfg.quantize.method == method or method in cfg.quantize.plan.values()
+
+
+def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+    """(kind, config, parents) of what ``quantize`` would write: what decides whether it is current."""
+    from slmforge.compress._methods import qat_loop_config
+
+    spec = _model_spec(cfg, model)
+    config: dict[str, Any] = {
+        "quantize": cfg.quantize.model_dump(mode="json"),
+        "model": spec,
+        "seed": cfg.project.seed,
+        "heldout_split": cfg.report.heldout_split,
+        "eval_seq_len": min(cfg.train.seq_len, 512),
+    }
+    if _uses(cfg, "ternary"):
+        config["qat_loop"] = qat_loop_config(cfg).model_dump(mode="json")
+    data_dir = cfg.stage_dir("data", cfg.data.out)
+    return "quantized-model", config, [_model_parent(spec), parent_ref(data_dir, "dataset")]
+
+
+def _load_float_model(spec: str):
+    """The parent as a plain float32 causal LM (a LoRA adapter is merged into its base)."""
+    from slmforge.compress._io import is_quantized_folder
+    from slmforge.generate import TorchGenerator
+
+    if is_quantized_folder(spec):
+        raise ArtifactError(f"{spec} is already quantized; quantize the model it was made from instead.")
+    gen = TorchGenerator.from_pretrained(spec, device="cpu")
+    model = gen.model
+    if hasattr(model, "merge_and_unload"):  # peft adapter over its base
+        model = model.merge_and_unload()
+    return model, gen.tokenizer
+
+
+def _heldout(cfg: ProjectConfig) -> list[str]:
+    from slmforge.train._data import read_jsonl
+
+    split = cfg.report.heldout_split
+    file = cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl"
+    texts = [r["text"] for r in read_jsonl(file)]
+    if not texts:
+        raise ArtifactError(f"{file} has no text to measure perplexity on; run `slmforge data` with text in data.formats.")
+    return texts
+
+
+def _fp32_bytes(model) -> int:
+    """Bytes of the model's parameters at 4 bytes each, tied tensors counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 4
+    return total
+
+
+def _tensor_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+def quantize_model(model, method: str = "int8_weight_only", group_size: int = 64,
+                   plan: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Quantize a model's linears in place with a one-shot method (no data needed).
+
+    Args:
+        model: A causal LM (float).
+        method: ``int8_weight_only``, ``int8_dynamic`` or ``int4_weight_only``.
+        group_size: Weights per scale for int4.
+        plan: Module name or prefix -> method or ``none`` (see ``quantize``).
+
+    Returns:
+        Module name -> the layer's description, as ``save_quantized`` wants it.
+
+    Raises:
+        ConfigError: A method that needs data (smoothquant, ternary: use ``quantize``), or a bad plan.
+    """
+    from slmforge.compress._methods import assign_methods, convert
+
+    methods = assign_methods(model, method, plan or {}, group_size)
+    needy = sorted({m for m in methods.values() if m != NONE and not METHODS[m].one_shot})
+    if needy:
+        raise ConfigError(f"{', '.join(needy)} needs calibration or training data; use slmforge.compress.quantize(cfg).")
+    return convert(model, methods, group_size)
+
+
+def quantize(
+    cfg: ProjectConfig,
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize a model with ``quantize.method`` (and ``quantize.plan``), measure it, gate it, save it.
+
+    The output folder holds the quantized tensors (``quantized.safetensors``), ``quantize.json``
+    (what ``load_quantized`` needs), the config and tokenizer; its manifest's metrics hold the
+    weight size, the compression ratio against the parent's fp32 weights, the held-out perplexity
+    of parent and quantized model, ``ppl_delta_pct`` and ``passing``.
+
+    Args:
+        cfg: The project; ``cfg.quantize`` says how.
+        model: The model to quantize (default ``quantize.model``, else the sft output, else train's).
+        out: Output folder (default ``quantize.out``, else ``<out_dir>/quantize-<method>``).
+        command: Recorded in the manifest.
+        progress: Show the fine-tuning progress bar (ternary).
+        log: Receives one line per phase.
+
+    Returns:
+        The folder and its metrics.
+
+    Raises:
+        ArtifactError: No model, or no data artifact with held-out text.
+        ConfigError: A bad plan or group size.
+        GateFailed: The perplexity rose by more than ``quantize.max_ppl_increase_pct``; the
+            folder is written anyway, with ``passing: false``.
+    """
+    import json
+    import time
+
+    from slmforge.compress._methods import Inputs, assign_methods, convert
+    from slmforge.evaluate import perplexity
+    from slmforge.evaluate.gates import check_gates, enforce
+    from slmforge.train import plot_losses, work_dir_for
+    from slmforge.train._loop import pick_device
+
+    qcfg = cfg.quantize
+    t0 = time.monotonic()
+    kind, config, parents = quantize_plan(cfg, model)
+    spec = config["model"]
+    out_dir = Path(out) if out else cfg.stage_dir(f"quantize-{qcfg.method}", qcfg.out)
+    heldout = _heldout(cfg)
+    net, tok = _load_float_model(spec)
+    methods = assign_methods(net, qcfg.method, qcfg.plan, qcfg.group_size)
+    device = pick_device(cfg.train.device)
+    net.to(device).eval()
+    seq_len = config["eval_seq_len"]
+    parent_bytes = _fp32_bytes(net)
+    if log:
+        log(f"quantize: held-out perplexity of {spec}")
+    base = perplexity(net, tok, heldout, seq_len=seq_len)
+    inputs = Inputs(cfg, tok, cfg.stage_dir("data", cfg.data.out), work_dir_for(out_dir),
+                    {"config": config, "parents": [p["fingerprint"] for p in parents]}, progress, log)
+    extra: dict[str, Any] = {}
+    for name, method in METHODS.items():  # model-wide steps first, in METHODS order
+        chosen = [n for n, m in methods.items() if m == name]
+        if chosen and method.prepare is not None:
+            extra.update(method.prepare(net, chosen, inputs))
+    float_layer_bytes = sum(4 * net.get_submodule(n).weight.numel() for n, m in methods.items() if m != NONE)
+    layers = convert(net, methods, qcfg.group_size)
+    stored_layer_bytes = sum(_tensor_bytes(net.get_submodule(n)) for n in layers)
+    if log:
+        log(f"quantize: held-out perplexity after {qcfg.method} ({len(layers)} of {len(methods)} layers)")
+    quant = perplexity(net, tok, heldout, seq_len=seq_len)
+    rule = f"ppl_delta_pct <= {qcfg.max_ppl_increase_pct}"
+    gates = check_gates([rule], {"ppl": quant.ppl}, baseline={"ppl": base.ppl})
+    counts: dict[str, int] = {}
+    for m in methods.values():
+        counts[m] = counts.get(m, 0) + 1
+    net.to("cpu")
+    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
+        weights = save_quantized(net, tok, w.path, layers, extra={"method": qcfg.method, "group_size": qcfg.group_size,
+                                                                  "parent": spec})
+        if inputs.loop_log:
+            (w.path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs.loop_log))
+            plot_losses(inputs.loop_log, w.path / "loss.png", f"ternary QAT ({qcfg.ternary_steps} steps)")
+        weights_bytes = weights.stat().st_size
+        metrics = {
+            "method": qcfg.method,
+            "layers": counts,
+            "weights_bytes": weights_bytes,
+            "parent_fp32_bytes": parent_bytes,
+            "compression_ratio": round(parent_bytes / weights_bytes, 4),
+            "quantized_layers_ratio": round(float_layer_bytes / max(stored_layer_bytes, 1), 4),
+            "heldout_split": cfg.report.heldout_split,
+            "heldout_tokens": quant.tokens,
+            "ppl_parent": round(base.ppl, 4),
+            "ppl": round(quant.ppl, 4),
+            "ppl_delta_pct": round(gates[0].value, 4),
+            "bits_per_byte_parent": round(base.bits_per_byte, 5),
+            "bits_per_byte": round(quant.bits_per_byte, 5),
+            "gates": [g.describe() for g in gates],
+            "passing": all(g.passed for g in gates),
+            **extra,
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        w.metrics.update(metrics)
+    if log:
+        log(f"quantize: {weights_bytes / 1e6:.2f} MB ({metrics['compression_ratio']:.2f}x smaller than fp32), "
+            f"perplexity {base.ppl:.3f} -> {quant.ppl:.3f} ({metrics['ppl_delta_pct']:+.2f}%)")
+    enforce(gates, f"the quantized model {out_dir}")
+    return QuantizeResult(out_dir.resolve(), metrics)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def propose_mixed_precision(rows: list[dict[str, Any]], max_delta_pct: float) -> dict[str, str]:
+    """A plan that keeps the most sensitive layers in float until the predicted total stays in budget.
+
+    The prediction adds the layers' individual perplexity increases (decreases count as zero):
+    a first-order estimate, since errors of different layers interact. Check it with ``quantize``.
+
+    Args:
+        rows: What ``sensitivity`` returns (``module``, ``method``, ``ppl_delta_pct`` each).
+        max_delta_pct: The budget, normally ``quantize.max_ppl_increase_pct``.
+
+    Returns:
+        Module name -> method or ``none``, for every row; usable as ``quantize.plan``.
+    """
+    plan = {r["module"]: r["method"] for r in rows}
+    for r in sorted(rows, key=lambda r: r["ppl_delta_pct"], reverse=True):
+        # keeping a layer whose quantization did not hurt cannot lower the prediction
+        if _predicted_delta(rows, plan) <= max_delta_pct + 1e-9 or r["ppl_delta_pct"] <= 0:
+            break
+        plan[r["module"]] = NONE
+    return plan
+
+
+def _predicted_delta(rows: list[dict[str, Any]], plan: dict[str, str]) -> float:
+    return sum(max(r["ppl_delta_pct"], 0.0) for r in rows if plan.get(r["module"], NONE) != NONE)
+
+
+def sensitivity(
+    cfg: ProjectConfig,
+    model: str | Path | None = None,
+    method: str = "int4_weight_only",
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    max_tokens: int = 50_000,
+) -> list[dict[str, Any]]:
+    """Quantize one linear at a time and measure the held-out perplexity change of each.
+
+    Writes ``sensitivity.json`` (the rows, the proposed plan and its predicted delta) and
+    ``sensitivity.png`` (a bar per layer) to ``out`` (default ``<out_dir>/quantize-sensitivity``).
+
+    Args:
+        cfg: The project (model choice, held-out split, group size, gate budget).
+        model: As for ``quantize``.
+        method: A one-shot method: ``int8_weight_only``, ``int8_dynamic`` or ``int4_weight_only``.
+        max_tokens: Held-out tokens per measurement (one measurement per layer).
+
+    Returns:
+        One row per quantizable linear, most sensitive first: ``module``, ``method``, ``params``,
+        ``ppl``, ``ppl_delta_pct`` and ``plan`` (what ``propose_mixed_precision`` chose for it).
+
+    Raises:
+        ConfigError: A method that needs data or training (smoothquant, ternary) or an unknown one.
+        ArtifactError: No model or no held-out text.
+    """
+    import json
+
+    from slmforge._progress import progress_bar
+    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.compress._methods import assign_methods, quantizable_linears
+    from slmforge.compress._plot import plot_sensitivity
+    from slmforge.evaluate import perplexity
+    from slmforge.train._loop import pick_device
+
+    if method not in METHODS or not METHODS[method].one_shot:
+        one_shot = [m for m, spec in METHODS.items() if spec.one_shot]
+        raise ConfigError(f"Sensitivity needs a one-shot method ({', '.join(one_shot)}); got {method!r}.")
+    qcfg = cfg.quantize
+    spec = _model_spec(cfg, model)
+    parents = [_model_parent(spec), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    out_dir = Path(out) if out else cfg.stage_dir("quantize-sensitivity")
+    heldout = _heldout(cfg)
+    net, tok = _load_float_model(spec)
+    names = quantizable_linears(net)
+    assign_methods(net, method, {}, qcfg.group_size)  # checks the group size against every layer
+    net.to(pick_device(cfg.train.device)).eval()
+    seq_len = min(cfg.train.seq_len, 512)
+    base = perplexity(net, tok, heldout, seq_len=seq_len, max_tokens=max_tokens).ppl
+    cls = LAYER_FORMATS[METHODS[method].layer]
+    rows = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"sensitivity ({method})", total=len(names), info="")
+        for name in names:
+            original = net.get_submodule(name)
+            net.set_submodule(name, cls.from_linear(original, group_size=qcfg.group_size))
+            ppl = perplexity(net, tok, heldout, seq_len=seq_len, max_tokens=max_tokens).ppl
+            net.set_submodule(name, original)
+            delta = 100.0 * (ppl - base) / base
+            rows.append({"module": name, "method": method, "params": original.weight.numel(),
+                         "ppl": round(ppl, 4), "ppl_delta_pct": round(delta, 4)})
+            bar.update(task, advance=1, info=f"{name} {delta:+.3f}%")
+            if log:
+                log(f"sensitivity: {name} {delta:+.3f}%")
+    rows.sort(key=lambda r: r["ppl_delta_pct"], reverse=True)
+    plan = propose_mixed_precision(rows, qcfg.max_ppl_increase_pct)
+    for r in rows:
+        r["plan"] = plan[r["module"]]
+    predicted = _predicted_delta(rows, plan)
+    config = {"method": method, "group_size": qcfg.group_size, "model": spec, "heldout_split": cfg.report.heldout_split,
+              "budget_pct": qcfg.max_ppl_increase_pct, "max_tokens": max_tokens, "eval_seq_len": seq_len}
+    report = {"format": SENSITIVITY_FORMAT, **config, "ppl_parent": round(base, 4),
+              "predicted_delta_pct": round(predicted, 4), "plan": plan, "layers": rows}
+    with ArtifactWriter(out_dir, kind="quantize-sensitivity", config=config, parents=parents, command=command) as w:
+        (w.path / "sensitivity.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_sensitivity(rows, w.path / "sensitivity.png", method, qcfg.max_ppl_increase_pct, predicted)
+        w.metrics.update({"layers": len(rows), "kept_float": sum(r["plan"] == NONE for r in rows),
+                          "ppl_parent": round(base, 4), "predicted_delta_pct": round(predicted, 4),
+                          "most_sensitive": rows[0]["module"] if rows else None})
+    return rows
