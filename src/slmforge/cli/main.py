@@ -419,19 +419,14 @@ def profile(
     levels: Annotated[bool, typer.Option(help="Also compare the graph optimisation levels.")] = False,
 ) -> None:
     """ONNX Runtime profile: the top operators by time and a Chrome trace file."""
-    from slmforge.export.onnx import optimization_table, profile_onnx
+    from slmforge.export.onnx import format_optimization_table, format_profile, optimization_table, profile_onnx
 
     rows, trace = profile_onnx(onnx_dir, prompt, top_n=top)
-    print(f"{'operator':<28}{'ms':>10}{'share':>9}")
-    for r in rows:
-        print(f"{r['op']:<28}{r['ms']:>10.2f}{r['share'] * 100:>8.1f}%")
+    print(format_profile(rows))
     print(f"trace: {trace}  (open in chrome://tracing or https://ui.perfetto.dev)")
     if levels:
-        table = optimization_table(onnx_dir)
-        keys = list(table[0])
-        print("  ".join(f"{k:>14}" for k in keys))
-        for r in table:
-            print("  ".join(f"{str(r[k]):>14}" for k in keys))
+        onnx_file = onnx_dir / "model.onnx" if onnx_dir.is_dir() else onnx_dir
+        print(format_optimization_table(optimization_table(onnx_file)))
 
 
 @app.command()

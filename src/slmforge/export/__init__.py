@@ -1,0 +1,102 @@
+"""Export: a trained model out of slmforge, as ONNX (ONNX Runtime, onnxruntime-genai),
+GGUF (llama.cpp) or an Ollama Modelfile + GGUF.
+
+    slmforge export onnx   --set export.onnx.precision=int4
+    slmforge export gguf   --set export.gguf.type=Q8_0
+    slmforge export ollama
+
+Each format's writer lives in its own module (``onnx``, ``gguf``, ``ollama``);
+this module turns a model (a LoRA adapter is merged first) into an artifact folder.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmforge.artifacts import MANIFEST, ArtifactWriter, parent_ref, read_manifest
+from slmforge.config import ProjectConfig
+from slmforge.errors import ArtifactError
+
+__all__ = ["ExportResult", "run_export", "FORMATS"]
+
+FORMATS = ("onnx", "gguf", "ollama")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    metrics: dict[str, Any]
+
+
+def _full_model(model: Path, scratch: Path) -> Path:
+    """A full model folder: the model itself, or an adapter merged into its base."""
+    try:
+        kind = read_manifest(model).kind
+    except ArtifactError:
+        return model
+    if kind != "adapter":
+        return model
+    import json
+
+    from slmforge.train import merge_adapter
+
+    base = json.loads((model / "slmforge_adapter.json").read_text())["base"]
+    return merge_adapter(base, model, scratch / "merged", command=["merge-for-export"])
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def run_export(cfg: ProjectConfig, fmt: str, model: str | Path | None = None, out: str | Path | None = None,
+               command: list[str] | None = None, log=None) -> ExportResult:
+    """Export the project's model (``export.model``, else sft, else train) to ``fmt``.
+
+    Raises:
+        ArtifactError: The model is missing.
+        ValueError: Unknown format.
+    """
+    from slmforge.generate import default_model_dir
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    ecfg = cfg.export
+    model_path = Path(str(model)) if model else (cfg.resolve(ecfg.model) if ecfg.model else default_model_dir(cfg))
+    out_dir = Path(out) if out else cfg.stage_dir(f"export-{fmt}", ecfg.out)
+    parents = [parent_ref(model_path)] if (model_path / MANIFEST).exists() else []
+    config = {"export": ecfg.model_dump(mode="json"), "format": fmt, "model": str(model_path)}
+    with tempfile.TemporaryDirectory() as scratch, \
+            ArtifactWriter(out_dir, kind=f"export-{fmt}", config=config, parents=parents, command=command) as w:
+        full = _full_model(model_path, Path(scratch))
+        if log:
+            log(f"export {fmt}: {full}")
+        metrics: dict[str, Any] = {"format": fmt}
+        if fmt == "onnx":
+            from slmforge.export.onnx import choose_providers, export_onnx, parity_report
+
+            export_onnx(full, w.path, precision=ecfg.onnx.precision, optimization=ecfg.onnx.optimization)
+            providers = choose_providers(ecfg.onnx.providers)
+            # The exported graph against the PyTorch model it came from: logits and greedy tokens.
+            parity = parity_report(full, w.path, ["def fibonacci(n):", "The standard library"], max_new_tokens=16,
+                                   providers=providers)
+            metrics |= {"precision": ecfg.onnx.precision, "optimization": ecfg.onnx.optimization,
+                        "providers": providers, "parity": parity}
+        else:
+            from slmforge.export.gguf import export_gguf
+
+            gguf = export_gguf(full, w.path / f"{cfg.project.name}-{ecfg.gguf.type}.gguf", type=ecfg.gguf.type)
+            metrics |= {"type": ecfg.gguf.type, "gguf": gguf.name}
+            if fmt == "ollama":
+                from slmforge.export.ollama import write_modelfile
+                from slmforge.generate import resolve_profile
+
+                profile = resolve_profile(ecfg.ollama.profile, full, cfg.generate)
+                modelfile = write_modelfile(gguf, w.path, full, profile, system=ecfg.ollama.system)
+                final = out_dir.resolve() / modelfile.name
+                metrics |= {"modelfile": modelfile.name, "import": f"ollama create {cfg.project.name} -f {final}"}
+        metrics["bytes"] = _size(w.path)
+        w.metrics.update(metrics)
+    return ExportResult(out_dir.resolve(), metrics)
