@@ -1,0 +1,136 @@
+"""One model, every runtime: tokens/s at batch 1, size, and held-out perplexity.
+
+    python benchmarks/runtime_compare.py --model quickstart/runs/sft --data quickstart/runs/data
+
+Rows: PyTorch fp32 eager, PyTorch int8 (slmforge int8_dynamic), ONNX Runtime
+fp32/int8/int4 (slmforge export onnx), llama.cpp F16/Q8_0/Q4_0 (slmforge export
+gguf, run by xllamacpp). Each engine greedily continues the same prompts
+(up to 128 new tokens, batch 1; median tokens/s of the prompts); perplexity is
+from each engine's own log-likelihoods on the same held-out documents (n/a
+where the engine exposes no token log-probabilities). The last column relates
+the speed to the memory-bandwidth bound: bytes of weights read per token vs.
+the machine's measured bandwidth (a STREAM-like numpy triad, one thread).
+Writes benchmarks/results/runtime_compare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine, median, save
+
+PROMPTS = ["def fibonacci(n):", "The json module", "Return the number of", "class Queue:"]
+
+
+def bandwidth_gbs(mb: int = 256, runs: int = 5) -> float:
+    """Triad a = b + s*c over three float64 arrays, one thread: bytes moved / time."""
+    import numpy as np
+
+    n = mb * 1024 * 1024 // 8
+    b, c = np.ones(n), np.full(n, 2.0)
+    a = np.empty(n)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        np.multiply(c, 3.0, out=a)
+        np.add(a, b, out=a)
+        times.append(time.perf_counter() - t0)
+    return 4 * n * 8 / min(times) / 1e9  # read c, write a, read a + b, write a
+
+
+def decode_speed(gen, params) -> float:
+    rates = []
+    for p in PROMPTS:
+        t0 = time.perf_counter()
+        out = gen.complete(p, params)[0]
+        dt = time.perf_counter() - t0
+        rates.append(max(out.tokens, 1) / dt)
+    return median(rates)
+
+
+def held_out_ppl(gen, texts: list[str]) -> float | None:
+    if not hasattr(gen, "loglikelihood"):
+        return None
+    lls = gen.loglikelihood([("", t) for t in texts], batch_size=4)
+    tokens = sum(len(gen.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return math.exp(-sum(lls) / tokens)
+
+
+def folder_bytes(path: Path, suffixes=(".safetensors", ".onnx", ".data", ".gguf")) -> int:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in suffixes or f.name.endswith(".onnx.data")]
+    return sum(f.stat().st_size for f in files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="a model folder (e.g. quickstart/runs/sft)")
+    parser.add_argument("--data", required=True, type=Path, help="its data artifact (held-out text/test.jsonl)")
+    parser.add_argument("--docs", type=int, default=40, help="held-out documents for perplexity")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from slmforge.compress import quantize_model
+    from slmforge.export.gguf import export_gguf
+    from slmforge.export.onnx import export_onnx
+    from slmforge.generate import LlamaCppGenerator, OnnxGenerator, SamplingParams, TorchGenerator
+
+    torch.set_num_threads(args.threads)
+    texts = [json.loads(line)["text"][:2000] for line in (args.data / "text" / "test.jsonl").read_text().splitlines()]
+    texts = texts[: args.docs]
+    params = SamplingParams(max_new_tokens=128, temperature=0.0)
+    bw = bandwidth_gbs()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs = []
+        runs.append(("PyTorch fp32 eager", lambda: TorchGenerator.from_pretrained(args.model, device="cpu"),
+                     folder_bytes(args.model)))
+
+        def torch_int8():
+            gen = TorchGenerator.from_pretrained(args.model, device="cpu")
+            quantize_model(gen.model, "int8_dynamic")
+            return gen
+
+        int8_bytes = None
+        runs.append(("PyTorch int8 (dynamic)", torch_int8, int8_bytes))
+        for precision in ("fp32", "int8", "int4"):
+            out = tmp / f"onnx-{precision}"
+            export_onnx(args.model, out, precision=precision)
+            runs.append((f"ONNX Runtime {precision}", (lambda o=out: OnnxGenerator(o, threads=args.threads)), folder_bytes(out)))
+        for gtype in ("F16", "Q8_0", "Q4_0"):
+            f = export_gguf(args.model, tmp / f"model-{gtype}.gguf", type=gtype)
+            runs.append((f"llama.cpp {gtype}", (lambda f=f: LlamaCppGenerator(f, n_threads=args.threads)), f.stat().st_size))
+        for name, make, size in runs:
+            gen = make()
+            if size is None:  # in-memory quantized torch model: its state dict
+                size = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
+            gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
+            tps = decode_speed(gen, params)
+            ppl = held_out_ppl(gen, texts)
+            bound = bw * 1e9 / size
+            rows.append({"runtime": name, "bytes": size, "tokens_per_s": round(tps, 1),
+                         "ppl": round(ppl, 3) if ppl else None, "bandwidth_bound_tps": round(bound, 1),
+                         "share_of_bound": round(tps / bound, 3)})
+            if hasattr(gen, "close"):
+                gen.close()
+            del gen
+    print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
+          f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad)")
+    print(f"{'runtime':<26}{'size MB':>9}{'tok/s':>9}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
+    for r in rows:
+        ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
+        print(f"{r['runtime']:<26}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{ppl:>10}"
+              f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%")
+    path = save("runtime_compare", {"model": str(args.model), "bandwidth_gbs": bw, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
