@@ -4,8 +4,9 @@
 
 Rows: PyTorch fp32 eager, PyTorch int8 (slmforge int8_dynamic), ONNX Runtime
 fp32/int8/int4 (slmforge export onnx), llama.cpp F16/Q8_0/Q4_0 (slmforge export
-gguf, run by xllamacpp). Each engine greedily continues the same prompts
-(up to 128 new tokens, batch 1; median tokens/s of the prompts); perplexity is
+gguf, run by xllamacpp). Each engine greedily continues the same prompts for
+exactly 128 new tokens (``ignore_eos``), batch 1, median tokens/s over the
+prompts (prompt processing and per-call overhead included); perplexity is
 from each engine's own log-likelihoods on the same held-out documents (n/a
 where the engine exposes no token log-probabilities). The last column relates
 the speed to the memory-bandwidth bound: bytes of weights read per token vs.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from _common import machine, median, save
 
+# Plain-text continuations: this domain model writes docstring prose after them until it emits <|eos|>.
 PROMPTS = ["def fibonacci(n):", "The json module", "Return the number of", "class Queue:"]
 
 
@@ -43,14 +45,18 @@ def bandwidth_gbs(mb: int = 256, runs: int = 5) -> float:
     return 4 * n * 8 / min(times) / 1e9  # read c, write a, read a + b, write a
 
 
-def decode_speed(gen, params) -> float:
-    rates = []
-    for p in PROMPTS:
-        t0 = time.perf_counter()
-        out = gen.complete(p, params)[0]
-        dt = time.perf_counter() - t0
-        rates.append(max(out.tokens, 1) / dt)
-    return median(rates)
+def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float]:
+    """Generated tokens per second of wall time per call (prompt processing and call overhead
+    included), median over prompts and rounds; and the mean tokens generated per call."""
+    rates, counts = [], []
+    for _ in range(rounds):
+        for p in PROMPTS:
+            t0 = time.perf_counter()
+            out = gen.complete(p, params)[0]
+            dt = time.perf_counter() - t0
+            rates.append(max(out.tokens, 1) / dt)
+            counts.append(out.tokens)
+    return median(rates), sum(counts) / len(counts)
 
 
 def held_out_ppl(gen, texts: list[str]) -> float | None:
@@ -84,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     texts = [json.loads(line)["text"][:2000] for line in (args.data / "text" / "test.jsonl").read_text().splitlines()]
     texts = texts[: args.docs]
-    params = SamplingParams(max_new_tokens=128, temperature=0.0)
+    params = SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True)
     bw = bandwidth_gbs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +118,10 @@ def main() -> None:
             if size is None:  # in-memory quantized torch model: its state dict
                 size = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
             gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
-            tps = decode_speed(gen, params)
+            tps, new_tokens = decode_speed(gen, params)
             ppl = held_out_ppl(gen, texts)
             bound = bw * 1e9 / size
-            rows.append({"runtime": name, "bytes": size, "tokens_per_s": round(tps, 1),
+            rows.append({"runtime": name, "bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
                          "ppl": round(ppl, 3) if ppl else None, "bandwidth_bound_tps": round(bound, 1),
                          "share_of_bound": round(tps / bound, 3)})
             if hasattr(gen, "close"):
@@ -123,10 +129,10 @@ def main() -> None:
             del gen
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
           f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad)")
-    print(f"{'runtime':<26}{'size MB':>9}{'tok/s':>9}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
+    print(f"{'runtime':<26}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
-        print(f"{r['runtime']:<26}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{ppl:>10}"
+        print(f"{r['runtime']:<26}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
               f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%")
     path = save("runtime_compare", {"model": str(args.model), "bandwidth_gbs": bw, "rows": rows})
     print(f"wrote {path}")

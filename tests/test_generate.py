@@ -394,3 +394,10 @@ def test_cli_chat_streams_answers_and_resets(gen, model_dir):
     first = gen.chat(history, params)[0].text
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "more please"}]
     assert proc.stdout.splitlines() == [first, gen.chat(history, params)[0].text]
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(gen):
+    from slmforge.generate import SamplingParams
+
+    out = gen.complete("def f(", SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert out.tokens == 12 and out.finish_reason == "length"

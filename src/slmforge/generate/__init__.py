@@ -59,6 +59,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # keep going to max_new_tokens (benchmarks: a fixed number of tokens)
 
     @classmethod
     def from_profile(cls, profile: SamplingProfile, **overrides: Any) -> SamplingParams:

@@ -213,6 +213,7 @@ class LlamaCppGenerator:
             mirostat=0,
             stop=list(params.stop),
             cache_prompt=self.cache_prompt,
+            ignore_eos=params.ignore_eos,
         )
         if params.seed is not None:
             body["seed"] = (params.seed + sample_index) % (2**32 - 1)  # n seeded samples must differ

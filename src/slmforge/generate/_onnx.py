@@ -539,7 +539,7 @@ class OnnxGenerator:
         history = np.tile(np.asarray(ids, np.int64), (rows, 1))  # (rows, T)
         logits = decoder(history)[:, -1]
         running = np.ones(rows, bool)
-        eos = np.asarray(self.eos_token_ids, np.int64)
+        eos = np.asarray([] if params.ignore_eos else self.eos_token_ids, np.int64)
         generated: list[list[int]] = [[] for _ in range(rows)]
         for _ in range(max_len - len(ids)):
             tokens = next_tokens(logits, history, params, rng)

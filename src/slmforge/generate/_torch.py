@@ -214,6 +214,7 @@ class TorchGenerator:
         sample = params.temperature > 0
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
             do_sample=sample,
             # Every knob is set, so nothing is filled in from the model folder's generation_config.json.
             # Without sampling they are unused; transformers' defaults (1.0, 50, 1.0) keep it from warning.
