@@ -162,6 +162,42 @@ def build_mixed_corpus(root: Path) -> dict[str, int]:
     }
 
 
+def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
+    """A small dataset artifact of shuffled PROSE sentences and a byte-level BPE trained on it
+    (the domain tokenizer of the tiny generation, ONNX and GGUF test models)."""
+    import json
+    import random
+
+    from slmforge.artifacts import ArtifactWriter
+    from slmforge.config import ProjectConfig
+    from slmforge.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    sentences = [s.strip() + "." for doc in [*PROSE, LONG_DOC] for s in doc.split(".") if s.strip()]
+    with ArtifactWriter(workdir / "runs" / "data", kind="dataset", command=["test"]) as w:
+        (w.path / "text").mkdir()
+        for split, n in (("train", 300), ("val", 20), ("test", 10)):
+            lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(rng.sample(sentences, 4)), "source": "t"})
+                     for i in range(n)]
+            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = ProjectConfig()
+    cfg._base_dir = workdir
+    cfg.tokenizer.vocab_size = vocab_size
+    cfg.tokenizer.min_frequency = 1
+    return train_tokenizer(cfg, command=["test"], progress=False).path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and are not slowed by other busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def mixed_corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     root = tmp_path / "corpus"

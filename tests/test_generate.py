@@ -9,9 +9,7 @@ byte soup whose prefixes do not decode to prefixes of the text.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmforge.artifacts import ArtifactWriter
 from slmforge.config import GenerateConfig, ModelConfig, ProjectConfig, SamplingProfile
 from slmforge.errors import GenerateError
 from slmforge.generate import (
@@ -32,9 +29,9 @@ from slmforge.generate import (
     resolve_profile,
 )
 from slmforge.model import build_model, load_causal_lm, save_model_folder
-from slmforge.tokenizer import load_tokenizer, train_tokenizer
+from slmforge.tokenizer import load_tokenizer
 
-from conftest import LONG_DOC, PROSE
+from conftest import build_tiny_tokenizer
 
 EXE = Path(sys.executable).parent / "slmforge"
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -50,12 +47,8 @@ def greedy(max_new_tokens: int = 30, **kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A model this small runs fastest on one thread, and is not slowed by other busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +58,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(workdir) -> Path:
-    rng = random.Random(0)
-    sentences = [s.strip() + "." for doc in [*PROSE, LONG_DOC] for s in doc.split(".") if s.strip()]
-    with ArtifactWriter(workdir / "runs" / "data", kind="dataset", command=["test"]) as w:
-        (w.path / "text").mkdir()
-        for split, n in (("train", 300), ("val", 20), ("test", 10)):
-            lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(rng.sample(sentences, 4)), "source": "t"})
-                     for i in range(n)]
-            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = ProjectConfig()
-    cfg._base_dir = workdir
-    cfg.tokenizer.vocab_size = 400
-    cfg.tokenizer.min_frequency = 1
-    return train_tokenizer(cfg, command=["test"], progress=False).path
+    return build_tiny_tokenizer(workdir, vocab_size=400)
 
 
 @pytest.fixture(scope="module")

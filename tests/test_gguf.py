@@ -11,7 +11,6 @@ and a token-for-token comparison tests the conversion, not luck.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import threading
 from pathlib import Path
@@ -19,17 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmforge.artifacts import ArtifactWriter
-from slmforge.config import GenerateConfig, ModelConfig, ProjectConfig, SamplingProfile
+from slmforge.config import GenerateConfig, ModelConfig, SamplingProfile
 from slmforge.errors import GenerateError, ModelError
 from slmforge.export.gguf import export_gguf, read_gguf_info, strip_generation_tags
 from slmforge.export.ollama import ollama_template, render_ollama_template, write_modelfile
 from slmforge.generate import Generator, SamplingParams, TorchGenerator
 from slmforge.generate._llamacpp import LlamaCppGenerator
 from slmforge.model import build_model, save_model_folder
-from slmforge.tokenizer import load_tokenizer, train_tokenizer
+from slmforge.tokenizer import load_tokenizer
 
-from conftest import LONG_DOC, PROSE
+from conftest import build_tiny_tokenizer
 
 ARCH = dict(preset="custom", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 PROMPTS = ["The garden was", "Bread is", "hello", "Trains leave the", "A lighthouse keeper"]
@@ -72,11 +70,8 @@ def greedy(max_new_tokens: int = 30, **kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +81,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(workdir) -> Path:
-    rng = random.Random(0)
-    sentences = [s.strip() + "." for doc in [*PROSE, LONG_DOC] for s in doc.split(".") if s.strip()]
-    with ArtifactWriter(workdir / "runs" / "data", kind="dataset", command=["test"]) as w:
-        (w.path / "text").mkdir()
-        for split, n in (("train", 300), ("val", 20), ("test", 10)):
-            lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(rng.sample(sentences, 4)), "source": "t"})
-                     for i in range(n)]
-            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = ProjectConfig()
-    cfg._base_dir = workdir
-    cfg.tokenizer.vocab_size = 500
-    cfg.tokenizer.min_frequency = 1
-    return train_tokenizer(cfg, command=["test"], progress=False).path
+    return build_tiny_tokenizer(workdir, vocab_size=500)
 
 
 def _make_model(workdir: Path, tokenizer_dir: Path, tied: bool) -> Path:

@@ -16,7 +16,6 @@ Tolerances, from runs on these models (ORT 1.32, onnxruntime-genai 0.18, 4 promp
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -28,8 +27,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from slmforge.artifacts import ArtifactWriter
-from slmforge.config import GenerateConfig, ModelConfig, ProjectConfig
+from slmforge.config import GenerateConfig, ModelConfig
 from slmforge.errors import GenerateError, ModelError
 from slmforge.export.onnx import (
     check_onnx,
@@ -44,9 +42,9 @@ from slmforge.export.onnx import (
 from slmforge.generate import Generator, SamplingParams, TorchGenerator, profiles_from_model
 from slmforge.generate._onnx import Decoder, OnnxGenerator, choose_providers
 from slmforge.model import build_model, save_model_folder
-from slmforge.tokenizer import load_tokenizer, train_tokenizer
+from slmforge.tokenizer import load_tokenizer
 
-from conftest import LONG_DOC, PROSE
+from conftest import build_tiny_tokenizer
 
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                    intermediate_size=64, tie_embeddings=False)
@@ -62,11 +60,8 @@ def greedy(max_new_tokens: int = 30, **kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +71,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(workdir) -> Path:
-    rng = random.Random(0)
-    sentences = [s.strip() + "." for doc in [*PROSE, LONG_DOC] for s in doc.split(".") if s.strip()]
-    with ArtifactWriter(workdir / "runs" / "data", kind="dataset", command=["test"]) as w:
-        (w.path / "text").mkdir()
-        for split, n in (("train", 300), ("val", 20), ("test", 10)):
-            lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(rng.sample(sentences, 4)), "source": "t"})
-                     for i in range(n)]
-            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = ProjectConfig()
-    cfg._base_dir = workdir
-    cfg.tokenizer.vocab_size = 400
-    cfg.tokenizer.min_frequency = 1
-    return train_tokenizer(cfg, command=["test"], progress=False).path
+    return build_tiny_tokenizer(workdir, vocab_size=400)
 
 
 def make_model(tokenizer_dir: Path, folder: Path, tied: bool) -> Path:
