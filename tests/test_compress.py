@@ -363,3 +363,17 @@ def test_quantized_folder_loads_through_the_generic_loader(quantized):
     gen = load_generator(folder)
     out = gen.complete("def parse(", SamplingParams(max_new_tokens=5))
     assert len(out) == 1 and out[0].tokens <= 5
+
+
+def test_quantize_is_a_pipeline_stage(project):
+    """`slmforge run` with quantize in project.stages runs it once, then finds it up to date."""
+    from slmforge.pipeline import run_pipeline
+
+    cfg = _cfg(project)
+    cfg.project.stages = ["quantize"]
+    cfg.quantize.method = "int8_weight_only"
+    cfg.quantize.max_ppl_increase_pct = 10.0
+    cfg.quantize.out = "runs/quantize-stage"
+    first = run_pipeline(cfg)
+    again = run_pipeline(cfg)
+    assert [o.status for o in first] == ["ran"] and [o.status for o in again] == ["up to date"]

@@ -36,9 +36,9 @@ class ProjectSection(Section):
         description="Folder (relative to this file) where every stage writes its artifact folder.",
     )
     seed: int = Field(0, description="Seed for everything random (splits, sampling, initialisation).")
-    stages: list[Literal["data", "tokenizer", "train", "sft", "encoder", "eval", "report"]] = Field(
+    stages: list[Literal["data", "tokenizer", "train", "sft", "encoder", "quantize", "eval", "report"]] = Field(
         ["data", "tokenizer", "train", "sft", "eval", "report"],
-        description="Stages `slmforge run` runs, in this order (encoder, for a classification/NER head, is optional).",
+        description="Stages `slmforge run` runs, in this order (encoder and quantize are optional).",
     )
 
 

@@ -59,6 +59,12 @@ def _encoder_plan(cfg: ProjectConfig) -> Plan:
     return encoder_plan(cfg)
 
 
+def _quantize_plan(cfg: ProjectConfig) -> Plan:
+    from slmforge.compress import quantize_plan
+
+    return quantize_plan(cfg)
+
+
 def _eval_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.evaluate.run import eval_plan
 
@@ -101,6 +107,12 @@ def _run_encoder(cfg: ProjectConfig, command, log) -> Path:
     return train_encoder(cfg, command=command, log=log).path
 
 
+def _run_quantize(cfg: ProjectConfig, command, log) -> Path:
+    from slmforge.compress import quantize
+
+    return quantize(cfg, command=command, log=log).path
+
+
 def _run_eval(cfg: ProjectConfig, command, log) -> Path:
     from slmforge.evaluate.run import run_eval
 
@@ -120,6 +132,7 @@ STAGES: dict[str, tuple[Callable[[ProjectConfig], Path], Callable[[ProjectConfig
     "train": (lambda c: c.stage_dir("train", c.train.out), _train_plan, _run_train),
     "sft": (lambda c: c.stage_dir("sft", c.sft.out), _sft_plan, _run_sft),
     "encoder": (lambda c: c.stage_dir(f"encoder-{c.encoder.task}", c.encoder.out), _encoder_plan, _run_encoder),
+    "quantize": (lambda c: c.stage_dir(f"quantize-{c.quantize.method}", c.quantize.out), _quantize_plan, _run_quantize),
     "eval": (lambda c: c.stage_dir("eval", c.eval.out), _eval_plan, _run_eval),
     "report": (lambda c: c.stage_dir("report", c.report.out), _report_plan, _run_report),
 }
