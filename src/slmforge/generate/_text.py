@@ -1,6 +1,32 @@
-"""Stop strings on generated text: pure functions every engine can share."""
+"""Text handling every engine shares: chat rendering and stop strings (no torch here)."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from slmforge.errors import GenerateError
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text the chat template makes of the messages, ending with the assistant's turn opener.
+
+    Raises:
+        GenerateError: No chat template, malformed messages, or a template that rejects them.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerateError(
+            "This model's tokenizer has no chat template, so it cannot chat. Use plain completion "
+            "(`slmforge generate` without --chat), or set tokenizer.chat_template and retrain the tokenizer."
+        )
+    if not isinstance(messages, list) or not messages:
+        raise GenerateError("A chat needs at least one message: [{'role': 'user', 'content': '...'}].")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise GenerateError(f"Message {i} must be a dict with string 'role' and 'content'; got {m!r}.")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+        raise GenerateError(f"The chat template rejected the messages: {type(exc).__name__}: {exc}") from None
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ import torch
 
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Message, SamplingParams
-from slmforge.generate._text import StopCutter, cut_at_stop
+from slmforge.generate._text import StopCutter, cut_at_stop, render_chat
 
 
 class TorchGenerator:
@@ -181,25 +181,8 @@ class TorchGenerator:
     # ------------------------------------------------------------------ helpers
 
     def render_chat(self, messages: list[Message]) -> str:
-        """The prompt text the chat template makes of the messages, ending with the assistant's turn opener.
-
-        Raises:
-            GenerateError: No chat template, malformed messages, or a template that rejects them.
-        """
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GenerateError(
-                "This model's tokenizer has no chat template, so it cannot chat. Use plain completion "
-                "(`slmforge generate` without --chat), or set tokenizer.chat_template and retrain the tokenizer."
-            )
-        if not isinstance(messages, list) or not messages:
-            raise GenerateError("A chat needs at least one message: [{'role': 'user', 'content': '...'}].")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise GenerateError(f"Message {i} must be a dict with string 'role' and 'content'; got {m!r}.")
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
-            raise GenerateError(f"The chat template rejected the messages: {type(exc).__name__}: {exc}") from None
+        """The prompt text the chat template makes of the messages (see ``_text.render_chat``)."""
+        return render_chat(self.tokenizer, messages)
 
     def _encode(self, text: str, special: bool = True) -> list[int]:
         # A rendered chat template already holds its BOS, so it is tokenized without special tokens.
