@@ -72,63 +72,75 @@ def folder_bytes(path: Path, suffixes=(".safetensors", ".onnx", ".data", ".gguf"
     return sum(f.stat().st_size for f in files)
 
 
+def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
+    """One runtime, measured in its own process (engines keep thread pools spinning after
+    they are done, which would slow whichever engine is measured next in the same process)."""
+    import torch
+
+    from slmforge.generate import LlamaCppGenerator, OnnxGenerator, SamplingParams, TorchGenerator
+
+    torch.set_num_threads(threads)
+    texts = [json.loads(line)["text"][:2000] for line in (data / "text" / "test.jsonl").read_text().splitlines()][:docs]
+    if kind == "torch":
+        gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
+    elif kind == "torch-int8":
+        from slmforge.compress import quantize_model
+
+        gen = TorchGenerator.from_pretrained(path, device="cpu")
+        quantize_model(gen.model, "int8_dynamic")
+        size = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
+    elif kind == "onnx":
+        gen, size = OnnxGenerator(path, threads=threads), folder_bytes(path)
+    else:
+        gen, size = LlamaCppGenerator(path, n_threads=threads), path.stat().st_size
+    gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
+    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True))
+    ppl = held_out_ppl(gen, texts)
+    return {"bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
+            "ppl": round(ppl, 3) if ppl else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a model folder (e.g. quickstart/runs/sft)")
     parser.add_argument("--data", required=True, type=Path, help="its data artifact (held-out text/test.jsonl)")
     parser.add_argument("--docs", type=int, default=40, help="held-out documents for perplexity")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.data, args.docs, args.threads)))
+        return
 
-    import torch
+    import subprocess
+    import sys
 
-    from slmforge.compress import quantize_model
     from slmforge.export.gguf import export_gguf
     from slmforge.export.onnx import export_onnx
-    from slmforge.generate import LlamaCppGenerator, OnnxGenerator, SamplingParams, TorchGenerator
 
-    torch.set_num_threads(args.threads)
-    texts = [json.loads(line)["text"][:2000] for line in (args.data / "text" / "test.jsonl").read_text().splitlines()]
-    texts = texts[: args.docs]
-    params = SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True)
     bw = bandwidth_gbs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        runs = []
-        runs.append(("PyTorch fp32 eager", lambda: TorchGenerator.from_pretrained(args.model, device="cpu"),
-                     folder_bytes(args.model)))
-
-        def torch_int8():
-            gen = TorchGenerator.from_pretrained(args.model, device="cpu")
-            quantize_model(gen.model, "int8_dynamic")
-            return gen
-
-        int8_bytes = None
-        runs.append(("PyTorch int8 (dynamic)", torch_int8, int8_bytes))
+        runs = [("PyTorch fp32 eager", "torch", args.model), ("PyTorch int8 (dynamic)", "torch-int8", args.model)]
         for precision in ("fp32", "int8", "int4"):
             out = tmp / f"onnx-{precision}"
             export_onnx(args.model, out, precision=precision)
-            runs.append((f"ONNX Runtime {precision}", (lambda o=out: OnnxGenerator(o, threads=args.threads)), folder_bytes(out)))
+            runs.append((f"ONNX Runtime {precision}", "onnx", out))
         for gtype in ("F16", "Q8_0", "Q4_0"):
-            f = export_gguf(args.model, tmp / f"model-{gtype}.gguf", type=gtype)
-            runs.append((f"llama.cpp {gtype}", (lambda f=f: LlamaCppGenerator(f, n_threads=args.threads)), f.stat().st_size))
-        for name, make, size in runs:
-            gen = make()
-            if size is None:  # in-memory quantized torch model: its state dict
-                size = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
-            gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
-            tps, new_tokens = decode_speed(gen, params)
-            ppl = held_out_ppl(gen, texts)
-            bound = bw * 1e9 / size
-            rows.append({"runtime": name, "bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
-                         "ppl": round(ppl, 3) if ppl else None, "bandwidth_bound_tps": round(bound, 1),
-                         "share_of_bound": round(tps / bound, 3)})
-            if hasattr(gen, "close"):
-                gen.close()
-            del gen
+            runs.append((f"llama.cpp {gtype}", "gguf", export_gguf(args.model, tmp / f"model-{gtype}.gguf", type=gtype)))
+        for name, kind, path in runs:
+            cmd = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data), "--docs",
+                   str(args.docs), "--threads", str(args.threads), "--worker", kind, str(path)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            bound = bw * 1e9 / r["bytes"]
+            rows.append({"runtime": name, **r, "bandwidth_bound_tps": round(bound, 1),
+                         "share_of_bound": round(r["tokens_per_s"] / bound, 3)})
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
-          f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad)")
+          f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad); each runtime in its own process")
     print(f"{'runtime':<26}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
