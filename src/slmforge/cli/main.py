@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from slmforge import __version__
-from slmforge.cli import generate_cmd
+from slmforge.cli import generate_cmd, serve_cmd
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
@@ -35,6 +35,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
+app.command("serve")(serve_cmd.serve)
 
 
 
