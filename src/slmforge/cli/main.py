@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from slmforge import __version__
-from slmforge.cli import generate_cmd, serve_cmd
+from slmforge.cli import generate_cmd, keys_cmd, serve_cmd
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
@@ -36,6 +36,7 @@ app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 app.command("serve")(serve_cmd.serve)
+app.add_typer(keys_cmd.keys_app, name="keys")
 
 
 

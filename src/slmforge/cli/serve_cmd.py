@@ -28,18 +28,30 @@ def serve(
         Path | None,
         typer.Option(
             "--api-keys",
-            help="File of accepted API keys, one per line (# comments allowed). Clients then send "
-            "'Authorization: Bearer KEY'. Keys are kept in memory only as SHA-256 hashes and compared by hash. "
-            "Default: no authentication.",
+            help="Keys file from `slmforge keys add` (SHA-256 hashes and per-key limits), or plain keys one "
+            "per line. Clients then send 'Authorization: Bearer KEY'; keys are compared by hash. "
+            "Default: no authentication, allowed only on a loopback --host.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    max_prompt_chars: Annotated[
+        int | None, typer.Option(min=1, help="Refuse longer prompts with a 413 (default: no limit).")] = None,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Refuse prompts of more tokens with a 413 (default: the context length).")
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Seconds of generation per request before a 504 (default: none).")
+    ] = None,
+    usage_file: Annotated[
+        Path | None, typer.Option(help="Write the usage per key here (JSON) on shutdown; read it with `slmforge keys usage`.")
+    ] = None,
 ) -> None:
     """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions (streaming too).
 
     Try it: slmforge serve runs/sft --port 8000, then
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
-    -d '{"model": "sft", "messages": [{"role": "user", "content": "hi"}]}'
+    -d '{"model": "sft", "messages": [{"role": "user", "content": "hi"}]}'.
+    Also GET /v1/usage (the caller's usage) and GET /metrics (Prometheus).
     """
     from slmforge.serve import parse_model_ref, serve as run_server
 
@@ -47,6 +59,10 @@ def serve(
         name, path = parse_model_ref(ref)
         err.print(f"model {name} <- {path}", style="dim")
     if api_keys is None and host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"warning: serving on {host} without --api-keys; anyone who can reach it can use it.",
-                  style="yellow")
-    run_server(models, host=host, port=port, api_keys_file=api_keys, device=device)
+        raise typer.BadParameter(f"serving on {host} needs --api-keys (make one with `slmforge keys add NAME`); "
+                                 "only a loopback host may be served open.", param_hint="--api-keys")
+    if api_keys is None:
+        err.print("serving without authentication (loopback only)", style="dim")
+    run_server(models, host=host, port=port, api_keys_file=api_keys, device=device,
+               max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
+               request_timeout_s=request_timeout)

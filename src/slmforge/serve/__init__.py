@@ -1,13 +1,18 @@
 """Serving: an OpenAI-compatible HTTP server over any ``Generator``.
 
     from slmforge.serve import create_app, serve
-    serve(["runs/sft", "base=runs/train"], port=8000, api_keys_file="keys.txt")
+    serve(["runs/sft", "base=runs/train"], port=8000, api_keys_file="keys.jsonl")
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(``stream: true`` sends server-sent events ending with ``data: [DONE]``),
-``GET /health`` (the process is up) and ``GET /ready`` (models are loaded).
+(``stream: true`` sends server-sent events ending with ``data: [DONE]``), ``GET /v1/usage``
+(the calling key's requests and tokens), ``GET /health`` (the process is up), ``GET /ready``
+(models are loaded) and ``GET /metrics`` (Prometheus text format).
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``,
-so the official clients raise their usual exceptions.
+so the official clients raise their usual exceptions: 401 without a valid key, 429 with
+``Retry-After`` past a key's requests/tokens per minute, 429 ``insufficient_quota`` once its token
+quota is spent, 413 for a prompt over the server's size limit, 400 ``context_length_exceeded``.
+
+Keys live in a JSON-lines file of SHA-256 digests and limits (``slmforge keys add NAME``).
 
 Generation runs in a thread pool, one request per model at a time (a lock per
 model), so the event loop keeps answering while a model works. fastapi and
@@ -19,15 +24,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import json
+
 from slmforge.errors import ConfigError
 from slmforge.serve._hash import hash_api_key
+from slmforge.serve._keys import ApiKey, add_key, read_keys_file, revoke_key
 
 if TYPE_CHECKING:
     import fastapi
 
     from slmforge.generate import Generator
 
-__all__ = ["create_app", "serve", "parse_model_ref", "read_api_keys", "hash_api_key"]
+__all__ = ["create_app", "serve", "parse_model_ref", "read_api_keys", "hash_api_key", "ApiKey", "add_key",
+           "read_keys_file", "revoke_key", "usage_csv"]
 
 
 def read_api_keys(path: str | Path) -> set[str]:
@@ -64,16 +73,27 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
     return name, path
 
 
-def create_app(models: dict[str, Generator], api_keys: set[str] | None = None) -> fastapi.FastAPI:
+def create_app(
+    models: dict[str, Generator],
+    api_keys: set[str] | list[ApiKey] | None = None,
+    max_prompt_chars: int | None = None,
+    max_prompt_tokens: int | None = None,
+    request_timeout_s: float | None = None,
+) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
     Args:
         models: Model name (what clients pass as ``model``) -> engine.
-        api_keys: When given, every ``/v1`` request needs ``Authorization: Bearer <one of them>``.
+        api_keys: When given, every ``/v1`` request needs ``Authorization: Bearer <key>``: plain keys
+            (no limits), or key records from ``read_keys_file`` with their limits.
             Keys are kept only as SHA-256 digests and compared in constant time.
+        max_prompt_chars: Longer prompts (all messages together) are refused with a 413.
+        max_prompt_tokens: Prompts of more tokens are refused with a 413.
+        request_timeout_s: Seconds a request may generate once its model is free: past them a request
+            gets a 504 (a stream, an error event), though the engine finishes its current call.
 
     Returns:
-        The app; run it with uvicorn.
+        The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
 
     Raises:
         ConfigError: No models, or an empty key set.
@@ -82,10 +102,30 @@ def create_app(models: dict[str, Generator], api_keys: set[str] | None = None) -
         raise ConfigError("The server needs at least one model.")
     if api_keys is not None and not api_keys:
         raise ConfigError("api_keys is empty: pass None for no authentication, or at least one key.")
-    from slmforge.serve._app import build_app
+    from slmforge.serve._app import PromptLimits, build_app
+    from slmforge.serve._limits import KeyLimiter, Metrics
 
-    digests = {hash_api_key(k) for k in api_keys} if api_keys is not None else None
-    return build_app(dict(models), digests)
+    keys = None
+    if api_keys is not None:
+        keys = [k if isinstance(k, ApiKey) else ApiKey(name=f"key-{i}", sha256=hash_api_key(k))
+                for i, k in enumerate(sorted(api_keys, key=str), start=1)]
+    limiter, metrics = KeyLimiter(), Metrics()
+    app = build_app(dict(models), keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter, metrics)
+    app.state.limiter, app.state.metrics = limiter, metrics
+    return app
+
+
+def usage_csv(rows: list[dict]) -> str:
+    """Usage rows (``KeyLimiter.usage_rows``, or a usage JSON file's ``data``) as CSV text."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["name", "requests", "prompt_tokens", "completion_tokens",
+                                             "total_tokens"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def serve(
@@ -94,6 +134,10 @@ def serve(
     port: int = 8000,
     api_keys_file: str | Path | None = None,
     device: str = "auto",
+    max_prompt_chars: int | None = None,
+    max_prompt_tokens: int | None = None,
+    usage_file: str | Path | None = None,
+    request_timeout_s: float | None = None,
 ) -> None:
     """Load the models and serve them until interrupted.
 
@@ -101,8 +145,13 @@ def serve(
         model_paths: Model folders, .gguf files or hub ids, each optionally ``name=path``.
         host: Interface to bind; 127.0.0.1 keeps the server local.
         port: TCP port.
-        api_keys_file: A file of accepted API keys, one per line; None serves without authentication.
+        api_keys_file: A keys file (JSON lines from ``slmforge keys add``, or plain keys one per line);
+            None serves without authentication.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (torch engine).
+        max_prompt_chars: Refuse longer prompts with a 413.
+        max_prompt_tokens: Refuse prompts of more tokens with a 413.
+        usage_file: Where to write the usage per key (JSON) when the server stops.
+        request_timeout_s: Seconds of generation per request before a 504.
 
     Raises:
         ConfigError: Two models share a name, or the keys file is unusable.
@@ -113,11 +162,30 @@ def serve(
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"Two models are named {', '.join(dupes)}; name them apart with NAME=PATH.")
-    keys = read_api_keys(api_keys_file) if api_keys_file is not None else None
+    keys = read_keys_file(api_keys_file) if api_keys_file is not None else None
     from slmforge.generate import load_generator
 
     models = {name: load_generator(path, device=device) for name, path in refs}
-    app = create_app(models, keys)
+    app = create_app(models, keys, max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens,
+                     request_timeout_s=request_timeout_s)
+    if usage_file is not None:
+        _write_usage_on_shutdown(app, Path(usage_file).expanduser())
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _write_usage_on_shutdown(app: fastapi.FastAPI, file: Path) -> None:
+    # In the app's lifespan, not after uvicorn.run: uvicorn re-raises SIGTERM/SIGINT once it has
+    # shut down, so code after run() never runs when the server is stopped by a signal.
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            rows = app.state.limiter.usage_rows()
+            file.write_text(json.dumps({"object": "list", "data": rows}, indent=2) + "\n", encoding="utf-8")
+
+    app.router.lifespan_context = lifespan
