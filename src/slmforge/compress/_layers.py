@@ -199,31 +199,38 @@ class Int8DynamicLinear(_QuantLinear):
         return self._add_bias(y).to(x.dtype).view(*shape[:-1], self.out_features)
 
 
-class Int4WeightOnlyLinear(_QuantLinear):
-    """Group-wise symmetric int4 weights, two per byte, a float16 scale per group; the weight is
-    dequantized to the activation dtype for each forward (size, not speed, is the point on CPU)."""
+class _GroupwiseLinear(_QuantLinear):
+    """Packed low-bit weights with a float16 scale per group of ``group_size`` inputs; the weight
+    is dequantized to the activation dtype for each forward (size, not speed, is the point on CPU).
+    Subclasses name their packing: values per byte, the byte of an all-zero weight, and the
+    quantize/pack/unpack functions."""
 
-    format = "int4_weight_only"
+    per_byte: int
+    zero_byte: int
+    _quantize: staticmethod
+    _pack: staticmethod
+    _unpack: staticmethod
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64, **_) -> None:
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         n = out_features * in_features
-        self.register_buffer("qweight", torch.zeros((n + 1) // 2, dtype=torch.uint8))
+        size = (n + self.per_byte - 1) // self.per_byte
+        self.register_buffer("qweight", torch.full((size,), self.zero_byte, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, in_features // group_size, dtype=torch.float16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, **_) -> Int4WeightOnlyLinear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, **_) -> _GroupwiseLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         layer.to(linear.weight.device)
-        q, layer.scales = quantize_groupwise_int4(linear.weight, group_size)
-        layer.qweight = pack_int4(q)
+        q, layer.scales = cls._quantize(linear.weight, group_size)
+        layer.qweight = cls._pack(q)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().float().clone()
         return layer
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_int4(self.qweight, self.out_features * self.in_features).view(self.out_features, self.in_features)
+        q = self._unpack(self.qweight, self.out_features * self.in_features).view(self.out_features, self.in_features)
         return dequantize_groupwise(q, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,38 +240,25 @@ class Int4WeightOnlyLinear(_QuantLinear):
         return {**super().describe(), "group_size": self.group_size}
 
 
-class TernaryLinear(_QuantLinear):
+class Int4WeightOnlyLinear(_GroupwiseLinear):
+    """Group-wise symmetric int4 weights, two per byte."""
+
+    format = "int4_weight_only"
+    per_byte, zero_byte = 2, 0
+    _quantize = staticmethod(quantize_groupwise_int4)
+    _pack = staticmethod(pack_int4)
+    _unpack = staticmethod(unpack_int4)
+
+
+class TernaryLinear(_GroupwiseLinear):
     """BitNet b1.58 weights: {-1, 0, 1}, four per byte, times a float16 absmean scale per group.
     Activations stay float (a ternary kernel would replace multiplies by adds; we have none)."""
 
     format = "ternary"
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64, **_) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.group_size = group_size
-        n = out_features * in_features
-        self.register_buffer("qweight", torch.full(((n + 3) // 4,), 0x55, dtype=torch.uint8))  # all zeros
-        self.register_buffer("scales", torch.ones(out_features, in_features // group_size, dtype=torch.float16))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, **_) -> TernaryLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        layer.to(linear.weight.device)
-        t, layer.scales = quantize_groupwise_ternary(linear.weight, group_size)
-        layer.qweight = pack_ternary(t)
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().float().clone()
-        return layer
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        t = unpack_ternary(self.qweight, self.out_features * self.in_features).view(self.out_features, self.in_features)
-        return dequantize_groupwise(t, self.scales, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x, self.dequantized_weight(x.dtype)))
-
-    def describe(self) -> dict:
-        return {**super().describe(), "group_size": self.group_size}
+    per_byte, zero_byte = 4, 0x55  # 0x55: four zero weights
+    _quantize = staticmethod(quantize_groupwise_ternary)
+    _pack = staticmethod(pack_ternary)
+    _unpack = staticmethod(unpack_ternary)
 
 
 class TernaryQATLinear(nn.Linear):
