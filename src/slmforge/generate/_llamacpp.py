@@ -25,7 +25,7 @@ from typing import Any
 
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Message, SamplingParams
-from slmforge.generate._text import StopCutter, cut_at_stop
+from slmforge.generate._text import cut_at_stop, cut_stream
 
 _KV_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
 _END = object()  # marks the end of a stream in the queue
@@ -262,20 +262,13 @@ class LlamaCppGenerator:
 
         thread = threading.Thread(target=work, name="slmforge-llamacpp", daemon=True)
         thread.start()
-        cutter = StopCutter(params.stop)  # llama.cpp cuts at stop strings too; this keeps the contract local
-        try:
-            while (piece := pieces.get()) is not _END:
-                text = cutter.feed(piece)
-                if text:
-                    yield text
-                if cutter.stopped:
-                    break
-            tail = cutter.flush()
-            if tail:
-                yield tail
-        finally:
+
+        def close() -> None:
             cancel.set()
             thread.join()
+
+        # llama.cpp cuts at stop strings too; cutting here keeps the contract the same in every engine.
+        yield from cut_stream(iter(pieces.get, _END), params.stop, close)
         if failure:
             raise failure[0]
 

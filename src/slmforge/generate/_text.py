@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from slmforge.errors import GenerateError
@@ -70,3 +71,24 @@ class StopCutter:
         """What was held back, at the end of the stream."""
         out, self.buffer = self.buffer, ""
         return "" if self.stopped else out
+
+
+def cut_stream(pieces: Iterable[str], stop: list[str], on_close: Callable[[], None]) -> Iterator[str]:
+    """Text pieces from an engine's background producer, cut at the first stop string.
+
+    ``on_close`` runs however the consumer leaves (end, stop string, or abandoning the
+    iterator): engines use it to cancel and join their generation thread.
+    """
+    cutter = StopCutter(stop)
+    try:
+        for piece in pieces:
+            text = cutter.feed(piece)
+            if text:
+                yield text
+            if cutter.stopped:
+                break
+        tail = cutter.flush()
+        if tail:
+            yield tail
+    finally:
+        on_close()

@@ -18,7 +18,7 @@ import torch
 
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Message, SamplingParams
-from slmforge.generate._text import StopCutter, cut_at_stop, render_chat
+from slmforge.generate._text import cut_at_stop, cut_stream, render_chat
 
 
 class TorchGenerator:
@@ -287,20 +287,12 @@ class TorchGenerator:
 
         thread = threading.Thread(target=work, name="slmforge-generate", daemon=True)
         thread.start()
-        cutter = StopCutter(params.stop)
-        try:
-            for piece in streamer:
-                text = cutter.feed(piece)
-                if text:
-                    yield text
-                if cutter.stopped:
-                    break
-            tail = cutter.flush()
-            if tail:
-                yield tail
-        finally:
+
+        def close() -> None:
             cancel.set()
             thread.join()
+
+        yield from cut_stream(streamer, params.stop, close)
         if failure:
             raise failure[0]
 
