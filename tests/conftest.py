@@ -187,6 +187,27 @@ def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
     return train_tokenizer(cfg, command=["test"], progress=False).path
 
 
+def build_peaky_model(tokenizer_dir: Path, folder: Path, model_cfg) -> Path:
+    """A tiny random Llama on the tokenizer, saved as a model folder, with a sharpened output
+    layer (x30) that never picks a special or single-byte token: greedy output is then
+    whole-word text with clear margins, so engines can be compared token for token."""
+    import torch
+
+    from slmforge.config import GenerateConfig
+    from slmforge.model import build_model, save_model_folder
+    from slmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    model = build_model(model_cfg, vocab_size=len(tok), special_ids=ids, seed=0)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight  # the embedding table itself when tied
+        head.mul_(30)
+        head[: 5 + 256] = 0  # 5 special tokens, then the 256 byte tokens
+    save_model_folder(model, tok, folder, profiles=GenerateConfig().profiles, default_profile="factual")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread, and are not slowed by other busy cores."""

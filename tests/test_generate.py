@@ -28,10 +28,10 @@ from slmforge.generate import (
     profiles_from_model,
     resolve_profile,
 )
-from slmforge.model import build_model, load_causal_lm, save_model_folder
+from slmforge.model import load_causal_lm
 from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_tiny_tokenizer
+from conftest import build_peaky_model, build_tiny_tokenizer
 
 EXE = Path(sys.executable).parent / "slmforge"
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -63,16 +63,7 @@ def tokenizer_dir(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(workdir, tokenizer_dir) -> Path:
-    tok = load_tokenizer(tokenizer_dir)
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(TINY, vocab_size=len(tok), special_ids=ids, seed=0)
-    first_merge = 5 + 256  # 5 special tokens, then the 256 byte tokens, then merges
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-        model.lm_head.weight[:first_merge] = 0
-    folder = workdir / "model"
-    save_model_folder(model, tok, folder, profiles=GenerateConfig().profiles, default_profile="factual")
-    return folder
+    return build_peaky_model(tokenizer_dir, workdir / "model", TINY)
 
 
 @pytest.fixture(scope="module")

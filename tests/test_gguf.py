@@ -24,10 +24,10 @@ from slmforge.export.gguf import export_gguf, read_gguf_info, strip_generation_t
 from slmforge.export.ollama import ollama_template, render_ollama_template, write_modelfile
 from slmforge.generate import Generator, SamplingParams, TorchGenerator
 from slmforge.generate._llamacpp import LlamaCppGenerator
-from slmforge.model import build_model, save_model_folder
+from slmforge.model import save_model_folder
 from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_tiny_tokenizer
+from conftest import build_peaky_model, build_tiny_tokenizer
 
 ARCH = dict(preset="custom", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 PROMPTS = ["The garden was", "Bread is", "hello", "Trains leave the", "A lighthouse keeper"]
@@ -85,16 +85,8 @@ def tokenizer_dir(workdir) -> Path:
 
 
 def _make_model(workdir: Path, tokenizer_dir: Path, tied: bool) -> Path:
-    tok = load_tokenizer(tokenizer_dir)
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(ModelConfig(**ARCH, tie_embeddings=tied), vocab_size=len(tok), special_ids=ids, seed=0)
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight  # the embedding table itself when tied
-        head.mul_(30)
-        head[:FIRST_MERGE] = 0
     folder = workdir / ("model-tied" if tied else "model")
-    save_model_folder(model, tok, folder, profiles=GenerateConfig().profiles, default_profile="factual")
-    return folder
+    return build_peaky_model(tokenizer_dir, folder, ModelConfig(**ARCH, tie_embeddings=tied))
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,8 @@ from slmforge.export.onnx import (
 )
 from slmforge.generate import Generator, SamplingParams, TorchGenerator, profiles_from_model
 from slmforge.generate._onnx import Decoder, OnnxGenerator, choose_providers
-from slmforge.model import build_model, save_model_folder
-from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_tiny_tokenizer
+from conftest import build_peaky_model, build_tiny_tokenizer
 
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                    intermediate_size=64, tie_embeddings=False)
@@ -75,14 +73,7 @@ def tokenizer_dir(workdir) -> Path:
 
 
 def make_model(tokenizer_dir: Path, folder: Path, tied: bool) -> Path:
-    tok = load_tokenizer(tokenizer_dir)
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(TINY.model_copy(update={"tie_embeddings": tied}), vocab_size=len(tok), special_ids=ids, seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # when tied, the embedding table too
-        model.lm_head.weight[: 5 + 256] = 0  # 5 special tokens, then the 256 byte tokens
-    save_model_folder(model, tok, folder, profiles=GenerateConfig().profiles, default_profile="factual")
-    return folder
+    return build_peaky_model(tokenizer_dir, folder, TINY.model_copy(update={"tie_embeddings": tied}))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
-from slmforge.config import GenerateConfig, ModelConfig
+from slmforge.config import ModelConfig
 from slmforge.errors import ConfigError
 from slmforge.generate import Completion, Generator, SamplingParams, TorchGenerator
-from slmforge.model import build_model, save_model_folder
 from slmforge.serve import create_app, parse_model_ref, read_api_keys, serve
-from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_tiny_tokenizer
+from conftest import build_peaky_model, build_tiny_tokenizer
 
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                    intermediate_size=64, tie_embeddings=False)
@@ -39,16 +36,7 @@ def _one_thread(one_torch_thread):
 def model_dir(tmp_path_factory) -> Path:
     # The same peaky tiny model as test_generate: whole-word greedy text with clear margins.
     workdir = tmp_path_factory.mktemp("serve")
-    tok = load_tokenizer(build_tiny_tokenizer(workdir, vocab_size=400))
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(TINY, vocab_size=len(tok), special_ids=ids, seed=0)
-    first_merge = 5 + 256
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-        model.lm_head.weight[:first_merge] = 0
-    folder = workdir / "tiny"
-    save_model_folder(model, tok, folder, profiles=GenerateConfig().profiles, default_profile="factual")
-    return folder
+    return build_peaky_model(build_tiny_tokenizer(workdir, vocab_size=400), workdir / "tiny", TINY)
 
 
 @pytest.fixture(scope="module")
