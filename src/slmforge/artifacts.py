@@ -180,6 +180,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def files_fingerprint(path: str | Path) -> str:
+    """A cheap identity of a file or folder not made by slmforge: file names, sizes and mtimes."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def model_ref(spec: str | Path) -> dict[str, str]:
+    """The lineage entry of a model: its manifest (a slmforge artifact), else an external
+    folder or file fingerprinted by its files, else a hub id taken at its word."""
+    path = Path(str(spec))
+    if path.is_dir() and (path / MANIFEST).exists():
+        return parent_ref(path)
+    if path.exists():
+        return {"path": str(path.resolve()), "kind": "external-model", "fingerprint": files_fingerprint(path)}
+    return {"path": str(spec), "kind": "hub-model", "fingerprint": str(spec)}
+
+
 class ArtifactWriter:
     """Write an artifact folder atomically.
 

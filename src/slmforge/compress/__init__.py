@@ -19,13 +19,12 @@ dependency; the formats here are simple enough to port to it later.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import ArtifactWriter, parent_ref
+from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref
 from slmforge.compress._io import load_quantized, save_quantized
 from slmforge.compress._methods import METHODS, NONE
 from slmforge.compress._offload import load_offloaded
@@ -74,18 +73,6 @@ def _model_spec(cfg: ProjectConfig, model: str | Path | None) -> str:
     return str(resolved) if resolved.exists() else str(spec)
 
 
-def _model_parent(spec: str) -> dict[str, str]:
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").exists():
-        return parent_ref(path)
-    if path.exists():
-        h = hashlib.sha256()
-        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        return {"path": str(path.resolve()), "kind": "external-model", "fingerprint": h.hexdigest()}
-    return {"path": spec, "kind": "hub-model", "fingerprint": spec}
-
-
 def _uses(cfg: ProjectConfig, method: str) -> bool:
     return cfg.quantize.method == method or method in cfg.quantize.plan.values()
 
@@ -105,7 +92,7 @@ def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[
     if _uses(cfg, "ternary"):
         config["qat_loop"] = qat_loop_config(cfg).model_dump(mode="json")
     data_dir = cfg.stage_dir("data", cfg.data.out)
-    return "quantized-model", config, [_model_parent(spec), parent_ref(data_dir, "dataset")]
+    return "quantized-model", config, [model_ref(spec), parent_ref(data_dir, "dataset")]
 
 
 def _load_float_model(spec: str):
@@ -356,7 +343,7 @@ def sensitivity(
         raise ConfigError(f"Sensitivity needs a one-shot method ({', '.join(one_shot)}); got {method!r}.")
     qcfg = cfg.quantize
     spec = _model_spec(cfg, model)
-    parents = [_model_parent(spec), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    parents = [model_ref(spec), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
     out_dir = Path(out) if out else cfg.stage_dir("quantize-sensitivity")
     heldout = _heldout(cfg)
     net, tok = _load_float_model(spec)

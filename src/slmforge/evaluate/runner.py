@@ -41,16 +41,9 @@ class SuiteResult:
 
 def model_identity(model: str | Path) -> str:
     """What identifies a model for caching: its manifest fingerprint, else file sizes and times."""
-    path = Path(str(model))
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["fingerprint"]
-    h = hashlib.sha256(str(model).encode())
-    if path.exists():
-        for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    from slmforge.artifacts import model_ref
+
+    return model_ref(model)["fingerprint"]
 
 
 def build_prompt(spec: SuiteSpec, item: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
+from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, TrainError
 
@@ -173,16 +173,14 @@ def _base_spec(cfg: ProjectConfig, base: str | Path | None) -> tuple[str, list[d
     spec = str(base) if base is not None else (cfg.sft.base or str(cfg.stage_dir("train", cfg.train.out)))
     resolved = cfg.resolve(spec)
     path = resolved if resolved.exists() else Path(spec)
-    if path.is_dir() and (path / "manifest.json").exists():
-        return str(path), [parent_ref(path)]
     if path.exists():
-        return str(path), [{"path": str(path.resolve()), "kind": "external-model", "fingerprint": _file_fingerprint(path)}]
+        return str(path), [model_ref(path)]
     if base is None and cfg.sft.base is None:
         raise ArtifactError(
             f"No model to fine-tune: {path} does not exist. Run `slmforge train` first, or set sft.base "
             "to a model folder, hub id or .gguf file."
         )
-    return spec, [{"path": spec, "kind": "hub-model", "fingerprint": spec}]
+    return spec, [model_ref(spec)]
 
 
 def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
@@ -195,17 +193,6 @@ def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[s
     if cfg.sft.tokenizer:
         parents.append(parent_ref(cfg.resolve(cfg.sft.tokenizer), "tokenizer"))
     return kind, config, parents
-
-
-def _file_fingerprint(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
 
 
 def _resize_embeddings(model, tok) -> dict[str, Any]:

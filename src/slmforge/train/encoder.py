@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
+from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError, ModelError, TrainError
 from slmforge.evaluate.metrics import classification_metrics, entity_f1, entity_spans
-from slmforge.train import TrainResult, _dataset_dir, _file_fingerprint, _loop_metrics, _write_log, work_dir_for
+from slmforge.train import TrainResult, _dataset_dir, _loop_metrics, _write_log, work_dir_for
 
 __all__ = ["train_encoder", "encoder_plan", "classification_metrics", "entity_f1", "entity_spans"]
 
@@ -217,9 +217,7 @@ def _model_source(cfg: ProjectConfig) -> tuple[Path, list[dict[str, str]]]:
             "Point it at a local encoder folder (config.json, weights, tokenizer), or leave it null to "
             "train a fresh small encoder on the project's tokenizer."
         )
-    if (path / "manifest.json").is_file():
-        return path, [parent_ref(path)]
-    return path, [{"path": str(path.resolve()), "kind": "external-model", "fingerprint": _file_fingerprint(path)}]
+    return path, [model_ref(path)]
 
 
 def encoder_plan(
