@@ -466,6 +466,71 @@ class ReportConfig(Section):
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/report).")
 
 
+# --------------------------------------------------------------------------- serving
+
+
+class VllmConfig(Section):
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=16, description="Longest sequence vLLM plans for (null = the model's).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="Weights and activations.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences in vLLM's running batch (null = vLLM's).")
+    extra_args: list[str] = Field([], description="More `vllm serve` arguments, passed as they are.")
+    startup_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for `vllm serve` to become ready.")
+
+
+class ServeModelConfig(Section):
+    name: str = Field(description="The name clients send as `model`.")
+    path: str | None = Field(
+        None, description="Model folder, .gguf file, ONNX export folder, sentence-transformers folder or hub id "
+        "(not used by engine openai)."
+    )
+    engine: Literal["auto", "torch", "onnx", "llama.cpp", "embedding", "openai", "vllm"] = Field(
+        "auto", description="auto (from the path: .gguf -> llama.cpp, ONNX folder -> onnx, else torch), embedding "
+        "(sentence-transformers, for /v1/embeddings), openai (proxy to base_url), vllm (a managed `vllm serve`)."
+    )
+    adapters: dict[str, str] = Field(
+        {}, description="LoRA adapters over this model: served name -> adapter folder (torch engine; they share "
+        "the base weights in memory and batch together)."
+    )
+    profile: str | None = Field(
+        None, description="Sampling profile for requests to this model (from the model folder or generate.profiles; "
+        "request fields override it). null = plain request defaults."
+    )
+    base_url: str | None = Field(None, description="engine openai: the upstream endpoint, e.g. https://api.example.com/v1.")
+    upstream_model: str | None = Field(None, description="engine openai: the model name sent upstream (null = name).")
+    api_key_env: str | None = Field(None, description="engine openai: environment variable holding the upstream key.")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="engine vllm: how `vllm serve` is started.")
+
+
+class ServeCostConfig(Section):
+    hardware_usd_per_hour: float = Field(
+        0.10, ge=0, description="What the serving machine costs per hour (cloud price or amortised hardware + power)."
+    )
+    api_usd_per_1m_input_tokens: float = Field(0.15, ge=0, description="Price of the API this replaces, per 1M prompt tokens.")
+    api_usd_per_1m_output_tokens: float = Field(0.60, ge=0, description="Price of the API this replaces, per 1M output tokens.")
+    api_name: str = Field("gpt-4o-mini", description="Name of the API in cost reports.")
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 for every interface; needs api_keys).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    models: list[ServeModelConfig] = Field(
+        [], description="Models to serve (empty = the project's sft output, else its train output)."
+    )
+    api_keys: str | None = Field(None, description="Keys file from `slmforge keys add` (null = no authentication, loopback only).")
+    usage_file: str | None = Field(None, description="Where the usage per key is written (JSON) on shutdown.")
+    max_batch_size: int = Field(
+        16, ge=1, le=256, description="Continuous batching: most sequences decoded together per torch model "
+        "(1 = one request at a time)."
+    )
+    max_prompt_chars: int | None = Field(None, ge=1, description="Refuse longer prompts with a 413 (null = no limit).")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Refuse prompts of more tokens with a 413 (null = context).")
+    request_timeout_s: float | None = Field(None, gt=0, description="Seconds of generation per request before a 504.")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM/Ctrl-C, how long in-flight requests may finish.")
+    cost: ServeCostConfig = Field(default_factory=ServeCostConfig, description="Prices for `slmforge bench serve`.")
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -491,6 +556,9 @@ class ProjectConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="`slmforge export onnx|gguf|ollama`.")
     report: ReportConfig = Field(
         default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
+    )
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
