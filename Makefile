@@ -34,6 +34,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cli_startup.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generate_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/sft
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache

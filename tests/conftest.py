@@ -223,3 +223,82 @@ def one_torch_thread():
 def mixed_corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     root = tmp_path / "corpus"
     return root, build_mixed_corpus(root)
+
+
+def build_lora_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA adapter over a model folder, saved with peft, naming the model as its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
+                                           init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora.save_pretrained(folder)
+    config = folder / "adapter_config.json"
+    import json
+
+    data = json.loads(config.read_text())
+    data["base_model_name_or_path"] = str(model_dir)
+    config.write_text(json.dumps(data))
+    return folder
+
+
+def build_tiny_embedder(tokenizer_dir: Path, folder: Path) -> Path:
+    """A tiny random BERT as a sentence-transformers folder (mean pooling, unit length), 32-d."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    encoder = folder.parent / f"{folder.name}-encoder"
+    BertModel(cfg).save_pretrained(encoder)
+    tok.save_pretrained(encoder)
+    t = models.Transformer(str(encoder), max_seq_length=64)
+    st = SentenceTransformer(modules=[t, models.Pooling(t.get_word_embedding_dimension(), "mean"), models.Normalize()])
+    st.save(str(folder))
+    return folder
+
+
+class LiveServer:
+    """An app served by uvicorn in a background thread on a free 127.0.0.1 port (``with LiveServer(app) as url``)."""
+
+    def __init__(self, app, lifespan: str = "on") -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app, self.lifespan = app, lifespan
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        import httpx
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan=self.lifespan))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

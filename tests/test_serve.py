@@ -19,7 +19,7 @@ from slmforge.errors import ConfigError
 from slmforge.generate import Completion, Generator, SamplingParams, TorchGenerator
 from slmforge.serve import create_app, parse_model_ref, read_api_keys, serve
 
-from conftest import build_peaky_model, build_tiny_tokenizer
+from conftest import LiveServer, build_peaky_model, build_tiny_tokenizer
 
 TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                    intermediate_size=64, tie_embeddings=False)
@@ -51,28 +51,8 @@ def scripted() -> Scripted:
 
 @pytest.fixture(scope="module")
 def base_url(gen, scripted):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app({"tiny": gen, "scripted": scripted}, api_keys={KEY})
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(create_app({"tiny": gen, "scripted": scripted}, api_keys={KEY})) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

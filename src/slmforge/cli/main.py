@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from slmforge import __version__
-from slmforge.cli import generate_cmd, keys_cmd, serve_cmd
+from slmforge.cli import bench_cmd, generate_cmd, keys_cmd, serve_cmd
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
@@ -37,6 +37,7 @@ app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 app.command("serve")(serve_cmd.serve)
 app.add_typer(keys_cmd.keys_app, name="keys")
+app.add_typer(bench_cmd.bench_app, name="bench")
 
 
 

@@ -10,30 +10,40 @@ from typing import Annotated
 
 import typer
 
-from slmforge.cli._options import err
+from slmforge.cli._options import ConfigOpt, SetOpt, err
 
 
 def serve(
     models: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
-            help="Model folders, .gguf files or hub ids. Clients name a model by its folder name; "
-            "NAME=PATH picks another name.",
+            help="Model folders, .gguf files, ONNX exports or hub ids. Clients name a model by its folder name; "
+            "NAME=PATH picks another name. Default: the project file's serve.models, else its sft/train output.",
             show_default=False,
         ),
-    ],
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="NAME=FOLDER: a LoRA adapter over the first model, served as NAME "
+                     "(repeatable; adapters share the base weights and batch together)."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default serve.host: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="TCP port (default serve.port: 8000).")] = None,
     api_keys: Annotated[
         Path | None,
         typer.Option(
             "--api-keys",
             help="Keys file from `slmforge keys add` (SHA-256 hashes and per-key limits), or plain keys one "
             "per line. Clients then send 'Authorization: Bearer KEY'; keys are compared by hash. "
-            "Default: no authentication, allowed only on a loopback --host.",
+            "Default: serve.api_keys; without keys the server runs open, allowed only on a loopback --host.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    max_batch_size: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Continuous batching: most sequences a torch model decodes "
+                                 "together (default serve.max_batch_size: 16; 1 = one request at a time).")] = None,
     max_prompt_chars: Annotated[
         int | None, typer.Option(min=1, help="Refuse longer prompts with a 413 (default: no limit).")] = None,
     max_prompt_tokens: Annotated[
@@ -46,23 +56,33 @@ def serve(
         Path | None, typer.Option(help="Write the usage per key here (JSON) on shutdown; read it with `slmforge keys usage`.")
     ] = None,
 ) -> None:
-    """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions (streaming too).
+    """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
     Try it: slmforge serve runs/sft --port 8000, then
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
     -d '{"model": "sft", "messages": [{"role": "user", "content": "hi"}]}'.
-    Also GET /v1/usage (the caller's usage) and GET /metrics (Prometheus).
+    Streaming, n, logprobs, response_format (json_object / json_schema, enforced while decoding) and tools
+    work on torch models, which batch requests continuously. Also GET /v1/usage (the caller's usage),
+    GET /metrics (Prometheus) and GET /docs (the OpenAPI schema). Several models, LoRA adapters, embedding
+    models, upstream proxies and vLLM go under serve.models in the project file.
     """
+    from slmforge.config import load_config
     from slmforge.serve import parse_model_ref, serve as run_server
 
-    for ref in models:
+    cfg = load_config(config, set_ or [])
+    adapters = dict(parse_model_ref(a) for a in adapter or [])
+    for ref in models or []:
         name, path = parse_model_ref(ref)
         err.print(f"model {name} <- {path}", style="dim")
-    if api_keys is None and host not in ("127.0.0.1", "localhost", "::1"):
-        raise typer.BadParameter(f"serving on {host} needs --api-keys (make one with `slmforge keys add NAME`); "
+    for name, path in adapters.items():
+        err.print(f"adapter {name} <- {path}", style="dim")
+    bind = host or cfg.serve.host
+    keys = api_keys if api_keys is not None else (cfg.resolve(cfg.serve.api_keys) if cfg.serve.api_keys else None)
+    if keys is None and bind not in ("127.0.0.1", "localhost", "::1"):
+        raise typer.BadParameter(f"serving on {bind} needs --api-keys (make one with `slmforge keys add NAME`); "
                                  "only a loopback host may be served open.", param_hint="--api-keys")
-    if api_keys is None:
+    if keys is None:
         err.print("serving without authentication (loopback only)", style="dim")
-    run_server(models, host=host, port=port, api_keys_file=api_keys, device=device,
+    run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
                max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
-               request_timeout_s=request_timeout)
+               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters)

@@ -20,6 +20,7 @@ sequence; it derives positions from the mask (no ``position_ids`` input).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,10 @@ def make_session(
     so.log_severity_level = 3  # errors only: the builder's graphs trigger harmless warnings
     if threads:
         so.intra_op_num_threads = threads
+    if os.environ.get("SLMFORGE_ORT_SPINNING") == "0":
+        # Idle workers that spin starve other engines in the same process (the server sets this).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)

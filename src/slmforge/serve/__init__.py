@@ -22,7 +22,7 @@ uvicorn are imported only when an app is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import json
 
@@ -33,7 +33,7 @@ from slmforge.serve._keys import ApiKey, add_key, read_keys_file, revoke_key
 if TYPE_CHECKING:
     import fastapi
 
-    from slmforge.generate import Generator
+    from slmforge.config import ProjectConfig
 
 __all__ = ["create_app", "serve", "parse_model_ref", "read_api_keys", "hash_api_key", "ApiKey", "add_key",
            "read_keys_file", "revoke_key", "usage_csv"]
@@ -74,23 +74,31 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 def create_app(
-    models: dict[str, Generator],
+    models: dict[str, Any],
     api_keys: set[str] | list[ApiKey] | None = None,
     max_prompt_chars: int | None = None,
     max_prompt_tokens: int | None = None,
     request_timeout_s: float | None = None,
+    max_batch_size: int = 16,
+    closers: list[Any] | None = None,
+    shutdown_timeout_s: float = 30.0,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
     Args:
-        models: Model name (what clients pass as ``model``) -> engine.
+        models: Model name (what clients pass as ``model``) -> a ``Generator`` (torch generators get
+            continuous batching), an ``slmforge.embed.Embedder`` (for ``/v1/embeddings``), an upstream
+            endpoint (``serve._upstream.Upstream``), or a ready ``ServedModel`` (adapters, profiles).
         api_keys: When given, every ``/v1`` request needs ``Authorization: Bearer <key>``: plain keys
             (no limits), or key records from ``read_keys_file`` with their limits.
             Keys are kept only as SHA-256 digests and compared in constant time.
         max_prompt_chars: Longer prompts (all messages together) are refused with a 413.
         max_prompt_tokens: Prompts of more tokens are refused with a 413.
-        request_timeout_s: Seconds a request may generate once its model is free: past them a request
-            gets a 504 (a stream, an error event), though the engine finishes its current call.
+        request_timeout_s: Seconds a request may generate: past them a request gets a 504 (a stream, an
+            error event).
+        max_batch_size: Continuous batching: most sequences a torch model decodes together (1: one at a time).
+        closers: Things to close when the app shuts down (upstream clients, a managed vLLM).
+        shutdown_timeout_s: How long the batching engines may take to finish their sequences at shutdown.
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -104,14 +112,17 @@ def create_app(
         raise ConfigError("api_keys is empty: pass None for no authentication, or at least one key.")
     from slmforge.serve._app import PromptLimits, build_app
     from slmforge.serve._limits import KeyLimiter, Metrics
+    from slmforge.serve._models import wrap_models
 
     keys = None
     if api_keys is not None:
         keys = [k if isinstance(k, ApiKey) else ApiKey(name=f"key-{i}", sha256=hash_api_key(k))
                 for i, k in enumerate(sorted(api_keys, key=str), start=1)]
     limiter, metrics = KeyLimiter(), Metrics()
-    app = build_app(dict(models), keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter, metrics)
-    app.state.limiter, app.state.metrics = limiter, metrics
+    served = wrap_models(dict(models), max_batch_size)
+    app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
+                    metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s)
+    app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
     return app
 
 
@@ -129,20 +140,27 @@ def usage_csv(rows: list[dict]) -> str:
 
 
 def serve(
-    model_paths: list[str],
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    model_paths: list[str] | None = None,
+    cfg: ProjectConfig | None = None,
+    host: str | None = None,
+    port: int | None = None,
     api_keys_file: str | Path | None = None,
     device: str = "auto",
     max_prompt_chars: int | None = None,
     max_prompt_tokens: int | None = None,
     usage_file: str | Path | None = None,
     request_timeout_s: float | None = None,
+    max_batch_size: int | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> None:
-    """Load the models and serve them until interrupted.
+    """Load the models and serve them until interrupted (SIGTERM/Ctrl-C finish in-flight requests first).
+
+    Settings come from ``cfg.serve`` (the project file); arguments that are not None override them.
 
     Args:
-        model_paths: Model folders, .gguf files or hub ids, each optionally ``name=path``.
+        model_paths: Model folders, .gguf files or hub ids, each optionally ``name=path``; None or empty
+            serves the project file's ``serve.models`` (else its sft/train output).
+        cfg: The project config (default: built-in defaults).
         host: Interface to bind; 127.0.0.1 keeps the server local.
         port: TCP port.
         api_keys_file: A keys file (JSON lines from ``slmforge keys add``, or plain keys one per line);
@@ -152,27 +170,51 @@ def serve(
         max_prompt_tokens: Refuse prompts of more tokens with a 413.
         usage_file: Where to write the usage per key (JSON) when the server stops.
         request_timeout_s: Seconds of generation per request before a 504.
+        max_batch_size: Continuous batching width per torch model (1 = one request at a time).
+        adapters: LoRA adapters (served name -> folder) over the first model.
 
     Raises:
         ConfigError: Two models share a name, or the keys file is unusable.
         ModelError: A model cannot be loaded.
     """
-    refs = [parse_model_ref(r) for r in model_paths]
+    from slmforge.config import ProjectConfig
+    from slmforge.serve._models import load_models, model_configs
+
+    cfg = cfg or ProjectConfig()
+    sc = cfg.serve
+    refs = [parse_model_ref(r) for r in model_paths or []]
     names = [n for n, _ in refs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"Two models are named {', '.join(dupes)}; name them apart with NAME=PATH.")
-    keys = read_keys_file(api_keys_file) if api_keys_file is not None else None
-    from slmforge.generate import load_generator
-
-    models = {name: load_generator(path, device=device) for name, path in refs}
-    app = create_app(models, keys, max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens,
-                     request_timeout_s=request_timeout_s)
-    if usage_file is not None:
-        _write_usage_on_shutdown(app, Path(usage_file).expanduser())
+    table = model_configs(cfg, refs, dict(adapters or {}))
+    keys_file = api_keys_file if api_keys_file is not None else (cfg.resolve(sc.api_keys) if sc.api_keys else None)
+    keys = read_keys_file(keys_file) if keys_file is not None else None
+    _quiet_thread_pools()
+    served, closers = load_models(cfg, table, device, max_batch_size or sc.max_batch_size)
+    app = create_app(served, keys,
+                     max_prompt_chars=max_prompt_chars if max_prompt_chars is not None else sc.max_prompt_chars,
+                     max_prompt_tokens=max_prompt_tokens if max_prompt_tokens is not None else sc.max_prompt_tokens,
+                     request_timeout_s=request_timeout_s if request_timeout_s is not None else sc.request_timeout_s,
+                     max_batch_size=max_batch_size or sc.max_batch_size, closers=closers,
+                     shutdown_timeout_s=sc.shutdown_timeout_s)
+    usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
+    if usage is not None:
+        _write_usage_on_shutdown(app, Path(usage).expanduser())
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
+                timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def _quiet_thread_pools() -> None:
+    """Several engines in one process starve each other when idle thread pools keep spinning
+    (docs/BENCHMARKS.md, runtime comparison): make OpenMP workers sleep when idle, and keep ONNX
+    Runtime's inter-op pool from spinning where the session options allow it."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("SLMFORGE_ORT_SPINNING", "0")
 
 
 def _write_usage_on_shutdown(app: fastapi.FastAPI, file: Path) -> None:
@@ -180,10 +222,13 @@ def _write_usage_on_shutdown(app: fastapi.FastAPI, file: Path) -> None:
     # shut down, so code after run() never runs when the server is stopped by a signal.
     from contextlib import asynccontextmanager
 
+    inner = app.router.lifespan_context
+
     @asynccontextmanager
     async def lifespan(_app):
         try:
-            yield
+            async with inner(_app):
+                yield
         finally:
             rows = app.state.limiter.usage_rows()
             file.write_text(json.dumps({"object": "list", "data": rows}, indent=2) + "\n", encoding="utf-8")

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import anyio
@@ -20,11 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slmforge.errors import GenerateError
+from slmforge.config import SamplingProfile
+from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Generator, SamplingParams
+from slmforge.generate._constrain import (chat_messages_for_template, check_tools, json_schema_constraint,
+                                          parse_tool_call, tool_constraint)
+from slmforge.serve._batch import BatchRequest, Finished
 from slmforge.serve._hash import hash_api_key
 from slmforge.serve._keys import ApiKey
 from slmforge.serve._limits import KeyLimiter, LimitExceeded, Metrics
+from slmforge.serve._models import ServedModel
+from slmforge.serve._upstream import UpstreamError
 
 # Defaults when a request leaves a field out: OpenAI's, except chat max_tokens (OpenAI: up to the context).
 _COMPLETION_MAX_TOKENS = 16
@@ -35,39 +41,76 @@ _CHAT_MAX_TOKENS = 128
 
 
 class _Request(BaseModel):
-    # Unknown fields are rejected (400) rather than silently ignored: a client asking for
-    # logprobs or penalties we do not implement should know.
-    model_config = ConfigDict(extra="forbid")
+    # Fields outside OpenAI's API (and the few extensions below) are refused with a 400 for local models,
+    # rather than silently ignored: a client asking for penalties we do not implement should know. They
+    # are kept (extra="allow") so a proxied model can pass them upstream.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None  # {"include_usage": true} adds a final usage chunk
     user: str | None = None  # accepted, unused
+    # Extensions (as in vLLM): a sampling profile of the model or project, and more sampling knobs.
+    profile: str | None = None
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    ignore_eos: bool = False  # keep generating to max_tokens (benchmarks)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
-    def params(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_new_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p if self.top_p < 1.0 else None,
-            stop=stop,
-            seed=self.seed,
-            n=self.n,
-        )
+    def bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer ids.
+
+        Raises:
+            ApiError: A key that is not a token id, or a bias outside [-100, 100].
+        """
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().isdigit() or not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias maps token ids (strings of digits) to numbers in [-100, 100]; got "
+                               f"{key!r}: {value}.", "invalid_request_error", "logit_bias")
+            out[int(key)] = float(value)
+        return out
+
+    def params(self, default_max_tokens: int, profile: SamplingProfile | None) -> SamplingParams:
+        """The profile's values (or OpenAI's defaults: temperature 1), overridden by what the request sets."""
+        if profile is not None:
+            params = SamplingParams.from_profile(profile)
+        else:
+            params = SamplingParams(max_new_tokens=default_max_tokens, temperature=1.0)
+        if self.max_tokens is not None:
+            params.max_new_tokens = self.max_tokens
+        for name in ("temperature", "top_k", "repetition_penalty", "seed"):
+            if getattr(self, name) is not None:
+                setattr(params, name, getattr(self, name))
+        if self.top_p is not None:
+            params.top_p = self.top_p if self.top_p < 1.0 else None
+        if self.stop is not None:
+            params.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        params.n, params.ignore_eos = self.n, self.ignore_eos
+        return params
 
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy API: the top-k count
+    echo: bool = False
+
+    # The legacy API has no max_completion_tokens; nothing more to add.
 
 
 class _TextPart(BaseModel):
@@ -76,20 +119,70 @@ class _TextPart(BaseModel):
     text: str
 
 
+class _FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class _ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: _FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[_TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
     name: str | None = None  # accepted, unused
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+    def plain(self) -> dict[str, Any]:
+        text = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class _JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaFormat | None = None
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted: one call per reply is generated
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
 
 # --------------------------------------------------------------------------- errors
@@ -123,7 +216,7 @@ class PromptLimits:
 
 _ANONYMOUS = "anonymous"  # the usage name of requests to a server run without keys
 _ENDPOINTS = ("/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
-              "/v1/usage")
+              "/v1/embeddings", "/v1/usage")
 
 
 class _RequestMetrics:
@@ -168,13 +261,36 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- app
 
 
-def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_limits: PromptLimits,
-              limiter: KeyLimiter, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="slmforge", docs_url=None, redoc_url=None, openapi_url=None)
+def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_limits: PromptLimits,
+              limiter: KeyLimiter, metrics: Metrics, closers: list[Any] | None = None,
+              shutdown_timeout_s: float = 30.0) -> FastAPI:
+    engines = {id(m.batch): m.batch for m in models.values() if m.batch is not None}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            # uvicorn has already waited for in-flight requests; the engines end their last sequences.
+            for engine in engines.values():
+                await anyio.to_thread.run_sync(engine.stop, shutdown_timeout_s)
+            for closer in closers or []:
+                close = getattr(closer, "aclose", None)
+                if close is not None:
+                    await close()
+                elif hasattr(closer, "stop"):
+                    await anyio.to_thread.run_sync(closer.stop)
+
+    app = FastAPI(title="slmforge", description="An OpenAI-compatible API over your own models.",
+                  version=_version(), lifespan=lifespan)
     app.add_middleware(_RequestMetrics, metrics=metrics)
     created = int(time.time())
-    # One request per model at a time: engines are not safe to call from two threads at once.
-    # Created lazily because an asyncio.Lock belongs to the loop that first uses it.
+    for name, engine in _engine_names(models).items():
+        metrics.running[name] = (lambda e=engine: e.busy)
+        metrics.waiting[name] = (lambda e=engine: e.waiting)
+        engine.on_step = (lambda size, n=name: metrics.observe_batch(n, size))
+    # Engines without continuous batching take one request at a time: they are not safe to call from
+    # two threads at once. Created lazily because an asyncio.Lock belongs to the loop that first uses it.
     locks: dict[str, asyncio.Lock] = {}
 
     @app.exception_handler(ApiError)
@@ -216,11 +332,19 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    def pick(name: str) -> tuple[Generator, asyncio.Lock]:
-        if name not in models:
+    def pick(name: str, kind: str) -> ServedModel:
+        served = models.get(name)
+        if served is None:
             raise ApiError(404, f"The model {name!r} does not exist; known models: {', '.join(models)}.",
                            "invalid_request_error", "model", "model_not_found")
-        return models[name], locks.setdefault(name, asyncio.Lock())
+        if served.kind != kind and served.kind != "upstream":
+            what = {"embed": "an embedding model (use /v1/embeddings)",
+                    "generate": "a text generation model (use /v1/chat/completions or /v1/completions)"}[served.kind]
+            raise ApiError(400, f"The model {name!r} is {what}.", "invalid_request_error", "model")
+        return served
+
+    def lock_for(name: str) -> asyncio.Lock:
+        return locks.setdefault(name, asyncio.Lock())
 
     def admit(request: Request, prompt_chars: int) -> str:
         """Check the prompt's size and the key's limits; returns the name usage is metered under."""
@@ -274,17 +398,33 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
                 t.exception()  # retrieved, so an abandoned task's error is not logged as "never retrieved"
 
         task.add_done_callback(release)
-        timeout = prompt_limits.request_timeout_s
         try:
-            result = await asyncio.wait_for(asyncio.shield(task), timeout)
+            result = await asyncio.wait_for(asyncio.shield(task), prompt_limits.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"The request took longer than this server's limit of {timeout:g} s.",
-                           "timeout_error", None, "request_timeout") from None
+            raise _timeout_error(prompt_limits.request_timeout_s) from None
         return result, time.perf_counter() - start
 
     def finished(user: str, model: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         limiter.record(user, prompt_tokens, completion_tokens)
         metrics.observe_generation(model, prompt_tokens, completion_tokens, seconds)
+
+    async def proxy(served: ServedModel, path: str, body: BaseModel, request: Request, user: str):
+        """Forward a request to an upstream endpoint, metering its usage under the caller's key."""
+        payload = body.model_dump(exclude_unset=True, by_alias=True)
+        start = time.perf_counter()
+        try:
+            if not payload.get("stream"):
+                answer = await served.upstream.post(path, payload)
+                usage = answer.get("usage") or {}
+                finished(user, served.name, int(usage.get("prompt_tokens") or 0),
+                         int(usage.get("completion_tokens") or 0), time.perf_counter() - start)
+                return {**answer, "model": served.name}
+            events = await served.upstream.stream(path, payload)  # errors come here, before any byte
+        except UpstreamError as exc:
+            raise ApiError(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers) from None
+        return StreamingResponse(_relay(events, served.name, user, start, finished, metrics),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -304,23 +444,58 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
     async def ready():
         return {"status": "ready", "models": list(models)}
 
+    def card(name: str) -> dict[str, Any]:
+        m = models[name]
+        return {"id": name, "object": "model", "created": created, "owned_by": "slmforge",
+                "engine": m.engine, "kind": m.kind, **({"adapter": m.adapter} if m.adapter else {}),
+                "profiles": sorted(m.profiles), "default_profile": m.profile}
+
     @v1.get("/models")
     async def list_models():
-        return {"object": "list",
-                "data": [{"id": n, "object": "model", "created": created, "owned_by": "slmforge"} for n in models]}
+        return {"object": "list", "data": [card(n) for n in models]}
 
     @v1.get("/models/{name}")
     async def get_model(name: str):
-        pick(name)
-        return {"id": name, "object": "model", "created": created, "owned_by": "slmforge"}
+        if name not in models:
+            pick(name, "generate")
+        return card(name)
+
+    @v1.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        served = pick(body.model, "embed")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        user = admit(request, sum(len(t) for t in texts if isinstance(t, str)))
+        if served.kind == "upstream":
+            return await proxy(served, "/embeddings", body, request, user)
+        _refuse_unknown(body.unknown_fields())
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, "input must be a string or a non-empty list of strings (token-id input is not "
+                           "supported).", "invalid_request_error", "input")
+        if any(not t for t in texts):
+            raise ApiError(400, "input holds an empty string; every input needs some text.",
+                           "invalid_request_error", "input")
+        start = time.perf_counter()
+        try:
+            vectors, tokens = await run_in_threadpool(served.embedder.embed, list(texts), body.dimensions)
+        except ModelError as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", "dimensions") from None
+        finished(user, served.name, tokens, 0, time.perf_counter() - start)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _b64_floats(v) if body.encoding_format == "base64" else v}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": served.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         start = time.perf_counter()
-        gen, lock = pick(body.model)
-        params = body.params(_COMPLETION_MAX_TOKENS)
-        _validate(params)
+        served = pick(body.model, "generate")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if served.kind == "upstream":
+            return await proxy(served, "/completions", body, request, admit(request, sum(len(p) for p in prompts)))
+        _refuse_unknown(body.unknown_fields())
+        params = body.params(_COMPLETION_MAX_TOKENS, _profile(served, body.profile))
+        _validate(params)
         if not prompts:
             raise ApiError(400, "prompt is an empty list; give at least one prompt.", "invalid_request_error", "prompt")
         if body.stream:
@@ -328,19 +503,50 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
                 raise ApiError(400, "Streaming takes one prompt; send a string, not a list.",
                                "invalid_request_error", "prompt")
             _check_streamable(params)
+        if body.echo:
+            raise ApiError(400, "echo is not supported.", "invalid_request_error", "echo")
+        if served.batch is None:
+            for asked, what in ((body.logprobs is not None, "logprobs"), (body.logit_bias, "logit_bias")):
+                if asked:
+                    _needs_batching(served, what)
         user = admit(request, max(len(p) for p in prompts))
         explicit = body.max_tokens is not None
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        chunk = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
+
+        if served.batch is not None:
+            engine = served.batch
+            ids = [await run_in_threadpool(engine.encode, p, True) for p in prompts]
+            for one in ids:
+                _check_prompt_tokens(served.generator, len(one), params.max_new_tokens, explicit, prompt_limits)
+            jobs = [BatchRequest(one, _one(params, i), served.adapter, None, body.logprobs, body.bias())
+                    for one in ids for i in range(params.n)]
+            if body.stream:
+                hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
+                handle = engine.submit(jobs[0], asyncio.get_running_loop())  # bad parameters: a 400, not a broken stream
+                return _sse(_batched_events(handle, chunk, chat=False, usage=body.include_usage,
+                                            hooks=hooks, logprobs="completion" if body.logprobs is not None else None))
+            results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
+            choices, completion_tokens = [], 0
+            for index, (text, fin, lps) in enumerate(results):
+                choices.append({"index": index, "text": text, "finish_reason": fin.finish_reason,
+                                "logprobs": _completion_logprobs(lps) if body.logprobs is not None else None})
+                completion_tokens += fin.completion_tokens
+            prompt_tokens = sum(len(one) for one in ids)
+            finished(user, body.model, prompt_tokens, completion_tokens, seconds)
+            return {"id": rid, "object": "text_completion", "created": now, "model": body.model,
+                    "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+        gen, lock = served.generator, lock_for(body.model)
 
         def check() -> list[int]:
             counts = [_count_tokens(gen, p, special=True) for p in prompts]
             _check_prompt_tokens(gen, max(counts), params.max_new_tokens, explicit, prompt_limits)
             return counts
 
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             async with hold(body.model, lock):
                 await run_in_threadpool(check)
-            chunk = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
             done = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
             events = _stream_events(gen, lock, prompts[0], params, chunk, chat=False, usage=body.include_usage,
                                     hooks=done, hold=hold)
@@ -366,27 +572,74 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         start = time.perf_counter()
-        gen, lock = pick(body.model)
-        params = body.params(_CHAT_MAX_TOKENS)
+        served = pick(body.model, "generate")
+        raw = [m.plain() for m in body.messages]
+        if served.kind == "upstream":
+            return await proxy(served, "/chat/completions", body, request,
+                               admit(request, sum(len(m["content"] or "") for m in raw)))
+        _refuse_unknown(body.unknown_fields())
+        params = body.params(_CHAT_MAX_TOKENS, _profile(served, body.profile))
         if body.max_completion_tokens is not None:
             params.max_new_tokens = body.max_completion_tokens
         _validate(params)
-        messages = [m.plain() for m in body.messages]
         if body.stream:
             _check_streamable(params)
-        user = admit(request, sum(len(m["content"]) for m in messages))
+        tools, choice = _tool_setup(body)
+        structured = body.response_format is not None and body.response_format.type != "text"
+        if served.batch is None:
+            for asked, what in ((body.logprobs, "logprobs"), (structured, "response_format"), (tools, "tools"),
+                                (body.logit_bias, "logit_bias")):
+                if asked:
+                    _needs_batching(served, what)
+        user = admit(request, sum(len(m["content"] or "") for m in raw))
         explicit = body.max_tokens is not None or body.max_completion_tokens is not None
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
+
+        if served.batch is not None:
+            engine = served.batch
+            try:
+                messages = chat_messages_for_template(raw, tools or [], choice if tools else "none")
+            except GenerateError as exc:
+                raise ApiError(400, str(exc), "invalid_request_error", "messages") from None
+            constraint = await run_in_threadpool(_constraint_for, engine, body, tools, choice)
+            try:
+                text = await run_in_threadpool(engine.render_chat, messages)
+            except GenerateError as exc:
+                raise ApiError(400, str(exc), "invalid_request_error", "messages") from None
+            ids = await run_in_threadpool(engine.encode, text, False)
+            _check_prompt_tokens(served.generator, len(ids), params.max_new_tokens, explicit, prompt_limits)
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            jobs = [BatchRequest(ids, _one(params, i), served.adapter, constraint, top, body.bias())
+                    for i in range(params.n)]
+            if body.stream:
+                hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
+                handle = engine.submit(jobs[0], asyncio.get_running_loop())
+                return _sse(_batched_events(handle, chunk, chat=True, usage=body.include_usage, hooks=hooks,
+                                            logprobs="chat" if top is not None else None,
+                                            tools=tools if choice != "none" else None))
+            results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
+            choices, completion_tokens = [], 0
+            for index, (text_out, fin, lps) in enumerate(results):
+                message, reason = _assistant_message(text_out, fin.finish_reason, tools if choice != "none" else None)
+                choices.append({"index": index, "message": message, "finish_reason": reason,
+                                "logprobs": {"content": lps} if top is not None else None})
+                completion_tokens += fin.completion_tokens
+            finished(user, body.model, len(ids), completion_tokens, seconds)
+            return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
+                    "choices": choices, "usage": _usage(len(ids), completion_tokens)}
+
+        gen, lock = served.generator, lock_for(body.model)
+        messages = [{"role": m["role"], "content": m["content"] or ""} for m in raw]
 
         def check() -> int:
             count = _count_tokens(gen, _render(gen, messages), special=False)
             _check_prompt_tokens(gen, count, params.max_new_tokens, explicit, prompt_limits)
             return count
 
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             async with hold(body.model, lock):
                 await run_in_threadpool(check)  # also: no chat template is a 400 now, not a broken stream
-            chunk = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
             done = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
             return _sse(_stream_events(gen, lock, messages, params, chunk, chat=True, usage=body.include_usage,
                                        hooks=done, hold=hold))
@@ -404,6 +657,231 @@ def build_app(models: dict[str, Generator], keys: list[ApiKey] | None, prompt_li
 
     app.include_router(v1)
     return app
+
+
+# --------------------------------------------------------------------------- batched generation
+
+
+def _engine_names(models: dict[str, ServedModel]) -> dict[str, Any]:
+    """Each batching engine under the first name that serves it (adapters share their base's engine)."""
+    out: dict[str, Any] = {}
+    for name, m in models.items():
+        if m.batch is not None and all(e is not m.batch for e in out.values()):
+            out[name] = m.batch
+    return out
+
+
+def _one(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n choices as its own sequence; a seeded request seeds choice i with seed + i."""
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i, stop=list(params.stop))
+
+
+async def _run_batched(engine, jobs: list[BatchRequest], timeout_s: float | None):
+    """Submit every sequence, wait for all -> ([(text, Finished, logprob entries)], seconds)."""
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    handles = [engine.submit(job, loop) for job in jobs]
+
+    async def collect(handle) -> tuple[str, Finished, list[dict[str, Any]]]:
+        text, entries = [], []
+        async for event in handle.events():
+            if isinstance(event, Finished):
+                if event.error:
+                    raise ApiError(500, event.error, "server_error")
+                return "".join(text), event, entries
+            text.append(event.text)
+            entries.extend(event.logprobs)
+        raise ApiError(500, "The engine stopped before the reply ended.", "server_error")
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), timeout_s)
+    except asyncio.TimeoutError:
+        raise _timeout_error(timeout_s) from None
+    finally:
+        for h in handles:
+            h.cancel()  # a no-op for finished ones; frees the slots of the rest (timeout, client gone)
+    return results, time.perf_counter() - start
+
+
+async def _batched_events(handle, chunk: dict[str, Any], chat: bool, usage: bool,
+                          hooks: _StreamHooks, logprobs: str | None, tools: list | None = None) -> AsyncIterator[str]:
+    """OpenAI chunks for one sequence from the batching engine, then ``data: [DONE]``.
+
+    With tools the reply is held until it ends: whether it is a tool call is known only then.
+    """
+
+    def choice(delta_or_text, finish: str | None, entries=None) -> dict[str, Any]:
+        body = {"delta": delta_or_text} if chat else {"text": delta_or_text}
+        lp = None
+        if entries:
+            lp = {"content": entries} if logprobs == "chat" else _completion_logprobs(entries)
+        return {**chunk, "choices": [{"index": 0, **body, "logprobs": lp, "finish_reason": finish}]}
+
+    deadline = None if hooks.timeout_s is None else time.perf_counter() + hooks.timeout_s
+    held: list[str] = []
+    fin: Finished | None = None
+    try:
+        if chat:
+            yield _event(choice({"role": "assistant", "content": ""}, None))
+        async for event in handle.events():
+            if isinstance(event, Finished):
+                fin = event
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                yield _timeout_event(hooks.timeout_s)
+                return
+            if hooks.first_at is None and (event.text or tools):
+                hooks.first_piece()
+            if tools is not None:
+                held.append(event.text)
+                continue
+            if event.text or event.logprobs:
+                yield _event(choice({"content": event.text} if chat else event.text, None, event.logprobs))
+    finally:
+        handle.cancel()
+        if fin is not None:
+            hooks.done(fin.prompt_tokens, fin.completion_tokens)
+    if fin is None:
+        return
+    if fin.error:
+        yield _event({"error": {"message": fin.error, "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+        return
+    reason = fin.finish_reason
+    if tools is not None:
+        message, reason = _assistant_message("".join(held), reason, tools)
+        if message.get("tool_calls"):
+            calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+            yield _event(choice({"tool_calls": calls}, None))
+        else:
+            yield _event(choice({"content": message["content"]}, None))
+    yield _event(choice({} if chat else "", reason))
+    if usage:
+        yield _event({**chunk, "choices": [], "usage": _usage(fin.prompt_tokens, fin.completion_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+def _tool_setup(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """Validated tools and tool_choice (OpenAI's default: auto with tools, none without)."""
+    tools = body.tools or None
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if not tools:
+        if choice not in ("none", None):
+            raise ApiError(400, f"tool_choice {choice!r} needs tools.", "invalid_request_error", "tool_choice")
+        return None, "none"
+    try:
+        check_tools(tools, choice)
+    except GenerateError as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", "tools") from None
+    if choice != "none" and body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(400, "Use either tools or response_format in one request, not both (the reply is "
+                       "constrained to one shape).", "invalid_request_error", "response_format")
+    return tools, choice
+
+
+def _constraint_for(engine, body: ChatRequest, tools, choice):
+    """The decoding constraint of a chat request (compiled and cached per schema), or None."""
+    try:
+        if tools and choice != "none":
+            return tool_constraint(engine.tokenizer, tools, choice, eos_ids=engine.eos_ids)
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return json_schema_constraint(engine.tokenizer, None, eos_ids=engine.eos_ids)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise GenerateError("response_format json_schema needs json_schema.schema (a JSON schema object).")
+        return json_schema_constraint(engine.tokenizer, fmt.json_schema.schema_, eos_ids=engine.eos_ids)
+    except GenerateError as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", "tools" if tools else "response_format") from None
+
+
+def _assistant_message(text: str, reason: str, tools: list | None) -> tuple[dict[str, Any], str]:
+    """The reply as OpenAI's assistant message: a tool call when the text is one (finish ``tool_calls``)."""
+    if tools:
+        call = parse_tool_call(text, tools)
+        if call is not None:
+            calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, reason
+
+
+def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chat-style per-token entries -> the legacy completions ``logprobs`` object."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def _profile(served: ServedModel, name: str | None) -> SamplingProfile | None:
+    name = name or served.profile
+    if name is None:
+        return None
+    if name not in served.profiles:
+        raise ApiError(400, f"Unknown profile {name!r} for model {served.name!r}; known: "
+                       f"{', '.join(sorted(served.profiles)) or '(none)'}.", "invalid_request_error", "profile")
+    return served.profiles[name]
+
+
+def _refuse_unknown(fields: list[str]) -> None:
+    if fields:
+        raise ApiError(400, f"Unsupported field(s): {', '.join(fields)}. This server does not implement them for "
+                       "local models; remove them from the request.", "invalid_request_error", fields[0])
+
+
+def _needs_batching(served: ServedModel, what: str) -> None:
+    raise ApiError(400, f"{what} is not available for model {served.name!r} (engine {served.engine}); it needs the "
+                   "torch engine (a model folder served with continuous batching).", "invalid_request_error", what)
+
+
+def _timeout_error(timeout: float | None) -> ApiError:
+    return ApiError(504, f"The request took longer than this server's limit of {timeout:g} s.",
+                    "timeout_error", None, "request_timeout")
+
+
+def _timeout_event(timeout: float) -> str:
+    """The error event and end of a stream that ran past the request timeout."""
+    error = _timeout_error(timeout)
+    return _event({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}) + \
+        "data: [DONE]\n\n"
+
+
+def _b64_floats(vector: list[float]) -> str:
+    import array
+    import base64
+
+    return base64.b64encode(array.array("f", vector).tobytes()).decode("ascii")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slmforge")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def _relay(events, name: str, user: str, start: float, finished, metrics: Metrics) -> AsyncIterator[bytes]:
+    """Pass an upstream stream through, timing its first event and metering its usage at the end."""
+    first = True
+    try:
+        async for event in events:
+            if first:
+                first = False
+                metrics.ttft[name].observe(time.perf_counter() - start)
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
+        usage = getattr(events, "usage", None) or {}
+        finished(user, name, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                 time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -544,10 +1022,7 @@ async def _stream_events(gen: Generator, lock: asyncio.Lock, prompt, params: Sam
                 if piece is _END:
                     break
                 if deadline is not None and time.perf_counter() > deadline:
-                    yield _event({"error": {"message": f"The request took longer than this server's limit of "
-                                            f"{hooks.timeout_s:g} s.", "type": "timeout_error", "param": None,
-                                            "code": "request_timeout"}})
-                    yield "data: [DONE]\n\n"
+                    yield _timeout_event(hooks.timeout_s)
                     return
                 if not pieces:
                     hooks.first_piece()

@@ -148,6 +148,10 @@ class Metrics:
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.completion_tokens: dict[str, int] = defaultdict(int)
         self.queue_depth: dict[str, int] = defaultdict(int)
+        # Continuous batching: sequences in each forward pass, and sequences running now, per engine.
+        self.batch_size: dict[str, _Histogram] = defaultdict(lambda: _Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256)))
+        self.running: dict[str, Callable[[], int]] = {}
+        self.waiting: dict[str, Callable[[], int]] = {}  # batching engines' queues (queue_depth counts locks)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, status)] += 1
@@ -158,6 +162,9 @@ class Metrics:
         self.completion_tokens[model] += completion_tokens
         if completion_tokens and seconds > 0:
             self.tokens_per_s[model].observe(completion_tokens / seconds)
+
+    def observe_batch(self, engine: str, size: int) -> None:
+        self.batch_size[engine].observe(size)
 
     def render(self) -> str:
         def esc(v: str) -> str:
@@ -185,7 +192,15 @@ class Metrics:
         ):
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
             lines += [f'{name}{{model="{esc(m)}"}} {n}' for m, n in sorted(values.items())]
-        lines += ["# HELP slmforge_queue_depth Requests waiting for a busy model.",
+        lines += ["# HELP slmforge_queue_depth Requests waiting for a busy model (or for a free slot in its batch).",
                   "# TYPE slmforge_queue_depth gauge"]
-        lines += [f'slmforge_queue_depth{{model="{esc(m)}"}} {n}' for m, n in sorted(self.queue_depth.items())]
+        depth = {**self.queue_depth, **{m: f() for m, f in self.waiting.items()}}
+        lines += [f'slmforge_queue_depth{{model="{esc(m)}"}} {n}' for m, n in sorted(depth.items())]
+        lines += ["# HELP slmforge_batch_size Sequences decoded together in one forward pass (continuous batching).",
+                  "# TYPE slmforge_batch_size histogram"]
+        for m, h in sorted(self.batch_size.items()):
+            lines += h.lines("slmforge_batch_size", f'engine="{esc(m)}"')
+        lines += ["# HELP slmforge_running_sequences Sequences running or waiting in a batching engine.",
+                  "# TYPE slmforge_running_sequences gauge"]
+        lines += [f'slmforge_running_sequences{{engine="{esc(m)}"}} {f()}' for m, f in sorted(self.running.items())]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,447 @@
+"""Continuous batching for the in-process torch engine.
+
+One background thread owns the model. Every iteration it admits waiting requests (prefilled together,
+left-padded) into the running batch, then decodes one token for every running sequence in one forward
+pass; a sequence leaves the batch the step it finishes, and its slot is free for the next request.
+Each sequence keeps its own sampling settings, seed, stop strings, token budget, log-probabilities,
+LoRA adapter (peft's mixed-adapter batches) and decoding constraint.
+
+Written by hand rather than with transformers' ``init_continuous_batching``: that manager has one
+``GenerationConfig`` for all requests (no per-request temperature, seed, stop strings, adapters or
+logits masks for structured output), and on CPU it measured ~3x slower than a padded batch
+(../shared/stack.md). Here the batch's KV cache is a transformers ``DynamicCache`` whose rows are
+merged (left-padded to a common length) when sequences join and selected when they leave, as early TGI
+did; the padding columns every row shares are trimmed away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slmforge.errors import GenerateError
+from slmforge.generate import SamplingParams
+from slmforge.generate._text import StopCutter
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass
+class TokenEvent:
+    """New text of one sequence (may be empty while a stop string or a multi-byte character is pending)."""
+
+    text: str
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one entry per token in this event
+
+
+@dataclass
+class Finished:
+    """The sequence ended: why, and how many tokens it read and wrote."""
+
+    finish_reason: str  # "stop" (end of sequence, stop string, complete structured output) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None  # the engine failed on this batch
+
+
+@dataclass
+class BatchRequest:
+    """One sequence to generate. ``params.n`` must be 1: the server submits n requests for n choices."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # a loaded LoRA adapter's name; None = the base model
+    constraint: Any = None  # a generate._constrain.Constraint, or None
+    logprobs: int | None = None  # None = none; k >= 0: the chosen token's log-probability and the top k
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
+
+
+class Handle:
+    """The consumer's side of one request: its events, and a way to cancel it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._loop = loop
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._sync: queue.SimpleQueue | None = None if loop is not None else queue.SimpleQueue()
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+
+    def _put(self, event: TokenEvent | Finished) -> None:
+        if self._async is None:
+            self._sync.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the client went away); its slot frees at the next step."""
+        self.cancelled = True
+
+    async def events(self) -> AsyncIterator[TokenEvent | Finished]:
+        """Events as they come, ending with ``Finished``; leaving early cancels the request."""
+        try:
+            while True:
+                event = await self._async.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self.cancelled = True
+
+    def wait(self) -> tuple[str, Finished, list[dict[str, Any]]]:
+        """Block until the end (no event loop): (text, Finished, logprob entries)."""
+        text, logprobs = [], []
+        while True:
+            event = self._sync.get()
+            if isinstance(event, Finished):
+                return "".join(text), event, logprobs
+            text.append(event.text)
+            logprobs.extend(event.logprobs)
+
+
+@dataclass
+class _Seq:
+    request: BatchRequest
+    handle: Handle
+    ids: list[int]  # prompt + generated, for the repetition penalty
+    generated: list[int] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    state: Any = None  # ConstraintState
+    cutter: StopCutter | None = None
+    emitted_chars: int = 0  # characters of the decoded text already handed to the cutter
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish: str | None = None
+
+
+class BatchEngine:
+    """Continuous batching over a ``TorchGenerator``'s model and tokenizer.
+
+    Args:
+        generator: A loaded ``TorchGenerator`` (its adapters, if any, can be picked per request).
+        max_batch_size: Most sequences decoded together; 1 serves one request at a time.
+        on_step: Called after every forward pass with the number of sequences in it (for metrics).
+    """
+
+    def __init__(self, generator, max_batch_size: int = 16, on_step: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise GenerateError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
+        self.generator = generator
+        self.model = generator.model
+        self.tokenizer = generator.tokenizer
+        self.device = generator.device
+        self.eos_ids = list(generator.eos_token_ids)
+        self.pad_id = generator.pad_token_id if generator.pad_token_id is not None else 0
+        self.max_batch_size = max_batch_size
+        self.on_step = on_step
+        config = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        self.context_length: int | None = config if isinstance(config, int) else None
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
+        self._waiting: deque[_Seq] = deque()
+        self._wake = threading.Condition()
+        self._active: list[_Seq] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
+        self._positions: torch.Tensor | None = None  # (B,) position of each row's next token
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="slmforge-batch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.generator.adapters
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        """Token ids of a prompt (``special``: add BOS as in training; False for a rendered chat)."""
+        with self.tokenizer_lock:
+            return self.generator._encode(text, special=special)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        with self.tokenizer_lock:
+            return self.generator.render_chat(messages)
+
+    def count(self, text: str) -> int:
+        """Tokens in a piece of generated text (no special tokens)."""
+        with self.tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, request: BatchRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a sequence; with ``loop`` its events arrive on that event loop (``handle.events()``),
+        without one ``handle.wait()`` blocks for the result.
+
+        Raises:
+            GenerateError: Bad parameters, n > 1 or beams, an unknown adapter, or the engine has stopped.
+        """
+        p = request.params
+        p.validate()
+        if p.n != 1 or p.num_beams != 1:
+            raise GenerateError(f"A batched request generates one sequence without beams (got n={p.n}, "
+                                f"num_beams={p.num_beams}); submit n requests instead.")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise GenerateError(f"No adapter named {request.adapter!r}; loaded: {', '.join(self.adapters) or 'none'}.")
+        if not request.prompt_ids:
+            raise GenerateError("The prompt is empty; give some text.")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        bad = [t for t in (request.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            raise GenerateError(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.")
+        if self._stopping:
+            raise GenerateError("The server is shutting down and takes no new requests.")
+        handle = Handle(loop)
+        seq = _Seq(request=request, handle=handle, ids=list(request.prompt_ids))
+        seed = p.seed if p.seed is not None else secrets.randbits(62)
+        if p.temperature > 0:
+            seq.rng = torch.Generator(device="cpu").manual_seed(seed)
+        if request.constraint is not None:
+            seq.state = request.constraint.start()
+        seq.cutter = StopCutter(list(p.stop))
+        with self._wake:
+            self._waiting.append(seq)
+            self._wake.notify()
+        return handle
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the running and queued sequences (up to ``timeout_s``), then end the thread."""
+        self._stopping = True
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting for a slot in the batch."""
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> int:
+        """Sequences running or waiting."""
+        return len(self._active) + len(self._waiting)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._active:
+                    if self._stopping:
+                        return
+                    self._wake.wait(0.5)
+                joining = []
+                while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
+                    seq = self._waiting.popleft()
+                    if not seq.handle.cancelled:
+                        joining.append(seq)
+            try:
+                with torch.inference_mode():
+                    if joining:
+                        self._prefill(joining)
+                    elif self._active:
+                        self._decode()
+            except Exception as exc:  # a failed forward pass ends the sequences in it, not the server
+                message = f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}"
+                for seq in [*self._active, *joining]:
+                    seq.handle._put(Finished("stop", len(seq.request.prompt_ids), len(seq.generated), message))
+                self._active, self._cache, self._mask, self._positions = [], None, None, None
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
+        kwargs = {}
+        if self.adapters:
+            names = [s.request.adapter or BASE_ADAPTER for s in seqs]
+            if any(n != BASE_ADAPTER for n in names):
+                kwargs["adapter_names"] = names
+            else:
+                # peft has no "all base" shortcut in forward; a disabled-adapter context does the same.
+                with self.model.disable_adapter():
+                    return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, use_cache=True, logits_to_keep=1)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+
+    def _prefill(self, joining: list[_Seq]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(s.ids) for s in joining)
+        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joining), width), dtype=torch.long)
+        for row, s in enumerate(joining):
+            ids[row, width - len(s.ids):] = torch.tensor(s.ids)
+            mask[row, width - len(s.ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, joining)
+        self._merge(joining, cache, mask, positions[:, -1] + 1)
+        if self.on_step is not None:
+            self.on_step(len(joining))
+        self._sample_and_emit(joining, out.logits[:, -1, :])
+
+    def _decode(self) -> None:
+        seqs = self._active
+        last = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long)
+        self._mask = torch.cat([self._mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
+        out = self._forward(last.to(self.device), self._mask.to(self.device),
+                            self._positions.view(-1, 1).to(self.device), self._cache, seqs)
+        self._positions = self._positions + 1
+        if self.on_step is not None:
+            self.on_step(len(seqs))
+        self._sample_and_emit(seqs, out.logits[:, -1, :])
+
+    # ------------------------------------------------------------------ the batch's KV cache
+
+    def _merge(self, joining: list[_Seq], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add the prefilled rows to the running batch: left-pad both to one length, stack the rows.
+
+        The joining rows already hold their prompt in ``cache``; their first sampled token is fed at the
+        next decode step, like every running row's last token.
+        """
+        if not self._active:
+            self._active, self._cache, self._mask, self._positions = list(joining), cache, mask, positions
+            return
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = _left_pad(old_layer.keys, width)
+            old_layer.values = _left_pad(old_layer.values, width)
+            old_layer.keys = torch.cat([old_layer.keys, _left_pad(new_layer.keys, width)], dim=0)
+            old_layer.values = torch.cat([old_layer.values, _left_pad(new_layer.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+        self._positions = torch.cat([self._positions, positions])
+        self._active.extend(joining)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._active) if s.finish is None and not s.handle.cancelled]
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._mask, self._positions = [], None, None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self._active = [self._active[i] for i in keep]
+        self._mask = self._mask[index]
+        self._positions = self._positions[index]
+        # Columns that are padding in every remaining row are dead weight in every later step.
+        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
+        device_index = index.to(self.device)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, device_index)[:, :, lead:, :]
+            layer.values = layer.values.index_select(0, device_index)[:, :, lead:, :]
+        self._mask = self._mask[:, lead:]
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        logits = logits.float().cpu()  # (B, V)
+        logprobs = None
+        if any(s.request.logprobs is not None for s in seqs):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        for row, seq in enumerate(seqs):
+            if seq.handle.cancelled:
+                continue
+            token = self._choose(seq, logits[row])
+            entry = self._logprob_entry(token, logprobs[row], seq.request.logprobs) if (
+                logprobs is not None and seq.request.logprobs is not None) else None
+            self._advance(seq, token, entry)
+        self._drop_finished()
+
+    def _choose(self, seq: _Seq, row: torch.Tensor) -> int:
+        p = seq.request.params
+        row = row.clone()
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.ids)), dtype=torch.long)
+            scores = row[seen]
+            row[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if seq.request.logit_bias:
+            ids = torch.tensor(list(seq.request.logit_bias), dtype=torch.long)
+            row[ids] += torch.tensor(list(seq.request.logit_bias.values()), dtype=row.dtype)
+        if seq.state is not None:
+            seq.state.mask_logits_(row, self.eos_ids)
+        elif p.ignore_eos and len(seq.generated) + 1 < p.max_new_tokens:
+            row[self.eos_ids] = float("-inf")
+        if p.temperature == 0:
+            return int(row.argmax())
+        row = row / p.temperature
+        if p.top_k is not None and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            row[row < kth] = float("-inf")
+        if p.top_p is not None and p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the smallest set reaching top_p
+            row[order[drop]] = float("-inf")
+        probs = torch.softmax(row, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=seq.rng))
+
+    def _logprob_entry(self, token: int, logprobs: torch.Tensor, top: int) -> dict[str, Any]:
+        with self.tokenizer_lock:
+            entry = {**self._token_info(token), "logprob": float(logprobs[token]), "top_logprobs": []}
+            if top > 0:
+                values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+                entry["top_logprobs"] = [{**self._token_info(int(i)), "logprob": float(v)}
+                                         for v, i in zip(values, ids, strict=True)]
+        return entry
+
+    def _token_info(self, token: int) -> dict[str, Any]:
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "bytes": list(text.encode("utf-8"))}
+
+    def _advance(self, seq: _Seq, token: int, logprob: dict[str, Any] | None) -> None:
+        p = seq.request.params
+        seq.generated.append(token)
+        seq.ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        ended = token in self.eos_ids and not (p.ignore_eos and seq.state is None)
+        if seq.state is not None and not ended:
+            seq.state.advance(token)
+        finish = None
+        if ended or (seq.state is not None and seq.state.finished):
+            finish = "stop"
+        elif len(seq.generated) >= p.max_new_tokens:
+            finish = "length"
+        elif self.context_length is not None and len(seq.ids) >= self.context_length:
+            finish = "length"
+        # The text so far, decoded whole: a token may end inside a multi-byte character, whose bytes
+        # decode to U+FFFD until the rest arrives, so text ending that way is held back.
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        if finish is None and text.endswith("\ufffd"):
+            return
+        piece = seq.cutter.feed(text[seq.emitted_chars:])
+        seq.emitted_chars = len(text)
+        if seq.cutter.stopped:
+            finish = "stop"
+        if finish is not None:
+            piece += seq.cutter.flush()
+        if piece or seq.pending_logprobs:
+            seq.handle._put(TokenEvent(piece, seq.pending_logprobs))
+            seq.pending_logprobs = []
+        if finish is not None:
+            seq.finish = finish
+            seq.handle._put(Finished(finish, len(seq.request.prompt_ids), len(seq.generated)))
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, width, D), zeros on the left (masked out)."""
+    missing = width - t.shape[2]
+    if missing <= 0:
+        return t
+    pad = torch.zeros((t.shape[0], t.shape[1], missing, t.shape[3]), dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=2)
+
+
+def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - m.shape[1]
+    if missing <= 0:
+        return m
+    return torch.cat([torch.zeros((m.shape[0], missing), dtype=m.dtype), m], dim=1)

@@ -1,0 +1,189 @@
+"""The server's model table: what each ``model`` name a client sends is routed to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from slmforge.config import ProjectConfig, SamplingProfile, ServeModelConfig
+from slmforge.errors import ConfigError
+
+
+@dataclass
+class ServedModel:
+    """One name clients can ask for.
+
+    ``kind`` says which field is set: ``generate`` (``generator``, and ``batch`` when the torch engine
+    batches continuously; ``adapter`` picks a LoRA adapter inside it), ``embed`` (``embedder``) or
+    ``upstream`` (``upstream``: a proxied OpenAI-compatible endpoint, e.g. a managed vLLM).
+    """
+
+    name: str
+    kind: Literal["generate", "embed", "upstream"]
+    generator: Any = None
+    batch: Any = None  # serve._batch.BatchEngine
+    adapter: str | None = None
+    profiles: dict[str, SamplingProfile] = field(default_factory=dict)
+    profile: str | None = None  # the default profile's name
+    embedder: Any = None
+    upstream: Any = None
+    engine: str = "torch"
+
+    @property
+    def tokenizer(self):
+        return getattr(self.generator, "tokenizer", None)
+
+
+def wrap_models(models: dict[str, Any], max_batch_size: int) -> dict[str, ServedModel]:
+    """Plain engines -> served models: torch generators get a continuous-batching engine (one per
+    generator, shared by every name that points at it), embedders and upstreams their kinds."""
+    from slmforge.embed import Embedder
+
+    engines: dict[int, Any] = {}
+    out: dict[str, ServedModel] = {}
+    for name, value in models.items():
+        if isinstance(value, ServedModel):
+            out[name] = value
+        elif isinstance(value, Embedder):
+            out[name] = ServedModel(name, "embed", embedder=value, engine="embedding")
+        elif hasattr(value, "post") and hasattr(value, "stream") and hasattr(value, "aclose"):
+            out[name] = ServedModel(name, "upstream", upstream=value, engine="openai")
+        else:
+            served = ServedModel(name, "generate", generator=value, engine=_engine_name(value))
+            if served.engine == "torch":
+                if id(value) not in engines:
+                    engines[id(value)] = _batch_engine(value, max_batch_size)
+                served.batch = engines[id(value)]
+                served.adapter = _active_adapter(value)
+            out[name] = served
+    return out
+
+
+def _engine_name(gen: Any) -> str:
+    kind = type(gen).__name__
+    return {"TorchGenerator": "torch", "OnnxGenerator": "onnx", "LlamaCppGenerator": "llama.cpp"}.get(kind, kind)
+
+
+def _batch_engine(gen: Any, max_batch_size: int):
+    from slmforge.serve._batch import BatchEngine
+
+    return BatchEngine(gen, max_batch_size=max_batch_size)
+
+
+def _active_adapter(gen: Any) -> str | None:
+    """A generator loaded from an adapter folder serves through that adapter; a bare base model, none."""
+    if not getattr(gen, "adapters", None) or getattr(gen, "_adapter_disabled", False):
+        return None
+    active = getattr(gen.model, "active_adapter", None)
+    return active if isinstance(active, str) else None
+
+
+def model_configs(cfg: ProjectConfig, refs: list[tuple[str, str]], adapters: dict[str, str]) -> list[ServeModelConfig]:
+    """The models to serve: command-line ``refs`` (name, path) when given, else the project file's
+    ``serve.models``, else the project's sft (or train) output. ``adapters`` from the command line
+    go over the first model."""
+    if refs:
+        models = [ServeModelConfig(name=n, path=p) for n, p in refs]
+    elif cfg.serve.models:
+        models = [m.model_copy(deep=True) for m in cfg.serve.models]
+    else:
+        from slmforge.generate import default_model_dir
+
+        try:
+            folder = default_model_dir(cfg)
+        except Exception as exc:
+            raise ConfigError(f"No model to serve: {exc} Or list models under serve.models in the project file.") from None
+        models = [ServeModelConfig(name=folder.name, path=str(folder))]
+    if adapters:
+        models[0].adapters.update(adapters)
+    names = [m.name for m in models] + [a for m in models for a in m.adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"Two served models (or adapters) are named {', '.join(dupes)}; every name must be unique.")
+    return models
+
+
+def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
+                max_batch_size: int) -> tuple[dict[str, ServedModel], list[Any]]:
+    """Load every model of the table. Returns (name -> served model, things to stop on shutdown).
+
+    Raises:
+        ConfigError: A model entry is incomplete (no path, no base_url) or names an unknown profile.
+        ModelError: A model cannot be loaded.
+    """
+    from slmforge.generate import GenerateError, load_generator, resolve_profile
+
+    out: dict[str, ServedModel] = {}
+    closers: list[Any] = []
+    for m in models:
+        where = f"serve.models[{m.name}]"
+        path = _resolve(cfg, m.path) if m.path else None
+        if m.engine in ("openai", "vllm"):
+            from slmforge.serve._upstream import VllmServer, upstream_from_config
+
+            timeout = cfg.serve.request_timeout_s or 600.0
+            if m.engine == "openai":
+                upstreams = {m.name: upstream_from_config(m, timeout_s=timeout)}
+            else:
+                if not path:
+                    raise ConfigError(f"{where}: engine vllm needs path (a model folder or hub id).")
+                vllm = VllmServer(m, resolve=lambda p: _resolve(cfg, p), request_timeout_s=timeout)
+                vllm.start()
+                closers.append(vllm)
+                upstreams = vllm.upstreams()  # the base model and each LoRA adapter under its own name
+            for name, upstream in upstreams.items():
+                closers.insert(0, upstream)  # clients close before the vLLM process stops
+                out[name] = ServedModel(name, "upstream", upstream=upstream, engine=m.engine)
+            continue
+        if not path:
+            raise ConfigError(f"{where}: give path (a model folder, .gguf file, ONNX export or hub id).")
+        if m.engine == "embedding":
+            from slmforge.embed import Embedder
+
+            out[m.name] = ServedModel(m.name, "embed", embedder=Embedder.load(path, device="cpu" if device == "auto"
+                                                                               else device), engine="embedding")
+            continue
+        adapters = {name: _resolve(cfg, p) for name, p in m.adapters.items()}
+        if adapters and m.engine not in ("auto", "torch"):
+            raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {m.engine}).")
+        gen = _load_engine(path, m.engine, adapters, device, load_generator)
+        if adapters:
+            gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
+        profiles = _profiles(cfg, path)
+        if m.profile is not None:
+            try:
+                resolve_profile(m.profile, path, cfg.generate)
+            except GenerateError as exc:
+                raise ConfigError(f"{where}.profile: {exc}") from None
+        table = wrap_models({m.name: gen}, max_batch_size)
+        base = table[m.name]
+        base.profiles, base.profile = profiles, m.profile
+        out[m.name] = base
+        for adapter in adapters:
+            out[adapter] = ServedModel(adapter, "generate", generator=gen, batch=base.batch, adapter=adapter,
+                                       profiles=profiles, profile=m.profile, engine=base.engine)
+    return out, closers
+
+
+def _resolve(cfg: ProjectConfig, path: str) -> str:
+    """A path from the project file, against the file's folder; what does not exist there (a hub id) as is."""
+    resolved = cfg.resolve(path)
+    return str(resolved) if resolved.exists() or Path(path).expanduser().is_absolute() else path
+
+
+def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, load_generator):
+    from slmforge.generate import engine_for
+
+    if (engine_for(path) if engine == "auto" else engine) == "torch":
+        from slmforge.generate._torch import TorchGenerator
+
+        return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
+    return load_generator(path, device=device)
+
+
+def _profiles(cfg: ProjectConfig, path: str) -> dict[str, SamplingProfile]:
+    """Profiles a request may name: the project's, then the model folder's (which win)."""
+    from slmforge.generate import profiles_from_model
+
+    return {**cfg.generate.profiles, **profiles_from_model(path)}

@@ -1,0 +1,182 @@
+"""Structured output and tool calls through the server: the official openai client, many sampled
+requests to a tiny random model, and every reply must parse and validate.
+
+The model is random, so a small logit bias (OpenAI's ``logit_bias``) on the tokens that close JSON
+(``"}],``) and on the end tokens makes replies finish within max_tokens; the bias cannot make a
+disallowed token possible — validity is the constraint's job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from slmforge.config import ModelConfig
+from slmforge.generate import TorchGenerator
+from slmforge.serve import create_app
+
+from conftest import LiveServer, build_tiny_tokenizer
+
+TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                   intermediate_size=64, tie_embeddings=False)
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
+                         "role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+          "required": ["name", "age", "role"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"city": {"type": "string", "maxLength": 10},
+                                                                    "unit": {"enum": ["c", "f"]}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers.",
+                                      "parameters": {"type": "object",
+                                                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                                     "required": ["a", "b"]}}},
+]
+REQUESTS = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from slmforge.model import build_model, save_model_folder
+    from slmforge.tokenizer import load_tokenizer
+
+    workdir = tmp_path_factory.mktemp("structured")
+    tok_dir = build_tiny_tokenizer(workdir, vocab_size=400)
+    tok = load_tokenizer(tok_dir)
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    save_model_folder(build_model(TINY, vocab_size=len(tok), special_ids=ids, seed=0), tok, workdir / "m")
+    return workdir / "m"
+
+
+@pytest.fixture(scope="module")
+def gen(model_dir) -> TorchGenerator:
+    return TorchGenerator.from_pretrained(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def closing_bias(gen) -> dict[str, float]:
+    tok = gen.tokenizer
+    bias = {str(i): 3.0 for i in gen.eos_token_ids}
+    for text, i in tok.get_vocab().items():
+        data = tok.convert_tokens_to_string([text])
+        if data and set(data) <= set('"}],'):
+            bias[str(i)] = 3.0
+    return bias
+
+
+@pytest.fixture(scope="module")
+def client(gen):
+    with LiveServer(create_app({"tiny": gen}, max_batch_size=8)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _many(fn, n: int = REQUESTS):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def test_json_schema_replies_always_parse_and_validate(client, closing_bias):
+    def ask(i: int):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Describe person {i}"}], temperature=1.0, seed=i,
+            max_tokens=200, logit_bias=closing_bias,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        return r.choices[0]
+
+    choices = _many(ask)
+    finished = [c for c in choices if c.finish_reason == "stop"]
+    assert len(finished) >= REQUESTS * 0.9  # a rare reply may run out of tokens mid-value
+    for c in finished:
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    assert len({c.message.content for c in finished}) > REQUESTS // 2  # really sampled, not one fixed answer
+
+
+def test_json_object_streams_valid_json(client, closing_bias):
+    def ask(i: int) -> str:
+        pieces = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Some JSON please"}], temperature=1.0, seed=100 + i,
+            max_tokens=200, logit_bias=closing_bias, response_format={"type": "json_object"}, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+
+    texts = _many(ask, 8)
+    parsed = [json.loads(t) for t in texts if t.endswith("}")]
+    assert len(parsed) >= 7 and all(isinstance(p, dict) for p in parsed)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_calls_always_validate_against_the_tool_schema(client, closing_bias, choice):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+    def ask(i: int):
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "What is the weather in Oslo?"}], tools=TOOLS,
+            tool_choice=choice, temperature=1.0, seed=i, max_tokens=200, logit_bias=closing_bias).choices[0]
+
+    calls = [c for c in _many(ask) if c.finish_reason == "tool_calls"]
+    assert len(calls) >= REQUESTS * 0.9
+    for c in calls:
+        (call,) = c.message.tool_calls
+        assert c.message.content is None and call.type == "function" and call.id.startswith("call_")
+        if isinstance(choice, dict):
+            assert call.function.name == "add"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_auto_tool_choice_gives_a_valid_call_or_plain_text_and_history_renders(client, closing_bias):
+    def ask(i: int):
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Add 2 and 3"}], tools=TOOLS, temperature=1.0,
+            seed=i, max_tokens=60, logit_bias=closing_bias).choices[0]
+
+    for c in _many(ask, 12):
+        if c.finish_reason == "tool_calls":
+            json.loads(c.message.tool_calls[0].function.arguments)
+        else:
+            assert not (c.message.content or "").lstrip().startswith("{")
+    # A conversation that carries a tool call and its result is accepted.
+    history = [{"role": "user", "content": "Add 2 and 3"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    r = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none",
+                                       max_tokens=5, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.usage.prompt_tokens > 20
+
+
+def test_tool_streams_send_the_call_as_one_delta(client, closing_bias):
+    pieces = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS, tool_choice="required",
+        temperature=1.0, seed=3, max_tokens=200, logit_bias=closing_bias, stream=True))
+    calls = [c.choices[0].delta.tool_calls for c in pieces if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and json.loads(calls[0][0].function.arguments) is not None
+    assert pieces[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_schemas_tools_and_bias_are_400s_that_say_what(client):
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="minimum"):
+        client.chat.completions.create(model="tiny", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 3}}})
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\]"):
+        client.chat.completions.create(model="tiny", messages=msgs, tools=[{"type": "function", "function": {}}])
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="tiny", messages=msgs, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="either tools or response_format"):
+        client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="required",
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"999999": 5})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"x": 5})
