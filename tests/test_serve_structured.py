@@ -180,3 +180,37 @@ def test_bad_schemas_tools_and_bias_are_400s_that_say_what(client):
         client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"999999": 5})
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"x": 5})
+
+
+# --------------------------------------------------------------------------- llama.cpp's grammar engine
+
+CHOICES = {"type": "object", "properties": {"role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"},
+                                           "level": {"enum": [1, 2, 3]}},
+           "required": ["role", "active", "level"], "additionalProperties": False}
+ENUM_TOOLS = [{"type": "function", "function": {"name": "set_mode", "parameters": {
+    "type": "object", "properties": {"mode": {"enum": ["fast", "slow"]}}, "required": ["mode"]}}}]
+
+
+def test_gguf_models_constrain_json_and_forced_tool_calls_with_llama_cpp(model_dir, tmp_path):
+    from slmforge.export.gguf import export_gguf
+    from slmforge.generate._llamacpp import LlamaCppGenerator
+
+    with LlamaCppGenerator(export_gguf(model_dir, tmp_path / "m.gguf", type="F32"), n_threads=1, n_ctx=512) as gguf, \
+            LiveServer(create_app({"q": gguf})) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for seed in range(6):
+            r = client.chat.completions.create(
+                model="q", messages=[{"role": "user", "content": "Pick"}], temperature=1.0, seed=seed, max_tokens=60,
+                response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CHOICES}})
+            jsonschema.validate(json.loads(r.choices[0].message.content), CHOICES)
+        r = client.chat.completions.create(model="q", messages=[{"role": "user", "content": "Go"}], tools=ENUM_TOOLS,
+                                           tool_choice="required", max_tokens=60, temperature=0)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "set_mode"
+        assert json.loads(call.function.arguments)["mode"] in ("fast", "slow")
+        pieces = list(client.chat.completions.create(
+            model="q", messages=[{"role": "user", "content": "Pick"}], max_tokens=60, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CHOICES}}))
+        jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in pieces if c.choices)), CHOICES)
+        with pytest.raises(openai.BadRequestError, match="needs the torch engine"):
+            client.chat.completions.create(model="q", messages=[{"role": "user", "content": "Go"}], tools=ENUM_TOOLS)

@@ -106,15 +106,24 @@ class LlamaCppGenerator:
         self._check(params)
         return [self._one("completions", {"prompt": prompt}, params, i) for i in range(params.n)]
 
-    def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
+    def chat(self, messages: list[Message], params: SamplingParams,
+             json_schema: dict[str, Any] | None = None) -> list[Completion]:
         """``params.n`` assistant replies, rendered with the chat template stored in the GGUF file.
+
+        Args:
+            messages: The conversation.
+            params: Sampling.
+            json_schema: Constrain each reply to JSON valid under this schema (llama.cpp's grammar engine).
 
         Raises:
             GenerateError: The file has no chat template, or the messages are malformed.
         """
         self._check(params)
         self._check_messages(messages)
-        return [self._one("chat", {"messages": messages}, params, i) for i in range(params.n)]
+        base: dict[str, Any] = {"messages": messages}
+        if json_schema is not None:
+            base["grammar"] = _json_grammar(json_schema)
+        return [self._one("chat", base, params, i) for i in range(params.n)]
 
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, one prompt after another."""
@@ -124,10 +133,12 @@ class LlamaCppGenerator:
         """``params.n`` replies per conversation, one after another."""
         return [self.chat(c, params) for c in conversations]
 
-    def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str | list[Message], params: SamplingParams,
+               json_schema: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one completion (str) or one assistant reply (message list), as produced.
 
-        llama.cpp runs in a background thread; stopping the iteration early stops it.
+        llama.cpp runs in a background thread; stopping the iteration early stops it. ``json_schema``
+        constrains a chat reply as in ``chat``.
 
         Raises:
             GenerateError: n > 1 or beam search, or a chat without a template.
@@ -143,6 +154,8 @@ class LlamaCppGenerator:
         else:
             self._check_messages(prompt)
             kind, body = "chat", {"messages": prompt}
+            if json_schema is not None:
+                body["grammar"] = _json_grammar(json_schema)
         return self._stream(kind, body, params)
 
     # ------------------------------------------------------------------ extras
@@ -285,6 +298,18 @@ class LlamaCppGenerator:
             raise GenerateError(f"llama.cpp {route} failed: {exc.read()[:300].decode('utf-8', 'replace')}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise GenerateError(f"llama.cpp's loopback server did not answer {route}: {exc}") from None
+
+
+def _json_grammar(schema: dict[str, Any]) -> str:
+    """An llguidance grammar for JSON under ``schema`` with no free whitespace.
+
+    Not the ``json_schema`` field: llama.cpp turns that into a GBNF grammar that allows newlines and tabs
+    between tokens, and small models fill replies with them; llguidance honours ``whitespace_flexible``.
+    """
+    import json
+
+    return "%llguidance {}\nstart: json\njson: %json " + json.dumps(
+        {**schema, "x-guidance": {"whitespace_flexible": False}})
 
 
 def _error_text(result: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from slmforge.config import SamplingProfile
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Generator, SamplingParams
 from slmforge.generate._constrain import (chat_messages_for_template, check_tools, json_schema_constraint,
-                                          parse_tool_call, tool_constraint)
+                                          parse_tool_call, tool_call_schema, tool_constraint)
 from slmforge.serve._batch import BatchRequest, Finished
 from slmforge.serve._hash import hash_api_key
 from slmforge.serve._keys import ApiKey
@@ -586,9 +586,11 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             _check_streamable(params)
         tools, choice = _tool_setup(body)
         structured = body.response_format is not None and body.response_format.type != "text"
+        # llama.cpp constrains by its own grammar engine: JSON under a schema, and forced tool calls.
+        grammar = served.batch is None and served.engine == "llama.cpp" and (structured or (tools and choice != "auto"))
         if served.batch is None:
-            for asked, what in ((body.logprobs, "logprobs"), (structured, "response_format"), (tools, "tools"),
-                                (body.logit_bias, "logit_bias")):
+            for asked, what in ((body.logprobs, "logprobs"), (structured and not grammar, "response_format"),
+                                (tools and not grammar, "tools"), (body.logit_bias, "logit_bias")):
                 if asked:
                     _needs_batching(served, what)
         user = admit(request, sum(len(m["content"] or "") for m in raw))
@@ -631,13 +633,17 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
 
         gen, lock = served.generator, lock_for(body.model)
         messages = [{"role": m["role"], "content": m["content"] or ""} for m in raw]
+        schema = None
+        if grammar:
+            messages = chat_messages_for_template(raw, tools or [], choice if tools else "none")
+            schema = _grammar_schema(body, tools, choice)
 
         def check() -> int:
             count = _count_tokens(gen, _render(gen, messages), special=False)
             _check_prompt_tokens(gen, count, params.max_new_tokens, explicit, prompt_limits)
             return count
 
-        if body.stream:
+        if body.stream and schema is None:
             async with hold(body.model, lock):
                 await run_in_threadpool(check)  # also: no chat template is a 400 now, not a broken stream
             done = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
@@ -646,14 +652,23 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
 
         def work() -> tuple[list[Completion], int]:
             prompt_tokens = check()
+            if schema is not None:
+                return gen.chat(messages, params, json_schema=schema), prompt_tokens
             return gen.chat(messages, params), prompt_tokens
 
         (replies, prompt_tokens), seconds = await run_locked(body.model, lock, work)
-        finished(user, body.model, prompt_tokens, sum(c.tokens for c in replies), seconds)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                    "finish_reason": c.finish_reason} for i, c in enumerate(replies)]
+        completion_tokens = sum(c.tokens for c in replies)
+        finished(user, body.model, prompt_tokens, completion_tokens, seconds)
+        active_tools = tools if choice != "none" else None
+        choices = []
+        for i, c in enumerate(replies):
+            message, reason = _assistant_message(c.text, c.finish_reason, active_tools)
+            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+        if body.stream:  # a constrained llama.cpp reply, sent whole as one stream
+            return _sse(_whole_stream(chunk, choices[0], _usage(prompt_tokens, completion_tokens)
+                                      if body.include_usage else None))
         return {"id": rid, "object": "chat.completion", "created": now, "model": body.model,
-                "choices": choices, "usage": _usage(prompt_tokens, sum(c.tokens for c in replies))}
+                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
     app.include_router(v1)
     return app
@@ -723,20 +738,23 @@ async def _batched_events(handle, chunk: dict[str, Any], chat: bool, usage: bool
     try:
         if chat:
             yield _event(choice({"role": "assistant", "content": ""}, None))
-        async for event in handle.events():
-            if isinstance(event, Finished):
-                fin = event
-                break
-            if deadline is not None and time.perf_counter() > deadline:
+        while fin is None:
+            # Everything that arrived since the last chunk goes out as one chunk: one token per chunk when
+            # the server keeps up, several when it is busy.
+            events = await handle.drain()
+            if isinstance(events[-1], Finished):
+                fin = events.pop()
+            text = "".join(e.text for e in events)
+            entries = [lp for e in events for lp in e.logprobs]
+            if deadline is not None and time.perf_counter() > deadline and fin is None:
                 yield _timeout_event(hooks.timeout_s)
                 return
-            if hooks.first_at is None and (event.text or tools):
+            if hooks.first_at is None and (text or (tools and events)):
                 hooks.first_piece()
             if tools is not None:
-                held.append(event.text)
-                continue
-            if event.text or event.logprobs:
-                yield _event(choice({"content": event.text} if chat else event.text, None, event.logprobs))
+                held.append(text)
+            elif text or entries:
+                yield _event(choice({"content": text} if chat else text, None, entries))
     finally:
         handle.cancel()
         if fin is not None:
@@ -794,6 +812,53 @@ def _constraint_for(engine, body: ChatRequest, tools, choice):
         return json_schema_constraint(engine.tokenizer, fmt.json_schema.schema_, eos_ids=engine.eos_ids)
     except GenerateError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", "tools" if tools else "response_format") from None
+
+
+def _grammar_schema(body: ChatRequest, tools, choice) -> dict[str, Any]:
+    """The JSON schema a grammar engine (llama.cpp) constrains a chat reply to.
+
+    Objects with listed properties get ``additionalProperties: false`` where the schema leaves it open,
+    as the outlines-core path does: otherwise a small model invents keys until max_tokens.
+    """
+    if tools and choice != "none":
+        return _closed(tool_call_schema(tools, choice))
+    fmt = body.response_format
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ApiError(400, "response_format json_schema needs json_schema.schema (a JSON schema object).",
+                       "invalid_request_error", "response_format")
+    return _closed(fmt.json_schema.schema_)
+
+
+def _closed(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k not in ("enum", "const", "default", "examples") else v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+async def _whole_stream(chunk: dict[str, Any], choice: dict[str, Any], usage: dict[str, int] | None):
+    """A finished chat choice as OpenAI stream chunks: role, content or tool calls, finish, [usage], [DONE]."""
+    message = choice["message"]
+    head = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]}
+    yield _event(head)
+    if message.get("tool_calls"):
+        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
+    else:
+        delta = {"content": message["content"]}
+    yield _event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    yield _event({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": choice["finish_reason"]}]})
+    if usage is not None:
+        yield _event({**chunk, "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
 
 
 def _assistant_message(text: str, reason: str, tools: list | None) -> tuple[dict[str, Any], str]:

@@ -66,36 +66,63 @@ class BatchRequest:
 
 
 class Handle:
-    """The consumer's side of one request: its events, and a way to cancel it."""
+    """The consumer's side of one request: its events, and a way to cancel it.
+
+    The engine thread appends events to a deque and wakes the event loop at most once until the consumer
+    has drained it, so a consumer that falls behind under load takes many tokens per wake-up (and the
+    server sends them as one chunk) instead of paying a wake-up and a chunk per token.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self._loop = loop
-        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._items: deque[TokenEvent | Finished] = deque()
+        self._ready = asyncio.Event() if loop is not None else None
+        self._wake_pending = False
         self._sync: queue.SimpleQueue | None = None if loop is not None else queue.SimpleQueue()
         self.cancelled = False
         self.submitted_at = time.perf_counter()
 
     def _put(self, event: TokenEvent | Finished) -> None:
-        if self._async is None:
+        if self._sync is not None:
             self._sync.put(event)
             return
+        self._items.append(event)
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled = True
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._ready.set()
 
     def cancel(self) -> None:
         """Stop generating for this request (the client went away); its slot frees at the next step."""
         self.cancelled = True
 
+    async def drain(self) -> list[TokenEvent | Finished]:
+        """Every event that has arrived, waiting for at least one."""
+        while True:
+            if self._items:
+                out = []
+                while self._items:
+                    out.append(self._items.popleft())
+                return out
+            self._ready.clear()
+            if not self._items:
+                await self._ready.wait()
+
     async def events(self) -> AsyncIterator[TokenEvent | Finished]:
         """Events as they come, ending with ``Finished``; leaving early cancels the request."""
         try:
             while True:
-                event = await self._async.get()
-                yield event
-                if isinstance(event, Finished):
-                    return
+                for event in await self.drain():
+                    yield event
+                    if isinstance(event, Finished):
+                        return
         finally:
             self.cancelled = True
 
