@@ -277,3 +277,26 @@ def test_sigterm_lets_an_in_flight_stream_finish(work):
         assert server.proc.wait(30) in (0, -signal.SIGTERM), server.log_tail()
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{server.base_url}/health", timeout=1)
+
+
+def test_an_http_endpoint_is_a_generator_for_eval_generate_and_chat(base_url, gen):
+    from slmforge.errors import GenerateError
+    from slmforge.evaluate.run import evaluate_suites
+    from slmforge.generate import engine_for, load_generator
+
+    ref = f"{base_url}/v1#tiny"
+    assert engine_for(ref) == "openai"
+    remote = load_generator(ref)
+    params = SamplingParams(max_new_tokens=10)
+    assert remote.complete("The garden was", params)[0].text == gen.complete("The garden was", params)[0].text
+    msgs = [{"role": "user", "content": "Hello"}]
+    assert remote.chat(msgs, params)[0].text == gen.chat(msgs, params)[0].text
+    assert "".join(remote.stream(msgs, params)) == gen.chat(msgs, params)[0].text
+    batch = remote.complete_batch(PROMPTS[:3], params)
+    assert [b[0].text for b in batch] == [gen.complete(p, params)[0].text for p in PROMPTS[:3]]
+    results = evaluate_suites(remote, ref, ["arithmetic"], None, limit=4, progress=False)
+    assert len(results["arithmetic"].items) == 4
+    with pytest.raises(GenerateError, match="has no model 'nope'.*tiny"):
+        load_generator(f"{base_url}/v1#nope")
+    with pytest.raises(GenerateError, match="Could not reach"):
+        load_generator("http://127.0.0.1:9/v1#x")

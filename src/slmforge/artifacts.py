@@ -192,7 +192,9 @@ def files_fingerprint(path: str | Path) -> str:
 
 def model_ref(spec: str | Path) -> dict[str, str]:
     """The lineage entry of a model: its manifest (a slmforge artifact), else an external
-    folder or file fingerprinted by its files, else a hub id taken at its word."""
+    folder or file fingerprinted by its files, else an HTTP endpoint or a hub id taken at its word."""
+    if str(spec).startswith(("http://", "https://")):
+        return {"path": str(spec), "kind": "endpoint", "fingerprint": str(spec)}
     path = Path(str(spec))
     if path.is_dir() and (path / MANIFEST).exists():
         return parent_ref(path)

@@ -65,7 +65,9 @@ def evaluate_suites(
     limit: int | None = None, progress: bool = True,
 ) -> dict[str, SuiteResult]:
     """Run suites (names or YAML paths; ``perplexity`` for held-out perplexity) against one generator."""
-    cache = (cfg.resolve(cfg.project.out_dir) / "eval-cache") if (cfg is not None and use_cache) else None
+    # A remote endpoint can change behind its URL, so its answers are never cached.
+    remote = str(model).startswith(("http://", "https://"))
+    cache = (cfg.resolve(cfg.project.out_dir) / "eval-cache") if (cfg is not None and use_cache and not remote) else None
     out = {}
     for name in suites:
         if name == PERPLEXITY:
@@ -132,7 +134,8 @@ def run_eval(
     from slmforge.generate import load_generator
 
     ecfg = cfg.eval
-    model_path = Path(str(model)) if model else _default_model(cfg)
+    remote = str(model or "").startswith(("http://", "https://"))  # an OpenAI-compatible endpoint
+    model_path = (str(model) if remote else Path(str(model))) if model else _default_model(cfg)
     suites = suites or ecfg.suites
     limit = limit if limit is not None else ecfg.limit
     rules = gates if gates is not None else ecfg.gates
@@ -143,7 +146,7 @@ def run_eval(
     results = evaluate_suites(generator, model_path, suites, cfg, use_cache, limit, progress)
     metrics = _flat(results)
     base_metrics = None
-    base_model = _baseline_model(cfg, model_path, base_spec)
+    base_model = _baseline_model(cfg, model_path, base_spec) if not remote or base_spec != "parent" else None
     if base_model:
         if log:
             log(f"eval: baseline {base_model}")
@@ -151,10 +154,12 @@ def run_eval(
         base_metrics = _flat(evaluate_suites(base_gen, base_model, suites, cfg, use_cache, limit, progress))
     gate_results = check_gates(rules, metrics, base_metrics) if rules else []
     out_dir = Path(out) if out else cfg.stage_dir("eval", ecfg.out)
-    parents = [parent_ref(model_path)] if (model_path / MANIFEST).exists() else []
+    local = not remote and (model_path / MANIFEST).exists()
+    parents = [parent_ref(model_path)] if local else []
     result = EvalResult(out_dir.resolve(), str(model_path), results, metrics, gate_results, base_metrics)
     config = {"eval": ecfg.model_dump(mode="json"), "suites": suites, "gates": rules, "baseline": base_model}
-    if (model is None or Path(str(model)).resolve() == _default_model(cfg).resolve()) and suites == ecfg.suites \
+    if (model is None or (not remote and Path(str(model)).resolve() == _default_model(cfg).resolve())) \
+            and suites == ecfg.suites \
             and rules == ecfg.gates and limit == ecfg.limit:
         config = eval_plan(cfg)[1]  # what `slmforge run` checks to skip an up-to-date evaluation
     with ArtifactWriter(out_dir, kind="evaluation", config=config, parents=parents, command=command) as w:
@@ -168,7 +173,7 @@ def run_eval(
         _plot_metrics(w.path / "metrics.png", metrics, base_metrics)
         _write_eval_report(w.path, result)
         w.metrics.update({**metrics, "passing": result.passing})
-    if (model_path / MANIFEST).exists():
+    if local:
         record_in_manifest(model_path, metrics, result.passing, gate_results)
     enforce(gate_results, str(model_path))
     return result

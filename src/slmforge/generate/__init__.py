@@ -150,6 +150,7 @@ _ENGINES = {
     "TorchGenerator": "slmforge.generate._torch",
     "OnnxGenerator": "slmforge.generate._onnx",
     "LlamaCppGenerator": "slmforge.generate._llamacpp",
+    "OpenAIGenerator": "slmforge.generate._openai",
 }
 
 
@@ -163,8 +164,11 @@ def __getattr__(name: str) -> Any:
 
 
 def engine_for(path: str | Path) -> str:
-    """Which engine runs a model: ``llama.cpp`` for a .gguf file, ``onnx`` for an exported
-    ONNX folder, ``torch`` for anything else (Hugging Face folder, adapter folder, hub id)."""
+    """Which engine runs a model: ``openai`` for an http(s) endpoint (``URL#MODEL``), ``llama.cpp`` for a
+    .gguf file, ``onnx`` for an exported ONNX folder, ``torch`` for anything else (Hugging Face folder,
+    adapter folder, hub id)."""
+    if str(path).startswith(("http://", "https://")):
+        return "openai"
     p = Path(str(path))
     if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf")) and not (p / "config.json").exists()):
         return "llama.cpp"
@@ -174,9 +178,13 @@ def engine_for(path: str | Path) -> str:
 
 
 def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto"):
-    """The right engine for a model path, behind the Generator protocol."""
+    """The right engine for a model path (or ``http(s)://HOST/v1#MODEL`` endpoint), behind the Generator protocol."""
     engine = engine_for(path)
     p = Path(str(path))
+    if engine == "openai":
+        from slmforge.generate._openai import OpenAIGenerator
+
+        return OpenAIGenerator.from_ref(str(path))
     if engine == "llama.cpp":
         from slmforge.generate._llamacpp import LlamaCppGenerator
 
