@@ -454,3 +454,13 @@ def test_regex_errors(tok):
         regex_constraint(tok, r"(a")
     with pytest.raises(GenerateError, match="empty text"):
         regex_constraint(tok, r"(\{a+\})?")
+
+
+def test_requests_that_arrive_together_share_one_compiled_constraint(tok):
+    import concurrent.futures
+
+    schema = {"type": "object", "properties": {"together": {"type": "array", "items": {"type": "integer"}}},
+              "required": ["together"]}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda _: json_schema_constraint(tok, schema), range(4)))
+    assert all(c is built[0] for c in built)

@@ -36,6 +36,7 @@ import copy
 import json
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ _CACHE_SIZE = 64
 # Nesting of response_format json_object: values may be arrays/objects of arrays/objects of
 # scalars. outlines_core's automaton grows ~4x per level: depth 1 compiles in 0.1 s, depth 2
 # in ~4 s (cached afterwards), depth 3 in minutes.
-_JSON_OBJECT_DEPTH = 2
+_JSON_OBJECT_DEPTH = 1  # 2 takes ~4.5 s to compile per tokenizer; 3 minutes at 3
 
 # Keywords a regex enforces (outlines_core's builder honours them).
 _SUPPORTED = frozenset({
@@ -222,6 +223,31 @@ class _Lru:
 
 _VOCABS = _Lru(8)
 _CONSTRAINTS = _Lru(_CACHE_SIZE)
+_BUILD_LOCKS: weakref.WeakValueDictionary[Hashable, threading.Lock] = weakref.WeakValueDictionary()
+_BUILD_LOCKS_LOCK = threading.Lock()
+
+
+def _build_lock(key: Hashable) -> threading.Lock:
+    """The lock that lets one thread build the constraint of ``key`` while others wait for it."""
+    with _BUILD_LOCKS_LOCK:
+        lock = _BUILD_LOCKS.get(key)
+        if lock is None:
+            lock = _BuildLock()
+            _BUILD_LOCKS[key] = lock
+        return lock
+
+
+class _BuildLock:
+    """A lock a WeakValueDictionary can hold (``threading.Lock`` objects take no weak references)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _vocabulary(tokenizer: Any, eos_ids: tuple[int, ...]) -> Any:
@@ -496,7 +522,14 @@ def _compile(tokenizer: Any, regex: str, eos_ids: Sequence[int] | None, what: st
         )
     key = ("regex", id(tokenizer), eos, regex)
     constraint = _CONSTRAINTS.get(key, tokenizer)
-    if constraint is None:
+    if constraint is not None:
+        return constraint
+    # One build per regex: requests that arrive together for a new schema wait for the first one's
+    # index instead of each compiling it (seconds for deep schemas) on the same cores.
+    with _build_lock(key):
+        constraint = _CONSTRAINTS.get(key, tokenizer)
+        if constraint is not None:
+            return constraint
         vocab = _vocabulary(tokenizer, eos)
         try:
             index = oc.Index(regex, vocab)
