@@ -300,3 +300,39 @@ def test_an_http_endpoint_is_a_generator_for_eval_generate_and_chat(base_url, ge
         load_generator(f"{base_url}/v1#nope")
     with pytest.raises(GenerateError, match="Could not reach"):
         load_generator("http://127.0.0.1:9/v1#x")
+
+
+def test_the_project_file_builds_the_model_table(work, tmp_path, monkeypatch):
+    from slmforge.config import load_config
+    from slmforge.errors import ConfigError
+    from slmforge.serve._models import load_models, model_configs
+
+    project = tmp_path / "slmforge.yaml"
+    project.write_text(json.dumps({"serve": {"max_batch_size": 4, "models": [
+        {"name": "base", "path": str(work["model"]), "profile": "factual",
+         "adapters": {"one": str(work["a1"]), "two": str(work["a2"])}},
+        {"name": "vec", "path": str(work["embed"]), "engine": "embedding"},
+        {"name": "remote", "engine": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "UPSTREAM_KEY"},
+    ]}}))
+    cfg = load_config(project, [])
+    with pytest.raises(ConfigError, match="UPSTREAM_KEY"):
+        load_models(cfg, model_configs(cfg, [], {}), "cpu", 4)
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-up")
+    table, closers = load_models(cfg, model_configs(cfg, [], {}), "cpu", 4)
+    try:
+        assert {n: (m.kind, m.adapter) for n, m in table.items()} == {
+            "base": ("generate", None), "one": ("generate", "one"), "two": ("generate", "two"),
+            "vec": ("embed", None), "remote": ("upstream", None)}
+        assert table["one"].batch is table["base"].batch and table["base"].batch.max_batch_size == 4
+        assert table["base"].profile == "factual" and "creative" in table["base"].profiles
+        assert closers  # the upstream client, closed at shutdown
+    finally:
+        table["base"].batch.stop()
+    bad = load_config(project, ['serve.models=[{"name": "x", "path": "%s", "profile": "nope"}]' % work["model"]])
+    with pytest.raises(ConfigError, match="profile.*nope"):
+        load_models(bad, model_configs(bad, [], {}), "cpu", 4)
+    with pytest.raises(ConfigError, match="named one; every name must be unique"):
+        model_configs(cfg, [("one", str(work["model"]))], {"one": str(work["a1"])})
+    with pytest.raises(ConfigError, match="base_url"):
+        nourl = load_config(project, ['serve.models=[{"name": "r", "engine": "openai"}]'])
+        load_models(nourl, model_configs(nourl, [], {}), "cpu", 4)
