@@ -464,3 +464,15 @@ def test_requests_that_arrive_together_share_one_compiled_constraint(tok):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         built = list(pool.map(lambda _: json_schema_constraint(tok, schema), range(4)))
     assert all(c is built[0] for c in built)
+
+
+def test_numbers_are_capped_at_the_digits_a_number_can_hold():
+    import re as _re
+
+    from slmforge.generate._constrain import _schema_regex
+
+    rx = _schema_regex({"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}},
+                        "required": ["n", "x"]})
+    assert _re.fullmatch(rx, '{"n":-1234567890123456789,"x":3.14159265358979e+100}')
+    assert not _re.fullmatch(rx, '{"n":12345678901234567890,"x":1}')  # 20 digits: a model that never stops
+    assert not _re.fullmatch(rx, '{"n":1,"x":1.123456789012345678}')

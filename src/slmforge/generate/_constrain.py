@@ -691,14 +691,27 @@ def _schema_regex(schema: dict[str, Any] | None, where: str = "the schema", obje
     if schema is None:
         schema = _any_json_object_schema(object_depth)
         _check_schema(schema, where)
-        return build_regex_from_schema(json.dumps(schema), whitespace_pattern=_WHITESPACE)
+        return _bounded_numbers(build_regex_from_schema(json.dumps(schema), whitespace_pattern=_WHITESPACE))
     _check_schema(schema, where)
     try:
         regex = build_regex_from_schema(json.dumps(_normalize(schema)), whitespace_pattern=_WHITESPACE)
     except ValueError as e:  # outlines' explanation of what it cannot handle
         raise GenerateError(f"{where} cannot be turned into a constraint: {e}".strip()) from None
     # Rust's \d is any Unicode digit; JSON Schema's (ECMA-262) and the date/time formats mean 0-9.
-    return _UNICODE_DIGIT.sub(lambda m: m.group(1) + "[0-9]", regex)
+    return _bounded_numbers(_UNICODE_DIGIT.sub(lambda m: m.group(1) + "[0-9]", regex))
+
+
+# The builder's integers, fractions and exponents take any number of digits, and a small model that
+# starts a number often never stops writing digits. A double holds 15-17 significant digits, so longer
+# numbers carry nothing: cap them there (integers 19 digits, the int64 range).
+_NUMBER_PARTS = (("(0|[1-9][0-9]*)", "(0|[1-9][0-9]{0,18})"), (r"(\.[0-9]+)?", r"(\.[0-9]{1,17})?"),
+                 ("([eE][+-][0-9]+)?", "([eE][+-][0-9]{1,3})?"))
+
+
+def _bounded_numbers(regex: str) -> str:
+    for unbounded, bounded in _NUMBER_PARTS:
+        regex = regex.replace(unbounded, bounded)
+    return regex
 
 
 def json_schema_constraint(
