@@ -328,6 +328,9 @@ def test_the_project_file_builds_the_model_table(work, tmp_path, monkeypatch):
         assert closers  # the upstream client, closed at shutdown
     finally:
         table["base"].batch.stop()
+    plain, _ = load_models(cfg, model_configs(cfg, [("plain", str(work["model"]))], {}), "cpu", 4)
+    plain["plain"].batch.stop()
+    assert plain["plain"].profile == "factual"  # no profile named: the one saved in the model folder
     bad = load_config(project, ['serve.models=[{"name": "x", "path": "%s", "profile": "nope"}]' % work["model"]])
     with pytest.raises(ConfigError, match="profile.*nope"):
         load_models(bad, model_configs(bad, [], {}), "cpu", 4)

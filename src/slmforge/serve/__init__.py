@@ -192,6 +192,12 @@ def serve(
     keys = read_keys_file(keys_file) if keys_file is not None else None
     _quiet_thread_pools()
     served, closers = load_models(cfg, table, device, max_batch_size or sc.max_batch_size)
+    import sys
+
+    from slmforge.serve._models import describe
+
+    for line in describe(served):
+        print(f"serving {line}", file=sys.stderr)
     app = create_app(served, keys,
                      max_prompt_chars=max_prompt_chars if max_prompt_chars is not None else sc.max_prompt_chars,
                      max_prompt_tokens=max_prompt_tokens if max_prompt_tokens is not None else sc.max_prompt_tokens,

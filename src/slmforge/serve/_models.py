@@ -151,6 +151,10 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
+        from slmforge.generate import _read_profiles
+
+        # No profile named: the model folder's own default (saved with it), else OpenAI's request defaults.
+        profile = m.profile if m.profile is not None else _read_profiles(path)[1]
         if m.profile is not None:
             try:
                 resolve_profile(m.profile, path, cfg.generate)
@@ -158,12 +162,27 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
                 raise ConfigError(f"{where}.profile: {exc}") from None
         table = wrap_models({m.name: gen}, max_batch_size)
         base = table[m.name]
-        base.profiles, base.profile = profiles, m.profile
+        base.profiles, base.profile = profiles, profile if profile in profiles else None
         out[m.name] = base
         for adapter in adapters:
             out[adapter] = ServedModel(adapter, "generate", generator=gen, batch=base.batch, adapter=adapter,
-                                       profiles=profiles, profile=m.profile, engine=base.engine)
+                                       profiles=profiles, profile=base.profile, engine=base.engine)
     return out, closers
+
+
+def describe(served: dict[str, ServedModel]) -> list[str]:
+    """One line per served name: engine, batching, adapter and default profile (the server's start-up log)."""
+    lines = []
+    for name, m in served.items():
+        bits = [m.engine]
+        if m.batch is not None:
+            bits.append(f"continuous batching up to {m.batch.max_batch_size}")
+        if m.adapter:
+            bits.append(f"LoRA adapter {m.adapter}")
+        if m.profile:
+            bits.append(f"profile {m.profile}")
+        lines.append(f"{name}: {', '.join(bits)}")
+    return lines
 
 
 def _resolve(cfg: ProjectConfig, path: str) -> str:
