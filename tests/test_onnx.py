@@ -354,3 +354,15 @@ def test_cuda_decoding_binds_device_buffers(workdir, model_dir):
     report = parity_report(model_dir, folder, PROMPTS, providers=["CUDAExecutionProvider"])
     print("int4 CUDA parity:", report)
     assert report["provider"] == "CUDAExecutionProvider" and report["top1_agreement"] >= 0.85
+
+
+def test_a_server_process_turns_off_idle_spinning(fp32_dir, monkeypatch):
+    from slmforge.generate._onnx import make_session
+
+    onnx_file = next(fp32_dir.glob("*.onnx"))
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spin
+        make_session(onnx_file).get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    monkeypatch.setenv("SLMFORGE_ORT_SPINNING", "0")  # what `slmforge serve` sets before loading engines
+    options = make_session(onnx_file).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"

@@ -141,7 +141,8 @@ class Handle:
 class _Seq:
     request: BatchRequest
     handle: Handle
-    ids: list[int]  # prompt + generated, for the repetition penalty
+    ids: list[int]  # prompt + generated
+    seen: set[int] = field(default_factory=set)  # distinct ids in ``ids``, for the repetition penalty
     generated: list[int] = field(default_factory=list)
     rng: torch.Generator | None = None
     state: Any = None  # ConstraintState
@@ -227,7 +228,7 @@ class BatchEngine:
         if self._stopping:
             raise GenerateError("The server is shutting down and takes no new requests.")
         handle = Handle(loop)
-        seq = _Seq(request=request, handle=handle, ids=list(request.prompt_ids))
+        seq = _Seq(request=request, handle=handle, ids=list(request.prompt_ids), seen=set(request.prompt_ids))
         seed = p.seed if p.seed is not None else secrets.randbits(62)
         if p.temperature > 0:
             seq.rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -372,42 +373,62 @@ class BatchEngine:
         logprobs = None
         if any(s.request.logprobs is not None for s in seqs):
             logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = self._choose_all(seqs, logits)
         for row, seq in enumerate(seqs):
             if seq.handle.cancelled:
                 continue
-            token = self._choose(seq, logits[row])
-            entry = self._logprob_entry(token, logprobs[row], seq.request.logprobs) if (
+            entry = self._logprob_entry(tokens[row], logprobs[row], seq.request.logprobs) if (
                 logprobs is not None and seq.request.logprobs is not None) else None
-            self._advance(seq, token, entry)
+            self._advance(seq, tokens[row], entry)
         self._drop_finished()
 
-    def _choose(self, seq: _Seq, row: torch.Tensor) -> int:
+    def _choose_all(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """The next token of every row: what all rows share is done in one batched op (repetition
+        penalty, greedy argmax); per-row work only where a row asks for it (bias, constraint, sampling)."""
+        logits = logits.clone()
+        rows, cols, penalties = [], [], []
+        for r, seq in enumerate(seqs):
+            penalty = seq.request.params.repetition_penalty
+            if penalty != 1.0:
+                rows.extend([r] * len(seq.seen))
+                cols.extend(seq.seen)
+                penalties.extend([penalty] * len(seq.seen))
+        if rows:
+            r_t, c_t = torch.tensor(rows), torch.tensor(cols)
+            p_t = torch.tensor(penalties, dtype=logits.dtype)
+            scores = logits[r_t, c_t]
+            logits[r_t, c_t] = torch.where(scores > 0, scores / p_t, scores * p_t)
+        greedy, tokens = [], [0] * len(seqs)
+        for r, seq in enumerate(seqs):
+            p, row = seq.request.params, logits[r]  # a view: in-place edits land in ``logits``
+            if seq.request.logit_bias:
+                row[list(seq.request.logit_bias)] += torch.tensor(list(seq.request.logit_bias.values()),
+                                                                  dtype=row.dtype)
+            if seq.state is not None:
+                seq.state.mask_logits_(row, self.eos_ids)
+            elif p.ignore_eos and len(seq.generated) + 1 < p.max_new_tokens:
+                row[self.eos_ids] = float("-inf")
+            if p.temperature == 0:
+                greedy.append(r)
+            else:
+                tokens[r] = self._sample(seq, row)
+        if greedy:
+            for r, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                tokens[r] = token
+        return tokens
+
+    def _sample(self, seq: _Seq, row: torch.Tensor) -> int:
         p = seq.request.params
-        row = row.clone()
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.ids)), dtype=torch.long)
-            scores = row[seen]
-            row[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-        if seq.request.logit_bias:
-            ids = torch.tensor(list(seq.request.logit_bias), dtype=torch.long)
-            row[ids] += torch.tensor(list(seq.request.logit_bias.values()), dtype=row.dtype)
-        if seq.state is not None:
-            seq.state.mask_logits_(row, self.eos_ids)
-        elif p.ignore_eos and len(seq.generated) + 1 < p.max_new_tokens:
-            row[self.eos_ids] = float("-inf")
-        if p.temperature == 0:
-            return int(row.argmax())
         row = row / p.temperature
         if p.top_k is not None and p.top_k < row.numel():
             kth = torch.topk(row, p.top_k).values[-1]
             row[row < kth] = float("-inf")
         if p.top_p is not None and p.top_p < 1.0:
             sorted_logits, order = torch.sort(row, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the smallest set reaching top_p
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
             row[order[drop]] = float("-inf")
-        probs = torch.softmax(row, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=seq.rng))
+        return int(torch.multinomial(torch.softmax(row, dim=-1), 1, generator=seq.rng))
 
     def _logprob_entry(self, token: int, logprobs: torch.Tensor, top: int) -> dict[str, Any]:
         with self.tokenizer_lock:
@@ -426,6 +447,7 @@ class BatchEngine:
         p = seq.request.params
         seq.generated.append(token)
         seq.ids.append(token)
+        seq.seen.add(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         ended = token in self.eos_ids and not (p.ignore_eos and seq.state is None)
