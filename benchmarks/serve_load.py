@@ -101,7 +101,8 @@ def markdown(rows: list[dict], clients: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL, help="a model folder")
+    parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL,
+                        help="a model folder (torch engine) or a .gguf file (llama.cpp, up to 8 slots)")
     parser.add_argument("--runs", type=int, default=3, help="repeats per cell (median)")
     parser.add_argument("--clients", default="1,4,16,32", help="numbers of concurrent clients")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -113,8 +114,8 @@ def main() -> None:
     if args.quick:
         args.runs, args.clients, args.min_requests = 1, "1,4", 8
     clients = [int(c) for c in args.clients.split(",")]
-    if not (args.model / "config.json").exists():
-        parser.error(f"{args.model} is not a model folder; make one with "
+    if not (args.model / "config.json").exists() and args.model.suffix != ".gguf":
+        parser.error(f"{args.model} is neither a model folder nor a .gguf file; make one with "
                      "`slmforge quickstart --out /tmp/demo/quickstart` or pass a model folder")
 
     m = machine()

@@ -359,3 +359,22 @@ def test_gemma3_sequences_joining_the_batch_match_generate(tmp_path):
         assert [h.wait()[0] for h in handles] == want
     finally:
         engine.stop()
+
+
+def test_gguf_models_serve_concurrent_requests_in_llama_cpp_slots(work, tmp_path):
+    from slmforge.export.gguf import export_gguf
+    from slmforge.generate._llamacpp import LlamaCppGenerator
+
+    gguf = export_gguf(work["model"], tmp_path / "m.gguf", type="F32")
+    with LlamaCppGenerator(gguf, n_threads=1, n_ctx=256, parallel=4) as gen, \
+            LiveServer(create_app({"q": gen})) as url:
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+        want = [gen.complete(p, params)[0].text for p in PROMPTS]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(prompt: str) -> str:
+            return client.completions.create(model="q", prompt=prompt, max_tokens=20, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(ask, PROMPTS)) == want

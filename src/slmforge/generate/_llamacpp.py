@@ -44,6 +44,9 @@ class LlamaCppGenerator:
         cache_prompt: Reuse the KV cache of the previous request's common prefix (faster multi-turn
             chat; off by default, so a request's result never depends on the one before).
         verbose: Let llama.cpp log to stderr.
+        parallel: Requests llama.cpp decodes together (its server's slots, continuously batched); each slot
+            has the whole ``n_ctx``, so the KV cache is ``parallel`` times larger. Calls from several
+            threads then run at once (the server uses this).
 
     Raises:
         GenerateError: The file is missing or llama.cpp cannot load it.
@@ -58,6 +61,7 @@ class LlamaCppGenerator:
         flash_attention: bool = False,
         cache_prompt: bool = False,
         verbose: bool = False,
+        parallel: int = 1,
     ) -> None:
         import xllamacpp
 
@@ -81,8 +85,12 @@ class LlamaCppGenerator:
         p.model.path = str(path)
         p.cpuparams.n_threads = n_threads
         p.cpuparams_batch.n_threads = n_threads
-        p.n_ctx = self.n_ctx
-        p.n_parallel = 1  # one slot: requests run one after another, each with the whole context
+        if parallel < 1:
+            raise GenerateError(f"parallel must be >= 1 (got {parallel}).")
+        self.parallel = parallel
+        p.n_ctx = self.n_ctx * parallel  # split evenly between the slots: each gets the whole n_ctx
+        p.n_parallel = parallel
+        p.kv_unified = False
         p.use_jinja = True  # the file's own chat template, through llama.cpp's Jinja engine
         p.verbosity = 3 if verbose else -1
         p.flash_attn_type = (

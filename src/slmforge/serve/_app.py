@@ -289,9 +289,10 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         metrics.running[name] = (lambda e=engine: e.busy)
         metrics.waiting[name] = (lambda e=engine: e.waiting)
         engine.on_step = (lambda size, n=name: metrics.observe_batch(n, size))
-    # Engines without continuous batching take one request at a time: they are not safe to call from
-    # two threads at once. Created lazily because an asyncio.Lock belongs to the loop that first uses it.
-    locks: dict[str, asyncio.Lock] = {}
+    # Engines without our continuous batching take one request at a time (they are not safe to call from
+    # two threads at once), or as many as their own slots (llama.cpp with parallel > 1). Created lazily
+    # because an asyncio primitive belongs to the loop that first uses it.
+    locks: dict[str, asyncio.Semaphore] = {}
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -343,8 +344,13 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             raise ApiError(400, f"The model {name!r} is {what}.", "invalid_request_error", "model")
         return served
 
-    def lock_for(name: str) -> asyncio.Lock:
-        return locks.setdefault(name, asyncio.Lock())
+    def lock_for(name: str) -> asyncio.Semaphore:
+        if name not in locks:
+            # One semaphore per engine object, shared by every name that serves it.
+            gen = models[name].generator
+            twin = next((n for n in locks if models[n].generator is gen), None)
+            locks[name] = locks[twin] if twin else asyncio.Semaphore(max(1, int(getattr(gen, "parallel", 1))))
+        return locks[name]
 
     def admit(request: Request, prompt_chars: int) -> str:
         """Check the prompt's size and the key's limits; returns the name usage is metered under."""
@@ -363,7 +369,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         return key.name
 
     @asynccontextmanager
-    async def hold(model: str, lock: asyncio.Lock):
+    async def hold(model: str, lock: asyncio.Semaphore):
         metrics.queue_depth[model] += 1
         try:
             await lock.acquire()
@@ -374,7 +380,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         finally:
             lock.release()
 
-    async def run_locked(model: str, lock: asyncio.Lock, work):
+    async def run_locked(model: str, lock: asyncio.Semaphore, work):
         """``work()`` in a worker thread under the model's lock -> (its result, seconds it took).
 
         On timeout the client gets a 504 at once, but the lock is held until the thread ends: an
@@ -1051,7 +1057,7 @@ def _event(payload: dict[str, Any]) -> str:
 _END = object()
 
 
-async def _stream_events(gen: Generator, lock: asyncio.Lock, prompt, params: SamplingParams,
+async def _stream_events(gen: Generator, lock: asyncio.Semaphore, prompt, params: SamplingParams,
                          chunk: dict[str, Any], chat: bool, usage: bool, hooks: _StreamHooks,
                          hold) -> AsyncIterator[str]:
     """OpenAI chunks for one streamed sequence, then ``data: [DONE]``.

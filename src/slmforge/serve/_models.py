@@ -147,7 +147,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         adapters = {name: _resolve(cfg, p) for name, p in m.adapters.items()}
         if adapters and m.engine not in ("auto", "torch"):
             raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {m.engine}).")
-        gen = _load_engine(path, m.engine, adapters, device, load_generator)
+        gen = _load_engine(path, m.engine, adapters, device, load_generator, max_batch_size)
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
@@ -175,6 +175,8 @@ def describe(served: dict[str, ServedModel]) -> list[str]:
     lines = []
     for name, m in served.items():
         bits = [m.engine]
+        if getattr(m.generator, "parallel", 1) > 1:
+            bits.append(f"{m.generator.parallel} llama.cpp slots")
         if m.batch is not None:
             bits.append(f"continuous batching up to {m.batch.max_batch_size}")
         if m.adapter:
@@ -191,13 +193,25 @@ def _resolve(cfg: ProjectConfig, path: str) -> str:
     return str(resolved) if resolved.exists() or Path(path).expanduser().is_absolute() else path
 
 
-def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, load_generator):
+# llama.cpp slots each hold a whole context's KV cache, so the server opens at most this many.
+LLAMACPP_MAX_SLOTS = 8
+
+
+def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, load_generator,
+                 max_batch_size: int = 1):
     from slmforge.generate import engine_for
 
-    if (engine_for(path) if engine == "auto" else engine) == "torch":
+    kind = engine_for(path) if engine == "auto" else engine
+    if kind == "torch":
         from slmforge.generate._torch import TorchGenerator
 
         return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
+    if kind == "llama.cpp":
+        from slmforge.generate._llamacpp import LlamaCppGenerator
+
+        p = Path(path)
+        gguf = p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0]
+        return LlamaCppGenerator(gguf, parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
     return load_generator(path, device=device)
 
 
