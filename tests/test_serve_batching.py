@@ -378,3 +378,26 @@ def test_gguf_models_serve_concurrent_requests_in_llama_cpp_slots(work, tmp_path
 
         with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
             assert list(pool.map(ask, PROMPTS)) == want
+        chunks = list(client.completions.create(model="q", prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+        assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens > 1
+        whole = client.completions.create(model="q", prompt=PROMPTS[0], max_tokens=20, temperature=0)
+        assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
+
+
+def test_streams_with_n_choices_interleave_by_index_and_match_the_whole_replies(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Tell me"}], n=3, temperature=1.0, seed=5,
+                  max_tokens=12)
+    whole = client.chat.completions.create(**kwargs)
+    parts: dict[int, str] = {0: "", 1: "", 2: ""}
+    finishes, usage = {}, None
+    for c in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if c.usage:
+            usage = c.usage
+        for ch in c.choices:
+            parts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert [parts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert set(finishes) == {0, 1, 2} and usage.completion_tokens == whole.usage.completion_tokens

@@ -508,7 +508,8 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             if len(prompts) != 1:
                 raise ApiError(400, "Streaming takes one prompt; send a string, not a list.",
                                "invalid_request_error", "prompt")
-            _check_streamable(params)
+            if served.batch is None:
+                _check_streamable(params)  # the batching engine streams n choices; the others one
         if body.echo:
             raise ApiError(400, "echo is not supported.", "invalid_request_error", "echo")
         if served.batch is None:
@@ -529,8 +530,9 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                     for one in ids for i in range(params.n)]
             if body.stream:
                 hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
-                handle = engine.submit(jobs[0], asyncio.get_running_loop())  # bad parameters: a 400, not a broken stream
-                return _sse(_batched_events(handle, chunk, chat=False, usage=body.include_usage,
+                loop = asyncio.get_running_loop()
+                handles = [engine.submit(job, loop) for job in jobs]  # bad parameters: a 400, not a broken stream
+                return _sse(_batched_events(handles, chunk, chat=False, usage=body.include_usage,
                                             hooks=hooks, logprobs="completion" if body.logprobs is not None else None))
             results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
             choices, completion_tokens = [], 0
@@ -588,7 +590,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         if body.max_completion_tokens is not None:
             params.max_new_tokens = body.max_completion_tokens
         _validate(params)
-        if body.stream:
+        if body.stream and served.batch is None:
             _check_streamable(params)
         tools, choice = _tool_setup(body)
         structured = body.response_format is not None and body.response_format.type != "text"
@@ -622,8 +624,9 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                     for i in range(params.n)]
             if body.stream:
                 hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
-                handle = engine.submit(jobs[0], asyncio.get_running_loop())
-                return _sse(_batched_events(handle, chunk, chat=True, usage=body.include_usage, hooks=hooks,
+                loop = asyncio.get_running_loop()
+                handles = [engine.submit(job, loop) for job in jobs]
+                return _sse(_batched_events(handles, chunk, chat=True, usage=body.include_usage, hooks=hooks,
                                             logprobs="chat" if top is not None else None,
                                             tools=tools if choice != "none" else None))
             results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
@@ -724,64 +727,80 @@ async def _run_batched(engine, jobs: list[BatchRequest], timeout_s: float | None
     return results, time.perf_counter() - start
 
 
-async def _batched_events(handle, chunk: dict[str, Any], chat: bool, usage: bool,
+async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usage: bool,
                           hooks: _StreamHooks, logprobs: str | None, tools: list | None = None) -> AsyncIterator[str]:
-    """OpenAI chunks for one sequence from the batching engine, then ``data: [DONE]``.
+    """OpenAI chunks for n sequences (choice ``index`` i) from the batching engine, then ``data: [DONE]``.
 
-    With tools the reply is held until it ends: whether it is a tool call is known only then.
+    With tools a reply is held until it ends: whether it is a tool call is known only then.
     """
 
-    def choice(delta_or_text, finish: str | None, entries=None) -> dict[str, Any]:
+    def choice(index: int, delta_or_text, finish: str | None, entries=None) -> dict[str, Any]:
         body = {"delta": delta_or_text} if chat else {"text": delta_or_text}
         lp = None
         if entries:
             lp = {"content": entries} if logprobs == "chat" else _completion_logprobs(entries)
-        return {**chunk, "choices": [{"index": 0, **body, "logprobs": lp, "finish_reason": finish}]}
+        return {**chunk, "choices": [{"index": index, **body, "logprobs": lp, "finish_reason": finish}]}
 
     deadline = None if hooks.timeout_s is None else time.perf_counter() + hooks.timeout_s
-    held: list[str] = []
-    fin: Finished | None = None
+    held: list[list[str]] = [[] for _ in handles]
+    fins: list[Finished | None] = [None] * len(handles)
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle) -> None:
+        while True:
+            events = await handle.drain()
+            arrived.put_nowait((index, events))
+            if isinstance(events[-1], Finished):
+                return
+
+    pumps = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
     try:
         if chat:
-            yield _event(choice({"role": "assistant", "content": ""}, None))
-        while fin is None:
+            for i in range(len(handles)):
+                yield _event(choice(i, {"role": "assistant", "content": ""}, None))
+        while any(f is None for f in fins):
             # Everything that arrived since the last chunk goes out as one chunk: one token per chunk when
             # the server keeps up, several when it is busy.
-            events = await handle.drain()
+            index, events = await arrived.get()
             if isinstance(events[-1], Finished):
-                fin = events.pop()
+                fins[index] = events.pop()
             text = "".join(e.text for e in events)
             entries = [lp for e in events for lp in e.logprobs]
-            if deadline is not None and time.perf_counter() > deadline and fin is None:
+            if deadline is not None and time.perf_counter() > deadline and any(f is None for f in fins):
                 yield _timeout_event(hooks.timeout_s)
                 return
             if hooks.first_at is None and (text or (tools and events)):
                 hooks.first_piece()
             if tools is not None:
-                held.append(text)
+                held[index].append(text)
             elif text or entries:
-                yield _event(choice({"content": text} if chat else text, None, entries))
+                yield _event(choice(index, {"content": text} if chat else text, None, entries))
     finally:
-        handle.cancel()
-        if fin is not None:
-            hooks.done(fin.prompt_tokens, fin.completion_tokens)
-    if fin is None:
-        return
-    if fin.error:
-        yield _event({"error": {"message": fin.error, "type": "server_error", "param": None, "code": None}})
+        for task in pumps:
+            task.cancel()
+        for handle in handles:
+            handle.cancel()
+        done = [f for f in fins if f is not None]
+        if done:  # metered also when the client went away part way
+            hooks.done(done[0].prompt_tokens, sum(f.completion_tokens for f in done))
+    failed = next((f for f in fins if f.error), None)
+    if failed is not None:
+        yield _event({"error": {"message": failed.error, "type": "server_error", "param": None, "code": None}})
         yield "data: [DONE]\n\n"
         return
-    reason = fin.finish_reason
-    if tools is not None:
-        message, reason = _assistant_message("".join(held), reason, tools)
-        if message.get("tool_calls"):
-            calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-            yield _event(choice({"tool_calls": calls}, None))
-        else:
-            yield _event(choice({"content": message["content"]}, None))
-    yield _event(choice({} if chat else "", reason))
+    for i, fin in enumerate(fins):
+        reason = fin.finish_reason
+        if tools is not None:
+            message, reason = _assistant_message("".join(held[i]), reason, tools)
+            if message.get("tool_calls"):
+                calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                yield _event(choice(i, {"tool_calls": calls}, None))
+            else:
+                yield _event(choice(i, {"content": message["content"]}, None))
+        yield _event(choice(i, {} if chat else "", reason))
     if usage:
-        yield _event({**chunk, "choices": [], "usage": _usage(fin.prompt_tokens, fin.completion_tokens)})
+        yield _event({**chunk, "choices": [], "usage": _usage(fins[0].prompt_tokens,
+                                                               sum(f.completion_tokens for f in fins))})
     yield "data: [DONE]\n\n"
 
 
@@ -1035,9 +1054,16 @@ def _render(gen: Generator, messages: list[dict[str, str]]) -> str:
 
 
 def _count_tokens(gen: Generator, text: str, special: bool) -> int:
-    """Tokens in a prompt, by the engine's tokenizer; 0 for an engine that exposes none."""
+    """Tokens in a prompt, by the engine's tokenizer (llama.cpp: its own ``tokenize``); 0 for an engine
+    that exposes none."""
     tokenizer = getattr(gen, "tokenizer", None)
     if tokenizer is None or not callable(tokenizer):
+        tokenize = getattr(gen, "tokenize", None)
+        if callable(tokenize):
+            try:
+                return len(tokenize(text, add_special=special))
+            except Exception:  # usage is informative only; never fail a request over it
+                return 0
         return 0
     try:
         return len(tokenizer(text, add_special_tokens=special)["input_ids"])
