@@ -1081,8 +1081,6 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-
-
 async def _stream_events(gen: Generator, lock: asyncio.Semaphore, prompt, params: SamplingParams,
                          chunk: dict[str, Any], chat: bool, usage: bool, hooks: _StreamHooks,
                          hold) -> AsyncIterator[str]:
