@@ -112,7 +112,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         ConfigError: A model entry is incomplete (no path, no base_url) or names an unknown profile.
         ModelError: A model cannot be loaded.
     """
-    from slmforge.generate import GenerateError, load_generator, resolve_profile
+    from slmforge.generate import GenerateError, _read_profiles, load_generator, resolve_profile
 
     out: dict[str, ServedModel] = {}
     closers: list[Any] = []
@@ -151,8 +151,6 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
-        from slmforge.generate import _read_profiles
-
         # No profile named: the model folder's own default (saved with it), else OpenAI's request defaults.
         profile = m.profile if m.profile is not None else _read_profiles(path)[1]
         if m.profile is not None:
