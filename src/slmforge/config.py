@@ -516,13 +516,15 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 for every interface; needs api_keys).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     models: list[ServeModelConfig] = Field(
-        [], description="Models to serve (empty = the project's sft output, else its train output)."
+        [], description="Models to serve (empty = the project's sft output, else its train output); each "
+        "{name, path, engine, adapters, profile, base_url, upstream_model, api_key_env, vllm}, e.g. "
+        "[{name: docs-slm, path: runs/sft, adapters: {sql: runs/sft-sql}}]."
     )
     api_keys: str | None = Field(None, description="Keys file from `slmforge keys add` (null = no authentication, loopback only).")
     usage_file: str | None = Field(None, description="Where the usage per key is written (JSON) on shutdown.")
     max_batch_size: int = Field(
         16, ge=1, le=256, description="Continuous batching: most sequences decoded together per torch model "
-        "(1 = one request at a time)."
+        "(1 = one request at a time); GGUF models get min(this, 8) llama.cpp slots."
     )
     max_prompt_chars: int | None = Field(None, ge=1, description="Refuse longer prompts with a 413 (null = no limit).")
     max_prompt_tokens: int | None = Field(None, ge=1, description="Refuse prompts of more tokens with a 413 (null = context).")
