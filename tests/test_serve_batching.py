@@ -401,3 +401,55 @@ def test_streams_with_n_choices_interleave_by_index_and_match_the_whole_replies(
                 finishes[ch.index] = ch.finish_reason
     assert [parts[i] for i in range(3)] == [c.message.content for c in whole.choices]
     assert set(finishes) == {0, 1, 2} and usage.completion_tokens == whole.usage.completion_tokens
+
+
+class _Exploding:
+    """A constraint whose mask raises on the third step (as a broken schema or NaN logits would)."""
+
+    def start(self):
+        return self
+
+    steps = 0
+    finished = False
+
+    def mask_logits_(self, row, eos_ids):
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("boom")
+
+    def advance(self, token):
+        pass
+
+
+def test_one_failing_sequence_ends_alone_and_its_neighbours_finish(gen):
+    engine = BatchEngine(gen, max_batch_size=4)
+    try:
+        want = gen.complete(PROMPTS[2], SamplingParams(max_new_tokens=16))[0].text
+        good = engine.submit(BatchRequest(engine.encode(PROMPTS[2], True), SamplingParams(max_new_tokens=16)))
+        bad = engine.submit(BatchRequest(engine.encode(PROMPTS[0], True), SamplingParams(max_new_tokens=16),
+                                         constraint=_Exploding()))
+        text, fin, _ = bad.wait()
+        assert "boom" in fin.error
+        assert good.wait()[0] == want
+        again = engine.submit(BatchRequest(engine.encode(PROMPTS[2], True), SamplingParams(max_new_tokens=16)))
+        assert again.wait()[0] == want  # the engine keeps serving
+    finally:
+        engine.stop()
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_slot_and_is_still_metered(base_url, served):
+    table, _ = served
+    engine = table["tiny"].batch
+    before = httpx.get(f"{base_url}/v1/usage").json()["data"]
+    used = sum(r["completion_tokens"] for r in before)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", timeout=0.15,
+                   json={"model": "tiny", "prompt": "The garden was", "max_tokens": 1000, "ignore_eos": True,
+                         "temperature": 0})
+    deadline = time.monotonic() + 10
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.busy == 0
+    time.sleep(0.1)  # the handler meters as it leaves
+    after = httpx.get(f"{base_url}/v1/usage").json()["data"]
+    assert 0 < sum(r["completion_tokens"] for r in after) - used < 1000  # metered, and cut short

@@ -180,6 +180,8 @@ def test_bad_schemas_tools_and_bias_are_400s_that_say_what(client):
         client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"999999": 5})
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model="tiny", messages=msgs, logit_bias={"x": 5})
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model="tiny", messages=msgs, top_logprobs=2)
 
 
 # --------------------------------------------------------------------------- llama.cpp's grammar engine
@@ -214,3 +216,6 @@ def test_gguf_models_constrain_json_and_forced_tool_calls_with_llama_cpp(model_d
         jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in pieces if c.choices)), CHOICES)
         with pytest.raises(openai.BadRequestError, match="needs the torch engine"):
             client.chat.completions.create(model="q", messages=[{"role": "user", "content": "Go"}], tools=ENUM_TOOLS)
+        plain = client.chat.completions.create(model="q", messages=[{"role": "user", "content": "Go"}],
+                                               tools=ENUM_TOOLS, tool_choice="none", max_tokens=5)
+        assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")

@@ -531,11 +531,12 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                     for one in ids for i in range(params.n)]
             if body.stream:
                 hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
-                loop = asyncio.get_running_loop()
-                handles = [engine.submit(job, loop) for job in jobs]  # bad parameters: a 400, not a broken stream
+                handles = _submit_all(engine, jobs)  # bad parameters: a 400, not a broken stream
                 return _sse(_batched_events(handles, chunk, chat=False, usage=body.include_usage,
                                             hooks=hooks, logprobs="completion" if body.logprobs is not None else None))
-            results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
+            results, seconds = await _run_batched(
+                engine, jobs, prompt_limits.request_timeout_s, request,
+                lambda p, c, t: finished(user, body.model, p, c, t), jobs_per_prompt=params.n)
             choices, completion_tokens = [], 0
             for index, (text, fin, lps) in enumerate(results):
                 choices.append({"index": index, "text": text, "finish_reason": fin.finish_reason,
@@ -593,13 +594,16 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         _validate(params)
         if body.stream and served.batch is None:
             _check_streamable(params)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true.", "invalid_request_error", "top_logprobs")
         tools, choice = _tool_setup(body)
         structured = body.response_format is not None and body.response_format.type != "text"
         # llama.cpp constrains by its own grammar engine: JSON under a schema, and forced tool calls.
-        grammar = served.batch is None and served.engine == "llama.cpp" and (structured or (tools and choice != "auto"))
+        calling = bool(tools) and choice != "none"  # tools with tool_choice none are only context
+        grammar = served.batch is None and served.engine == "llama.cpp" and (structured or (calling and choice != "auto"))
         if served.batch is None:
             for asked, what in ((body.logprobs, "logprobs"), (structured and not grammar, "response_format"),
-                                (tools and not grammar, "tools"), (body.logit_bias, "logit_bias")):
+                                (calling and not grammar, "tools"), (body.logit_bias, "logit_bias")):
                 if asked:
                     _needs_batching(served, what)
         user = admit(request, sum(len(m["content"] or "") for m in raw))
@@ -625,12 +629,13 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                     for i in range(params.n)]
             if body.stream:
                 hooks = _StreamHooks(body.model, user, start, metrics, finished, prompt_limits.request_timeout_s)
-                loop = asyncio.get_running_loop()
-                handles = [engine.submit(job, loop) for job in jobs]
+                handles = _submit_all(engine, jobs)
                 return _sse(_batched_events(handles, chunk, chat=True, usage=body.include_usage, hooks=hooks,
                                             logprobs="chat" if top is not None else None,
                                             tools=tools if choice != "none" else None))
-            results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s)
+            results, seconds = await _run_batched(engine, jobs, prompt_limits.request_timeout_s, request,
+                                                  lambda p, c, t: finished(user, body.model, p, c, t),
+                                                  jobs_per_prompt=params.n)
             choices, completion_tokens = [], 0
             for index, (text_out, fin, lps) in enumerate(results):
                 message, reason = _assistant_message(text_out, fin.finish_reason, tools if choice != "none" else None)
@@ -701,11 +706,28 @@ def _one(params: SamplingParams, i: int) -> SamplingParams:
     return replace(params, n=1, seed=None if params.seed is None else params.seed + i, stop=list(params.stop))
 
 
-async def _run_batched(engine, jobs: list[BatchRequest], timeout_s: float | None):
-    """Submit every sequence, wait for all -> ([(text, Finished, logprob entries)], seconds)."""
-    loop = asyncio.get_running_loop()
+def _submit_all(engine, jobs: list[BatchRequest]) -> list:
+    """Submit every sequence of a request; if one is refused, cancel the ones already queued."""
+    loop, handles = asyncio.get_running_loop(), []
+    try:
+        for job in jobs:
+            handles.append(engine.submit(job, loop))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+async def _run_batched(engine, jobs: list[BatchRequest], timeout_s: float | None, request: Request,
+                       meter, jobs_per_prompt: int = 1) -> tuple[list, float]:
+    """Submit every sequence, wait for all -> ([(text, Finished, logprob entries)], seconds).
+
+    A client that disconnects, or a request past the timeout, frees its slots at the next step; what it
+    had generated by then is still metered (``meter(prompt_tokens, completion_tokens, seconds)``).
+    """
     start = time.perf_counter()
-    handles = [engine.submit(job, loop) for job in jobs]
+    handles = _submit_all(engine, jobs)
 
     async def collect(handle) -> tuple[str, Finished, list[dict[str, Any]]]:
         text, entries = [], []
@@ -718,14 +740,28 @@ async def _run_batched(engine, jobs: list[BatchRequest], timeout_s: float | None
             entries.extend(event.logprobs)
         raise ApiError(500, "The engine stopped before the reply ended.", "server_error")
 
+    async def gone() -> None:
+        # uvicorn does not cancel a plain (non-streaming) handler when its client leaves: poll for it.
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    work = asyncio.ensure_future(asyncio.gather(*(collect(h) for h in handles)))
+    watch = asyncio.ensure_future(gone())
     try:
-        results = await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), timeout_s)
-    except asyncio.TimeoutError:
-        raise _timeout_error(timeout_s) from None
+        done, _ = await asyncio.wait({work, watch}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result(), time.perf_counter() - start
+        prompts = sum(h.prompt_tokens for h in handles) // max(1, jobs_per_prompt)  # n choices share a prompt
+        meter(prompts, sum(h.completion_tokens for h in handles), time.perf_counter() - start)
+        if watch in done:
+            raise ApiError(499, "The client closed the connection.", "invalid_request_error")
+        raise _timeout_error(timeout_s)
     finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
         for h in handles:
-            h.cancel()  # a no-op for finished ones; frees the slots of the rest (timeout, client gone)
-    return results, time.perf_counter() - start
+            h.cancel()  # a no-op for finished ones; frees the slots of the rest
 
 
 async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usage: bool,
@@ -762,14 +798,17 @@ async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usag
         while any(f is None for f in fins):
             # Everything that arrived since the last chunk goes out as one chunk: one token per chunk when
             # the server keeps up, several when it is busy.
-            index, events = await arrived.get()
-            if isinstance(events[-1], Finished):
-                fins[index] = events.pop()
-            text = "".join(e.text for e in events)
-            entries = [lp for e in events for lp in e.logprobs]
-            if deadline is not None and time.perf_counter() > deadline and any(f is None for f in fins):
+            try:
+                index, events = await asyncio.wait_for(
+                    arrived.get(), None if deadline is None else max(0.0, deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
                 yield _timeout_event(hooks.timeout_s)
                 return
+            end = next((k for k, e in enumerate(events) if isinstance(e, Finished)), None)
+            if end is not None:
+                fins[index], events = events[end], events[:end]
+            text = "".join(e.text for e in events)
+            entries = [lp for e in events for lp in e.logprobs]
             if hooks.first_at is None and (text or (tools and events)):
                 hooks.first_piece()
             if tools is not None:
@@ -781,9 +820,8 @@ async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usag
             task.cancel()
         for handle in handles:
             handle.cancel()
-        done = [f for f in fins if f is not None]
-        if done:  # metered also when the client went away part way
-            hooks.done(done[0].prompt_tokens, sum(f.completion_tokens for f in done))
+        # Metered also when the client went away or the request timed out part way.
+        hooks.done(handles[0].prompt_tokens, sum(h.completion_tokens for h in handles))
     failed = next((f for f in fins if f.error), None)
     if failed is not None:
         yield _event({"error": {"message": failed.error, "type": "server_error", "param": None, "code": None}})
@@ -1134,12 +1172,14 @@ async def _stream_events(gen: Generator, lock: asyncio.Semaphore, prompt, params
                 yield _event(choice({"role": "assistant", "content": ""}, None))
             ended = False
             while not ended:
-                events = await handle.drain()
-                ended = isinstance(events[-1], Finished)
-                text = "".join(e.text for e in events if isinstance(e, TokenEvent))
-                if deadline is not None and time.perf_counter() > deadline and not ended:
+                try:
+                    events = await asyncio.wait_for(
+                        handle.drain(), None if deadline is None else max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
                     yield _timeout_event(hooks.timeout_s)
                     return
+                ended = any(isinstance(e, Finished) for e in events)
+                text = "".join(e.text for e in events if isinstance(e, TokenEvent))
                 if text:
                     if not pieces:
                         hooks.first_piece()

@@ -81,6 +81,8 @@ class Handle:
         self._sync: queue.SimpleQueue | None = None if loop is not None else queue.SimpleQueue()
         self.cancelled = False
         self.submitted_at = time.perf_counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0  # kept current by the engine: what a cancelled request still used
 
     def _put(self, event: TokenEvent | Finished) -> None:
         if self._sync is not None:
@@ -225,9 +227,8 @@ class BatchEngine:
         bad = [t for t in (request.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise GenerateError(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.")
-        if self._stopping:
-            raise GenerateError("The server is shutting down and takes no new requests.")
         handle = Handle(loop)
+        handle.prompt_tokens = len(request.prompt_ids)
         seq = _Seq(request=request, handle=handle, ids=list(request.prompt_ids), seen=set(request.prompt_ids))
         seed = p.seed if p.seed is not None else secrets.randbits(62)
         if p.temperature > 0:
@@ -235,15 +236,17 @@ class BatchEngine:
         if request.constraint is not None:
             seq.state = request.constraint.start()
         seq.cutter = StopCutter(list(p.stop))
-        with self._wake:
+        with self._wake:  # checked under the lock the loop exits under, so no request is left behind
+            if self._stopping:
+                raise GenerateError("The server is shutting down and takes no new requests.")
             self._waiting.append(seq)
             self._wake.notify()
         return handle
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the running and queued sequences (up to ``timeout_s``), then end the thread."""
-        self._stopping = True
         with self._wake:
+            self._stopping = True
             self._wake.notify()
         self._thread.join(timeout_s)
 
@@ -277,11 +280,20 @@ class BatchEngine:
                         self._prefill(joining)
                     elif self._active:
                         self._decode()
-            except Exception as exc:  # a failed forward pass ends the sequences in it, not the server
-                message = f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}"
-                for seq in [*self._active, *joining]:
-                    seq.handle._put(Finished("stop", len(seq.request.prompt_ids), len(seq.generated), message))
+            except Exception as exc:  # a failure past the forward pass ends the batch's sequences, not the server
+                self._fail([*self._active, *joining], exc)
                 self._active, self._cache, self._mask, self._positions = [], None, None, None
+
+    def _fail(self, seqs: list[_Seq], exc: BaseException) -> None:
+        """End each unfinished sequence once, with the error."""
+        message = f"Generation failed: {type(exc).__name__}: {str(exc)[:300]}"
+        seen: set[int] = set()
+        for seq in seqs:
+            if id(seq) in seen or seq.finish is not None:
+                continue
+            seen.add(id(seq))
+            seq.finish = "error"
+            seq.handle._put(Finished("stop", len(seq.request.prompt_ids), len(seq.generated), message))
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
         kwargs = {}
@@ -308,7 +320,11 @@ class BatchEngine:
             mask[row, width - len(s.ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, joining)
+        try:
+            out = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, joining)
+        except Exception as exc:  # e.g. out of memory on a long prompt: the running batch is untouched
+            self._fail(joining, exc)
+            return
         self._merge(joining, cache, mask, positions[:, -1] + 1)
         if self.on_step is not None:
             self.on_step(len(joining))
@@ -375,11 +391,14 @@ class BatchEngine:
             logprobs = torch.log_softmax(logits, dim=-1)
         tokens = self._choose_all(seqs, logits)
         for row, seq in enumerate(seqs):
-            if seq.handle.cancelled:
+            if seq.handle.cancelled or seq.finish is not None:
                 continue
-            entry = self._logprob_entry(tokens[row], logprobs[row], seq.request.logprobs) if (
-                logprobs is not None and seq.request.logprobs is not None) else None
-            self._advance(seq, tokens[row], entry)
+            try:
+                entry = self._logprob_entry(tokens[row], logprobs[row], seq.request.logprobs) if (
+                    logprobs is not None and seq.request.logprobs is not None) else None
+                self._advance(seq, tokens[row], entry)
+            except Exception as exc:
+                self._fail([seq], exc)
         self._drop_finished()
 
     def _choose_all(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
@@ -401,17 +420,20 @@ class BatchEngine:
         greedy, tokens = [], [0] * len(seqs)
         for r, seq in enumerate(seqs):
             p, row = seq.request.params, logits[r]  # a view: in-place edits land in ``logits``
-            if seq.request.logit_bias:
-                row[list(seq.request.logit_bias)] += torch.tensor(list(seq.request.logit_bias.values()),
-                                                                  dtype=row.dtype)
-            if seq.state is not None:
-                seq.state.mask_logits_(row, self.eos_ids)
-            elif p.ignore_eos and len(seq.generated) + 1 < p.max_new_tokens:
-                row[self.eos_ids] = float("-inf")
-            if p.temperature == 0:
-                greedy.append(r)
-            else:
-                tokens[r] = self._sample(seq, row)
+            try:
+                if seq.request.logit_bias:
+                    row[list(seq.request.logit_bias)] += torch.tensor(list(seq.request.logit_bias.values()),
+                                                                      dtype=row.dtype)
+                if seq.state is not None:
+                    seq.state.mask_logits_(row, self.eos_ids)
+                elif p.ignore_eos and len(seq.generated) + 1 < p.max_new_tokens:
+                    row[self.eos_ids] = float("-inf")
+                if p.temperature == 0:
+                    greedy.append(r)
+                else:
+                    tokens[r] = self._sample(seq, row)
+            except Exception as exc:  # one row's failure (a constraint, NaN logits) ends that row only
+                self._fail([seq], exc)
         if greedy:
             for r, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
                 tokens[r] = token
@@ -448,6 +470,7 @@ class BatchEngine:
         seq.generated.append(token)
         seq.ids.append(token)
         seq.seen.add(token)
+        seq.handle.completion_tokens = len(seq.generated)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         ended = token in self.eos_ids and not (p.ignore_eos and seq.state is None)

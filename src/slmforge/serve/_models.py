@@ -208,8 +208,10 @@ def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, 
         from slmforge.generate._llamacpp import LlamaCppGenerator
 
         p = Path(path)
-        gguf = p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0]
-        return LlamaCppGenerator(gguf, parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
+        files = [f for f in sorted(p.glob("*.gguf")) if not f.name.startswith("mmproj")] if p.is_dir() else [p]
+        if not files:
+            raise ConfigError(f"{path} holds no .gguf model file; point at the .gguf file itself.")
+        return LlamaCppGenerator(files[0], parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
     return load_generator(path, device=device)
 
 
