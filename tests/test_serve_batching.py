@@ -453,3 +453,31 @@ def test_a_client_that_leaves_a_plain_request_frees_its_slot_and_is_still_metere
     time.sleep(0.1)  # the handler meters as it leaves
     after = httpx.get(f"{base_url}/v1/usage").json()["data"]
     assert 0 < sum(r["completion_tokens"] for r in after) - used < 1000  # metered, and cut short
+
+
+def test_a_prefill_step_stays_within_its_token_budget(gen):
+    steps: list[int] = []
+    engine = BatchEngine(gen, max_batch_size=8, on_step=steps.append)
+    try:
+        long_prompt = "The garden was green and the river was wide."
+        ids = engine.encode(long_prompt, True)
+        engine.max_prefill_tokens = len(ids) * 3 // 2  # room for one such prompt per prefill step, not two
+        with engine._wake:  # queue all four before the loop looks, so they compete for one prefill step
+            handles = [engine.submit(BatchRequest(ids, SamplingParams(max_new_tokens=2))) for _ in range(4)]
+        want = gen.complete(long_prompt, SamplingParams(max_new_tokens=2))[0].text
+        assert all(h.wait()[0] == want for h in handles)
+        assert steps[:4] == [1, 1, 1, 1]  # one prompt per prefill step, not all four padded together
+    finally:
+        engine.stop()
+
+
+def test_streamed_completion_logprobs_continue_their_text_offsets(client):
+    chunks = [c for c in client.completions.create(model="tiny", prompt="The garden was", max_tokens=8,
+                                                   temperature=0, logprobs=1, stream=True) if c.choices]
+    tokens, offsets = [], []
+    for c in chunks:
+        if c.choices[0].logprobs:
+            tokens += c.choices[0].logprobs.tokens
+            offsets += c.choices[0].logprobs.text_offset
+    assert len(tokens) == 8
+    assert offsets == [sum(len(t) for t in tokens[:k]) for k in range(8)]

@@ -771,15 +771,19 @@ async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usag
     With tools a reply is held until it ends: whether it is a tool call is known only then.
     """
 
+    offsets = [0] * len(handles)  # characters of logprob tokens sent so far, per choice
+
     def choice(index: int, delta_or_text, finish: str | None, entries=None) -> dict[str, Any]:
         body = {"delta": delta_or_text} if chat else {"text": delta_or_text}
         lp = None
         if entries:
-            lp = {"content": entries} if logprobs == "chat" else _completion_logprobs(entries)
+            lp = {"content": entries} if logprobs == "chat" else _completion_logprobs(entries, offsets[index])
+            offsets[index] += sum(len(e["token"]) for e in entries)
         return {**chunk, "choices": [{"index": index, **body, "logprobs": lp, "finish_reason": finish}]}
 
     deadline = None if hooks.timeout_s is None else time.perf_counter() + hooks.timeout_s
     held: list[list[str]] = [[] for _ in handles]
+    held_logprobs: list[list[dict[str, Any]]] = [[] for _ in handles]
     fins: list[Finished | None] = [None] * len(handles)
     arrived: asyncio.Queue = asyncio.Queue()
 
@@ -813,6 +817,7 @@ async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usag
                 hooks.first_piece()
             if tools is not None:
                 held[index].append(text)
+                held_logprobs[index].extend(entries)
             elif text or entries:
                 yield _event(choice(index, {"content": text} if chat else text, None, entries))
     finally:
@@ -833,9 +838,9 @@ async def _batched_events(handles: list, chunk: dict[str, Any], chat: bool, usag
             message, reason = _assistant_message("".join(held[i]), reason, tools)
             if message.get("tool_calls"):
                 calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                yield _event(choice(i, {"tool_calls": calls}, None))
+                yield _event(choice(i, {"tool_calls": calls}, None, held_logprobs[i]))
             else:
-                yield _event(choice(i, {"content": message["content"]}, None))
+                yield _event(choice(i, {"content": message["content"]}, None, held_logprobs[i]))
         yield _event(choice(i, {} if chat else "", reason))
     if usage:
         yield _event({**chunk, "choices": [], "usage": _usage(fins[0].prompt_tokens,
@@ -936,9 +941,10 @@ def _assistant_message(text: str, reason: str, tools: list | None) -> tuple[dict
     return {"role": "assistant", "content": text}, reason
 
 
-def _completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chat-style per-token entries -> the legacy completions ``logprobs`` object."""
-    offsets, at = [], 0
+def _completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:
+    """Chat-style per-token entries -> the legacy completions ``logprobs`` object (``text_offset`` counted
+    from ``start``: a stream's later chunks continue where the earlier ones ended)."""
+    offsets, at = [], start
     for e in entries:
         offsets.append(at)
         at += len(e["token"])

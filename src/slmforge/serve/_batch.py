@@ -161,9 +161,12 @@ class BatchEngine:
         generator: A loaded ``TorchGenerator`` (its adapters, if any, can be picked per request).
         max_batch_size: Most sequences decoded together; 1 serves one request at a time.
         on_step: Called after every forward pass with the number of sequences in it (for metrics).
+        max_prefill_tokens: Padded prompt tokens one prefill step may take (a longer single prompt still
+            goes alone); the rest of the queue joins at the next steps.
     """
 
-    def __init__(self, generator, max_batch_size: int = 16, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(self, generator, max_batch_size: int = 16, on_step: Callable[[int], None] | None = None,
+                 max_prefill_tokens: int = 4096) -> None:
         if max_batch_size < 1:
             raise GenerateError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
         self.generator = generator
@@ -173,6 +176,7 @@ class BatchEngine:
         self.eos_ids = list(generator.eos_token_ids)
         self.pad_id = generator.pad_token_id if generator.pad_token_id is not None else 0
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step
         config = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         self.context_length: int | None = config if isinstance(config, int) else None
@@ -269,11 +273,17 @@ class BatchEngine:
                     if self._stopping:
                         return
                     self._wake.wait(0.5)
-                joining = []
+                joining, width = [], 0
                 while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
-                    seq = self._waiting.popleft()
+                    seq = self._waiting[0]
+                    # A prefill step pads every joining prompt to the longest: past the budget, the rest
+                    # wait a step, so running sequences are not stalled by one huge padded prefill.
+                    if joining and max(width, len(seq.ids)) * (len(joining) + 1) > self.max_prefill_tokens:
+                        break
+                    self._waiting.popleft()
                     if not seq.handle.cancelled:
                         joining.append(seq)
+                        width = max(width, len(seq.ids))
             try:
                 with torch.inference_mode():
                     if joining:
