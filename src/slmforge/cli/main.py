@@ -486,6 +486,7 @@ def quickstart(
         f"  slmforge chat --model {model}\n"
         f"  slmforge generate 'What does json.dumps do?' --chat --model {model} --profile creative\n"
         f"  slmforge inspect {model}\n"
+        f"  slmforge serve {model}   (OpenAI-compatible API on http://127.0.0.1:8000/v1)\n"
         f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)"
     )
 
