@@ -25,11 +25,6 @@ from slmforge.errors import GenerateError
 from slmforge.generate import Completion, Message, SamplingParams
 
 
-def is_endpoint(ref: str) -> bool:
-    """Whether a model reference is an HTTP endpoint rather than a path or hub id."""
-    return str(ref).startswith(("http://", "https://"))
-
-
 class OpenAIGenerator:
     """``Generator`` over an OpenAI-compatible HTTP endpoint.
 

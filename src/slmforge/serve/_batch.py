@@ -20,7 +20,6 @@ import asyncio
 import queue
 import secrets
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -80,7 +79,6 @@ class Handle:
         self._wake_pending = False
         self._sync: queue.SimpleQueue | None = None if loop is not None else queue.SimpleQueue()
         self.cancelled = False
-        self.submitted_at = time.perf_counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0  # kept current by the engine: what a cancelled request still used
 
@@ -205,11 +203,6 @@ class BatchEngine:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         with self.tokenizer_lock:
             return self.generator.render_chat(messages)
-
-    def count(self, text: str) -> int:
-        """Tokens in a piece of generated text (no special tokens)."""
-        with self.tokenizer_lock:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, request: BatchRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue a sequence; with ``loop`` its events arrive on that event loop (``handle.events()``),

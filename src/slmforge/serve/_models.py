@@ -30,10 +30,6 @@ class ServedModel:
     upstream: Any = None
     engine: str = "torch"
 
-    @property
-    def tokenizer(self):
-        return getattr(self.generator, "tokenizer", None)
-
 
 def wrap_models(models: dict[str, Any], max_batch_size: int) -> dict[str, ServedModel]:
     """Plain engines -> served models: torch generators get a continuous-batching engine (one per
