@@ -190,10 +190,15 @@ def files_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def is_endpoint(ref: str | Path | None) -> bool:
+    """Whether a model reference is an OpenAI-compatible HTTP endpoint (``http(s)://HOST/v1#MODEL``)."""
+    return str(ref or "").startswith(("http://", "https://"))
+
+
 def model_ref(spec: str | Path) -> dict[str, str]:
     """The lineage entry of a model: its manifest (a slmforge artifact), else an external
     folder or file fingerprinted by its files, else an HTTP endpoint or a hub id taken at its word."""
-    if str(spec).startswith(("http://", "https://")):
+    if is_endpoint(spec):
         return {"path": str(spec), "kind": "endpoint", "fingerprint": str(spec)}
     path = Path(str(spec))
     if path.is_dir() and (path / MANIFEST).exists():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import MANIFEST, ArtifactWriter, parent_ref, read_manifest
+from slmforge.artifacts import MANIFEST, ArtifactWriter, is_endpoint, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, EvalError
 from slmforge.evaluate.gates import GateResult, check_gates, enforce
@@ -66,7 +66,7 @@ def evaluate_suites(
 ) -> dict[str, SuiteResult]:
     """Run suites (names or YAML paths; ``perplexity`` for held-out perplexity) against one generator."""
     # A remote endpoint can change behind its URL, so its answers are never cached.
-    remote = str(model).startswith(("http://", "https://"))
+    remote = is_endpoint(model)
     cache = (cfg.resolve(cfg.project.out_dir) / "eval-cache") if (cfg is not None and use_cache and not remote) else None
     out = {}
     for name in suites:
@@ -134,7 +134,7 @@ def run_eval(
     from slmforge.generate import load_generator
 
     ecfg = cfg.eval
-    remote = str(model or "").startswith(("http://", "https://"))  # an OpenAI-compatible endpoint
+    remote = is_endpoint(model)
     model_path = (str(model) if remote else Path(str(model))) if model else _default_model(cfg)
     suites = suites or ecfg.suites
     limit = limit if limit is not None else ecfg.limit

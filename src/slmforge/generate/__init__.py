@@ -167,7 +167,9 @@ def engine_for(path: str | Path) -> str:
     """Which engine runs a model: ``openai`` for an http(s) endpoint (``URL#MODEL``), ``llama.cpp`` for a
     .gguf file, ``onnx`` for an exported ONNX folder, ``torch`` for anything else (Hugging Face folder,
     adapter folder, hub id)."""
-    if str(path).startswith(("http://", "https://")):
+    from slmforge.artifacts import is_endpoint
+
+    if is_endpoint(path):
         return "openai"
     p = Path(str(path))
     if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf")) and not (p / "config.json").exists()):
