@@ -126,6 +126,9 @@ class TeacherConfig(Section):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable that holds the API key (never the key itself)."
     )
+    allow_insecure_http: bool = Field(
+        False, description="Allow sending the key over plain http to a host other than this machine (else an error)."
+    )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the teacher.")
     max_tokens: int = Field(800, ge=16, description="Most tokens the teacher may write per document.")
     timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for one teacher answer.")
@@ -370,7 +373,23 @@ def _default_profiles() -> dict[str, SamplingProfile]:
     }
 
 
+class EndpointConfig(Section):
+    base_url: str = Field(description="The endpoint's API root as written in URL#MODEL references, e.g. "
+                          "https://api.example.com/v1.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding this endpoint's key (never the key itself); null = no key "
+        "(OPENAI_API_KEY for https://api.openai.com)."
+    )
+    allow_insecure_http: bool = Field(
+        False, description="Allow sending the key over plain http to a host other than this machine (else an error)."
+    )
+
+
 class GenerateConfig(Section):
+    endpoints: list[EndpointConfig] = Field(
+        [], description="HTTP endpoints used as models (URL#MODEL in generate, chat, eval, serve): the key each one "
+        "gets. A key goes only to its own endpoint; unlisted endpoints get none (OpenAI's API: OPENAI_API_KEY)."
+    )
     profiles: dict[str, SamplingProfile] = Field(
         default_factory=_default_profiles,
         description="Named sampling profiles, saved into each model's generation_config.json; pick with --profile.",
@@ -500,6 +519,9 @@ class ServeModelConfig(Section):
     base_url: str | None = Field(None, description="engine openai: the upstream endpoint, e.g. https://api.example.com/v1.")
     upstream_model: str | None = Field(None, description="engine openai: the model name sent upstream (null = name).")
     api_key_env: str | None = Field(None, description="engine openai: environment variable holding the upstream key.")
+    allow_insecure_http: bool = Field(
+        False, description="engine openai: allow sending the key over plain http to a host other than this machine."
+    )
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="engine vllm: how `vllm serve` is started.")
 
 

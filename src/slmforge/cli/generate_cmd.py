@@ -51,7 +51,7 @@ SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling, for reprod
 
 
 def _prepare(config, set_, model, profile, **overrides):
-    """The project config, the model reference and the sampling parameters; fails before any model loads."""
+    """The model reference, the sampling parameters and the endpoints' key settings; fails before any model loads."""
     from slmforge.config import load_config
     from slmforge.generate import SamplingParams, default_model_dir, resolve_profile
 
@@ -59,10 +59,10 @@ def _prepare(config, set_, model, profile, **overrides):
     model_ref = model or str(default_model_dir(cfg))
     params = SamplingParams.from_profile(resolve_profile(profile, model_ref, cfg.generate), **overrides)
     params.validate()
-    return model_ref, params
+    return model_ref, params, cfg.generate.endpoints
 
 
-def _load(model_ref: str, adapter: Path | None, device: str):
+def _load(model_ref: str, adapter: Path | None, device: str, endpoints=None):
     from transformers.utils import logging as hf_logging
 
     from slmforge.generate import engine_for, load_generator
@@ -70,7 +70,7 @@ def _load(model_ref: str, adapter: Path | None, device: str):
     hf_logging.disable_progress_bar()  # a weights bar for a model that loads in a second is noise
     adapters = {adapter.name or "adapter": adapter} if adapter else None
     t0 = time.perf_counter()
-    gen = load_generator(model_ref, adapters=adapters, device=device)
+    gen = load_generator(model_ref, adapters=adapters, device=device, endpoints=endpoints)
     err.print(f"model {model_ref}" + (f" + adapter {adapter}" if adapter else "")
               + f" ({engine_for(model_ref)}, {getattr(gen, 'device', 'cpu')}, {time.perf_counter() - t0:.1f} s)",
               style="dim")
@@ -112,13 +112,13 @@ def generate(
         raise typer.BadParameter("--system needs --chat", param_hint="--system")
     if stream and n > 1:
         raise typer.BadParameter("--stream prints one completion; drop -n or --stream", param_hint="--stream")
-    model_ref, params = _prepare(
+    model_ref, params, endpoints = _prepare(
         config, set_, model, profile, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, num_beams=beams, repetition_penalty=repetition_penalty, stop=stop, seed=seed, n=n,
     )
     if stream and params.num_beams > 1:
         raise typer.BadParameter("beam search cannot stream; drop --stream or use --beams 1", param_hint="--stream")
-    gen = _load(model_ref, adapter, device)
+    gen = _load(model_ref, adapter, device, endpoints)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     t0 = time.perf_counter()
     if stream:
@@ -163,11 +163,11 @@ def chat(
 
     Reads one message per line from stdin, so it also works in a pipe: printf 'hi\\n/exit\\n' | slmforge chat
     """
-    model_ref, params = _prepare(
+    model_ref, params, endpoints = _prepare(
         config, set_, model, profile, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, num_beams=beams, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
     )
-    gen = _load(model_ref, adapter, device)
+    gen = _load(model_ref, adapter, device, endpoints)
     gen.render_chat([{"role": "user", "content": "hi"}])  # no chat template: fail now, not after the first message
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

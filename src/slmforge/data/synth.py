@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 from slmforge.config import SynthConfig
 from slmforge.data.sources import Document
+from slmforge.endpoints import endpoint_key
 from slmforge.errors import DataError
 
 
@@ -187,14 +187,10 @@ def teacher_pairs(
     teacher = cfg.teacher
     if teacher is None:
         raise DataError("data.synth.method is 'teacher' but data.synth.teacher is not set; set base_url and model.")
-    headers = {}
-    if teacher.api_key_env:
-        key = os.environ.get(teacher.api_key_env)
-        if not key:
-            raise DataError(
-                f"data.synth.teacher.api_key_env names {teacher.api_key_env}, but that environment variable is empty."
-            )
-        headers["Authorization"] = f"Bearer {key}"
+    # Only the key named for this endpoint, never in clear text to another machine (slmforge.endpoints).
+    key = endpoint_key(teacher.base_url, teacher.api_key_env, teacher.allow_insecure_http,
+                       where="data.synth.teacher", error=DataError)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = teacher.base_url.rstrip("/") + "/chat/completions"
     errors: Counter[str] = Counter()
     pairs: list[QAPair] = []

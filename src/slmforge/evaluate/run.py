@@ -140,7 +140,7 @@ def run_eval(
     limit = limit if limit is not None else ecfg.limit
     rules = gates if gates is not None else ecfg.gates
     base_spec = baseline if baseline is not None else ecfg.regression_vs
-    generator = load_generator(model_path)
+    generator = load_generator(model_path, endpoints=cfg.generate.endpoints)
     if log:
         log(f"eval: {model_path} on {', '.join(suites)}")
     results = evaluate_suites(generator, model_path, suites, cfg, use_cache, limit, progress)
@@ -150,7 +150,7 @@ def run_eval(
     if base_model:
         if log:
             log(f"eval: baseline {base_model}")
-        base_gen = load_generator(base_model)
+        base_gen = load_generator(base_model, endpoints=cfg.generate.endpoints)
         base_metrics = _flat(evaluate_suites(base_gen, base_model, suites, cfg, use_cache, limit, progress))
     gate_results = check_gates(rules, metrics, base_metrics) if rules else []
     out_dir = Path(out) if out else cfg.stage_dir("eval", ecfg.out)
@@ -211,8 +211,9 @@ def compare_models(
     from slmforge.evaluate.stats import compare
     from slmforge.generate import load_generator
 
-    ra = evaluate_suites(load_generator(a), a, suites, cfg, use_cache, limit, progress)
-    rb = evaluate_suites(load_generator(b), b, suites, cfg, use_cache, limit, progress)
+    endpoints = cfg.generate.endpoints if cfg is not None else None  # which key each endpoint gets
+    ra = evaluate_suites(load_generator(a, endpoints=endpoints), a, suites, cfg, use_cache, limit, progress)
+    rb = evaluate_suites(load_generator(b, endpoints=endpoints), b, suites, cfg, use_cache, limit, progress)
     report: dict[str, dict[str, Any]] = {}
     for name in ra:
         if not ra[name].items:

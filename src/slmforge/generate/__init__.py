@@ -179,14 +179,18 @@ def engine_for(path: str | Path) -> str:
     return "torch"
 
 
-def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto"):
-    """The right engine for a model path (or ``http(s)://HOST/v1#MODEL`` endpoint), behind the Generator protocol."""
+def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto",
+                   endpoints: list[Any] | None = None):
+    """The right engine for a model path (or ``http(s)://HOST/v1#MODEL`` endpoint), behind the Generator protocol.
+
+    ``endpoints`` (``generate.endpoints`` of the project file) says which key each endpoint gets; an
+    endpoint not listed gets none (OpenAI's API: ``OPENAI_API_KEY``)."""
     engine = engine_for(path)
     p = Path(str(path))
     if engine == "openai":
         from slmforge.generate._openai import OpenAIGenerator
 
-        return OpenAIGenerator.from_ref(str(path))
+        return OpenAIGenerator.from_ref(str(path), endpoints or ())
     if engine == "llama.cpp":
         from slmforge.generate._llamacpp import LlamaCppGenerator
 

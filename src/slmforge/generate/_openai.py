@@ -2,11 +2,16 @@
 
     gen = load_generator("http://127.0.0.1:8000/v1#sft")          # a model `slmforge serve` serves
     gen = load_generator("https://api.openai.com/v1#gpt-4o-mini")  # key from OPENAI_API_KEY
+    gen = load_generator("https://api.example.com/v1#m", endpoints=[EndpointConfig(
+        base_url="https://api.example.com/v1", api_key_env="EXAMPLE_KEY")])
 
 With it, ``slmforge eval``, ``eval compare``, ``generate`` and ``chat`` run against a served model, a
 vLLM server or the paid API a domain model should replace — the same suites, side by side. The model
-name follows ``#``; without it the endpoint's first model is used. The key comes from
-``SLMFORGE_API_KEY``, else ``OPENAI_API_KEY``. Batches are sent as concurrent requests.
+name follows ``#``; without it the endpoint's first model is used. Batches are sent as concurrent requests.
+
+Keys (``slmforge.endpoints``): an endpoint gets only the key named for it (``generate.endpoints`` in the
+project file: ``base_url`` + ``api_key_env``); OpenAI's own API gets ``OPENAI_API_KEY`` by default; a key
+never travels over plain http to another machine unless that endpoint sets ``allow_insecure_http``.
 
 Only OpenAI's own fields are sent, plus ``top_k``/``repetition_penalty``/``ignore_eos`` when a request
 sets them away from their defaults (slmforge and vLLM servers accept them; OpenAI refuses them with a
@@ -16,11 +21,11 @@ sets them away from their defaults (slmforge and vLLM servers accept them; OpenA
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from slmforge.endpoints import endpoint_key
 from slmforge.errors import GenerateError
 from slmforge.generate import Completion, Message, SamplingParams
 
@@ -31,21 +36,26 @@ class OpenAIGenerator:
     Args:
         base_url: The API root, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added when missing).
         model: The model name; None asks the endpoint for its first model.
-        api_key: Sent as a bearer token; default ``SLMFORGE_API_KEY`` or ``OPENAI_API_KEY`` from the environment.
+        api_key: Sent as a bearer token (a key handed over for this endpoint).
+        api_key_env: The environment variable holding this endpoint's key. Without either, no key is
+            sent, except ``OPENAI_API_KEY`` to ``https://api.openai.com``.
+        allow_insecure_http: Allow sending the key over plain http to a host that is not loopback.
         timeout_s: Seconds one request may take.
         concurrency: Requests in flight at once for batches and n > 1.
 
     Raises:
-        GenerateError: The endpoint cannot be reached, refuses the key, or serves no such model.
+        GenerateError: The endpoint cannot be reached, refuses the key, or serves no such model; or the
+            key would go over plain http to another machine without ``allow_insecure_http``.
     """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 600.0,
-                 concurrency: int = 8) -> None:
+                 concurrency: int = 8, api_key_env: str | None = None, allow_insecure_http: bool = False) -> None:
         import httpx
 
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
-        key = api_key or os.environ.get("SLMFORGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        key = endpoint_key(self.base_url, api_key_env, allow_insecure_http, api_key=api_key, error=GenerateError)
+        self._sends_key = key is not None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10),
                                    limits=httpx.Limits(max_connections=concurrency + 2))
@@ -60,10 +70,19 @@ class OpenAIGenerator:
         self.model = model
 
     @classmethod
-    def from_ref(cls, ref: str) -> OpenAIGenerator:
-        """``URL#MODEL`` (or a bare URL: the endpoint's first model)."""
+    def from_ref(cls, ref: str, endpoints: Sequence[Any] = ()) -> OpenAIGenerator:
+        """``URL#MODEL`` (or a bare URL: the endpoint's first model).
+
+        Args:
+            ref: The model reference.
+            endpoints: ``EndpointConfig`` entries (``generate.endpoints``); the one whose ``base_url`` is
+                this URL says which key it gets and whether plain http is allowed.
+        """
         url, _, model = str(ref).partition("#")
-        return cls(url, model or None)
+        entry = next((e for e in endpoints if _same_endpoint(e.base_url, url)), None)
+        if entry is None:
+            return cls(url, model or None)
+        return cls(url, model or None, api_key_env=entry.api_key_env, allow_insecure_http=entry.allow_insecure_http)
 
     # ------------------------------------------------------------------ Generator
 
@@ -123,8 +142,13 @@ class OpenAIGenerator:
         except httpx.HTTPError as exc:
             raise GenerateError(f"Could not reach {self.base_url}: {type(exc).__name__}: {exc}.") from None
         if r.status_code in (401, 403):
-            raise GenerateError(f"{self.base_url} refused the API key ({r.status_code}); set SLMFORGE_API_KEY "
-                                "or OPENAI_API_KEY.")
+            if not self._sends_key:
+                raise GenerateError(f"{self.base_url} wants an API key ({r.status_code}) and none was sent: a key "
+                                    "goes only to the endpoint it is named for. Add this endpoint to the project "
+                                    "file, generate.endpoints: [{base_url: " + self.base_url + ", api_key_env: "
+                                    "NAME_OF_THE_VARIABLE}] (or --set generate.endpoints=...).")
+            raise GenerateError(f"{self.base_url} refused the API key ({r.status_code}); check the variable "
+                                "that holds this endpoint's key.")
         if r.status_code != 200:
             return []  # some servers have no /models; the name given is then trusted
         return [m.get("id") for m in r.json().get("data", []) if m.get("id")]
@@ -174,6 +198,23 @@ class OpenAIGenerator:
                             yield piece
         except httpx.HTTPError as exc:
             raise GenerateError(f"{self.base_url}{path} failed: {type(exc).__name__}: {exc}.") from None
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    """Whether two endpoint URLs are the same API root (case of scheme and host, trailing / and /v1 aside)."""
+    from urllib.parse import urlsplit
+
+    def norm(url: str) -> tuple[str, str, int | None, str]:
+        p = urlsplit(url.strip())
+        path = p.path.rstrip("/")
+        path = path if path.endswith("/v1") else path + "/v1"
+        try:
+            port = p.port
+        except ValueError:
+            port = None
+        return p.scheme.lower(), (p.hostname or "").lower(), port, path
+
+    return norm(a) == norm(b)
 
 
 def _error_message(r) -> str:

@@ -143,7 +143,8 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         adapters = {name: _resolve(cfg, p) for name, p in m.adapters.items()}
         if adapters and m.engine not in ("auto", "torch"):
             raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {m.engine}).")
-        gen = _load_engine(path, m.engine, adapters, device, load_generator, max_batch_size)
+        gen = _load_engine(path, m.engine, adapters, device,
+                           lambda p, **kw: load_generator(p, endpoints=cfg.generate.endpoints, **kw), max_batch_size)
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from slmforge.endpoints import endpoint_key, is_loopback
 from slmforge.errors import ConfigError, ModelError, SlmForgeError
 
 if TYPE_CHECKING:
@@ -131,18 +132,23 @@ class Upstream:
         served_model: When given, the ``model`` field of answers (and of each streamed chunk) is
             renamed to it, so clients see the name they asked for.
         connect_timeout_s: Seconds to wait for a connection.
+        allow_insecure_http: Allow sending ``api_key`` over plain http to a host that is not loopback.
 
     Use one instance within one event loop (its connection pool belongs to that loop).
 
     Raises:
-        ConfigError: The base URL is not an http(s) URL.
+        ConfigError: The base URL is not an http(s) URL, or the key would go over plain http to another
+            machine without ``allow_insecure_http``.
     """
 
     def __init__(self, base_url: str, upstream_model: str, api_key: str | None = None, timeout_s: float = 600.0,
-                 served_model: str | None = None, connect_timeout_s: float = 10.0) -> None:
+                 served_model: str | None = None, connect_timeout_s: float = 10.0,
+                 allow_insecure_http: bool = False) -> None:
         if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).hostname:
             raise ConfigError(f"The upstream URL {_public_url(base_url)!r} is not an http(s) URL; give one like "
                               f"https://api.example.com/v1.")
+        if api_key:
+            endpoint_key(base_url, api_key=api_key, allow_insecure_http=allow_insecure_http)  # the clear-text rule
         self.base_url = base_url.rstrip("/")
         self.upstream_model = upstream_model
         self.served_model = served_model
@@ -150,7 +156,7 @@ class Upstream:
         self._api_key = api_key or None
         self._public = _public_url(self.base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        loopback = urlsplit(base_url).hostname in ("127.0.0.1", "localhost", "::1")
+        loopback = is_loopback(urlsplit(base_url).hostname)
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s)),
@@ -414,12 +420,14 @@ def upstream_from_config(model_cfg: ServeModelConfig, timeout_s: float = 600.0) 
     """The upstream of an ``engine: openai`` model of ``serve.models``.
 
     Args:
-        model_cfg: The model's entry: ``base_url``, ``upstream_model`` (default: ``name``) and
-            ``api_key_env`` (the environment variable holding the upstream key; null = no key).
+        model_cfg: The model's entry: ``base_url``, ``upstream_model`` (default: ``name``),
+            ``api_key_env`` (the environment variable holding the upstream key; null = no key, except
+            ``OPENAI_API_KEY`` for ``https://api.openai.com``) and ``allow_insecure_http``.
         timeout_s: Seconds to wait for the upstream's answer.
 
     Raises:
-        ConfigError: Not an openai model, no base_url, or api_key_env names an unset variable.
+        ConfigError: Not an openai model, no base_url, api_key_env names an unset variable, or the key
+            would go over plain http to another machine without allow_insecure_http.
     """
     where = f"serve.models: model {model_cfg.name!r}"
     if model_cfg.engine != "openai":
@@ -428,17 +436,11 @@ def upstream_from_config(model_cfg: ServeModelConfig, timeout_s: float = 600.0) 
     if not model_cfg.base_url:
         raise ConfigError(f"{where} has engine openai but no base_url; set base_url to the upstream endpoint, "
                           f"e.g. https://api.example.com/v1.")
-    api_key = None
-    if model_cfg.api_key_env:
-        api_key = os.environ.get(model_cfg.api_key_env)
-        if not api_key:
-            raise ConfigError(f"{where} reads its upstream key from the environment variable "
-                              f"{model_cfg.api_key_env} (api_key_env), which is not set or empty; export "
-                              f"{model_cfg.api_key_env} before starting the server, or remove api_key_env if "
-                              f"the upstream needs no key.")
+    api_key = endpoint_key(model_cfg.base_url, model_cfg.api_key_env, model_cfg.allow_insecure_http, where=where)
     try:
         return Upstream(model_cfg.base_url, model_cfg.upstream_model or model_cfg.name, api_key=api_key,
-                        timeout_s=timeout_s, served_model=model_cfg.name)
+                        timeout_s=timeout_s, served_model=model_cfg.name,
+                        allow_insecure_http=model_cfg.allow_insecure_http)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
