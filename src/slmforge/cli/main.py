@@ -345,7 +345,14 @@ def eval_lm_eval_task(
     spec, base = load_suite(suite)
     path = export_lm_eval_task(spec, base, cfg, out_dir)
     out.print(f"wrote {path}")
-    print(f"  lm_eval --model hf --model_args pretrained=MODEL_DIR --include_path {out_dir} --tasks {path.stem}")
+    # add_bos_token: slmforge scores with the BOS its tokenizers add; drop it for a model whose tokenizer adds none.
+    chat = " --apply_chat_template" if spec.chat else ""
+    tail = f"--include_path {out_dir} --tasks {path.stem}{chat}"
+    print(f"  HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=MODEL_DIR,add_bos_token=True {tail}")
+    print("  # or against `slmforge serve MODEL_DIR --port 8000`:")
+    print("  HF_DATASETS_OFFLINE=1 lm_eval --model local-completions --model_args model=NAME,"
+          "base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=huggingface,tokenizer=MODEL_DIR,"
+          f"add_bos_token=True {tail}")
 
 
 @eval_app.command("compare")

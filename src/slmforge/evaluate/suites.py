@@ -19,6 +19,8 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,46 +234,223 @@ def arithmetic_problems(size: int, seed: int = 0) -> list[dict[str, Any]]:
     return items
 
 
+# Answer extraction that lm-eval's built-in `regex` filter reproduces exactly: ours takes the first (or, for
+# last_number, the last) match, stripped, "" when none; so does the filter with these settings.
+# A first non-blank line: a run of non-line-break characters holding a non-space (str.splitlines's breaks).
+_LINE_BREAKS = "\\n\\r\\x0b\\x0c\\x1c\\x1d\\x1e\\x85\\u2028\\u2029"
+_FIRST_LINE = f"[^{_LINE_BREAKS}]*\\S[^{_LINE_BREAKS}]*"
+# slmforge's normalize_answer (lowercase, no ASCII punctuation, no a/an/the, single spaces) as lm-eval
+# exact_match settings: its regexes_to_ignore run first, in order, on both sides, then ignore_case.
+_PUNCTUATION_RE = "[" + re.escape(string.punctuation) + "]"
+_NORMALIZE_REGEXES = [_PUNCTUATION_RE, r"(?i)\b(?:a|an|the)\b", r"^\s+|\s+$", r"\s(?=\s)"]
+_LM_EVAL_METRICS = {"exact_match", "bleu", "chrf", "token_f1", "rouge", "accuracy", "macro_f1"}
+
+
+class _Function(str):
+    """A YAML ``!function module.name`` reference (lm-eval imports it from a .py beside the task)."""
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskDumper.add_representer(_Function, lambda d, v: d.represent_scalar("!function", str(v)))
+
+
 def export_lm_eval_task(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None, out: Path) -> Path:
-    """Write a suite as an lm-evaluation-harness task (YAML + local JSONL), so the same items
-    can be scored by lm-eval (offline: ``dataset_path: json`` with local ``data_files``) and
-    compared with published numbers:
+    """Write a suite as an lm-evaluation-harness task (YAML + local JSONL) that scores each item as
+    ``slmforge eval`` does, so the two can be compared item by item and with published numbers:
 
-        lm_eval --model hf --model_args pretrained=runs/sft --include_path OUT --tasks slmforge_NAME
-        lm_eval --model local-completions --model_args model=m,base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=None ...
+        slmforge eval lm-eval-task --suite arithmetic --out lm_tasks
+        HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=runs/sft,add_bos_token=True \\
+            --include_path lm_tasks --tasks slmforge_arithmetic
+        slmforge serve runs/sft --port 8000 &
+        HF_DATASETS_OFFLINE=1 lm_eval --model local-completions --model_args \\
+            model=sft,base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=huggingface,tokenizer=runs/sft,add_bos_token=True \\
+            --include_path lm_tasks --tasks slmforge_arithmetic
 
-    Only generate and multiple_choice suites translate; code suites need lm-eval's own sandbox.
+    ``add_bos_token=True`` because slmforge scores prompts with the BOS its tokenizer adds (as in
+    training); leave it out for a tokenizer that adds none. Chat suites need ``--apply_chat_template``.
+
+    The suite's answer extraction becomes a ``filter_list`` and its normalisation the metric's
+    settings: ``regex`` (a pattern with at most one group), ``last_number`` (exact match only) and
+    ``first_line`` are lm-eval's built-in ``regex`` filter; ``exact_match`` is lm-eval's with
+    ``regexes_to_ignore`` doing what ``normalize_answer`` does. What the built-ins cannot express
+    exactly (``json_field``, ``code_block``, a pattern with several groups, whitespace inside
+    multi-word answers, ``token_f1``, ``rouge``, ``macro_f1``) runs slmforge's own code from a
+    ``<task>.py`` written beside the YAML (so slmforge must be importable where lm_eval runs). Two
+    corners remain: a ``regex`` whose one group can stay unmatched gives "" in lm-eval where slmforge
+    takes the whole match, and corpus BLEU of a multi-word exact-match suite sees a hyphen at a line
+    end as a separate token.
+
+    Returns:
+        The task YAML (its task name is its stem).
+
+    Raises:
+        EvalError: A code suite (lm-eval runs HumanEval with its own sandbox), a metric lm-eval cannot
+            compute, or unreadable items.
     """
+    from slmforge.evaluate import metrics as M
+
     if spec.task == "code":
         raise EvalError(f"Suite {spec.name} is a code suite; lm-eval runs HumanEval with its own `humaneval` task.")
+    unknown = [m for m in spec.metrics if m not in _LM_EVAL_METRICS]
+    if unknown:
+        raise EvalError(f"Suite {spec.name}: no lm-eval translation for metrics {unknown}; "
+                        f"translatable: {sorted(_LM_EVAL_METRICS)}.")
     items = load_items(spec, base, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    task = f"slmforge_{spec.name.replace('-', '_')}"
-    rows = [{"id": it["id"], "prompt": render_prompt(spec, it), "target": str(it["target"]),
-             **({"choices": it.get("choices") or spec.choices} if spec.task == "multiple_choice" else {})}
-            for it in items]
-    data = out / f"{task}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    doc: dict[str, Any] = {
-        "task": task,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-        "test_split": "test",
-        "doc_to_text": "{{prompt}}",
-    }
+    task = f"slmforge_{re.sub(r'[^0-9A-Za-z_]', '_', spec.name)}"
+    helpers: list[str] = []  # functions the task's .py must define
+
+    def helper(name: str) -> _Function:
+        helpers.append(name)
+        return _Function(f"{task}.{name}")
+
+    doc: dict[str, Any] = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {}},
+                           "test_split": "test", "doc_to_text": "{{prompt}}"}
     if spec.task == "multiple_choice":
+        rows = [{"id": it["id"], "prompt": render_prompt(spec, it), "target": str(it["target"]),
+                 "choices": list(it.get("choices") or spec.choices or [])} for it in items]
         doc |= {"output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
                 "doc_to_target": "{{choices.index(target)}}", "target_delimiter": spec.choice_prefix,
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+                "metric_list": _mc_metrics(spec, rows, helper)}
     else:
-        doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}",
-                "generation_kwargs": {"until": spec.stop or ["\n\n"], "max_gen_toks": spec.max_new_tokens,
-                                      "do_sample": False},
-                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                                 "ignore_case": True, "ignore_punctuation": True}]}
+        multiword = "exact_match" in spec.metrics and any(len(M.normalize_answer(str(it["target"])).split()) > 1
+                                                          for it in items)
+        rows = [{"id": it["id"], "prompt": render_prompt(spec, it),
+                 "target": " ".join(str(it["target"]).split()) if multiword else str(it["target"])} for it in items]
+        steps = _extract_steps(spec, helper)
+        if multiword:
+            steps.append({"function": "custom", "filter_fn": helper("collapse_whitespace")})
+        profile = _export_profile(spec, cfg)
+        # The stop strings `slmforge eval` uses: the suite's, else the profile's (none: to max tokens or EOS).
+        until = list(spec.stop) or list(getattr(profile, "stop", None) or [])
+        gen_kwargs: dict[str, Any] = {"until": until, "max_gen_toks": spec.max_new_tokens,
+                                      "do_sample": profile.temperature > 0, "temperature": profile.temperature}
+        if profile.temperature > 0:
+            gen_kwargs |= {k: v for k, v in (("top_p", profile.top_p), ("top_k", profile.top_k)) if v is not None}
+        if profile.repetition_penalty != 1.0:
+            gen_kwargs["repetition_penalty"] = profile.repetition_penalty
+        doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}", "generation_kwargs": gen_kwargs,
+                "filter_list": [{"name": "slmforge", "filter": [*steps, {"function": "take_first"}]}],
+                "metric_list": _generate_metrics(spec, helper)}
+    data = out / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    doc["dataset_kwargs"]["data_files"]["test"] = str(data.resolve())
+    module = out / f"{task}.py"
+    if helpers:
+        module.write_text(_helper_module(spec, task, helpers), encoding="utf-8")
+    elif module.exists():
+        module.unlink()  # from an earlier export of the suite with other settings
     file = out / f"{task}.yaml"
-    file.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    file.write_text(yaml.dump(doc, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return file
+
+
+def _extract_steps(spec: SuiteSpec, helper) -> list[dict[str, Any]]:
+    """lm-eval filter steps that turn an output into the answer ``extract_answer`` pulls out of it."""
+    from slmforge.evaluate import metrics as M
+
+    method, arg = spec.extract.method, spec.extract.arg
+    if method == "none":
+        return []
+    if method == "first_line":
+        return [{"function": "regex", "regex_pattern": _FIRST_LINE, "group_select": 0, "fallback": ""}]
+    if method == "last_number" and set(spec.metrics) <= {"exact_match"}:
+        # The filter keeps thousands commas ("1,234"), which exact match's punctuation removal drops anyway.
+        return [{"function": "regex", "regex_pattern": M._NUMBER.pattern, "group_select": -1, "fallback": ""}]
+    if method == "regex":
+        if not arg:
+            raise EvalError(f"Suite {spec.name}: extract method regex needs extract.arg, the pattern.")
+        try:
+            groups = re.compile(arg).groups
+        except re.error as exc:
+            raise EvalError(f"Suite {spec.name}: extract.arg {arg!r} is not a valid regular expression: {exc}.") from None
+        if groups <= 1:  # findall's first match is search's; its one group is what we take
+            return [{"function": "regex", "regex_pattern": arg, "group_select": 0, "fallback": ""}]
+    return [{"function": "custom", "filter_fn": helper("extract")}]
+
+
+def _generate_metrics(spec: SuiteSpec, helper) -> list[dict[str, Any]]:
+    out = []
+    for m in spec.metrics:
+        if m == "exact_match":
+            out.append({"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                        "regexes_to_ignore": _NORMALIZE_REGEXES, "ignore_case": True, "ignore_punctuation": True})
+        elif m in ("bleu", "chrf"):  # sacrebleu corpus scores with default settings, as ours
+            out.append({"metric": m, "aggregation": m, "higher_is_better": True})
+        elif m == "token_f1":
+            out.append({"metric": helper("token_f1"), "aggregation": "mean", "higher_is_better": True})
+        else:  # rouge: ours reports the mean of per-item ROUGE-1/2/L F-measures
+            out += [{"metric": helper(k), "aggregation": "mean", "higher_is_better": True}
+                    for k in ("rouge1", "rouge2", "rougeL")]
+    return out
+
+
+def _mc_metrics(spec: SuiteSpec, rows: list[dict[str, Any]], helper) -> list[dict[str, Any]]:
+    out = []
+    for m in spec.metrics:
+        if m == "accuracy":
+            out.append({"metric": "acc", "aggregation": "mean", "higher_is_better": True})
+        else:  # macro_f1 over labels: lm-eval passes choice indices, which name labels only with one choice list
+            if any(r["choices"] != rows[0]["choices"] for r in rows):
+                raise EvalError(f"Suite {spec.name}: macro_f1 in lm-eval compares choice indices, which mean the "
+                                "same labels only when every item has the same choices; drop macro_f1 from the "
+                                "suite's metrics to export it.")
+            out.append({"metric": "f1", "aggregation": helper("macro_f1"), "higher_is_better": True})
+    return out
+
+
+def _export_profile(spec: SuiteSpec, cfg: ProjectConfig | None):
+    from slmforge.config import GenerateConfig
+    from slmforge.generate import resolve_profile
+
+    return resolve_profile(spec.profile, None, cfg.generate if cfg else GenerateConfig())
+
+
+def _helper_module(spec: SuiteSpec, task: str, names: list[str]) -> str:
+    """The .py beside an exported task: the parts of slmforge's scoring lm-eval's built-ins cannot express."""
+    parts = {
+        "extract": f'''
+def extract(resps, docs):
+    """The suite's answer extraction ({spec.extract.method}), as `slmforge eval` applies it."""
+    from slmforge.evaluate.metrics import extract_answer
+
+    return [[extract_answer(r, {spec.extract.method!r}, {spec.extract.arg!r}) or "" for r in rs] for rs in resps]
+''',
+        "collapse_whitespace": '''
+def collapse_whitespace(resps, docs):
+    """Words separated by single spaces, as slmforge's normalize_answer compares them (exact_match's
+    regexes_to_ignore can only delete characters, not turn a newline into a space)."""
+    return [[" ".join(r.split()) for r in rs] for rs in resps]
+''',
+        "token_f1": '''
+def token_f1(references, predictions):
+    from slmforge.evaluate.metrics import token_f1 as f1
+
+    return f1(predictions[0], references[0])
+''',
+        "macro_f1": '''
+def macro_f1(items):
+    """Macro F1 over the labels that occur, as `slmforge eval` reports it; items are (gold, pred) indices."""
+    from slmforge.evaluate.metrics import classification_metrics
+
+    gold, pred = [str(g) for g, _ in items], [str(p) for _, p in items]
+    return classification_metrics(gold, pred, sorted(set(gold) | set(pred)))["f1"]
+''',
+    }
+    for k in ("rouge1", "rouge2", "rougeL"):
+        parts[k] = f'''
+def {k}(references, predictions):
+    from slmforge.evaluate.metrics import rouge
+
+    return rouge(predictions, [references[0]])[{k!r}]
+'''
+    head = (f'"""Scoring helpers of the lm-eval task {task}, written by `slmforge eval lm-eval-task --suite '
+            f'{spec.name}`.\n\nlm-eval imports this file from the task YAML\'s `!function` entries; the parts '
+            'that call slmforge need it\ninstalled where lm_eval runs."""\n')
+    return head + "".join(parts[n] for n in dict.fromkeys(names))
 
 
 def render_prompt(spec: SuiteSpec, item: dict[str, Any]) -> str:
