@@ -258,7 +258,9 @@ def test_lm_eval_task_export(tmp_path):
     assert len(rows) == 5 and rows[0]["prompt"].startswith("Question: Mia has 4 pens")
     assert Path(task["dataset_kwargs"]["data_files"]["test"]).exists()
     spec, base = load_suite("sentiment")
-    task = yaml.safe_load(export_lm_eval_task(spec, base, None, tmp_path).read_text())
+    text = export_lm_eval_task(spec, base, None, tmp_path).read_text()
+    task = yaml.safe_load(text.replace("!function ", ""))  # macro_f1: an aggregation in the task's own .py
     assert task["output_type"] == "multiple_choice"
+    assert task["metric_list"][1]["aggregation"] == "slmforge_sentiment.macro_f1"
     with pytest.raises(EvalError, match="code suite"):
         export_lm_eval_task(*load_suite("humaneval"), None, tmp_path)
