@@ -157,9 +157,42 @@ def test_tokens_per_minute_and_quota():
         limiter.admit(quota)
     assert info.value.retry_after is None and info.value.code == "insufficient_quota"
     assert limiter.usage_rows("q") == [{"name": "q", "requests": 1, "prompt_tokens": 4, "completion_tokens": 8,
-                                       "total_tokens": 12}]
-    assert usage_csv(limiter.usage_rows("q")) == ("name,requests,prompt_tokens,completion_tokens,total_tokens\n"
-                                                  "q,1,4,8,12\n")
+                                       "total_tokens": 12, "users": {}}]
+    assert usage_csv(limiter.usage_rows("q")) == ("name,user,requests,prompt_tokens,completion_tokens,total_tokens\n"
+                                                  "q,,1,4,8,12\n")
+
+
+def test_usage_is_kept_per_end_user_within_a_key(monkeypatch):
+    from slmforge.serve import _limits
+    from slmforge.serve._limits import Metered
+
+    limiter, key = KeyLimiter(FakeClock()), ApiKey(name="app", sha256="0" * 64, quota_tokens=100)
+    for user, tokens in (("alice", 3), ("bob", 5), ("alice", 7), (None, 11)):
+        limiter.admit(key, user)
+        limiter.record(Metered("app", user), tokens, 1)
+    limiter.count("anonymous", "carol")
+    limiter.record(Metered("anonymous", "carol"), 2, 2)
+    rows = {r["name"]: r for r in limiter.usage_rows()}
+    assert rows["app"] == {"name": "app", "requests": 4, "prompt_tokens": 26, "completion_tokens": 4,
+                           "total_tokens": 30, "users": {
+                               "alice": {"requests": 2, "prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+                               "bob": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}}
+    assert rows["anonymous"]["users"] == {"carol": {"requests": 1, "prompt_tokens": 2, "completion_tokens": 2,
+                                                    "total_tokens": 4}}
+    assert usage_csv([rows["app"]]).splitlines() == [
+        "name,user,requests,prompt_tokens,completion_tokens,total_tokens",
+        "app,,4,26,4,30", "app,alice,2,10,2,12", "app,bob,1,5,1,6"]
+    # The quota is the key's, whoever the end user is.
+    limiter.record(Metered("app", "dave"), 70, 0)
+    with pytest.raises(LimitExceeded, match="quota"):
+        limiter.admit(key, "erin")
+    # ``user`` is the client's word: what is kept of it is bounded.
+    monkeypatch.setattr(_limits, "MAX_USERS_PER_KEY", 2)
+    for user in ("u1", "u2", "x" * 1000):
+        limiter.count("many", user)
+    assert sorted(limiter.usage_rows("many")[0]["users"]) == ["(other users)", "u1", "u2"]
+    limiter.count("cut", "y" * 1000)
+    assert list(limiter.usage_rows("cut")[0]["users"]) == ["y" * _limits.MAX_USER_CHARS]
 
 
 def test_metrics_histograms_are_cumulative_prometheus_text():
@@ -255,9 +288,9 @@ def test_usage_is_metered_per_key_and_each_key_sees_its_own(base_url, keys, mode
     client = _client(base_url, keys["open"])
     before = {r["name"]: r for r in httpx.get(f"{base_url}/v1/usage",
                                                headers={"Authorization": f"Bearer {keys['open']}"}).json()["data"]}
-    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0)
+    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, user="end-user-1")
     chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
-                                                 max_tokens=5, temperature=0, stream=True,
+                                                 max_tokens=5, temperature=0, stream=True, user="end-user-2",
                                                  stream_options={"include_usage": True}))
     streamed = chunks[-1].usage
     rows = httpx.get(f"{base_url}/v1/usage", headers={"Authorization": f"Bearer {keys['open']}"}).json()["data"]
@@ -267,6 +300,11 @@ def test_usage_is_metered_per_key_and_each_key_sees_its_own(base_url, keys, mode
     assert row["prompt_tokens"] == old["prompt_tokens"] + got.usage.prompt_tokens + streamed.prompt_tokens
     assert row["completion_tokens"] == (old["completion_tokens"] + got.usage.completion_tokens
                                         + streamed.completion_tokens)
+    # The request's `user` field: each end user's part of the key's usage.
+    assert row["users"]["end-user-1"] == {"requests": 1, **got.usage.model_dump(include={
+        "prompt_tokens", "completion_tokens", "total_tokens"})}
+    assert row["users"]["end-user-2"] == {"requests": 1, **streamed.model_dump(include={
+        "prompt_tokens", "completion_tokens", "total_tokens"})}
     assert httpx.get(f"{base_url}/v1/usage").status_code == 401
 
 
@@ -274,7 +312,7 @@ def test_metrics_count_requests_by_code_and_time_streams(base_url, keys):
     client = _client(base_url, keys["open"])
     list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
     httpx.get(f"{base_url}/v1/models")  # a 401
-    text = httpx.get(f"{base_url}/metrics").text
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {keys['open']}"}).text
 
     def value(pattern: str) -> float:
         match = re.search(re.escape(pattern) + r" (\S+)", text)
@@ -313,11 +351,13 @@ def test_keys_commands_add_list_revoke_and_export_usage(tmp_path):
 
     usage = tmp_path / "usage.json"
     usage.write_text(json.dumps({"object": "list", "data": [
-        {"name": "alice", "requests": 2, "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}]}))
+        {"name": "alice", "requests": 2, "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+         "users": {"u-1": {"requests": 1, "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}}]}))
     csv_out = runner.invoke(app, ["keys", "usage", str(usage), "--format", "csv"])
-    assert csv_out.stdout.splitlines() == ["name,requests,prompt_tokens,completion_tokens,total_tokens",
-                                           "alice,2,5,7,12"]
-    assert json.loads(runner.invoke(app, ["keys", "usage", str(usage)]).stdout)[0]["total_tokens"] == 12
+    assert csv_out.stdout.splitlines() == ["name,user,requests,prompt_tokens,completion_tokens,total_tokens",
+                                           "alice,,2,5,7,12", "alice,u-1,1,2,3,5"]
+    shown = json.loads(runner.invoke(app, ["keys", "usage", str(usage)]).stdout)[0]
+    assert shown["total_tokens"] == 12 and shown["users"]["u-1"]["total_tokens"] == 5
 
 
 def test_serve_refuses_an_open_server_off_loopback():
@@ -333,6 +373,38 @@ def test_serve_refuses_an_open_server_off_loopback():
     assert result.exit_code != 0 and "needs --api-keys" in result.output
 
 
+def test_the_python_api_refuses_an_open_server_off_loopback_too(tmp_path):
+    from slmforge.serve import check_open_bind, serve
+
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        with pytest.raises(ConfigError, match=f"Serving on {re.escape(host)} needs API keys"):
+            serve(["runs/none"], host=host)  # refused before any model loads
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_open_bind(host, None)
+    check_open_bind("0.0.0.0", tmp_path / "keys.jsonl")
+
+
+def test_with_keys_metrics_and_the_schema_need_a_key_unless_public(keys):
+    from fastapi.testclient import TestClient
+
+    guarded = TestClient(create_app({"slow": Slow(0.0)}, api_keys=read_keys_file(keys["file"])))
+    public = TestClient(create_app({"slow": Slow(0.0)}, api_keys=read_keys_file(keys["file"]), public_metrics=True))
+    keyed = {"Authorization": f"Bearer {keys['open']}"}
+    for path in ("/metrics", "/openapi.json", "/docs", "/redoc"):
+        refused = guarded.get(path)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", path
+        assert guarded.get(path, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401, path
+        assert guarded.get(path, headers=keyed).status_code == 200, path
+        assert public.get(path).status_code == 200, path
+    assert "/v1/chat/completions" in guarded.get("/openapi.json", headers=keyed).json()["paths"]
+    assert "slmforge_requests_total" in guarded.get("/metrics", headers=keyed).text
+    for path in ("/health", "/ready"):
+        assert guarded.get(path).status_code == 200, path
+    # Without keys (loopback only) everything stays open.
+    open_app = TestClient(create_app({"slow": Slow(0.0)}))
+    assert all(open_app.get(p).status_code == 200 for p in ("/metrics", "/openapi.json", "/docs"))
+
+
 def test_serve_writes_the_usage_file_on_shutdown(model_dir, tmp_path):
     keys_file, usage_file, port = tmp_path / "keys.jsonl", tmp_path / "usage.json", _free_port()
     key = add_key(keys_file, "ci")
@@ -342,13 +414,14 @@ def test_serve_writes_the_usage_file_on_shutdown(model_dir, tmp_path):
     try:
         _wait_up(f"http://127.0.0.1:{port}", proc)
         client = _client(f"http://127.0.0.1:{port}", key)
-        got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+        got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, user="u-42")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     rows = json.loads(usage_file.read_text())["data"]
-    assert rows == [{"name": "ci", "requests": 1, "prompt_tokens": got.usage.prompt_tokens,
-                     "completion_tokens": got.usage.completion_tokens, "total_tokens": got.usage.total_tokens}]
+    tokens = {"prompt_tokens": got.usage.prompt_tokens, "completion_tokens": got.usage.completion_tokens,
+              "total_tokens": got.usage.total_tokens}
+    assert rows == [{"name": "ci", "requests": 1, **tokens, "users": {"u-42": {"requests": 1, **tokens}}}]
 
 
 class Slow:

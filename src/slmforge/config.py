@@ -543,6 +543,10 @@ class ServeConfig(Section):
         "[{name: docs-slm, path: runs/sft, adapters: {sql: runs/sft-sql}}]."
     )
     api_keys: str | None = Field(None, description="Keys file from `slmforge keys add` (null = no authentication, loopback only).")
+    public_metrics: bool = Field(
+        False, description="With api_keys: serve /metrics, /openapi.json, /docs and /redoc without a key (by default "
+        "they need one; /health and /ready are always open)."
+    )
     usage_file: str | None = Field(None, description="Where the usage per key is written (JSON) on shutdown.")
     max_batch_size: int = Field(
         16, ge=1, le=256, description="Continuous batching: most sequences decoded together per torch model "

@@ -66,7 +66,7 @@ def keys_usage(
     usage_file: Annotated[Path, typer.Argument(help="The file `slmforge serve --usage-file` wrote on shutdown.", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="json or csv.")] = "json",
 ) -> None:
-    """Print the usage per key (requests, prompt/completion tokens) as JSON or CSV."""
+    """Print the usage per key and, within a key, per end user (the requests' `user` field) as JSON or CSV."""
     from slmforge.serve import usage_csv
 
     if fmt not in ("json", "csv"):

@@ -55,6 +55,10 @@ def serve(
     usage_file: Annotated[
         Path | None, typer.Option(help="Write the usage per key here (JSON) on shutdown; read it with `slmforge keys usage`.")
     ] = None,
+    public_metrics: Annotated[
+        bool | None, typer.Option("--public-metrics/--no-public-metrics", help="With --api-keys: serve /metrics, "
+                                  "/openapi.json and /docs without a key (default serve.public_metrics: off).")
+    ] = None,
 ) -> None:
     """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
@@ -67,7 +71,8 @@ def serve(
     models, upstream proxies and vLLM go under serve.models in the project file.
     """
     from slmforge.config import load_config
-    from slmforge.serve import parse_model_ref, serve as run_server
+    from slmforge.errors import ConfigError
+    from slmforge.serve import check_open_bind, parse_model_ref, serve as run_server
 
     cfg = load_config(config, set_ or [])
     adapters = dict(parse_model_ref(a) for a in adapter or [])
@@ -78,11 +83,14 @@ def serve(
         err.print(f"adapter {name} <- {path}", style="dim")
     bind = host or cfg.serve.host
     keys = api_keys if api_keys is not None else (cfg.resolve(cfg.serve.api_keys) if cfg.serve.api_keys else None)
-    if keys is None and bind not in ("127.0.0.1", "localhost", "::1"):
+    try:
+        check_open_bind(bind, keys)  # the library's rule; the CLI names its own flag
+    except ConfigError:
         raise typer.BadParameter(f"serving on {bind} needs --api-keys (make one with `slmforge keys add NAME`); "
-                                 "only a loopback host may be served open.", param_hint="--api-keys")
+                                 "only a loopback host may be served open.", param_hint="--api-keys") from None
     if keys is None:
         err.print("serving without authentication (loopback only)", style="dim")
     run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
                max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
-               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters)
+               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters,
+               public_metrics=public_metrics)

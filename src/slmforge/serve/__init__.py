@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from slmforge.config import ProjectConfig
 
 __all__ = ["create_app", "serve", "parse_model_ref", "read_api_keys", "hash_api_key", "ApiKey", "add_key",
-           "read_keys_file", "revoke_key", "usage_csv"]
+           "read_keys_file", "revoke_key", "usage_csv", "check_open_bind"]
 
 
 def read_api_keys(path: str | Path) -> set[str]:
@@ -82,6 +82,7 @@ def create_app(
     max_batch_size: int = 16,
     closers: list[Any] | None = None,
     shutdown_timeout_s: float = 30.0,
+    public_metrics: bool = False,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -99,6 +100,9 @@ def create_app(
         max_batch_size: Continuous batching: most sequences a torch model decodes together (1: one at a time).
         closers: Things to close when the app shuts down (upstream clients, a managed vLLM).
         shutdown_timeout_s: How long the batching engines may take to finish their sequences at shutdown.
+        public_metrics: With keys, still answer ``/metrics``, ``/openapi.json``, ``/docs`` and ``/redoc``
+            without one (by default they need a valid key, as ``/v1`` does; ``/health`` and ``/ready``
+            are always open).
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -121,21 +125,39 @@ def create_app(
     limiter, metrics = KeyLimiter(), Metrics()
     served = wrap_models(dict(models), max_batch_size)
     app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
-                    metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s)
+                    metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics)
     app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
     return app
 
 
+def check_open_bind(host: str, keys_file: str | Path | None) -> None:
+    """The server runs without API keys only on a loopback interface: anyone who reaches the port could
+    otherwise use (and meter against nobody) every model. One rule, for ``serve()`` and the CLI.
+
+    Raises:
+        ConfigError: No keys and a host that is not loopback.
+    """
+    from slmforge.endpoints import is_loopback
+
+    if keys_file is None and not is_loopback(host):
+        raise ConfigError(f"Serving on {host} needs API keys (api_keys_file, or serve.api_keys; make one with "
+                          "`slmforge keys add NAME`): only a loopback host may be served without authentication.")
+
+
 def usage_csv(rows: list[dict]) -> str:
-    """Usage rows (``KeyLimiter.usage_rows``, or a usage JSON file's ``data``) as CSV text."""
+    """Usage rows (``KeyLimiter.usage_rows``, or a usage JSON file's ``data``) as CSV text: per key, its
+    totals (empty ``user``), then one line per end user (the requests' ``user`` field)."""
     import csv
     import io
 
+    fields = ["name", "user", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["name", "requests", "prompt_tokens", "completion_tokens",
-                                             "total_tokens"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    for row in rows:
+        writer.writerow({**row, "user": ""})
+        for user, part in (row.get("users") or {}).items():
+            writer.writerow({**part, "name": row["name"], "user": user})
     return buf.getvalue()
 
 
@@ -152,6 +174,7 @@ def serve(
     request_timeout_s: float | None = None,
     max_batch_size: int | None = None,
     adapters: dict[str, str] | None = None,
+    public_metrics: bool | None = None,
 ) -> None:
     """Load the models and serve them until interrupted (SIGTERM/Ctrl-C finish in-flight requests first).
 
@@ -172,9 +195,12 @@ def serve(
         request_timeout_s: Seconds of generation per request before a 504.
         max_batch_size: Continuous batching width per torch model (1 = one request at a time).
         adapters: LoRA adapters (served name -> folder) over the first model.
+        public_metrics: With keys, serve ``/metrics`` and the OpenAPI schema/docs without a key
+            (default ``serve.public_metrics``).
 
     Raises:
-        ConfigError: Two models share a name, or the keys file is unusable.
+        ConfigError: Two models share a name, the keys file is unusable, or there are no keys and the
+            host is not loopback.
         ModelError: A model cannot be loaded.
     """
     from slmforge.config import ProjectConfig
@@ -189,6 +215,7 @@ def serve(
         raise ConfigError(f"Two models are named {', '.join(dupes)}; name them apart with NAME=PATH.")
     table = model_configs(cfg, refs, dict(adapters or {}))
     keys_file = api_keys_file if api_keys_file is not None else (cfg.resolve(sc.api_keys) if sc.api_keys else None)
+    check_open_bind(host or sc.host, keys_file)
     keys = read_keys_file(keys_file) if keys_file is not None else None
     _quiet_thread_pools()
     served, closers = load_models(cfg, table, device, max_batch_size or sc.max_batch_size)
@@ -203,7 +230,8 @@ def serve(
                      max_prompt_tokens=max_prompt_tokens if max_prompt_tokens is not None else sc.max_prompt_tokens,
                      request_timeout_s=request_timeout_s if request_timeout_s is not None else sc.request_timeout_s,
                      max_batch_size=max_batch_size or sc.max_batch_size, closers=closers,
-                     shutdown_timeout_s=sc.shutdown_timeout_s)
+                     shutdown_timeout_s=sc.shutdown_timeout_s,
+                     public_metrics=sc.public_metrics if public_metrics is None else public_metrics)
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())

@@ -29,7 +29,7 @@ from slmforge.generate._constrain import (chat_messages_for_template, check_tool
 from slmforge.serve._batch import BatchRequest, Finished, Handle, TokenEvent
 from slmforge.serve._hash import hash_api_key
 from slmforge.serve._keys import ApiKey
-from slmforge.serve._limits import KeyLimiter, LimitExceeded, Metrics
+from slmforge.serve._limits import KeyLimiter, LimitExceeded, Metered, Metrics
 from slmforge.serve._models import ServedModel
 from slmforge.serve._upstream import UpstreamError
 
@@ -56,7 +56,7 @@ class _Request(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None  # {"include_usage": true} adds a final usage chunk
-    user: str | None = None  # accepted, unused
+    user: str | None = None  # the client's end user: usage is metered per key and per user
     # Extensions (as in vLLM): a sampling profile of the model or project, and more sampling knobs.
     profile: str | None = None
     top_k: int | None = Field(default=None, ge=1)
@@ -262,9 +262,34 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- app
 
 
+def _add_guarded_docs(app: FastAPI, require_key) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` behind the API key (FastAPI's own routes take no dependency).
+
+    A browser sends no bearer key, so with keys on the pages are for clients that send one; set
+    ``serve.public_metrics`` to browse them."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    guard = [Depends(require_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_limits: PromptLimits,
               limiter: KeyLimiter, metrics: Metrics, closers: list[Any] | None = None,
-              shutdown_timeout_s: float = 30.0) -> FastAPI:
+              shutdown_timeout_s: float = 30.0, public_metrics: bool = False) -> FastAPI:
+    # With keys, what describes the server (metrics: models, traffic; the schema) needs a key too,
+    # unless the operator makes it public (a Prometheus scraper without a key, a browsable /docs).
+    guarded = keys is not None and not public_metrics
     engines = {id(m.batch): m.batch for m in models.values() if m.batch is not None}
 
     @asynccontextmanager
@@ -283,7 +308,8 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                     await anyio.to_thread.run_sync(closer.stop)
 
     app = FastAPI(title="slmforge", description="An OpenAI-compatible API over your own models.",
-                  version=_version(), lifespan=lifespan)
+                  version=_version(), lifespan=lifespan,
+                  **({"openapi_url": None, "docs_url": None, "redoc_url": None} if guarded else {}))
     app.add_middleware(_RequestMetrics, metrics=metrics)
     created = int(time.time())
     for name, engine in _engine_names(models).items():
@@ -353,21 +379,23 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             locks[name] = locks[twin] if twin else asyncio.Semaphore(max(1, int(getattr(gen, "parallel", 1))))
         return locks[name]
 
-    def admit(request: Request, prompt_chars: int) -> str:
-        """Check the prompt's size and the key's limits; returns the name usage is metered under."""
+    def admit(request: Request, prompt_chars: int, end_user: str | None = None) -> Metered:
+        """Check the prompt's size and the key's limits; returns who usage is metered under: the key's
+        name and the request's ``user`` (the client's own end user, kept per key)."""
         if prompt_limits.max_prompt_chars is not None and prompt_chars > prompt_limits.max_prompt_chars:
             raise ApiError(413, f"The prompt has {prompt_chars} characters; this server accepts at most "
                            f"{prompt_limits.max_prompt_chars}.", "invalid_request_error", None, "prompt_too_large")
         key: ApiKey | None = request.state.api_key
         if key is None:
-            return _ANONYMOUS
+            limiter.count(_ANONYMOUS, end_user)
+            return Metered(_ANONYMOUS, end_user)
         try:
-            limiter.admit(key)
+            limiter.admit(key, end_user)
         except LimitExceeded as exc:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
             raise ApiError(429, exc.message, "insufficient_quota" if exc.retry_after is None else "requests",
                            None, exc.code, headers) from None
-        return key.name
+        return Metered(key.name, end_user)
 
     @asynccontextmanager
     async def hold(model: str, lock: asyncio.Semaphore):
@@ -411,11 +439,11 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             raise _timeout_error(prompt_limits.request_timeout_s) from None
         return result, time.perf_counter() - start
 
-    def finished(user: str, model: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+    def finished(user: Metered, model: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         limiter.record(user, prompt_tokens, completion_tokens)
         metrics.observe_generation(model, prompt_tokens, completion_tokens, seconds)
 
-    async def proxy(served: ServedModel, path: str, body: BaseModel, request: Request, user: str):
+    async def proxy(served: ServedModel, path: str, body: BaseModel, request: Request, user: Metered):
         """Forward a request to an upstream endpoint, metering its usage under the caller's key."""
         payload = body.model_dump(exclude_unset=True, by_alias=True)
         start = time.perf_counter()
@@ -433,9 +461,12 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_key)] if guarded else [])
     async def prometheus_metrics():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if guarded:
+        _add_guarded_docs(app, require_key)
 
     @v1.get("/usage")
     async def usage(request: Request):
@@ -471,7 +502,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
     async def embeddings(body: EmbeddingRequest, request: Request):
         served = pick(body.model, "embed")
         texts = [body.input] if isinstance(body.input, str) else body.input
-        user = admit(request, sum(len(t) for t in texts if isinstance(t, str)))
+        user = admit(request, sum(len(t) for t in texts if isinstance(t, str)), body.user)
         if served.kind == "upstream":
             return await proxy(served, "/embeddings", body, request, user)
         _refuse_unknown(body.unknown_fields())
@@ -499,7 +530,8 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         served = pick(body.model, "generate")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if served.kind == "upstream":
-            return await proxy(served, "/completions", body, request, admit(request, sum(len(p) for p in prompts)))
+            return await proxy(served, "/completions", body, request,
+                               admit(request, sum(len(p) for p in prompts), body.user))
         _refuse_unknown(body.unknown_fields())
         params = body.params(_COMPLETION_MAX_TOKENS, _profile(served, body.profile))
         _validate(params)
@@ -517,7 +549,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
             for asked, what in ((body.logprobs is not None, "logprobs"), (body.logit_bias, "logit_bias")):
                 if asked:
                     _needs_batching(served, what)
-        user = admit(request, max(len(p) for p in prompts))
+        user = admit(request, max(len(p) for p in prompts), body.user)
         explicit = body.max_tokens is not None
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         chunk = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
@@ -586,7 +618,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         raw = [m.plain() for m in body.messages]
         if served.kind == "upstream":
             return await proxy(served, "/chat/completions", body, request,
-                               admit(request, sum(len(m["content"] or "") for m in raw)))
+                               admit(request, sum(len(m["content"] or "") for m in raw), body.user))
         _refuse_unknown(body.unknown_fields())
         params = body.params(_CHAT_MAX_TOKENS, _profile(served, body.profile))
         if body.max_completion_tokens is not None:
@@ -606,7 +638,7 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                                 (calling and not grammar, "tools"), (body.logit_bias, "logit_bias")):
                 if asked:
                     _needs_batching(served, what)
-        user = admit(request, sum(len(m["content"] or "") for m in raw))
+        user = admit(request, sum(len(m["content"] or "") for m in raw), body.user)
         explicit = body.max_tokens is not None or body.max_completion_tokens is not None
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         chunk = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
@@ -1002,7 +1034,7 @@ def _version() -> str:
         return "0"
 
 
-async def _relay(events, name: str, user: str, start: float, finished, metrics: Metrics) -> AsyncIterator[bytes]:
+async def _relay(events, name: str, user: Metered, start: float, finished, metrics: Metrics) -> AsyncIterator[bytes]:
     """Pass an upstream stream through, timing its first event and metering its usage at the end."""
     first = True
     try:
@@ -1061,7 +1093,7 @@ class _StreamHooks:
     """What a stream reports when its first text leaves and when it ends."""
 
     model: str
-    user: str
+    user: Metered
     start: float
     metrics: Metrics
     finished: Any  # (user, model, prompt_tokens, completion_tokens, seconds) -> None

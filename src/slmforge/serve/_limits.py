@@ -3,6 +3,10 @@
 Pure Python (no fastapi), so the rules are tested without a server. Limits use a sliding
 60-second window. Token limits count tokens of finished requests, so one request admitted
 just under a limit may overshoot it; the next is refused until the window slides.
+
+Usage is metered per key and, within a key, per end user: the ``user`` field a client sends
+(OpenAI's "unique identifier of your end-user"), so a key holder serving many people sees who
+used what. The field is the client's word, not an identity the server checked, and limits stay per key.
 """
 
 from __future__ import annotations
@@ -13,10 +17,23 @@ from bisect import bisect_left
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from slmforge.serve._keys import ApiKey
 
 _WINDOW_S = 60.0
+# ``user`` is chosen by the client, so what is kept of it is bounded: at most this many end users per
+# key (later ones are summed under OTHER_USERS) and this many characters of each name.
+MAX_USERS_PER_KEY = 10_000
+MAX_USER_CHARS = 256
+OTHER_USERS = "(other users)"
+
+
+class Metered(NamedTuple):
+    """Who a request is metered under: the key's name, and the request's ``user`` (None when not sent)."""
+
+    key: str
+    user: str | None = None
 
 
 class LimitExceeded(Exception):
@@ -32,10 +49,22 @@ class KeyUsage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    users: dict[str, KeyUsage] = field(default_factory=dict)  # end user -> their part (no deeper nesting)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def of_user(self, user: str) -> KeyUsage:
+        """The part of an end user (created on first use; past MAX_USERS_PER_KEY, the shared OTHER_USERS)."""
+        name = user[:MAX_USER_CHARS]
+        if name not in self.users and len(self.users) >= MAX_USERS_PER_KEY:
+            name = OTHER_USERS
+        return self.users.setdefault(name, KeyUsage())
+
+    def row(self) -> dict[str, int]:
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
 
 
 @dataclass
@@ -55,8 +84,8 @@ class KeyLimiter:
         self._windows: dict[str, _Window] = defaultdict(_Window)
         self.usage: dict[str, KeyUsage] = defaultdict(KeyUsage)
 
-    def admit(self, key: ApiKey) -> None:
-        """Count a request against ``key``, or refuse it.
+    def admit(self, key: ApiKey, user: str | None = None) -> None:
+        """Count a request against ``key`` (and its end ``user``, when given), or refuse it.
 
         Raises:
             LimitExceeded: The key's quota is spent, or its requests/tokens per minute are used up.
@@ -91,20 +120,30 @@ class KeyLimiter:
                                     f"{key.name!r}; retry in {math.ceil(wait)} s.", "rate_limit_exceeded",
                                     max(1, math.ceil(wait)))
         w.requests.append(now)
-        used.requests += 1
+        self.count(key.name, user)
 
-    def record(self, name: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Add a finished request's tokens to the key's usage and token window."""
+    def count(self, name: str, user: str | None = None) -> None:
+        """Count a request under ``name`` (and its end ``user``) without checking limits (a server without keys)."""
         used = self.usage[name]
-        used.prompt_tokens += prompt_tokens
-        used.completion_tokens += completion_tokens
+        used.requests += 1
+        if user:
+            used.of_user(user).requests += 1
+
+    def record(self, who: Metered | str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Add a finished request's tokens to the key's (and end user's) usage and the key's token window."""
+        name, user = (who, None) if isinstance(who, str) else who
+        used = self.usage[name]
+        for part in (used, used.of_user(user)) if user else (used,):
+            part.prompt_tokens += prompt_tokens
+            part.completion_tokens += completion_tokens
         self._windows[name].tokens.append((self._clock(), prompt_tokens + completion_tokens))
 
-    def usage_rows(self, name: str | None = None) -> list[dict[str, int | str]]:
-        """Usage per key (one key when ``name`` is given), as JSON-ready rows."""
+    def usage_rows(self, name: str | None = None) -> list[dict]:
+        """Usage per key (one key when ``name`` is given), as JSON-ready rows; ``users`` holds each end
+        user's part (requests that sent no ``user`` are in the key's totals only)."""
         names = [name] if name is not None else sorted(self.usage)
-        return [{"name": n, "requests": self.usage[n].requests, "prompt_tokens": self.usage[n].prompt_tokens,
-                 "completion_tokens": self.usage[n].completion_tokens, "total_tokens": self.usage[n].total_tokens}
+        return [{"name": n, **self.usage[n].row(),
+                 "users": {u: part.row() for u, part in sorted(self.usage[n].users.items())}}
                 for n in names]
 
 
