@@ -161,6 +161,40 @@ class TorchGenerator:
                 out.append(float(logp[row, positions, targets].sum()) if len(b) else 0.0)
         return out
 
+    def prompt_logprobs(self, ids: list[int], top: int = 0, adapter: str | None = None
+                        ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Each prompt token's log-probability given the tokens before it, from one forward pass
+        (what the OpenAI legacy API returns for ``echo`` with ``logprobs``, and lm-eval scores with).
+
+        Args:
+            ids: The prompt's token ids, as given (no BOS is added).
+            top: How many most likely alternatives to return per position (0: none).
+            adapter: The LoRA adapter to score with; None: the base model.
+
+        Returns:
+            None for the first token (nothing precedes it), then (log-probability, [(token id,
+            log-probability)] of the ``top`` most likely tokens) per token.
+        """
+        if not ids:
+            return []
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs: dict = {}
+        base_only = contextlib.nullcontext()
+        if self.adapters:
+            if adapter is None:
+                base_only = self.model.disable_adapter()
+            else:
+                kwargs["adapter_names"] = [adapter]
+        with base_only, torch.inference_mode():
+            logits = self.model(input_ids=input_ids, **kwargs).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)  # (T-1, V): row i predicts ids[i + 1]
+        chosen = logp.gather(1, torch.tensor(ids[1:], device=logp.device).view(-1, 1)).view(-1).tolist()
+        alternatives: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if top > 0:
+            values, index = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+            alternatives = [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
+        return [None, *zip(chosen, alternatives)]
+
     def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion (str) or one assistant reply (message list), as they are produced.
 

@@ -107,9 +107,11 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # Text, several texts, or token ids (one list, or one per prompt), as the legacy API and vLLM take them.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: no completion (with echo, the prompt's logprobs alone)
     logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy API: the top-k count
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, and with logprobs its tokens' (the first null)
 
     # The legacy API has no max_completion_tokens; nothing more to add.
 
@@ -529,24 +531,37 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         start = time.perf_counter()
         served = pick(body.model, "generate")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]  # one prompt of token ids
         if served.kind == "upstream":
             return await proxy(served, "/completions", body, request,
                                admit(request, sum(len(p) for p in prompts), body.user))
         _refuse_unknown(body.unknown_fields())
         params = body.params(_COMPLETION_MAX_TOKENS, _profile(served, body.profile))
+        zero = body.max_tokens == 0  # as OpenAI: an empty completion (echo: the prompt alone)
+        if zero:
+            params.max_new_tokens = 1  # only to pass validation; nothing is generated
         _validate(params)
         if not prompts:
             raise ApiError(400, "prompt is an empty list; give at least one prompt.", "invalid_request_error", "prompt")
+        token_ids = not isinstance(prompts[0], str)
+        if token_ids and (served.batch is None or any(not p for p in prompts)):
+            raise ApiError(400, f"A prompt of token ids needs the torch engine; model {served.name!r} runs on "
+                           f"{served.engine}: send the prompt as text." if served.batch is None else
+                           "A prompt of token ids is an empty list; give at least one token.",
+                           "invalid_request_error", "prompt")
+        if body.stream and (body.echo or zero):
+            raise ApiError(400, "echo and max_tokens 0 are not streamed; send them with stream false.",
+                           "invalid_request_error", "stream")
         if body.stream:
             if len(prompts) != 1:
                 raise ApiError(400, "Streaming takes one prompt; send a string, not a list.",
                                "invalid_request_error", "prompt")
             if served.batch is None:
                 _check_streamable(params)  # the batching engine streams n choices; the others one
-        if body.echo:
-            raise ApiError(400, "echo is not supported.", "invalid_request_error", "echo")
         if served.batch is None:
-            for asked, what in ((body.logprobs is not None, "logprobs"), (body.logit_bias, "logit_bias")):
+            for asked, what in ((body.echo, "echo"), (body.logprobs is not None, "logprobs"),
+                                (body.logit_bias, "logit_bias")):
                 if asked:
                     _needs_batching(served, what)
         user = admit(request, max(len(p) for p in prompts), body.user)
@@ -556,9 +571,11 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
 
         if served.batch is not None:
             engine = served.batch
-            ids = [await run_in_threadpool(engine.encode, p, True) for p in prompts]
+            ids = [list(p) if token_ids else await run_in_threadpool(engine.encode, p, True) for p in prompts]
+            _check_token_ids(served.generator, ids)
             for one in ids:
-                _check_prompt_tokens(served.generator, len(one), params.max_new_tokens, explicit, prompt_limits)
+                _check_prompt_tokens(served.generator, len(one), 0 if zero else params.max_new_tokens, explicit,
+                                     prompt_limits)
             jobs = [BatchRequest(one, _one(params, i), served.adapter, None, body.logprobs, body.bias())
                     for one in ids for i in range(params.n)]
             if body.stream:
@@ -566,13 +583,25 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
                 handles = _submit_all(engine, jobs)  # bad parameters: a 400, not a broken stream
                 return _sse(_batched_events(handles, chunk, chat=False, usage=body.include_usage,
                                             hooks=hooks, logprobs="completion" if body.logprobs is not None else None))
-            results, seconds = await _run_batched(
-                engine, jobs, prompt_limits.request_timeout_s, request,
-                lambda p, c, t: finished(user, body.model, p, c, t), jobs_per_prompt=params.n)
+            echoed, seconds = [], 0.0
+            if body.echo:
+                echoed, seconds = await _echo_prompts(served, prompts, ids, body.logprobs,
+                                                      prompt_limits.request_timeout_s)
+            if zero:
+                results = [("", Finished("length", len(one), 0), []) for one in ids for _ in range(params.n)]
+            else:
+                results, took = await _run_batched(
+                    engine, jobs, prompt_limits.request_timeout_s, request,
+                    lambda p, c, t: finished(user, body.model, p, c, t), jobs_per_prompt=params.n)
+                seconds += took
             choices, completion_tokens = [], 0
             for index, (text, fin, lps) in enumerate(results):
-                choices.append({"index": index, "text": text, "finish_reason": fin.finish_reason,
-                                "logprobs": _completion_logprobs(lps) if body.logprobs is not None else None})
+                before, prompt_lps = echoed[index // params.n] if body.echo else ("", None)
+                logprobs = _completion_logprobs(lps, len(before)) if body.logprobs is not None else None
+                if prompt_lps is not None:
+                    logprobs = {k: prompt_lps[k] + logprobs[k] for k in logprobs}
+                choices.append({"index": index, "text": before + text, "finish_reason": fin.finish_reason,
+                                "logprobs": logprobs})
                 completion_tokens += fin.completion_tokens
             prompt_tokens = sum(len(one) for one in ids)
             finished(user, body.model, prompt_tokens, completion_tokens, seconds)
@@ -596,6 +625,9 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
 
         def work() -> tuple[list[list[Completion]], int]:
             prompt_tokens = sum(check())
+            if zero:
+                return [[Completion(text="", tokens=0, finish_reason="length")] * params.n for _ in prompts], \
+                    prompt_tokens
             results = [gen.complete(prompts[0], params)] if len(prompts) == 1 else gen.complete_batch(prompts, params)
             return results, prompt_tokens
 
@@ -983,6 +1015,51 @@ def _completion_logprobs(entries: list[dict[str, Any]], start: int = 0) -> dict[
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
             "text_offset": offsets}
+
+
+async def _echo_prompts(served: ServedModel, prompts: list, ids: list[list[int]], top: int | None,
+                        timeout_s: float | None) -> tuple[list[tuple[str, dict[str, list] | None]], float]:
+    """For ``echo``: each prompt's text and, when ``logprobs`` was asked for, its tokens in the legacy shape
+    (``token_logprobs`` and ``top_logprobs`` null for the first token: nothing precedes it). The forward pass
+    runs on the batching engine's thread, between its steps. Returns them and the seconds it took.
+    """
+    engine, gen = served.batch, served.generator
+
+    def work() -> list[tuple[str, dict[str, list] | None]]:
+        out = []
+        for prompt, one in zip(prompts, ids):
+            scored = gen.prompt_logprobs(one, top, served.adapter) if top is not None else None
+            with engine.tokenizer_lock:
+                text = prompt if isinstance(prompt, str) else gen.tokenizer.decode(one, skip_special_tokens=True)
+                if scored is None:
+                    out.append((text, None))
+                    continue
+                name = {t: gen.tokenizer.decode([t], skip_special_tokens=False)
+                        for t in {*one, *(i for s in scored[1:] for i, _ in s[1])}}
+                offsets, at = [], 0
+                for t in one:  # a special token (BOS) is not in the text: it takes no characters
+                    offsets.append(at)
+                    at += len(gen.tokenizer.decode([t], skip_special_tokens=True))
+            out.append((text, {"tokens": [name[t] for t in one],
+                               "token_logprobs": [None, *(lp for lp, _ in scored[1:])],
+                               "top_logprobs": [None, *({name[i]: v for i, v in alts} for _, alts in scored[1:])],
+                               "text_offset": offsets}))
+        return out
+
+    start = time.perf_counter()
+    try:
+        result = await asyncio.wait_for(asyncio.wrap_future(engine.call(work)), timeout_s)
+    except asyncio.TimeoutError:
+        raise _timeout_error(timeout_s) from None
+    return result, time.perf_counter() - start
+
+
+def _check_token_ids(gen: Generator, ids: list[list[int]]) -> None:
+    vocab = gen.model.get_input_embeddings().num_embeddings
+    bad = sorted({t for one in ids for t in one if not 0 <= t < vocab})
+    if bad:
+        raise ApiError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
+                       "invalid_request_error", "prompt")
 
 
 def _profile(served: ServedModel, name: str | None) -> SamplingProfile | None:

@@ -17,6 +17,7 @@ did; the padding columns every row shares are trimmed away.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import secrets
 import threading
@@ -182,6 +183,7 @@ class BatchEngine:
         self._waiting: deque[_Seq] = deque()
         self._wake = threading.Condition()
         self._active: list[_Seq] = []
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
         self._positions: torch.Tensor | None = None  # (B,) position of each row's next token
@@ -240,6 +242,23 @@ class BatchEngine:
             self._wake.notify()
         return handle
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the engine's thread between two steps; its result (or error) comes in the future.
+
+        Work on the model outside the batch (prompt log-probabilities for ``echo``) goes here rather than in
+        another thread: a step may be switching the shared model's LoRA adapters while it runs.
+
+        Raises:
+            GenerateError: The engine has stopped.
+        """
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._stopping:
+                raise GenerateError("The server is shutting down and takes no new requests.")
+            self._calls.append((fn, done))
+            self._wake.notify()
+        return done
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the running and queued sequences (up to ``timeout_s``), then end the thread."""
         with self._wake:
@@ -262,10 +281,12 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._active:
+                while not self._waiting and not self._active and not self._calls:
                     if self._stopping:
                         return
                     self._wake.wait(0.5)
+                calls = list(self._calls)
+                self._calls.clear()
                 joining, width = [], 0
                 while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
                     seq = self._waiting[0]
@@ -277,6 +298,13 @@ class BatchEngine:
                     if not seq.handle.cancelled:
                         joining.append(seq)
                         width = max(width, len(seq.ids))
+            for fn, done in calls:
+                if done.set_running_or_notify_cancel():
+                    try:
+                        with torch.inference_mode():
+                            done.set_result(fn())
+                    except BaseException as exc:  # the caller's error, raised where it waits
+                        done.set_exception(exc)
             try:
                 with torch.inference_mode():
                     if joining:
