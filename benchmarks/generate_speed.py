@@ -9,8 +9,13 @@ tokenizer has no end-of-sequence token, so nothing stops early), timed through
 input ids, alternating, median of ``--runs`` after one warm-up of each. The
 ratio shows what the engine's own work costs (tokenizing, building the
 generation config, decoding the text). Runs on one torch thread unless
-``--threads`` says otherwise. Prints a table and writes
-benchmarks/results/generate_speed.json.
+``--threads`` says otherwise.
+
+It also measures this machine's memory bandwidth (one thread, numpy triad:
+``_common.bandwidth_gbs``) and puts each preset's speed beside the bound it
+implies: a batch-1 decoder reads every fp32 weight once per token, so tokens/s
+<= bandwidth / weight bytes (for weights larger than the CPU's caches). Prints
+a table and writes benchmarks/results/generate_speed.json.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import argparse
 import os
 import time
 
-from _common import machine, median, save
+from _common import bandwidth_gbs, machine, median, save
 
 VOCAB = 8192
 PROMPT_TOKENS = 32
@@ -35,7 +40,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, model_input_names=["input_ids", "attention_mask"])
 
 
-def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int) -> dict:
+def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: float) -> dict:
     import torch
 
     from slmforge.config import ModelConfig
@@ -70,9 +75,15 @@ def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int) -> dict:
             times[name].append(time.perf_counter() - t0)
     engine_tps = new_tokens / median(times["engine"])
     plain_tps = new_tokens / median(times["plain"])
+    weight_bytes = 4 * params_count  # fp32; parameters() yields a tied embedding once
+    bound = bandwidth * 1e9 / weight_bytes
     return {
         "preset": preset,
         "params": params_count,
+        "weight_bytes": weight_bytes,
+        "bandwidth_bound_tokens_per_s": round(bound, 1),
+        "engine_share_of_bound": round(engine_tps / bound, 3),
+        "engine_weight_gbs": round(engine_tps * weight_bytes / 1e9, 2),
         "new_tokens": new_tokens,
         "engine_tokens_per_s": round(engine_tps, 1),
         "plain_generate_tokens_per_s": round(plain_tps, 1),
@@ -99,29 +110,34 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = word_tokenizer()
+    bandwidth = bandwidth_gbs()
+    print(f"  memory bandwidth {bandwidth:.1f} GB/s (one thread, numpy triad)", flush=True)
     rows = []
     for preset in args.presets.split(","):
         if preset not in PRESETS:
             parser.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        rows.append(bench_preset(preset, tokenizer, args.runs, args.new_tokens))
+        rows.append(bench_preset(preset, tokenizer, args.runs, args.new_tokens, bandwidth))
         r = rows[-1]
         print(f"  {preset}: engine {r['engine_tokens_per_s']} tok/s, plain {r['plain_generate_tokens_per_s']} tok/s",
               flush=True)
 
     head = (f"{'preset':<8}{'params':>12}{'TorchGenerator tok/s':>22}{'model.generate tok/s':>22}"
-            f"{'ratio':>8}{'same':>6}")
+            f"{'ratio':>8}{'same':>6}{'weights MB':>12}{'GB/s read':>11}{'bound tok/s':>13}{'of bound':>10}")
     print(f"\nGreedy decode, batch 1, {PROMPT_TOKENS}-token prompt, {args.new_tokens} new tokens, "
-          f"median of {args.runs} (torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f})")
+          f"median of {args.runs} (torch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.2f}); "
+          f"memory bandwidth {bandwidth:.1f} GB/s (one thread, numpy triad)")
     print(head)
     print("-" * len(head))
     for r in rows:
         same = "yes" if r["same_greedy_output"] else "NO"
         print(f"{r['preset']:<8}{r['params']:>12,}{r['engine_tokens_per_s']:>22.1f}"
-              f"{r['plain_generate_tokens_per_s']:>22.1f}{r['engine_over_plain']:>8.3f}{same:>6}")
+              f"{r['plain_generate_tokens_per_s']:>22.1f}{r['engine_over_plain']:>8.3f}{same:>6}"
+              f"{r['weight_bytes'] / 1e6:>12.1f}{r['engine_weight_gbs']:>11.2f}"
+              f"{r['bandwidth_bound_tokens_per_s']:>13.1f}{r['engine_share_of_bound'] * 100:>9.1f}%")
     path = save("generate_speed", {
         "settings": {"runs": args.runs, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS,
                      "vocab_size": VOCAB, "torch_threads": torch.get_num_threads(),
-                     "load_average_1min": os.getloadavg()[0]},
+                     "load_average_1min": os.getloadavg()[0], "bandwidth_gbs": round(bandwidth, 2)},
         "results": rows,
     })
     print(f"\nwrote {path}  (machine: {machine()['cpu']}, {machine()['cores']} cores)")

@@ -8,7 +8,12 @@ gguf, run by xllamacpp). Each engine greedily continues the same prompts for
 exactly 128 new tokens (``ignore_eos``), batch 1, median tokens/s over the
 prompts (prompt processing and per-call overhead included); perplexity is
 from each engine's own log-likelihoods on the same held-out documents (n/a
-where the engine exposes no token log-probabilities). The last column relates
+where the engine exposes no token log-probabilities): each document alone
+(its first 2,000 characters), so it is not the packed test-split perplexity
+that ``slmforge quantize`` and the report measure. Size is the bytes of the
+weights files each runtime loads, as saved (safetensors, ONNX + external data,
+GGUF; the int8 row is the folder ``slmforge quantize`` would write), so a tied
+embedding counts once where the format stores it once. The last column relates
 the speed to the memory-bandwidth bound: bytes of weights read per token vs.
 the machine's measured bandwidth (a STREAM-like numpy triad, one thread).
 Writes benchmarks/results/runtime_compare.json.
@@ -23,26 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, median, save
+from _common import bandwidth_gbs, machine, median, save
 
 # Plain-text continuations: this domain model writes docstring prose after them until it emits <|eos|>.
 PROMPTS = ["def fibonacci(n):", "The json module", "Return the number of", "class Queue:"]
-
-
-def bandwidth_gbs(mb: int = 256, runs: int = 5) -> float:
-    """Triad a = b + s*c over three float64 arrays, one thread: bytes moved / time."""
-    import numpy as np
-
-    n = mb * 1024 * 1024 // 8
-    b, c = np.ones(n), np.full(n, 2.0)
-    a = np.empty(n)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        np.multiply(c, 3.0, out=a)
-        np.add(a, b, out=a)
-        times.append(time.perf_counter() - t0)
-    return 4 * n * 8 / min(times) / 1e9  # read c, write a, read a + b, write a
 
 
 def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float]:
@@ -68,7 +57,7 @@ def held_out_ppl(gen, texts: list[str]) -> float | None:
 
 
 def folder_bytes(path: Path, suffixes=(".safetensors", ".onnx", ".data", ".gguf")) -> int:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in suffixes or f.name.endswith(".onnx.data")]
+    files = [path] if path.is_file() else [f for f in path.glob("*") if f.suffix in suffixes or f.name.endswith(".onnx.data")]
     return sum(f.stat().st_size for f in files)
 
 
@@ -85,10 +74,14 @@ def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
     elif kind == "torch-int8":
         from slmforge.compress import quantize_model
+        from slmforge.compress._io import save_quantized
 
         gen = TorchGenerator.from_pretrained(path, device="cpu")
-        quantize_model(gen.model, "int8_dynamic")
-        size = sum(t.numel() * t.element_size() for t in gen.model.state_dict().values())
+        layers = quantize_model(gen.model, "int8_dynamic")
+        # The size on disk of what `slmforge quantize` writes: the tied embedding / lm_head is one
+        # tensor there (summing the state dict counted it twice).
+        with tempfile.TemporaryDirectory() as tmp:
+            size = save_quantized(gen.model, gen.tokenizer, Path(tmp), layers).stat().st_size
     elif kind == "onnx":
         gen, size = OnnxGenerator(path, threads=threads), folder_bytes(path)
     else:
