@@ -375,6 +375,60 @@ def test_export_rejects_what_it_cannot_convert(workdir, model_dir):
     assert not (workdir / "x.gguf").exists() and not (workdir / "x.gguf.part").exists()
 
 
+# --------------------------------------------------------------------------- verified at export
+
+
+def test_export_records_llamacpps_own_parity_in_the_manifest(workdir, model_dir, monkeypatch):
+    """`slmforge export gguf` loads the file in llama.cpp: its tokenizer and greedy tokens against the
+    source model go into the manifest (F32: identical); a file llama.cpp cannot load fails the export
+    and leaves the previous one in place."""
+    from slmforge.artifacts import read_manifest
+    from slmforge.config import ProjectConfig
+    from slmforge.export import gguf as gguf_module, run_export
+
+    cfg = ProjectConfig()
+    cfg.export.gguf.type = "F32"
+    out = workdir / "export-gguf"
+    metrics = read_manifest(run_export(cfg, "gguf", model=model_dir, out=out).path).metrics
+    parity = metrics["parity"]
+    assert parity["engine"] == "llama.cpp" and parity["prompts"] == 5 and parity["max_new_tokens"] == 16
+    assert parity["top1_agreement"] == parity["greedy_agreement"] == 1.0 and parity["greedy_identical"] == 5
+    assert parity["positions"] > 5 * 16 and parity["max_abs_logprob_diff"] < 1e-3
+    tokenization = parity["tokenization"]
+    assert tokenization["agreement"] == 1.0 and tokenization["mismatches"] == []
+    assert tokenization["texts"] == tokenization["identical"] >= 20  # texts, prompts and a rendered chat
+
+    # Quantized: rates, not identity.
+    cfg.export.gguf.type = "Q4_0"
+    q4 = read_manifest(run_export(cfg, "gguf", model=model_dir, out=workdir / "export-q4").path).metrics["parity"]
+    assert q4["tokenization"]["agreement"] == 1.0 and q4["positions"] == parity["positions"]
+    assert 0.5 <= q4["top1_agreement"] <= 1.0 and 0 <= q4["greedy_identical"] <= 5
+
+    cfg.export.gguf.verify = False
+    skipped = read_manifest(run_export(cfg, "gguf", model=model_dir, out=workdir / "export-q4-fast").path)
+    assert "parity" not in skipped.metrics and skipped.config["export"]["gguf"]["verify"] is False
+
+    # A file llama.cpp cannot load is an export error; the previous export stays as it was.
+    import gguf
+
+    real = gguf_module.export_gguf
+
+    def broken(folder, out_file, **kw):
+        path = real(folder, out_file, **kw)
+        reader = gguf.GGUFReader(str(path), "r+")  # a well-formed file that promises a layer it lacks
+        field = reader.fields["llama.block_count"]
+        field.parts[field.data[0]][0] = 3
+        del reader
+        return path
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(gguf_module, "export_gguf", broken)
+    cfg.export.gguf.type, cfg.export.gguf.verify = "F32", True
+    with pytest.raises(ModelError, match="written, but llama.cpp cannot use it: llama.cpp could not load"):
+        run_export(cfg, "gguf", model=model_dir, out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # --------------------------------------------------------------------------- Ollama
 
 

@@ -453,6 +453,11 @@ class OnnxExportConfig(Section):
 
 class GgufExportConfig(Section):
     type: Literal["F32", "F16", "Q8_0", "Q4_0"] = Field("Q8_0", description="Tensor type of the GGUF file.")
+    verify: bool = Field(
+        True, description="Load the written file in llama.cpp and record its tokenization and greedy parity with "
+        "the source model in the manifest (a file llama.cpp cannot load fails the export). Seconds on small "
+        "models; turn off for big ones if it is too slow."
+    )
 
 
 class OllamaExportConfig(Section):

@@ -57,6 +57,8 @@ def run_export(cfg: ProjectConfig, fmt: str, model: str | Path | None = None, ou
 
     Raises:
         ArtifactError: The model is missing.
+        ModelError: The model cannot be converted, or (``export.gguf.verify``) llama.cpp cannot load the
+            GGUF file; the output folder then keeps its previous export.
         ValueError: Unknown format.
     """
     from slmforge.generate import default_model_dir
@@ -89,6 +91,18 @@ def run_export(cfg: ProjectConfig, fmt: str, model: str | Path | None = None, ou
 
             gguf = export_gguf(full, w.path / f"{cfg.project.name}-{ecfg.gguf.type}.gguf", type=ecfg.gguf.type)
             metrics |= {"type": ecfg.gguf.type, "gguf": gguf.name}
+            if ecfg.gguf.verify:
+                import time
+
+                from slmforge.export.gguf import gguf_parity_report
+
+                # llama.cpp itself loads the file: its tokenizer and greedy tokens against the source model.
+                # A file it cannot load is an error here, and the artifact folder is not replaced.
+                if log:
+                    log(f"export {fmt}: checking {gguf.name} in llama.cpp")
+                start = time.perf_counter()
+                metrics["parity"] = gguf_parity_report(full, gguf)
+                metrics["parity"]["seconds"] = round(time.perf_counter() - start, 3)
             if fmt == "ollama":
                 from slmforge.export.ollama import write_modelfile
                 from slmforge.generate import resolve_profile
