@@ -30,6 +30,7 @@ from slmforge.generate._constrain import (
     json_schema_constraint,
     mask_logits_rows_,
     parse_tool_call,
+    parse_tool_calls,
     regex_constraint,
     tool_call_schema,
     tool_constraint,
@@ -128,16 +129,20 @@ def bias(tok, model, eos_ids) -> torch.Tensor:
     return b
 
 
-def sample(model, tok, constraint, eos_ids, bias, seed: int = 0, n: int = N_SEQ) -> list[tuple[str, bool]]:
-    """(text, finished) for ``n`` sequences sampled at temperature 1 under ``constraint``."""
+def sample(model, tok, constraint, eos_ids, bias, seed: int = 0, n: int = N_SEQ,
+           max_tokens: int | None = None, states: list | None = None) -> list[tuple[str, bool]]:
+    """(text, finished) for ``n`` sequences sampled at temperature 1 under ``constraint``
+    (with ``max_tokens``: a budget-aware state, and at most that many tokens; ``states``
+    receives the states)."""
     g = torch.Generator().manual_seed(seed)
-    states = [constraint.start() for _ in range(n)]
+    states = states if states is not None else []
+    states[:] = [constraint.start(max_tokens) for _ in range(n)]
     out: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     inp = torch.full((n, 1), tok.bos_token_id)
     cache = None
     with torch.no_grad():
-        for _ in range(CAP):
+        for _ in range(CAP if max_tokens is None else max_tokens + 1):
             res = model(input_ids=inp, cache=cache, use_cache=True)
             cache = res.cache
             logits = res.logits[:, -1, :].float() + bias
@@ -476,3 +481,139 @@ def test_numbers_are_capped_at_the_digits_a_number_can_hold():
     assert _re.fullmatch(rx, '{"n":-1234567890123456789,"x":3.14159265358979e+100}')
     assert not _re.fullmatch(rx, '{"n":12345678901234567890,"x":1}')  # 20 digits: a model that never stops
     assert not _re.fullmatch(rx, '{"n":1,"x":1.123456789012345678}')
+
+
+# --------------------------------------------------------------------------- token budgets
+
+NESTED = {"type": "object", "properties": {
+    "user": {"type": "object", "properties": {"name": {"type": "string"}, "id": {"type": "integer"},
+                                             "email": {"type": "string", "format": "email"}},
+             "required": ["name", "id"]},
+    "items": {"type": "array", "items": {"type": "object", "properties": {"sku": {"type": "string"},
+                                                                         "qty": {"type": "number"}},
+                                         "required": ["sku", "qty"]}, "minItems": 1},
+    "status": {"enum": ["new", "paid", "shipped"]}}, "required": ["user", "items", "status"]}
+FREE_TEXT = {"type": "object", "properties": {"title": {"type": "string"}, "body": {"type": "string"},
+                                              "score": {"type": "number"}, "note": {"type": ["string", "null"]}},
+             "required": ["title", "body", "score"]}
+BUDGET_CASES = [("person", PERSON), ("nested", NESTED), ("free_text", FREE_TEXT), ("mixed", MIXED),
+                ("list", INT_LIST), ("json_object", None)]
+
+
+@pytest.mark.parametrize("max_tokens", [16, 24, 40, 64])
+def test_budgeted_replies_always_parse_and_validate(model, tok, eos_ids, max_tokens):
+    """No closing bias: a random model at temperature 1 writes long strings and numbers, and still
+    every reply is complete, valid JSON within max_tokens (or the request is refused up front)."""
+    no_bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    shortened = 0
+    for name, schema in BUDGET_CASES:
+        constraint = json_schema_constraint(tok, schema)
+        if constraint.min_tokens > max_tokens:
+            with pytest.raises(GenerateError, match=f"max_tokens >= {constraint.min_tokens}"):
+                constraint.start(max_tokens)
+            continue
+        states: list = []
+        results = sample(model, tok, constraint, eos_ids, no_bias, seed=max_tokens, n=12, max_tokens=max_tokens,
+                         states=states)
+        for (text, done), st in zip(results, states, strict=True):
+            assert done and st.finished, (name, text)
+            validate_json(text, schema)
+            assert len(tok(text, add_special_tokens=False)["input_ids"]) <= max_tokens + 2, text  # re-tokenized
+            shortened += st.shortened
+    assert shortened  # the budget did decide some replies
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64])
+def test_budgeted_tool_calls_always_parse(model, tok, eos_ids, max_tokens):
+    no_bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    for choice, parallel in [("required", True), ({"type": "function", "function": {"name": "add"}}, True),
+                             ("required", False)]:
+        constraint = tool_constraint(tok, TOOLS, choice, parallel=parallel)
+        for text, done in sample(model, tok, constraint, eos_ids, no_bias, seed=7, n=12, max_tokens=max_tokens):
+            calls = parse_tool_calls(text, TOOLS)
+            assert done and calls, text
+            assert len(calls) == 1 or (parallel and choice == "required"), text
+
+
+def test_parallel_calls_are_written_one_per_line_within_the_budget(model, tok, eos_ids, bias):
+    b = bias.clone()
+    b[tok.convert_tokens_to_ids("[")] += 4.0  # invites an array of calls
+    b[tok.convert_tokens_to_ids(",")] += 2.0  # and another call in it
+    counts = {}
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        constraint = tool_constraint(tok, TOOLS, choice, parallel=True)
+        found = []
+        for text, done in sample(model, tok, constraint, eos_ids, b, seed=8, n=12, max_tokens=160):
+            calls = parse_tool_calls(text, TOOLS)
+            assert done and calls, text
+            found.append(len(calls))
+        counts[str(choice)] = found
+    assert max(counts["required"]) > 1, counts  # several calls in one reply
+    assert set(counts[str({"type": "function", "function": {"name": "add"}})]) == {1}  # a named tool: once
+
+
+def test_min_tokens_is_the_shortest_reply_and_smaller_budgets_are_refused(tok, eos_ids):
+    c = regex_constraint(tok, r'\{"a":"[a-z]{0,40}","b":(true|false)\}')
+    shortest = len(tok('{"a":"","b":true}', add_special_tokens=False)["input_ids"])
+    assert 1 <= c.min_tokens <= shortest
+    with pytest.raises(GenerateError, match=f"max_tokens >= {c.min_tokens}"):
+        c.start(c.min_tokens - 1)
+    # At exactly the minimum, every step must move towards the end: random logits still finish in time.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        s, ids = c.start(c.min_tokens), []
+        while not s.finished:
+            row = torch.randn(len(tok), generator=g)
+            s.mask_logits_(row, eos_ids)
+            t = int(torch.multinomial(torch.softmax(row, -1), 1, generator=g))
+            s.advance(t)
+            ids.append(t)
+        assert len(ids) == c.min_tokens and s.tokens_left == 0 and s.shortened
+        assert re.fullmatch(r'\{"a":"[a-z]{0,40}","b":(true|false)\}', tok.decode(ids))
+    # A token the constraint allows but that would leave too few tokens is refused.
+    s, refused = c.start(c.min_tokens), False
+    while not s.finished and not refused:
+        narrow = s.allowed_ids().tolist()
+        extra = sorted(set(c._step(s._state).ids.tolist()) - set(narrow))
+        if extra:
+            with pytest.raises(GenerateError, match="too few"):
+                s.advance(extra[0])
+            refused = True
+        s.advance(narrow[0])
+    assert refused
+
+
+def test_without_a_budget_or_with_room_nothing_is_shortened(tok):
+    c = regex_constraint(tok, r"\{\}")
+    s = c.start(50)
+    for t in tok("{}", add_special_tokens=False)["input_ids"]:
+        s.advance(t)
+    assert s.finished and not s.shortened and s.tokens_left == 50 - len(tok("{}", add_special_tokens=False)["input_ids"])
+    n = regex_constraint(tok, r"[0-9]{1,30}").start(3)  # runs out where more digits could follow
+    for t in tok("7", add_special_tokens=False)["input_ids"] * 3:
+        n.advance(t)
+    assert n.finished and n.shortened and n.allowed_ids().tolist() == list(n._constraint.eos_ids)
+
+
+def test_parse_tool_calls_reads_one_call_or_an_array_of_them():
+    two = '[{"name":"add","arguments":{"a":1,"b":2}},{"name":"get_weather","arguments":{"city":"Oslo"}}]'
+    assert parse_tool_calls(two, TOOLS) == [{"name": "add", "arguments": {"a": 1, "b": 2}},
+                                            {"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    assert parse_tool_calls('{"name":"add","arguments":{"a":1,"b":2}}', TOOLS) == [
+        {"name": "add", "arguments": {"a": 1, "b": 2}}]
+    assert parse_tool_call(two, TOOLS) is None  # not exactly one
+    assert parse_tool_calls(two + " thanks", TOOLS) is None
+    assert parse_tool_calls(two.replace('"b":2', '"b":"2"'), TOOLS) is None  # every call must validate
+    assert parse_tool_calls("[]", TOOLS) is None and parse_tool_calls("[1]", TOOLS) is None
+    assert parse_tool_calls("hello", TOOLS) is None
+    assert "JSON array" in tools_system_prompt(TOOLS, "auto", parallel=True)
+    assert "JSON array" not in tools_system_prompt(TOOLS, {"type": "function", "function": {"name": "add"}},
+                                                   parallel=True)
+    # History with parallel calls renders them as the array the model writes.
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "add", "arguments": f'{{"a":{i},"b":0}}'}}
+             for i in range(2)]
+    out = chat_messages_for_template([{"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": None, "tool_calls": calls},
+                                      {"role": "tool", "tool_call_id": "c1", "content": "1"}], TOOLS, "auto", True)
+    assert [c["arguments"]["a"] for c in parse_tool_calls(out[2]["content"], TOOLS)] == [0, 1]
+    assert out[3]["content"] == "Result of add: 1"

@@ -8,7 +8,7 @@ loop asks it for the allowed ids (or lets it mask a logits row), samples, and
 advances it with the chosen id:
 
     constraint = json_schema_constraint(tokenizer, schema)
-    state = constraint.start()
+    state = constraint.start(max_tokens)               # raises if max_tokens < constraint.min_tokens
     while not state.finished:
         logits = model_step(...)                       # [V]
         state.mask_logits_(logits, eos_ids)
@@ -16,6 +16,13 @@ advances it with the chosen id:
         if token in eos_ids:
             break                                      # only sampled when state.can_end
         state.advance(token)
+
+Given a token budget (``constraint.start(max_tokens)``), a state allows only tokens after
+which the shortest completion still fits in the tokens left. Each compiled constraint
+holds, per automaton state, that fewest number of tokens to a complete text (a breadth-first
+search backwards over the index's transitions, run once at compile time), so a small model
+that would write a string until ``max_tokens`` is steered to close it, and every reply
+parses: a structure cannot be cut half-way.
 
 JSON is generated compact (no whitespace between tokens): a small model left free
 to add whitespace tends to emit it forever. Schema keywords that the regex cannot
@@ -27,7 +34,7 @@ The tool-calling half is pure Python (no torch): it validates OpenAI ``tools`` a
 ``tool_choice``, writes the system prompt that describes the tools, turns an
 OpenAI conversation into plain ChatML messages, and parses a call back out of the
 generated text. A call is written as one JSON object
-``{"name": ..., "arguments": {...}}`` alone.
+``{"name": ..., "arguments": {...}}`` alone; parallel calls, as a JSON array of them.
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ __all__ = [
     "check_tools",
     "json_schema_constraint",
     "mask_logits_rows_",
+    "parallel_calls",
     "parse_tool_call",
+    "parse_tool_calls",
     "regex_constraint",
     "tool_call_schema",
     "tool_constraint",
@@ -271,14 +280,21 @@ def _vocabulary(tokenizer: Any, eos_ids: tuple[int, ...]) -> Any:
 
 
 class _Step:
-    """What one automaton state allows: ordinary ids (no end ids) and whether the text may end."""
+    """What one automaton state allows: ordinary ids (no end ids) and whether the text may end.
 
-    __slots__ = ("by_device", "can_end", "ids")
+    ``next_dist`` (filled when a budget first gets tight in this state) is, for each id, the
+    fewest tokens that complete the text after it; ``budgeted`` caches the narrower steps of
+    that state per number of tokens left.
+    """
+
+    __slots__ = ("budgeted", "by_device", "can_end", "ids", "next_dist")
 
     def __init__(self, ids: torch.Tensor, can_end: bool) -> None:
         self.ids = ids
         self.can_end = can_end
         self.by_device: dict[tuple[str, int, tuple[int, ...]], torch.Tensor] = {}
+        self.next_dist: torch.Tensor | None = None
+        self.budgeted: dict[int, _Step] = {}
 
     def on(self, device: torch.device, vocab_size: int, eos_ids: tuple[int, ...]) -> torch.Tensor:
         """The allowed ids below ``vocab_size`` on ``device``, with ``eos_ids`` when the text
@@ -295,6 +311,48 @@ class _Step:
             ids = ids.to(device)
             self.by_device[key] = ids
         return ids
+
+
+_UNREACHABLE = 1 << 30  # "no complete text from here": larger than any budget
+
+
+def _distances(index: Any, initial: int, final: frozenset[int], eos: int) -> tuple[dict[int, int], dict[int, int]]:
+    """For each automaton state, the fewest tokens that complete the text from it (0 in a final
+    state), and the largest such count over the states one token away.
+
+    One pass over every (state, token) transition to collect each state's distinct successors,
+    then a breadth-first search backwards from the final states. It runs once per compiled
+    constraint and costs about a tenth of building the index (~15 ms for a JSON schema over an
+    8,192-token vocabulary here); memory stays per state, so a 262k vocabulary does not hold
+    every transition at once.
+    """
+    from collections import deque
+
+    successors: dict[int, set[int]] = {}
+    todo = [initial]
+    while todo:
+        state = todo.pop()
+        if state in successors:
+            continue
+        nxt = index.get_next_state
+        succ = {nxt(state, t) for t in index.get_allowed_tokens(state) if t != eos}
+        succ.discard(None)
+        successors[state] = succ
+        todo.extend(n for n in succ if n not in successors)
+    predecessors: dict[int, list[int]] = {}
+    for state, succ in successors.items():
+        for n in succ:
+            predecessors.setdefault(n, []).append(state)
+    dist = {s: 0 for s in successors if s in final}
+    queue = deque(dist)
+    while queue:
+        state = queue.popleft()
+        for p in predecessors.get(state, ()):
+            if p not in dist:
+                dist[p] = dist[state] + 1
+                queue.append(p)
+    max_next = {s: max((dist.get(n, _UNREACHABLE) for n in succ), default=0) for s, succ in successors.items()}
+    return dist, max_next
 
 
 class Constraint:
@@ -318,10 +376,30 @@ class Constraint:
         self._initial: int = index.get_initial_state()
         self._final = frozenset(index.get_final_states())
         self._steps: dict[int, _Step] = {}
+        self._dist, self._max_next = _distances(index, self._initial, self._final, eos_ids[0])
 
-    def start(self) -> ConstraintState:
-        """A fresh state at the beginning of the text."""
-        return ConstraintState(self)
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens of any complete text (the shortest valid reply), end id not counted."""
+        return self._dist.get(self._initial, _UNREACHABLE)
+
+    def start(self, max_tokens: int | None = None) -> ConstraintState:
+        """A fresh state at the beginning of the text.
+
+        Args:
+            max_tokens: The most tokens the text may take (end id not counted). The state
+                then only allows tokens after which a complete text still fits in the tokens
+                left, so the text is complete when they run out. None: no budget.
+
+        Raises:
+            GenerateError: ``max_tokens`` is smaller than ``min_tokens``.
+        """
+        if max_tokens is not None and max_tokens < self.min_tokens:
+            raise GenerateError(
+                f"max_tokens is {max_tokens}, but the shortest reply that completes this structure takes "
+                f"{self.min_tokens} tokens with this tokenizer; ask for max_tokens >= {self.min_tokens}."
+            )
+        return ConstraintState(self, max_tokens)
 
     def _step(self, state: int) -> _Step:
         step = self._steps.get(state)
@@ -351,14 +429,54 @@ class Constraint:
     def _next(self, state: int, token_id: int) -> int | None:
         return self._index.get_next_state(state, token_id)
 
+    def _tight(self, state: int, left: int) -> bool:
+        """With ``left`` tokens left, some allowed token here would leave too few to complete."""
+        return left - 1 < self._max_next.get(state, 0)
+
+    def _budget_step(self, state: int, left: int) -> _Step:
+        """The ids of ``state`` after which a complete text still fits in ``left - 1`` tokens."""
+        step = self._step(state)
+        narrow = step.budgeted.get(left)
+        if narrow is None:  # a race only computes the same value twice
+            import torch
+
+            if step.next_dist is None:
+                nxt, dist = self._index.get_next_state, self._dist
+                step.next_dist = torch.tensor(
+                    [dist.get(nxt(state, i), _UNREACHABLE) for i in step.ids.tolist()], dtype=torch.long)
+            narrow = _Step(step.ids[step.next_dist <= left - 1], step.can_end)
+            step.budgeted[left] = narrow
+        return narrow
+
 
 class ConstraintState:
-    """Where one generated sequence stands in its constraint. Not thread-safe: one per sequence."""
+    """Where one generated sequence stands in its constraint. Not thread-safe: one per sequence.
 
-    def __init__(self, constraint: Constraint) -> None:
+    With a token budget (``Constraint.start(max_tokens)``) every step allows only tokens
+    after which the shortest completion still fits in the tokens left: a string, number or
+    object is closed in time, so the text is complete when the budget runs out.
+    """
+
+    def __init__(self, constraint: Constraint, max_tokens: int | None = None) -> None:
         self._constraint = constraint
         self._state = constraint._initial
         self._ended = False
+        self._left = max_tokens
+        self._shortened = False
+
+    @property
+    def tokens_left(self) -> int | None:
+        """Tokens the text may still take (None: no budget)."""
+        return self._left
+
+    @property
+    def shortened(self) -> bool:
+        """The budget decided: at some step it removed a token the constraint allowed (the
+        text was steered to its shortest ending), or it ran out where the text could go on.
+        A reply that is complete only because of this finishes with reason ``length``."""
+        if self._shortened:
+            return True
+        return self._left == 0 and not self._ended and self._constraint._step(self._state).ids.numel() > 0
 
     @property
     def can_end(self) -> bool:
@@ -367,11 +485,21 @@ class ConstraintState:
 
     @property
     def finished(self) -> bool:
-        """The text is complete and nothing may follow it: the caller stops the sequence."""
+        """The text is complete and nothing may follow it (or the budget is spent): the caller
+        stops the sequence."""
         if self._ended:
             return True
-        step = self._constraint._step(self._state)
+        step = self._current()
         return step.can_end and step.ids.numel() == 0
+
+    def _current(self) -> _Step:
+        """What this step allows, narrowed to the budget."""
+        c = self._constraint
+        if self._ended:
+            return c._ended_step()
+        if self._left is not None and c._tight(self._state, self._left):
+            return c._budget_step(self._state, self._left)
+        return c._step(self._state)
 
     def allowed_ids(self) -> torch.Tensor:
         """The token ids allowed at this step (1-D long tensor on the CPU, never empty).
@@ -381,7 +509,7 @@ class ConstraintState:
         """
         import torch
 
-        step = self._constraint._step(self._state)
+        step = self._current()
         if self._ended:
             return torch.tensor(self._constraint.eos_ids, dtype=torch.long)
         if step.can_end:
@@ -414,10 +542,7 @@ class ConstraintState:
         Raises:
             GenerateError: No id of such a row is allowed.
         """
-        step = self._constraint._step(self._state)
-        if self._ended:
-            step = self._constraint._ended_step()
-        ids = step.on(device, vocab_size, ends)
+        ids = self._current().on(device, vocab_size, ends)
         if ids.numel() == 0:
             raise GenerateError(
                 f"No token of this {vocab_size}-wide logits row is allowed by the constraint (the row is narrower "
@@ -441,12 +566,21 @@ class ConstraintState:
                 raise GenerateError(f"End id {token_id} was sampled before the constrained text was complete.")
             self._ended = True
             return
-        nxt = None if self._ended else self._constraint._next(self._state, token_id)
+        c = self._constraint
+        nxt = None if self._ended else c._next(self._state, token_id)
+        if nxt is not None and self._left is not None and c._dist.get(nxt, _UNREACHABLE) > self._left - 1:
+            raise GenerateError(
+                f"Token id {token_id} leaves too few of the {self._left} tokens left to complete the "
+                "constrained text; mask the logits with mask_logits_ (or sample from allowed_ids) before advancing."
+            )
         if nxt is None:
             raise GenerateError(
                 f"Token id {token_id} is not allowed by the constraint at this step; mask the logits with "
                 "mask_logits_ (or sample from allowed_ids) before advancing."
             )
+        if self._left is not None:
+            self._shortened = self._shortened or c._tight(self._state, self._left)
+            self._left -= 1
         self._state = nxt
 
 
@@ -885,12 +1019,15 @@ def _hoist_defs(params: dict[str, Any], prefix: str, defs: dict[str, Any]) -> di
     return rewrite(params)
 
 
-def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema of one call object ``{"name": <tool>, "arguments": <its parameters>}``.
+def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool = False
+                     ) -> dict[str, Any] | None:
+    """The JSON schema of one call object ``{"name": <tool>, "arguments": <its parameters>}``
+    (with ``parallel``: of one such object or a JSON array of one or more).
 
     Args:
         tools: OpenAI tools (checked by ``check_tools``).
         tool_choice: "none", "auto", "required", a named tool, or None ("auto" with tools).
+        parallel: Allow several calls (see ``parallel_calls``); ignored for a named tool.
 
     Returns:
         An ``anyOf`` over the allowed tools (the single object when one is allowed), or
@@ -916,42 +1053,56 @@ def tool_call_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> di
             "additionalProperties": False,
         })
     schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if parallel and choice in ("auto", "required"):
+        # An array, not one object per line: outlines-core 0.2.14 drops a token that leaves a complete
+        # match for an incomplete one ("}" then "\n"), so text cannot go on after a complete call.
+        schema = {"anyOf": [schema, {"type": "array", "items": schema, "minItems": 1}]}
     if defs:
         schema = {**schema, "$defs": defs}
     return schema
 
 
+def parallel_calls(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> bool:
+    """Whether a reply may hold several tool calls: OpenAI's ``parallel_tool_calls`` (default
+    true) under "auto" or "required"; a named tool is called exactly once."""
+    return parallel_tool_calls is not False and _effective_choice(tools, tool_choice) in ("auto", "required")
+
+
 def tool_constraint(
-    tokenizer: Any, tools: list[dict[str, Any]] | None, tool_choice: Any, eos_ids: Sequence[int] | None = None
+    tokenizer: Any, tools: list[dict[str, Any]] | None, tool_choice: Any, eos_ids: Sequence[int] | None = None,
+    *, parallel: bool = False,
 ) -> Constraint | None:
     """The constraint of an assistant turn that may (or must) call a tool.
 
-    "required" or a named tool: the text is exactly one call object. "auto": either a
-    call object (nothing may follow its closing brace), or free text whose first
-    non-space character is not "{" and that may end anywhere. "none" (or no tools): None,
-    generate unconstrained.
+    "required" or a named tool: the text is exactly one call object, or with ``parallel``
+    that or a JSON array of one or more call objects. "auto": either that, or free text
+    whose first non-space character is not "{" (nor "[" with ``parallel``) and that may end
+    anywhere. "none" (or no tools): None, generate unconstrained.
 
     Raises:
         GenerateError: Invalid tools or tool_choice, a parameters keyword constrained
             decoding cannot enforce, or an unmappable vocabulary.
     """
-    key = ("tools", id(tokenizer), _eos_key(eos_ids), _canonical(tools), _canonical(tool_choice))
+    choice = _effective_choice(tools, tool_choice)
+    parallel = parallel and choice in ("auto", "required")
+    key = ("tools", id(tokenizer), _eos_key(eos_ids), _canonical(tools), _canonical(tool_choice), parallel)
     constraint = _CONSTRAINTS.get(key, tokenizer)
     if constraint is not None:
         return constraint
-    schema = tool_call_schema(tools, tool_choice)
+    schema = tool_call_schema(tools, tool_choice, parallel)
     if schema is None:
         return None
     call = _schema_regex(schema, "the tool call schema")
-    choice = _effective_choice(tools, tool_choice)
-    regex = f"({call})|({_FREE_TEXT})" if choice == "auto" else call
+    text = _FREE_TEXT.replace("{", "{\\[") if parallel else _FREE_TEXT  # nor an array of calls
+    regex = f"({call})|({text})" if choice == "auto" else call
     constraint = _compile(tokenizer, regex, eos_ids, f"the tool call ({_tool_choice_name(choice)})")
     _CONSTRAINTS.put(key, tokenizer, constraint)
     return constraint
 
 
-def tools_system_prompt(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str:
-    """The system-prompt text that describes the tools and how to call one ("" for "none").
+def tools_system_prompt(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool = False) -> str:
+    """The system-prompt text that describes the tools and how to call one ("" for "none");
+    with ``parallel``, also how to call several at once.
 
     Raises:
         GenerateError: Invalid tools or tool_choice.
@@ -971,6 +1122,8 @@ def tools_system_prompt(tools: list[dict[str, Any]] | None, tool_choice: Any) ->
         '{"name": "<tool name>", "arguments": {<arguments as JSON>}}. '
         "The result will be sent back to you in the next message."
     )
+    if parallel and choice in ("auto", "required"):
+        lines.append("To call several tools at once, answer with a JSON array of such objects instead.")
     if choice == "auto":
         lines.append("If no tool is needed, answer in plain text instead.")
     elif choice == "required":
@@ -1021,13 +1174,13 @@ def _call_text(call: dict[str, Any], where: str) -> tuple[str, str]:
 
 
 def chat_messages_for_template(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool = False
 ) -> list[dict[str, str]]:
     """Turn an OpenAI conversation into plain ``{"role", "content"}`` messages for a ChatML
     template that knows only system, user and assistant.
 
-    Assistant ``tool_calls`` become their call JSON as the content (one per line, after any
-    text); a ``tool`` message becomes a user message ``"Result of <name>: <content>"``, the
+    Assistant ``tool_calls`` become their call JSON as the content (after any text; several
+    calls as a JSON array, as the model writes them); a ``tool`` message becomes a user message ``"Result of <name>: <content>"``, the
     name found through its ``tool_call_id``; the tools prompt is appended to a leading
     system message, or a system message holding it is prepended.
 
@@ -1049,11 +1202,14 @@ def chat_messages_for_template(
                         "content": _text_content(msg.get("content"), f"{where}.content")})
         elif role == "assistant":
             parts = [_text_content(msg.get("content"), f"{where}.content")] if msg.get("content") else []
+            texts = []
             for k, call in enumerate(msg.get("tool_calls") or []):
                 name, text = _call_text(call, f"{where}.tool_calls[{k}]")
                 if isinstance(call.get("id"), str):
                     call_names[call["id"]] = name
-                parts.append(text)
+                texts.append(text)
+            if texts:
+                parts.append(texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]")
             out.append({"role": "assistant", "content": "\n".join(parts)})
         elif role == "tool":
             call_id = msg.get("tool_call_id")
@@ -1067,7 +1223,7 @@ def chat_messages_for_template(
             raise GenerateError(
                 f"{where}.role {role!r} is not supported; use system, developer, user, assistant or tool."
             )
-    prompt = tools_system_prompt(tools, tool_choice)
+    prompt = tools_system_prompt(tools, tool_choice, parallel)
     if prompt:
         if out[0]["role"] == "system":
             out[0] = {"role": "system", "content": (out[0]["content"].rstrip() + "\n\n" + prompt).lstrip()}
@@ -1076,31 +1232,45 @@ def chat_messages_for_template(
     return out
 
 
-def parse_tool_call(text: str, tools: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """The call written in ``text``, if it is one.
+def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The calls written in ``text``, if it is only calls.
 
     Returns:
-        ``{"name": str, "arguments": dict}`` when ``text`` (surrounding whitespace aside) is
-        one JSON object with a known tool ``name`` and ``arguments`` valid against that
-        tool's parameters; otherwise None (plain text, or a malformed call).
+        ``[{"name": str, "arguments": dict}, ...]`` when ``text`` (surrounding whitespace
+        aside) is one call object or a non-empty JSON array of them (parallel calls), each
+        with a known tool ``name`` and ``arguments`` valid against that tool's parameters;
+        otherwise None (plain text, or anything malformed).
     """
     from jsonschema import Draft202012Validator
 
     text = text.strip()
-    if not text.startswith("{") or not tools:
+    if not text.startswith(("{", "[")) or not tools:
         return None
     try:
-        obj = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(obj, dict) or set(obj) != {"name", "arguments"} or not isinstance(obj["arguments"], dict):
-        return None
-    tool = next((t for t in tools if t.get("function", {}).get("name") == obj["name"]), None)
-    if tool is None:
-        return None
-    if any(True for _ in Draft202012Validator(_parameters(tool)).iter_errors(obj["arguments"])):
-        return None
-    return {"name": obj["name"], "arguments": obj["arguments"]}
+    objs = value if isinstance(value, list) and value else [value]
+    calls = []
+    for obj in objs:
+        if not isinstance(obj, dict) or set(obj) != {"name", "arguments"} or not isinstance(obj["arguments"], dict):
+            return None
+        tool = next((t for t in tools if t.get("function", {}).get("name") == obj["name"]), None)
+        if tool is None or any(True for _ in Draft202012Validator(_parameters(tool)).iter_errors(obj["arguments"])):
+            return None
+        calls.append({"name": obj["name"], "arguments": obj["arguments"]})
+    return calls
+
+
+def parse_tool_call(text: str, tools: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The call written in ``text``, if it is exactly one (see ``parse_tool_calls``).
+
+    Returns:
+        ``{"name": str, "arguments": dict}``, or None (plain text, several calls, or a
+        malformed call).
+    """
+    calls = parse_tool_calls(text, tools)
+    return calls[0] if calls is not None and len(calls) == 1 else None
 
 
 def validate_json(text: str, schema: dict[str, Any] | None) -> None:

@@ -122,6 +122,8 @@ class LlamaCppGenerator:
             messages: The conversation.
             params: Sampling.
             json_schema: Constrain each reply to JSON valid under this schema (llama.cpp's grammar engine).
+                Unlike the torch engine, llama.cpp does not close the JSON within ``max_new_tokens``: a
+                reply cut by the budget is incomplete JSON with finish reason ``length``.
 
         Raises:
             GenerateError: The file has no chat template, or the messages are malformed.

@@ -25,7 +25,7 @@ from slmforge.config import SamplingProfile
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Generator, SamplingParams
 from slmforge.generate._constrain import (chat_messages_for_template, check_tools, json_schema_constraint,
-                                          parse_tool_call, tool_call_schema, tool_constraint)
+                                          parallel_calls, parse_tool_calls, tool_call_schema, tool_constraint)
 from slmforge.serve._batch import BatchRequest, Finished, Handle, TokenEvent
 from slmforge.serve._hash import hash_api_key
 from slmforge.serve._keys import ApiKey
@@ -173,7 +173,7 @@ class ChatRequest(_Request):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted: one call per reply is generated
+    parallel_tool_calls: bool | None = None  # None = true, OpenAI's default: a reply may hold several calls
 
 
 class EmbeddingRequest(BaseModel):
@@ -677,11 +677,12 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
 
         if served.batch is not None:
             engine = served.batch
+            parallel = parallel_calls(tools, choice, body.parallel_tool_calls)
             try:
-                messages = chat_messages_for_template(raw, tools or [], choice if tools else "none")
+                messages = chat_messages_for_template(raw, tools or [], choice if tools else "none", parallel)
             except GenerateError as exc:
                 raise ApiError(400, str(exc), "invalid_request_error", "messages") from None
-            constraint = await run_in_threadpool(_constraint_for, engine, body, tools, choice)
+            constraint = await run_in_threadpool(_constraint_for, engine, body, tools, choice, params.max_new_tokens)
             try:
                 text = await run_in_threadpool(engine.render_chat, messages)
             except GenerateError as exc:
@@ -714,8 +715,9 @@ def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_
         messages = [{"role": m["role"], "content": m["content"] or ""} for m in raw]
         schema = None
         if grammar:
-            messages = chat_messages_for_template(raw, tools or [], choice if tools else "none")
-            schema = _grammar_schema(body, tools, choice)
+            parallel = parallel_calls(tools, choice, body.parallel_tool_calls)
+            messages = chat_messages_for_template(raw, tools or [], choice if tools else "none", parallel)
+            schema = _grammar_schema(body, tools, choice, parallel)
 
         def check() -> int:
             count = _count_tokens(gen, _render(gen, messages), special=False)
@@ -930,31 +932,45 @@ def _tool_setup(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, Any]:
     return tools, choice
 
 
-def _constraint_for(engine, body: ChatRequest, tools, choice):
-    """The decoding constraint of a chat request (compiled and cached per schema), or None."""
+def _constraint_for(engine, body: ChatRequest, tools, choice, max_tokens: int):
+    """The decoding constraint of a chat request (compiled and cached per schema), or None.
+
+    Raises:
+        ApiError: 400 for a schema or tools it cannot enforce, or a ``max_tokens`` below the shortest
+            complete reply (the engine closes every reply within its budget, but not in fewer tokens).
+    """
     try:
         if tools and choice != "none":
-            return tool_constraint(engine.tokenizer, tools, choice, eos_ids=engine.eos_ids)
-        fmt = body.response_format
-        if fmt is None or fmt.type == "text":
+            constraint = tool_constraint(engine.tokenizer, tools, choice, eos_ids=engine.eos_ids,
+                                         parallel=parallel_calls(tools, choice, body.parallel_tool_calls))
+        elif body.response_format is None or body.response_format.type == "text":
             return None
-        if fmt.type == "json_object":
-            return json_schema_constraint(engine.tokenizer, None, eos_ids=engine.eos_ids)
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        elif body.response_format.type == "json_object":
+            constraint = json_schema_constraint(engine.tokenizer, None, eos_ids=engine.eos_ids)
+        elif body.response_format.json_schema is None or body.response_format.json_schema.schema_ is None:
             raise GenerateError("response_format json_schema needs json_schema.schema (a JSON schema object).")
-        return json_schema_constraint(engine.tokenizer, fmt.json_schema.schema_, eos_ids=engine.eos_ids)
+        else:
+            constraint = json_schema_constraint(engine.tokenizer, body.response_format.json_schema.schema_,
+                                                eos_ids=engine.eos_ids)
     except GenerateError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", "tools" if tools else "response_format") from None
+    if constraint is not None and constraint.min_tokens > max_tokens:
+        what = "a complete tool call" if tools and choice != "none" else "the shortest JSON valid under the schema"
+        raise ApiError(400, f"max_tokens is {max_tokens}, but {what} takes {constraint.min_tokens} tokens with this "
+                       f"model's tokenizer; ask for max_tokens >= {constraint.min_tokens}.",
+                       "invalid_request_error", "max_tokens")
+    return constraint
 
 
-def _grammar_schema(body: ChatRequest, tools, choice) -> dict[str, Any]:
-    """The JSON schema a grammar engine (llama.cpp) constrains a chat reply to.
+def _grammar_schema(body: ChatRequest, tools, choice, parallel: bool = False) -> dict[str, Any]:
+    """The JSON schema a grammar engine (llama.cpp) constrains a chat reply to (``parallel``: one call
+    or an array of calls).
 
     Objects with listed properties get ``additionalProperties: false`` where the schema leaves it open,
     as the outlines-core path does: otherwise a small model invents keys until max_tokens.
     """
     if tools and choice != "none":
-        return _closed(tool_call_schema(tools, choice))
+        return _closed(tool_call_schema(tools, choice, parallel))
     fmt = body.response_format
     if fmt.type == "json_object":
         return {"type": "object"}
@@ -995,13 +1011,16 @@ async def _whole_stream(chunk: dict[str, Any], choice: dict[str, Any], usage: di
 
 
 def _assistant_message(text: str, reason: str, tools: list | None) -> tuple[dict[str, Any], str]:
-    """The reply as OpenAI's assistant message: a tool call when the text is one (finish ``tool_calls``)."""
+    """The reply as OpenAI's assistant message: tool calls (each with its own id) when the text is only
+    calls, finishing ``tool_calls``; or ``length`` when max_tokens decided (the constraint then closed the
+    calls early, so they are complete and valid, but perhaps shorter or fewer than the model meant)."""
     if tools:
-        call = parse_tool_call(text, tools)
-        if call is not None:
+        found = parse_tool_calls(text, tools)
+        if found:
             calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
-            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+                      "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in found]
+            return {"role": "assistant", "content": None, "tool_calls": calls}, \
+                "length" if reason == "length" else "tool_calls"
     return {"role": "assistant", "content": text}, reason
 
 

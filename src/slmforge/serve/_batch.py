@@ -4,7 +4,8 @@ One background thread owns the model. Every iteration it admits waiting requests
 left-padded) into the running batch, then decodes one token for every running sequence in one forward
 pass; a sequence leaves the batch the step it finishes, and its slot is free for the next request.
 Each sequence keeps its own sampling settings, seed, stop strings, token budget, log-probabilities,
-LoRA adapter (peft's mixed-adapter batches) and decoding constraint.
+LoRA adapter (peft's mixed-adapter batches) and decoding constraint, which closes a structured reply
+within the tokens the sequence may still write.
 
 Written by hand rather than with transformers' ``init_continuous_batching``: that manager has one
 ``GenerationConfig`` for all requests (no per-request temperature, seed, stop strings, adapters or
@@ -47,7 +48,9 @@ class TokenEvent:
 class Finished:
     """The sequence ended: why, and how many tokens it read and wrote."""
 
-    finish_reason: str  # "stop" (end of sequence, stop string, complete structured output) | "length"
+    # "stop" (end of sequence, stop string, complete structured output) | "length" (max_new_tokens or the
+    # context ran out; a constrained reply is then still complete: the budget steered it to its shortest ending)
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # the engine failed on this batch
@@ -233,7 +236,11 @@ class BatchEngine:
         if p.temperature > 0:
             seq.rng = torch.Generator(device="cpu").manual_seed(seed)
         if request.constraint is not None:
-            seq.state = request.constraint.start()
+            # The constraint closes the structure within the tokens this sequence may still write.
+            budget = p.max_new_tokens
+            if self.context_length is not None:
+                budget = min(budget, self.context_length - len(request.prompt_ids))
+            seq.state = request.constraint.start(max(budget, 0))
         seq.cutter = StopCutter(list(p.stop))
         with self._wake:  # checked under the lock the loop exits under, so no request is left behind
             if self._stopping:
@@ -509,7 +516,7 @@ class BatchEngine:
             seq.state.advance(token)
         finish = None
         if ended or (seq.state is not None and seq.state.finished):
-            finish = "stop"
+            finish = "length" if seq.state is not None and seq.state.shortened else "stop"
         elif len(seq.generated) >= p.max_new_tokens:
             finish = "length"
         elif self.context_length is not None and len(seq.ids) >= self.context_length:
