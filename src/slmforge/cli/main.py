@@ -349,6 +349,8 @@ def eval_lm_eval_task(
     chat = " --apply_chat_template" if spec.chat else ""
     tail = f"--include_path {out_dir} --tasks {path.stem}{chat}"
     print(f"  HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args pretrained=MODEL_DIR,add_bos_token=True {tail}")
+    if spec.task == "generate":
+        print("  # (--model hf caps generation at MODEL_DIR/generation_config.json's max_new_tokens, if it has one)")
     print("  # or against `slmforge serve MODEL_DIR --port 8000`:")
     print("  HF_DATASETS_OFFLINE=1 lm_eval --model local-completions --model_args model=NAME,"
           "base_url=http://127.0.0.1:8000/v1/completions,tokenizer_backend=huggingface,tokenizer=MODEL_DIR,"

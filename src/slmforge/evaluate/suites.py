@@ -271,6 +271,10 @@ def export_lm_eval_task(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None, 
 
     ``add_bos_token=True`` because slmforge scores prompts with the BOS its tokenizer adds (as in
     training); leave it out for a tokenizer that adds none. Chat suites need ``--apply_chat_template``.
+    Under ``--model hf`` a generate suite's length cap is the model folder's: its generation_config.json
+    holds the default profile's ``max_new_tokens``, which transformers prefers to the ``max_length``
+    lm-eval passes (and lm-eval takes no ``max_new_tokens`` of its own); remove that key from the file
+    for per-item agreement on outputs that reach the cap without a stop string.
 
     The suite's answer extraction becomes a ``filter_list`` and its normalisation the metric's
     settings: ``regex`` (a pattern with at most one group), ``last_number`` (exact match only) and
@@ -330,8 +334,9 @@ def export_lm_eval_task(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None, 
                                       "do_sample": profile.temperature > 0, "temperature": profile.temperature}
         if profile.temperature > 0:
             gen_kwargs |= {k: v for k, v in (("top_p", profile.top_p), ("top_k", profile.top_k)) if v is not None}
-        if profile.repetition_penalty != 1.0:
-            gen_kwargs["repetition_penalty"] = profile.repetition_penalty
+        # Always set: a model folder's generation_config.json holds its default profile's penalty, which
+        # transformers would otherwise apply under lm-eval's hf model.
+        gen_kwargs["repetition_penalty"] = profile.repetition_penalty
         doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}", "generation_kwargs": gen_kwargs,
                 "filter_list": [{"name": "slmforge", "filter": [*steps, {"function": "take_first"}]}],
                 "metric_list": _generate_metrics(spec, helper)}
