@@ -89,7 +89,8 @@ def main() -> None:
     print(f"{'model':<8} {'params':>8} {'type':<5} {'MB':>7} {'export s':>9} {'verify s':>9} {'tokens':>7} {'top-1':>7} "
           f"{'greedy':>7} {'same':>5} {'|dlogp|':>8}")
     for r in rows:
-        print(f"{r['model']:<8} {r['params'] / 1e6:>7.2f}M {r['type']:<5} {r['bytes'] / 1e6:>7.2f} {r['export_s']:>9.2f} {r['verify_s']:>9.2f} "
+        print(f"{r['model']:<8} {r['params'] / 1e6:>7.2f}M {r['type']:<5} {r['bytes'] / 1e6:>7.2f} "
+              f"{r['export_s']:>9.2f} {r['verify_s']:>9.2f} "
               f"{r['tokenization_agreement']:>7.1%} {r['top1_agreement']:>7.1%} {r['greedy_agreement']:>7.1%} "
               f"{r['greedy_identical']:>2}/{r['prompts']:<2} {r['max_abs_logprob_diff']:>8.2g}")
     path = save("gguf_verify", {"threads": args.threads, "rows": rows})

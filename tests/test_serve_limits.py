@@ -173,10 +173,10 @@ def test_usage_is_kept_per_end_user_within_a_key(monkeypatch):
     limiter.count("anonymous", "carol")
     limiter.record(Metered("anonymous", "carol"), 2, 2)
     rows = {r["name"]: r for r in limiter.usage_rows()}
+    part = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
     assert rows["app"] == {"name": "app", "requests": 4, "prompt_tokens": 26, "completion_tokens": 4,
-                           "total_tokens": 30, "users": {
-                               "alice": {"requests": 2, "prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
-                               "bob": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}}
+                           "total_tokens": 30, "users": {"alice": dict(zip(part, (2, 10, 2, 12))),
+                                                         "bob": dict(zip(part, (1, 5, 1, 6)))}}
     assert rows["anonymous"]["users"] == {"carol": {"requests": 1, "prompt_tokens": 2, "completion_tokens": 2,
                                                     "total_tokens": 4}}
     assert usage_csv([rows["app"]]).splitlines() == [

@@ -419,6 +419,12 @@ def export(
     cfg = _load(config, set_)
     result = run_export(cfg, fmt, model=model, out=out_dir, command=sys.argv, log=err.print)
     out.print(f"export {fmt}: {result.metrics['bytes'] / 1e6:.1f} MB -> {result.path}")
+    parity = result.metrics.get("parity")
+    if parity:  # what the exported file did against the source model (details in the manifest)
+        tok = parity.get("tokenization")
+        out.print(f"  parity ({parity.get('engine') or parity.get('provider')}): next token "
+                  f"{parity['top1_agreement']:.1%}, greedy identical {parity['greedy_identical']}/{parity['prompts']}"
+                  + (f", tokenization {tok['identical']}/{tok['texts']} texts" if tok else ""))
     if "import" in result.metrics:
         print(f"  {result.metrics['import']}")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from slmforge.artifacts import MANIFEST, ArtifactWriter, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
-from slmforge.errors import ArtifactError
+from slmforge.errors import ArtifactError, ModelError
 
 __all__ = ["ExportResult", "run_export", "FORMATS"]
 
@@ -101,7 +101,10 @@ def run_export(cfg: ProjectConfig, fmt: str, model: str | Path | None = None, ou
                 if log:
                     log(f"export {fmt}: checking {gguf.name} in llama.cpp")
                 start = time.perf_counter()
-                metrics["parity"] = gguf_parity_report(full, gguf)
+                try:
+                    metrics["parity"] = gguf_parity_report(full, gguf)
+                except ModelError as exc:
+                    raise ModelError(f"{exc} Nothing was exported: {out_dir} keeps what it held.") from None
                 metrics["parity"]["seconds"] = round(time.perf_counter() - start, 3)
             if fmt == "ollama":
                 from slmforge.export.ollama import write_modelfile

@@ -232,8 +232,8 @@ def gguf_parity_report(
         n_threads: CPU threads for llama.cpp (default: the machine's cores, at most 8).
 
     Returns:
-        ``engine``, ``prompts``, ``positions`` (next-token predictions compared), ``top1_agreement``, ``greedy_agreement``,
-        ``greedy_identical``, ``max_abs_logprob_diff`` (over llama.cpp's picks), ``tokenization``
+        ``engine``, ``prompts``, ``positions`` (next-token predictions compared), ``top1_agreement``,
+        ``greedy_agreement``, ``greedy_identical``, ``max_abs_logprob_diff`` (over llama.cpp's picks), ``tokenization``
         (``texts``, ``identical``, ``agreement``, ``mismatches``: up to 5 texts that differ).
 
     Raises:
@@ -258,7 +258,8 @@ def gguf_parity_report(
             while len(new) < max_new_tokens and (not new or new[-1] not in stops):
                 new.append(int(parts[-1][-1].argmax()))
                 parts.append(model(input_ids=torch.tensor([[new[-1]]]), cache=cache, use_cache=True).logits[0])
-        refs.append((ids, new, torch.log_softmax(torch.cat(parts).float(), -1)))  # (S + N, V)
+        # (S + N, V): the log-probabilities after each position, as numpy (no torch work between llama.cpp calls).
+        refs.append((ids, new, torch.log_softmax(torch.cat(parts).float(), -1).numpy()))
     longest = max((len(ids) + len(new) for ids, new, _ in refs), default=1)
     try:
         gen = LlamaCppGenerator(gguf_file, n_threads=n_threads or max(1, min(os.cpu_count() or 2, 8)),
@@ -266,7 +267,7 @@ def gguf_parity_report(
     except GenerateError as exc:
         raise ModelError(f"The GGUF file was written, but llama.cpp cannot use it: {str(exc).rstrip('.')}. This is a "
                          "gap in slmforge's GGUF converter for this model; please report it with the model's "
-                         "config.json. Nothing was exported.") from None
+                         "config.json.") from None
     with gen:
         tokenization = _tokenization_agreement(gen, tokenizer, [*texts, *prompts, *_chat_texts(tokenizer)])
         positions = agree = gen_positions = gen_agree = identical = 0
@@ -321,7 +322,8 @@ def _tokenization_agreement(gen, tokenizer, texts: list[str]) -> dict[str, Any]:
     mismatches = []
     for text in texts:
         for special in (True, False):
-            if gen.tokenize(text, add_special=special) != list(tokenizer(text, add_special_tokens=special)["input_ids"]):
+            want = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+            if gen.tokenize(text, add_special=special) != want:
                 mismatches.append(text)
                 break
     return {"texts": len(texts), "identical": len(texts) - len(mismatches),
