@@ -205,3 +205,30 @@ def test_teacher_and_upstream_follow_the_same_rule():
                                                  ))._api_key == OPENAI_KEY
     assert upstream_from_config(ServeModelConfig(name="e", engine="openai", base_url="https://api.example.com/v1"
                                                  ))._api_key is None
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_generate_chat_and_eval_compare_read_the_endpoints_from_the_project(tmp_path, remote):
+    """The commands that take an endpoint (generate, chat, eval run, eval compare) pass generate.endpoints on: the clear-text refusal (raised before
+    any request) shows the entry reached the engine; a listed https endpoint gets its key."""
+    from typer.testing import CliRunner
+
+    from slmforge.cli.main import app
+
+    lan = "generate.endpoints=[{base_url: 'http://10.2.3.4/v1', api_key_env: OTHER_KEY}]"
+    runner = CliRunner()
+    for args in (["generate", "hi", "-m", "http://10.2.3.4/v1#m", "--set", lan],
+                 ["chat", "-m", "http://10.2.3.4/v1#m", "--set", lan],
+                 ["eval", "run", "-m", "http://10.2.3.4/v1#m", "--set", lan, "--out", str(tmp_path / "eval")],
+                 ["eval", "compare", "http://10.2.3.4/v1#m", "http://10.2.3.4/v1#m", "-s", "arithmetic",
+                  "--set", lan, "--out", str(tmp_path / "compare")]):
+        result = runner.invoke(app, args, input="/exit\n")
+        assert isinstance(result.exception, GenerateError), (args, result.output)
+        assert "clear text to http://10.2.3.4/v1" in str(result.exception), args
+    assert "10.2.3.4" not in remote
+    listed = "generate.endpoints=[{base_url: 'https://api.example.com/v1', api_key_env: OTHER_KEY}]"
+    result = runner.invoke(app, ["generate", "hi", "-m", "https://api.example.com/v1#m", "--set", listed])
+    assert result.exit_code == 0, result.output
+    assert set(remote["api.example.com"]) == {f"Bearer {OTHER_KEY}"}
