@@ -155,3 +155,33 @@ def test_echo_needs_the_torch_engine_and_is_not_streamed(base_url, client):
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     # The plain engine still answers max_tokens 0 (an empty completion, as OpenAI).
     assert client.completions.create(model="plain", prompt=PROMPT, max_tokens=0).choices[0].text == ""
+
+
+def test_echo_scores_with_the_named_lora_adapter_or_the_bare_base(model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_lora_adapter
+    from slmforge.serve._models import ServedModel, wrap_models
+
+    adapter = build_lora_adapter(model_dir, tmp_path / "a1", seed=1)
+    with_adapters = TorchGenerator.from_pretrained(model_dir, adapters={"a1": adapter}, device="cpu")
+    with_adapters.set_adapter(None)
+    table = wrap_models({"base": with_adapters}, max_batch_size=4)
+    table["a1"] = ServedModel("a1", "generate", generator=with_adapters, batch=table["base"].batch, adapter="a1")
+    ids = with_adapters.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+        want_a1 = torch.log_softmax(lora(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    want_base = reference_logprobs(model_dir, ids)
+    with LiveServer(create_app(table)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        with ThreadPoolExecutor(4) as pool:  # adapter and base requests interleave with the engine's steps
+            asked = [pool.submit(client.completions.create, model=name, prompt=PROMPT, echo=True, logprobs=1,
+                                 max_tokens=2, temperature=0) for name in ("a1", "base") * 3]
+            for name, future in zip(("a1", "base") * 3, asked):
+                got = future.result().choices[0].logprobs.token_logprobs
+                want = want_a1 if name == "a1" else want_base
+                assert got[1:len(ids)] == pytest.approx([float(want[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                        abs=1e-4), name
