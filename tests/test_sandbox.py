@@ -311,3 +311,186 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     broken = [(p["prompt"] + "    return None\n", p["test"], p["entry_point"]) for p in problems[:3]]
     for r in run_many(broken, workers=2):
         assert r.status == "failed" and "AssertionError" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ the verdict: passed = the tests ran to the end
+
+# Every program below defines a WRONG f (the tests need f(1) == 2) and tries to be scored
+# "passed" anyway: by ending before the tests, by routing the failing assert to exit 0, by
+# forging the verdict, or by hunting for the harness's token.
+TESTS = "def check(candidate):\n    assert candidate(1) == 2\n    for i in range(3):\n        assert candidate(i) == i + 1\n"
+WRONG = "def f(x):\n    return x\n"
+SLOW_WRONG = "import time\ndef f(x):\n    time.sleep(0.3)\n    return x\n"
+# Write every token-sized secret the program can find to every descriptor, print it, exit 0.
+SPRAY = """
+def spray(found):
+    import os
+    for secret in found:
+        data = secret if isinstance(secret, bytes) else str(secret).encode()
+        print(data)
+        for fd in range(3, 256):
+            try:
+                os.write(fd, data)
+            except OSError:
+                pass
+"""
+FORGERIES = {
+    "sys.exit(0)": WRONG + "import sys\nsys.exit(0)\n",
+    "exit()": WRONG + "exit()\n",
+    "quit()": WRONG + "quit()\n",
+    "raise SystemExit": WRONG + "raise SystemExit\n",
+    "raise SystemExit(0)": WRONG + "raise SystemExit(0)\n",
+    "os._exit(0)": WRONG + "import os\nos._exit(0)\n",
+    "exit inside the candidate": "import sys\ndef f(x):\n    sys.exit(0)\n",
+    "__main__ block": WRONG + "def main():\n    return 0\nif __name__ == '__main__':\n    import sys\n    sys.exit(main())\n",
+    "sys.excepthook": WRONG + "import os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "threading.excepthook": WRONG + "import os, threading\nthreading.excepthook = lambda *a: os._exit(0)\n",
+    "sys.unraisablehook": WRONG + "import os, sys\nsys.unraisablehook = lambda *a: os._exit(0)\n",
+    "atexit": WRONG + "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "signal handler exits 0": SLOW_WRONG + "import os, signal\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+                              "signal.setitimer(signal.ITIMER_REAL, 0.1)\n",
+    "SIGINT handler exits 0": SLOW_WRONG + "import os, signal, threading\n"
+                              "signal.signal(signal.SIGINT, lambda *a: os._exit(0))\n"
+                              "threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()\n",
+    "thread calls os._exit(0)": SLOW_WRONG + "import os, threading\n"
+                                "threading.Thread(target=lambda: (__import__('time').sleep(0.1), os._exit(0))).start()\n",
+    "forked child exits 0": WRONG + "import os\nif os.fork() == 0:\n    os._exit(0)\n",
+    "own check": WRONG + "def check(candidate):\n    pass\n",
+    "patched builtins": WRONG + "import builtins\nbuiltins.range = lambda *a: []\nbuiltins.AssertionError = KeyError\n",
+    "patched exit": WRONG + "import builtins, os, sys\nbuiltins.exit = sys.exit = lambda *a: os._exit(0)\nexit()\n",
+    "check replaced from a thread": SLOW_WRONG + "import builtins, sys, threading, time\n"
+        "def swap():\n    for _ in range(300):\n        sys.modules['__main__'].check = builtins.check = lambda c: None\n"
+        "        time.sleep(0.001)\nthreading.Thread(target=swap, daemon=True).start()\n",
+    "sys.settrace jump": WRONG + "import sys\n"
+        "def tracer(frame, event, arg):\n    if event == 'line' and frame.f_code.co_name == 'check':\n"
+        "        frame.f_lineno = frame.f_code.co_firstlineno + 4\n    return tracer\nsys.settrace(tracer)\n",
+    "sys.setprofile": WRONG + "import os, sys\nsys.setprofile(lambda *a: os._exit(0))\n",
+    "print a forged marker": WRONG + "import os, sys\nfor t in ('PASSED', 'passed', 'OK', '0' * 32, 'verdict: passed'):\n"
+        "    print(t)\n    print(t, file=sys.stderr)\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(0)\n",
+    "write to every descriptor": WRONG + SPRAY + "import os\nspray(['passed', 'ok\\n', '0' * 32])\nos._exit(0)\n",
+    "read every descriptor": WRONG + SPRAY + "import os\nfound = []\nfor fd in range(0, 256):\n    try:\n"
+        "        found.append(os.read(fd, 64))\n    except OSError:\n        pass\n"
+        "try:\n    found += os.listdir('/proc/self/fd')\nexcept OSError:\n    pass\nspray(found)\nos._exit(0)\n",
+    "walk the frames": WRONG + SPRAY + "import os, sys\nfound = []\nframe = sys._getframe()\nwhile frame is not None:\n"
+        "    found += [v for v in frame.f_locals.values() if isinstance(v, (bytes, str)) and len(v) == 32]\n"
+        "    frame = frame.f_back\nspray(found)\nos._exit(0)\n",
+    "wake the vault early": WRONG + "import os, sys\nframe = sys._getframe()\nwhile frame is not None:\n"
+        "    for v in list(frame.f_locals.values()):\n        if type(v).__name__ == 'lock' and v.locked():\n"
+        "            try:\n                v.release()\n            except RuntimeError:\n                pass\n"
+        "    frame = frame.f_back\nimport time\ntime.sleep(0.2)\nos._exit(0)\n",
+    "other threads' frames": WRONG + SPRAY + "import os, sys\nfound = []\nfor fr in sys._current_frames().values():\n"
+        "    found += [v for v in fr.f_locals.values() if isinstance(v, bytes)]\nspray(found)\nos._exit(0)\n",
+    "gc scan": WRONG + SPRAY + "import gc, os\nfound = [o for o in gc.get_objects() if isinstance(o, (bytes, str)) "
+        "and len(o) == 32]\nspray(found)\nos._exit(0)\n",
+    "read /proc/self/mem": WRONG + "import os, re\nfound = []\nfor path in ('/proc/self/mem', '/proc/thread-self/mem'):\n"
+        "    try:\n        open(path, 'rb')\n        print('OPENED', path)\n    except OSError as e:\n"
+        "        print('blocked', e)\nos._exit(0)\n",
+    "ctypes": WRONG + "import ctypes, os\nprint('ctypes loaded')\nos._exit(0)\n",
+    "KeyboardInterrupt": WRONG + "raise KeyboardInterrupt\n",
+    "kill itself": WRONG + "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+}
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_a_program_that_skips_or_forges_its_tests_is_not_passed(name):
+    r = check_program(FORGERIES[name], TESTS, "f", FAST)
+    print(name, r.status, r.returncode, r.stdout[-300:], r.stderr[-400:])
+    expected = "crashed" if name == "kill itself" else "failed"
+    assert r.status == expected, (r.stdout, r.stderr)
+    assert "OPENED" not in r.stdout and "ctypes loaded" not in r.stdout
+
+
+def test_the_verdict_is_in_no_output_and_differs_per_run():
+    """The token is nowhere a program or a reader of its output could see it."""
+    right = "def f(x):\n    return x + 1\n"
+    show = "import os, sys\nprint([os.path.basename(a) for a in sys.argv], sorted(os.environ), os.listdir('.'))\n"
+    a, b = (check_program(right + show, TESTS, "f", FAST) for _ in range(2))
+    assert a.status == b.status == "passed", (a.stderr, b.stderr)
+    assert a.stdout == b.stdout  # nothing run-specific reaches the program's argv or environment
+    assert a.stdout.startswith("['program.py'] ['HOME', 'LANG', 'PATH', 'TMPDIR']"), a.stdout
+
+
+@pytest.mark.parametrize("program", [
+    "def f(x):\n    return x + 1\n",
+    # ordinary things a correct solution may do: print, threads, a __main__ block that returns,
+    # a signal handler, atexit, exiting non-zero from a thread-less helper never called
+    "import sys\ndef f(x):\n    print('debug', x, file=sys.stderr)\n    return x + 1\nprint('loaded')\n",
+    "import threading\ndef f(x):\n    out = []\n    t = threading.Thread(target=lambda: out.append(x + 1))\n"
+    "    t.start()\n    t.join()\n    return out[0]\n",
+    "def f(x):\n    return x + 1\ndef main():\n    print(f(1))\nif __name__ == '__main__':\n    main()\n",
+    "import signal, atexit\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\natexit.register(print, 'bye')\n"
+    "def f(x):\n    return x + 1\n",
+    "import sys\ndef f(x):\n    return x + 1\ndef never():\n    sys.exit(1)\n",
+])
+def test_correct_programs_still_pass(program):
+    r = check_program(program, TESTS, "f", FAST)
+    assert r.status == "passed" and r.returncode == 0, r.stderr
+
+
+def test_ordinary_failures_keep_their_traceback():
+    r = check_program("def f(x):\n    return x\n", TESTS, "f", FAST)
+    assert r.status == "failed" and r.returncode == 1
+    assert "AssertionError" in r.stderr and "tests.py" in r.stderr and "harness" not in r.stderr
+    r = check_program("def f(x:\n", TESTS, "f", FAST)
+    assert r.status == "failed" and "SyntaxError" in r.stderr
+    r = check_program("def g(x):\n    return x + 1\n", TESTS, "f", FAST)
+    assert r.status == "failed" and "NameError" in r.stderr
+    r = check_program("def f(x):\n    return x + 1\n", "assert False\n", None, FAST)  # no entry point: tests only
+    assert r.status == "failed"
+    assert check_program("def f(x):\n    return x + 1\n", "assert f(1) == 2\n", None, FAST).status == "passed"
+
+
+def test_timeouts_and_crashes_under_the_harness():
+    r = check_program("def f(x):\n    while True:\n        pass\n", TESTS, "f", SandboxLimits(timeout_s=1.0, cpu_s=30))
+    assert r.status == "timeout" and r.returncode is None
+    r = check_program("def f(x):\n    while True:\n        pass\n", TESTS, "f", SandboxLimits(timeout_s=20, cpu_s=1))
+    assert r.status == "timeout" and r.returncode is not None
+    r = check_program("import ctypes\ndef f(x):\n    return x + 1\n", TESTS, "f", FAST)
+    assert r.status == "failed" and "not allowed" in r.stderr  # ctypes is blocked while tests are checked
+    r = check_program("def f(x):\n    return f(x)\n", TESTS, "f", FAST)
+    assert r.status == "failed" and "RecursionError" in r.stderr
+    r = check_program("def f(x):\n    return bytearray(10 * 1024 ** 3)\n", TESTS, "f", FAST)
+    assert r.status == "failed" and "MemoryError" in r.stderr
+
+
+def test_the_verdict_holds_under_the_fallback_guard():
+    """Weak box (namespaces refused): the harness runs under the audit hook and still decides."""
+    want = sandbox._probe(NO_NAMESPACES)
+    right, wrong_exit = "def f(x):\n    return x + 1\n", WRONG + "import sys\nsys.exit(0)\n"
+    ok = sandbox._execute(right, FAST, None, want, strict=True, harness=(TESTS, "f"))
+    bad = sandbox._execute(wrong_exit, FAST, None, want, strict=True, harness=(TESTS, "f"))
+    assert "audit hook" in ok.protections
+    assert (ok.status, bad.status) == ("passed", "failed"), (ok.stderr, bad.stderr)
+
+
+# ------------------------------------------------------------------ fail closed without namespaces
+
+
+@pytest.fixture
+def no_namespaces(monkeypatch):
+    """This machine as a container that refuses namespaces would look to the sandbox."""
+    refused = sandbox._probe(NO_NAMESPACES)
+    monkeypatch.setattr(sandbox, "_probe", lambda allowed=sandbox._KERNEL_STEPS: refused)
+    return refused
+
+
+def test_a_weak_box_is_refused_unless_opted_in(no_namespaces):
+    assert sandbox.sandbox_weaknesses() == ["read-only filesystem", "network namespace", "pid namespace"]
+    assert sandbox.sandbox_weaknesses(network=True) == ["read-only filesystem", "pid namespace"]
+    for run in (lambda **kw: run_python("print('ran')", FAST, **kw),
+                lambda **kw: check_program("def f(x):\n    return x + 1\n", TESTS, "f", FAST, **kw),
+                lambda **kw: run_many([("def f(x):\n    return x + 1\n", TESTS, "f")], FAST, **kw)[0]):
+        with pytest.raises(SandboxError, match="allow_weak_sandbox"):
+            run()
+        r = run(allow_weak=True)
+        assert r.status == "passed" and "audit hook" in r.protections
+        record = sandbox.sandbox_record([r])
+        assert record["weak"] is True and record["missing"] == ["read-only filesystem", "network namespace",
+                                                                "pid namespace"]
+
+
+def test_a_full_box_is_recorded_as_strong():
+    r = check_program("def f(x):\n    return x + 1\n", TESTS, "f", FAST)
+    record = sandbox.sandbox_record([r, r])
+    assert record == {"protections": r.protections, "weak": False, "missing": [], "executions": 2}
+    assert {"read-only filesystem", "network namespace", "pid namespace"} <= set(record["protections"])

@@ -12,8 +12,8 @@ namespaces, setuid - is enough for "run a short program and keep it in its box",
 so that is what this module uses, through the standard library and ``ctypes``.
 
 How one execution works. The parent writes the program into a fresh scratch
-folder and starts a small *bootstrap* interpreter (``_BOOTSTRAP``) in its own
-session, with a clean environment and stdout/stderr going to files (so output
+folder and starts a small *bootstrap* interpreter (``_sandbox_bootstrap.py``, run
+by path) in its own session, with a clean environment and stdout/stderr going to files (so output
 size is capped by the file-size limit, and the parent never buffers a flood).
 The bootstrap, still privileged, builds the box and forks the program:
 
@@ -39,12 +39,31 @@ The bootstrap, still privileged, builds the box and forks the program:
 
 Each step is probed once per process (:func:`sandbox_protections`); what the
 kernel refuses is left out of the list, and after the probe every run demands the
-same set (a run that cannot get it raises :class:`SandboxError`). Where the
-filesystem, network or pid protections are missing (a Docker container without
-``--privileged``, a kernel without unprivileged user namespaces), an ``audit
-hook`` installed before the program blocks writes outside scratch, connect/
-sendto, signals to other processes, spawning and ctypes. That is a best-effort
-guard (PEP 578 says audit hooks are not a sandbox) and it is reported as such.
+same set (a run that cannot get it raises :class:`SandboxError`). Every
+:class:`ExecResult` lists the protections it ran under; :func:`sandbox_record`
+condenses a batch for results files (evaluation writes it into ``results.json``,
+the report and the model's manifest).
+
+Fail closed. Where the filesystem, network or pid protections are missing (a
+Docker container without ``--privileged``, a kernel without unprivileged user
+namespaces) the box is *weak*: only an ``audit hook`` (``_sandbox_guard.py``,
+installed before the program) blocks writes outside scratch, connect/sendto,
+signals to other processes, spawning and ctypes. PEP 578 says audit hooks are not
+a sandbox, so on such a machine every run raises :class:`SandboxError` unless the
+caller passes ``allow_weak=True`` (evaluation: ``eval.allow_weak_sandbox`` or
+``slmforge eval run --allow-weak-sandbox``); the protections then say ``audit
+hook`` and the evaluation records ``weak: true``.
+
+The verdict of :func:`check_program`. A program that exits with status 0 has not
+thereby passed its tests: ``sys.exit(0)`` before them, an ``atexit`` or signal
+handler that exits 0, a thread calling ``os._exit(0)`` all exit 0. So
+check_program runs the program under a harness (``_sandbox_harness.py``, whose
+docstring has the design and its threat model): the program, then the tests, then
+``check(entry_point)``, and only if all of them returned does a thread the program
+cannot reach write a per-run random token (sent by the parent through a pipe the
+harness drains and closes before any program code runs) into a verdict file. The
+parent counts ``passed`` only for exit status 0 *and* that token. Nothing the
+program prints, and no descriptor it writes to, can make a verdict.
 
 Not covered on any machine: memory is limited per process, not per program (a
 program may fork up to ``max_processes`` children of ``memory_mb`` each); CPU
@@ -52,10 +71,15 @@ time is per process as well (the wall clock bounds the whole program); reading
 world-readable files outside the hidden folders is allowed.
 
 Status of a run:
-- ``passed``: exit status 0.
+- ``passed``: :func:`check_program`: the tests and ``check(entry_point)`` ran to
+  completion in this execution (the harness's verdict carries the run's token) and
+  the process exited 0. :func:`run_python` (a program without tests): exit status 0.
 - ``failed``: a non-zero exit: an exception (including MemoryError at the memory
   limit, OSError at the file-size limit, BlockingIOError at the process limit),
-  a failed assert, ``sys.exit(n)``.
+  a failed assert, ``sys.exit(n)``; and for check_program also any end before the
+  tests completed, whatever the exit status (``sys.exit(0)``, ``os._exit(0)``,
+  ``exit()``, an exit from a hook or thread), a verdict without the right token,
+  and what the harness blocks while tests are checked (ctypes, tracing, gc scans).
 - ``timeout``: the wall clock ran out (the whole box is killed), or the CPU-time
   limit killed the program (SIGXCPU, or SIGKILL after using all its CPU time).
 - ``crashed``: killed by any other signal (SIGSEGV, SIGKILL from the kernel's OOM
@@ -88,11 +112,18 @@ __all__ = [
     "check_program",
     "load_humaneval",
     "run_many",
+    "VERDICT_VERSION",
+    "require_strong_sandbox",
     "run_python",
     "sandbox_protections",
+    "sandbox_record",
+    "sandbox_weaknesses",
 ]
 
 STATUSES = ("passed", "failed", "timeout", "crashed")
+# What "passed" means for check_program; part of the evaluation cache key, so results
+# scored under an older meaning are not reused. 2: the verdict harness.
+VERDICT_VERSION = 2
 
 # Kernel protections the bootstrap can try to set up, strongest story first.
 _KERNEL_STEPS = (
@@ -114,7 +145,10 @@ _HIDDEN_DIRS = ("/root", "/home", "/tmp", "/var/tmp", "/run", "/dev/shm")
 _UID_BASE = 2_000_000_000
 _OUTPUT_KEEP = 4096  # bytes of stdout/stderr kept: the first and last half
 _OPEN_FILES = 256
-_SETUP_FAILED = 125  # exit code of the bootstrap when it could not build the box
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_BOOTSTRAP = os.path.join(_HERE, "_sandbox_bootstrap.py")  # run by path, with the caller's privileges
+# Without these the box is "weak": the fallback audit hook stands in, and that is not a sandbox.
+_NAMESPACE_PROTECTIONS = ("read-only filesystem", "network namespace", "pid namespace")
 
 
 @dataclass(frozen=True)
@@ -157,7 +191,40 @@ def sandbox_protections() -> list[str]:
     return _BASE_PROTECTIONS + list(steps) + (["audit hook"] if _guard_needs(steps, network=False) else [])
 
 
-def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str | None = None) -> ExecResult:
+def sandbox_weaknesses(network: bool = False) -> list[str]:
+    """The namespace protections this machine refuses (read-only filesystem, network
+    namespace, pid namespace); empty when the box is complete. ``network=True``: the
+    caller allows network, so a missing network namespace is no weakness."""
+    steps = _probe()
+    return [s for s in _NAMESPACE_PROTECTIONS if s not in steps and not (network and s == "network namespace")]
+
+
+def sandbox_record(results: list[ExecResult]) -> dict:
+    """What a batch of executions ran under, for results files and manifests:
+    ``{"protections": [...], "weak": bool, "missing": [...], "executions": n}``.
+    ``protections`` are those every execution had (each records its own)."""
+    common = [p for p in (results[0].protections if results else []) if all(p in r.protections for r in results)]
+    missing = [p for p in _NAMESPACE_PROTECTIONS if p not in common] if results else []
+    return {"protections": common, "weak": bool(missing), "missing": missing, "executions": len(results)}
+
+
+def require_strong_sandbox(limits: SandboxLimits = SandboxLimits(), allow_weak: bool = False) -> None:
+    """Raise :class:`SandboxError` unless this machine grants the namespace protections
+    (or the caller accepts a weak box). Callers that spend time before running code
+    (generation) call it first, so a refusal comes before the wait."""
+    missing = sandbox_weaknesses(limits.network)
+    if missing and not allow_weak:
+        raise SandboxError(
+            f"This machine refuses the sandbox's {', '.join(missing)} (a container without --privileged, or a "
+            "kernel without unprivileged user namespaces), so generated code would run with only an audit hook "
+            "standing in, and audit hooks are not a sandbox (PEP 578). Run on a host or VM that grants user "
+            "namespaces, or accept the weaker box explicitly (allow_weak=True; for evaluation "
+            "`eval.allow_weak_sandbox: true` or `slmforge eval run --allow-weak-sandbox`)."
+        )
+
+
+def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str | None = None,
+               allow_weak: bool = False) -> ExecResult:
     """Run untrusted Python source in the sandbox.
 
     Args:
@@ -167,38 +234,44 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str | 
             site, no PYTHON* variables, no bytecode written).
         limits: time, memory, file and process limits, and whether network is allowed.
         stdin: text fed to the program's standard input (empty input when None).
+        allow_weak: run even where the kernel refuses the namespace protections (the
+            fallback audit hook then stands in; the result's ``protections`` say so).
 
     Returns:
         An :class:`ExecResult`; misbehaviour is a status, never an exception.
+        ``passed`` here means exit status 0 (a plain program has no tests).
 
     Raises:
-        SandboxError: the limits are invalid or the box cannot be built.
+        SandboxError: the limits are invalid, the box cannot be built, or it would be
+            weak and ``allow_weak`` is False.
     """
-    _validate(limits)
-    steps = _probe()
-    if limits.network:
-        steps = tuple(s for s in steps if s != "network namespace")
-    return _execute(code, limits, stdin, steps, strict=True)
+    return _run(code, limits, stdin, allow_weak, None)
 
 
 def check_program(program: str, tests: str, entry_point: str | None = None,
-                  limits: SandboxLimits = SandboxLimits()) -> ExecResult:
-    """Run a candidate program followed by its tests (the HumanEval convention).
+                  limits: SandboxLimits = SandboxLimits(), allow_weak: bool = False) -> ExecResult:
+    """Run a candidate program, then its tests (the HumanEval convention), under the
+    verdict harness (``_sandbox_harness.py``).
 
-    The sandbox runs ``program + "\\n" + tests``, plus ``check(entry_point)`` when an
-    entry point is given (HumanEval tests define ``check(candidate)``).
+    The program runs as ``__main__``, then the tests in a namespace that sees its
+    globals, then ``check(entry_point)`` when an entry point is given (HumanEval tests
+    define ``check(candidate)``).
 
     Returns:
-        ``passed`` when every assert held, ``failed`` otherwise, or timeout/crashed.
+        ``passed`` only when the tests (and ``check``) ran to completion in this run and
+        the process then exited 0: the harness reports that through a channel the
+        program cannot reach (see the module docstring), so a program that exits early,
+        hooks the exit, or prints a success marker is ``failed``. Otherwise
+        ``failed``, ``timeout`` or ``crashed``.
+
+    Raises:
+        SandboxError: as :func:`run_python`.
     """
-    code = program + "\n" + tests
-    if entry_point:
-        code += f"\ncheck({entry_point})\n"
-    return run_python(code, limits)
+    return _run(program, limits, None, allow_weak, (tests, entry_point))
 
 
 def run_many(jobs: list[tuple[str, str, str | None]], limits: SandboxLimits = SandboxLimits(),
-             workers: int = 2) -> list[ExecResult]:
+             workers: int = 2, allow_weak: bool = False) -> list[ExecResult]:
     """:func:`check_program` over many ``(program, tests, entry_point)`` jobs in parallel.
 
     Each job is its own sandboxed process; ``workers`` threads only wait on them.
@@ -206,9 +279,10 @@ def run_many(jobs: list[tuple[str, str, str | None]], limits: SandboxLimits = Sa
     """
     if workers < 1:
         raise SandboxError(f"run_many needs workers >= 1, got {workers}")
-    sandbox_protections()  # probe once before the threads start
+    _validate(limits)
+    require_strong_sandbox(limits, allow_weak)  # probes once, before the threads start
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda job: check_program(job[0], job[1], job[2], limits), jobs))
+        return list(pool.map(lambda job: check_program(job[0], job[1], job[2], limits, allow_weak), jobs))
 
 
 def load_humaneval() -> list[dict]:
@@ -240,6 +314,16 @@ def _validate(limits: SandboxLimits) -> None:
                 if not getattr(limits, name) > 0]
     if problems:
         raise SandboxError("invalid SandboxLimits: " + "; ".join(problems))
+
+
+def _run(code: str, limits: SandboxLimits, stdin: str | None, allow_weak: bool,
+         harness: tuple[str, str | None] | None) -> ExecResult:
+    _validate(limits)
+    require_strong_sandbox(limits, allow_weak)
+    steps = _probe()
+    if limits.network:
+        steps = tuple(s for s in steps if s != "network namespace")
+    return _execute(code, limits, stdin, steps, strict=True, harness=harness)
 
 
 def _interpreter() -> tuple[str, list[str]]:
@@ -279,25 +363,32 @@ def _guard_needs(steps: tuple[str, ...] | list[str], network: bool) -> dict[str,
 
 
 def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[str, ...],
-             strict: bool) -> ExecResult:
-    """One run. ``want``: kernel steps to set up; ``strict``: fail if any is refused."""
+             strict: bool, harness: tuple[str, str | None] | None = None) -> ExecResult:
+    """One run. ``want``: kernel steps to set up; ``strict``: fail if any is refused;
+    ``harness``: ``(tests, entry_point)`` to run ``code`` under the verdict harness."""
     exe, python_dirs = _interpreter()
     job = tempfile.mkdtemp(prefix="slmforge-sandbox-")
     t0 = time.perf_counter()
+    fds: list[int] = []
     try:
         os.chmod(job, 0o711)  # the sandbox uid may traverse to scratch, not list the job folder
         scratch = os.path.join(job, "scratch")
         os.mkdir(scratch, 0o700)
-        program = os.path.join(scratch, "program.py")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(code)
-        os.chmod(program, 0o644)
+        _write_scratch(scratch, "program.py", code)
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
         guard = _guard_needs(want, limits.network)
         argv = [exe, "-I", "-S", "-B"]
         if guard:
-            argv += ["-c", _GUARD, json.dumps({"scratch": scratch, **guard})]
-        argv.append("program.py")
+            argv += [_write_scratch(scratch, ".slmforge_guard.py", _helper_source("_sandbox_guard.py")),
+                     json.dumps({"scratch": scratch, **guard})]
+        token = None
+        if harness is None:
+            argv.append("program.py")
+        else:
+            token, verdict_fd, token_fd = _verdict_channel(job, fds)
+            argv += [_write_scratch(scratch, ".slmforge_harness.py", _helper_source("_sandbox_harness.py")),
+                     str(verdict_fd), str(token_fd), harness[1] or "", os.path.join(scratch, "program.py"),
+                     _write_scratch(scratch, "tests.py", harness[0])]
         cfg = {
             "want": list(want),
             "strict": strict,
@@ -310,6 +401,7 @@ def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[st
             "argv": argv,
             "exe": exe,
             "env": env,
+            "pass_fds": list(fds),
         }
         paths = {name: os.path.join(job, name) for name in ("stdout", "stderr", "status", "stdin")}
         with open(paths["stdin"], "w", encoding="utf-8") as f:
@@ -319,12 +411,15 @@ def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[st
             cfg["status_fd"] = status.fileno()
             try:
                 proc = subprocess.Popen(
-                    [exe, "-I", "-S", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)],
-                    stdin=inp, stdout=out, stderr=err, pass_fds=(status.fileno(),), cwd=scratch, env=env,
+                    [exe, "-I", "-S", "-B", _BOOTSTRAP, json.dumps(cfg)],
+                    stdin=inp, stdout=out, stderr=err, pass_fds=(status.fileno(), *fds), cwd=scratch, env=env,
                     start_new_session=True, close_fds=True,
                 )
             except OSError as e:
                 raise SandboxError(f"cannot start the sandbox interpreter {exe}: {e}") from e
+            finally:
+                while fds:  # the box holds them now; the verdict file is read back by path
+                    os.close(fds.pop())
             timed_out = not _wait_unreaped(proc, limits.timeout_s)
             seconds = time.perf_counter() - t0
             report = _read_status(paths["status"])
@@ -342,10 +437,58 @@ def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[st
         if guard:
             protections.append("audit hook")
         status_name, returncode = _classify(report, timed_out, proc.returncode, limits)
+        if token is not None and status_name == "passed" and not _has_verdict(os.path.join(job, "verdict"), token):
+            status_name = "failed"
+            stderr += ("" if stderr.endswith("\n") or not stderr else "\n") + (
+                "sandbox: the program exited with status 0 but its tests did not run to completion "
+                "(no verdict from the harness)\n")
         return ExecResult(status=status_name, returncode=returncode, stdout=_read_capped(paths["stdout"]),
                           stderr=stderr, seconds=seconds, protections=protections)
     finally:
+        for fd in fds:
+            os.close(fd)
         _remove_tree(job)
+
+
+def _write_scratch(scratch: str, name: str, text: str) -> str:
+    """Write a file the box may read (scratch is chowned to the box uid only later)."""
+    path = os.path.join(scratch, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o644)
+    return path
+
+
+@functools.cache
+def _helper_source(name: str) -> str:
+    """Source of a module the box runs (guard, harness): copied into scratch, the one folder
+    every box can read (the package itself may sit in a home folder the box hides)."""
+    with open(os.path.join(_HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _verdict_channel(job: str, fds: list[int]) -> tuple[bytes, int, int]:
+    """A fresh random token in a pipe (read end for the box, write end already closed) and
+    the verdict file (write end for the box). Both descriptors are appended to ``fds``."""
+    token = os.urandom(16).hex().encode()
+    token_r, token_w = os.pipe()
+    fds.append(token_r)
+    try:
+        os.write(token_w, token)  # 32 bytes: far below the pipe buffer, so this never blocks
+    finally:
+        os.close(token_w)
+    verdict = os.open(os.path.join(job, "verdict"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                      | os.O_CLOEXEC, 0o600)
+    fds.append(verdict)
+    return token, verdict, token_r
+
+
+def _has_verdict(path: str, token: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return token in f.read(1 << 20)
+    except OSError:
+        return False
 
 
 def _classify(report: dict, timed_out: bool, bootstrap_rc: int | None, limits: SandboxLimits):
@@ -473,270 +616,3 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=fix)
     if os.path.exists(path):
         shutil.rmtree(path, ignore_errors=True)
-
-
-# The bootstrap runs as `python -I -S -B -c _BOOTSTRAP <json>` in the box's session, with
-# the privileges of the caller. It sets up the namespaces and forks init (pid 1 of the new
-# pid namespace when there is one), which forks the program. All three write JSON lines to
-# the status fd: {"protections": [...]} (namespaces), {"protections": [...]} (program
-# steps), then {"wait_status": int, "cpu_s": float} from init, or {"setup_error": str}.
-# A bootstrap rather than preexec_fn: preexec_fn is unsafe in a threaded parent
-# (run_many), and mount/fork logic reads better as a script than inside fork-exec.
-_BOOTSTRAP = r'''
-import ctypes, json, os, resource, select, signal, sys
-
-cfg = json.loads(sys.argv[1])
-STATUS = cfg["status_fd"]
-os.set_inheritable(STATUS, False)  # the program must not inherit it: closed on exec
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
-ST_TO_MS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME,
-            4096: MS_RELATIME}
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-
-def say(**item):
-    os.write(STATUS, (json.dumps(item) + "\n").encode())
-
-
-def check(ret, what):
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
-
-
-def mount(src, dst, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()
-    check(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount %s" % dst)
-
-
-def mountpoints():
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            raw = line.split()[4]
-            yield raw.encode().decode("unicode_escape")  # \040 and friends
-
-
-want, strict, scratch = set(cfg["want"]), cfg["strict"], cfg["scratch"]
-got, notes = [], []
-root = os.geteuid() == 0
-
-
-def step(name, fn):
-    if name not in want:
-        return False
-    try:
-        fn()
-    except OSError as e:
-        if strict:
-            raise
-        notes.append("%s: %s" % (name, e))
-        return False
-    got.append(name)
-    return True
-
-
-def user_namespace():
-    uid, gid = os.getuid(), os.getgid()
-    check(libc.unshare(CLONE_NEWUSER), "unshare user")
-    for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid), ("gid_map", "0 %d 1" % gid)):
-        with open("/proc/self/" + name, "w") as f:
-            f.write(text)
-
-
-def read_only_filesystem():
-    check(libc.unshare(CLONE_NEWNS), "unshare mount")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # O_PATH handles opened inside the new namespace: bind sources after the tmpfs covers them.
-    keep = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in cfg["expose"] + [scratch]]
-    for hide in cfg["hide"]:
-        if os.path.isdir(hide) and not os.path.islink(hide):
-            mount("tmpfs", hide, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-    for path, fd in keep:
-        os.makedirs(path, exist_ok=True)
-        mount("/proc/self/fd/%d" % fd, path, None, MS_BIND | MS_REC)
-        os.close(fd)
-    for point in list(mountpoints()):
-        if point == scratch:
-            continue
-        try:
-            have = os.statvfs(point).f_flag
-        except OSError:
-            continue  # covered by a tmpfs: unreachable, so harmless
-        keep_flags = 0
-        for st, ms in ST_TO_MS.items():
-            if have & st:
-                keep_flags |= ms
-        mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | keep_flags)
-    os.chdir(scratch)  # the old cwd belongs to the now read-only copy of the filesystem
-
-
-try:
-    if not root:
-        step("user namespace", user_namespace)
-    mounts = step("read-only filesystem", read_only_filesystem)
-    step("network namespace", lambda: check(libc.unshare(CLONE_NEWNET), "unshare net"))
-    pidns = step("pid namespace", lambda: check(libc.unshare(CLONE_NEWPID), "unshare pid"))
-    say(protections=got, notes=notes)
-except OSError as e:
-    say(setup_error=str(e))
-    sys.exit(125)
-
-alive_r, alive_w = os.pipe()  # the bootstrap holds the write end: EOF means it died
-box_uid = cfg["uid_base"] + os.getpid()
-
-
-def program(init_pid):
-    """Grandchild: limits, drop privileges, exec the program."""
-    got, lim = [], cfg["limits"]
-    for res, value in ((resource.RLIMIT_CPU, (lim["cpu"], lim["cpu"] + 1)),
-                       (resource.RLIMIT_AS, (lim["mem"], lim["mem"])),
-                       (resource.RLIMIT_FSIZE, (lim["fsize"], lim["fsize"])),
-                       (resource.RLIMIT_NOFILE, (lim["nofile"], lim["nofile"])),
-                       (resource.RLIMIT_CORE, (0, 0)),
-                       (resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))):
-        resource.setrlimit(res, value)
-    if root and "unprivileged uid" in want:
-        try:
-            os.chown(scratch, box_uid, box_uid)
-            os.setgroups([])
-            os.setgid(box_uid)
-            os.setuid(box_uid)
-            got.append("unprivileged uid")
-        except OSError as e:
-            if strict:
-                raise
-            notes.append("unprivileged uid: %s" % e)
-    elif not root and "user namespace" in want:
-        # uid 0 of our user namespace could remount the filesystem read-write: a nested
-        # user namespace without a uid map leaves the program no capability over it.
-        check(libc.unshare(CLONE_NEWUSER), "unshare nested user")
-    if "process limit" in want and (not root or os.getuid() != 0):  # ignored for real root only
-        got.append("process limit")
-    if "no new privileges" in want:
-        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        got.append("no new privileges")
-    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # after setuid, which clears it
-    if os.getppid() != init_pid:
-        os._exit(137)
-    if pidns:
-        os.setsid()  # kill(0, ...) from the program then reaches only the program's own processes
-    say(protections=got, notes=notes)
-    os.execve(cfg["exe"], cfg["argv"], cfg["env"])
-
-
-def init():
-    """Child of the bootstrap; pid 1 of the new pid namespace when there is one. It reaps
-    orphans, reports the program's exit, and its exit takes the whole namespace down.
-    Being pid 1 is its job, so the program keeps ordinary signal semantics."""
-    check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-    os.close(alive_w)
-    if select.select([alive_r], [], [], 0)[0]:
-        os._exit(137)
-    if pidns and mounts:  # only inside our own mount namespace: never cover the host's /proc
-        try:
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
-        except OSError as e:
-            notes.append("fresh /proc: %s" % e)
-    me = os.getpid()
-    prog = os.fork()
-    if prog == 0:
-        try:
-            program(me)
-        except BaseException as e:
-            try:
-                say(setup_error="%s: %s" % (type(e).__name__, e))
-            finally:
-                os._exit(125)
-    while True:
-        try:
-            pid, wait_status, usage = os.wait4(-1, 0)
-        except ChildProcessError:
-            os._exit(1)
-        if pid == prog:
-            say(wait_status=wait_status, cpu_s=usage.ru_utime + usage.ru_stime)
-            os._exit(0)
-
-
-pid = os.fork()
-if pid == 0:
-    try:
-        init()
-    except BaseException as e:
-        try:
-            say(setup_error="%s: %s" % (type(e).__name__, e))
-        finally:
-            os._exit(125)
-os.close(alive_r)
-while True:
-    try:
-        os.waitpid(pid, 0)
-        break
-    except InterruptedError:
-        continue
-'''
-
-# The fallback guard: `python -I -S -B -c _GUARD <json> program.py`, used only when a
-# kernel protection is missing. It blocks, from inside the interpreter, what the kernel
-# did not: writes outside scratch, reading /proc/<pid> of other processes (their
-# environment), network, signals to other processes, and the ways out of the hook (exec,
-# spawn, ctypes). Best effort: C extensions can still bypass it.
-_GUARD = r'''
-import json, os, runpy, sys
-
-_cfg = json.loads(sys.argv[1])
-_scratch = os.path.realpath(_cfg["scratch"])
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_PATH_EVENTS = {"os.remove", "os.rename", "os.replace", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
-                "os.link", "os.symlink", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.rmtree",
-                "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr"}
-_ESCAPES = {"os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.forkpty", "subprocess.Popen",
-            "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "os.startfile"}
-_NET = {"socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"}
-
-
-def _inside(path):
-    if isinstance(path, int) or path is None:
-        return True
-    p = os.path.realpath(os.path.join(_scratch, os.fsdecode(path)))
-    return p == _scratch or p.startswith(_scratch + os.sep)
-
-
-def _other_process(path):
-    """/proc/<pid>/... of another process (its environ, cmdline, memory)."""
-    if isinstance(path, int) or path is None:
-        return False
-    parts = os.path.realpath(os.path.join(_scratch, os.fsdecode(path))).split("/")
-    return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and int(parts[2]) != os.getpid()
-
-
-def _hook(event, args):
-    if _cfg["files"]:
-        if event == "open":
-            path, mode, flags = args
-            writing = (flags or 0) & _WRITE or (isinstance(mode, str) and set("wax+") & set(mode))
-            if writing and not _inside(path):
-                raise PermissionError("sandbox: writing outside the scratch folder is not allowed: %r" % (path,))
-            if _other_process(path):
-                raise PermissionError("sandbox: reading other processes is not allowed: %r" % (path,))
-        elif event in _PATH_EVENTS:
-            for a in args[:2]:
-                if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a):
-                    raise PermissionError("sandbox: %s outside the scratch folder is not allowed" % event)
-    if _cfg["net"] and event in _NET:
-        raise PermissionError("sandbox: network access is not allowed (%s)" % event)
-    if _cfg["kill"] and event in ("os.kill", "os.killpg") and args[0] != os.getpid():
-        raise PermissionError("sandbox: signalling other processes is not allowed")
-    if event in _ESCAPES:
-        raise PermissionError("sandbox: %s is not allowed" % event)
-
-
-sys.addaudithook(_hook)
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
