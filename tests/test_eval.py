@@ -121,16 +121,26 @@ def test_multiple_choice_by_loglikelihood():
     assert 0.9 < res.metrics["macro_f1"] < 1.0
 
 
-def test_code_suite_passes_canonical_and_fails_broken():
+def _humaneval(limit: int):
+    """The humaneval suite cut to ``limit`` items, and each prompt's canonical completion."""
     spec, base = load_suite("humaneval")
-    spec.limit = 6
-    items = load_items(spec, base, None)
-    canonical = {it["input"]: it["target"] for it in items}
+    spec.limit = limit
+    return spec, base, {it["input"]: it["target"] for it in load_items(spec, base, None)}
+
+
+def test_code_suite_passes_canonical_and_fails_broken():
+    spec, base, canonical = _humaneval(6)
     good = run_suite(Scripted(lambda p: canonical[p]), spec, base, "good", progress=False)
     assert good.metrics["pass@1"] == 1.0
+    assert good.sandbox["weak"] is False and good.sandbox["executions"] == 6
+    assert "read-only filesystem" in good.sandbox["protections"]
     bad = run_suite(Scripted(lambda p: "    return None\n"), spec, base, "bad", progress=False)
     assert bad.metrics["pass@1"] == 0.0
     assert {s for it in bad.items for s in it["statuses"]} <= {"failed", "timeout", "crashed"}
+    # a model that ends its program before the tests run scored 1.0 before the verdict harness
+    exits = run_suite(Scripted(lambda p: "    return None\nimport sys\nsys.exit(0)\n"), spec, base, "exits",
+                      progress=False)
+    assert exits.metrics["pass@1"] == 0.0 and {s for it in exits.items for s in it["statuses"]} == {"failed"}
 
 
 def test_arithmetic_problems_are_seeded_and_correct():
@@ -264,3 +274,54 @@ def test_lm_eval_task_export(tmp_path):
     assert task["metric_list"][1]["aggregation"] == "slmforge_sentiment.macro_f1"
     with pytest.raises(EvalError, match="code suite"):
         export_lm_eval_task(*load_suite("humaneval"), None, tmp_path)
+
+
+# --------------------------------------------------------------------------- code suites: the sandbox on record
+
+
+@pytest.fixture
+def weak_sandbox(monkeypatch):
+    from slmforge.evaluate import sandbox
+
+    refused = sandbox._probe(("unprivileged uid", "process limit", "no new privileges"))
+    monkeypatch.setattr(sandbox, "_probe", lambda allowed=sandbox._KERNEL_STEPS: refused)
+
+
+def test_code_suite_fails_closed_on_a_weak_sandbox(weak_sandbox):
+    from slmforge.errors import SandboxError
+
+    spec, base, canonical = _humaneval(2)
+    gen = Scripted(lambda p: canonical[p])
+    with pytest.raises(SandboxError, match="allow_weak_sandbox"):
+        run_suite(gen, spec, base, "m", progress=False)
+    assert gen.calls == 0  # refused before any generation time was spent
+    res = run_suite(gen, spec, base, "m", progress=False, allow_weak_sandbox=True)
+    assert res.metrics["pass@1"] == 1.0
+    assert res.sandbox["weak"] is True and "audit hook" in res.sandbox["protections"]
+    assert res.sandbox["missing"] == ["read-only filesystem", "network namespace", "pid namespace"]
+
+
+def test_eval_run_writes_the_sandbox_into_results_manifest_and_report(tiny_project, weak_sandbox, monkeypatch,
+                                                                      tmp_path):
+    """`slmforge eval run --allow-weak-sandbox` on a weak machine: it runs, and every record says weak."""
+    from typer.testing import CliRunner
+
+    import slmforge.generate
+    from slmforge.cli.main import app
+
+    _, _, canonical = _humaneval(2)
+    monkeypatch.setattr(slmforge.generate, "load_generator", lambda model, *a, **k: Scripted(lambda p: canonical[p]))
+    monkeypatch.chdir(tiny_project)
+    args = ["eval", "run", "-c", str(tiny_project / "slmforge.yaml"), "--suite", "humaneval", "--limit", "2",
+            "--no-cache", "--out", str(tmp_path / "eval")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "allow_weak_sandbox" in str(refused.exception)
+    ran = CliRunner().invoke(app, args + ["--allow-weak-sandbox"])
+    assert ran.exit_code == 0, ran.output
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["sandbox"]["humaneval"]["weak"] is True
+    assert results["suites"]["humaneval"]["sandbox"]["missing"] == ["read-only filesystem", "network namespace",
+                                                                    "pid namespace"]
+    assert "WEAK SANDBOX" in (tmp_path / "eval" / "report.md").read_text()
+    manifest = json.loads((tiny_project / "runs" / "sft" / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_sandbox"]["humaneval"]["weak"] is True

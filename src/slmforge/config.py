@@ -414,6 +414,11 @@ class EvalConfig(Section):
     )
     batch_size: int = Field(8, ge=1, description="Prompts generated together.")
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many items per suite (null = the suite's own).")
+    allow_weak_sandbox: bool = Field(
+        False, description="Run code suites' generated programs even where the kernel refuses the sandbox's "
+        "namespaces (read-only filesystem, network, pid): only an audit hook then stands in, and the results "
+        "and report say the sandbox was weak. Off: such a machine refuses to run generated code."
+    )
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/eval).")
 
 

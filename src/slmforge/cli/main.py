@@ -312,12 +312,17 @@ def eval_run(
     limit: Annotated[int | None, typer.Option(help="Evaluate at most this many items per suite.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore cached results.")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: eval.out).")] = None,
+    allow_weak_sandbox: Annotated[bool, typer.Option(
+        "--allow-weak-sandbox", help="Run generated code even where the kernel refuses the sandbox's namespaces "
+        "(the results then say the sandbox was weak; default eval.allow_weak_sandbox).")] = False,
 ) -> None:
     """Run suites on a model; exit 3 if a quality gate fails."""
     from slmforge.errors import GateFailed
     from slmforge.evaluate.run import run_eval
 
     cfg = _load(config, set_)
+    if allow_weak_sandbox:
+        cfg.eval.allow_weak_sandbox = True
     try:
         result = run_eval(cfg, model, suite or None, gate, baseline, out_dir, not no_cache, limit, sys.argv, log=err.print)
     except GateFailed:
@@ -326,6 +331,8 @@ def eval_run(
     for name, r in result.results.items():
         cached = " (cached)" if r.cached else ""
         out.print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()) + cached)
+        if r.sandbox and r.sandbox["weak"]:
+            err.print(f"warning: {name} ran generated code in a weak sandbox (no {', '.join(r.sandbox['missing'])})")
     for g in result.gates:
         out.print(g.describe())
     out.print(f"  -> {result.path / 'report.md'}")

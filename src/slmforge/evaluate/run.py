@@ -79,12 +79,17 @@ def evaluate_suites(
         if limit is not None:
             spec.limit = min(limit, spec.limit or limit)
         out[spec.name] = run_suite(generator, spec, base, model, cfg, cache, cfg.eval.batch_size if cfg else 8,
-                                   progress)
+                                   progress, allow_weak_sandbox=cfg.eval.allow_weak_sandbox if cfg else False)
     return out
 
 
 def _flat(results: dict[str, SuiteResult]) -> dict[str, float]:
     return {f"{s}.{k}": v for s, r in results.items() for k, v in r.metrics.items()}
+
+
+def _sandbox_records(results: dict[str, SuiteResult]) -> dict[str, dict[str, Any]]:
+    """Per code suite: the protections its programs ran under and whether the box was weak."""
+    return {name: r.sandbox for name, r in results.items() if r.sandbox is not None}
 
 
 def _baseline_model(cfg: ProjectConfig, model: Path, spec: str | None) -> str | None:
@@ -167,6 +172,7 @@ def run_eval(
             (w.path / "items").mkdir(exist_ok=True)
             (w.path / "items" / f"{name}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in r.items))
         payload = {"model": str(model_path), "metrics": metrics, "baseline": base_metrics,
+                   "sandbox": _sandbox_records(results),
                    "gates": [g.__dict__ for g in gate_results], "passing": result.passing,
                    "suites": {n: {k: v for k, v in r.to_json().items() if k != "items"} for n, r in results.items()}}
         (w.path / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -174,17 +180,21 @@ def run_eval(
         _write_eval_report(w.path, result)
         w.metrics.update({**metrics, "passing": result.passing})
     if local:
-        record_in_manifest(model_path, metrics, result.passing, gate_results)
+        record_in_manifest(model_path, metrics, result.passing, gate_results, _sandbox_records(results))
     enforce(gate_results, str(model_path))
     return result
 
 
-def record_in_manifest(folder: Path, metrics: dict[str, float], passing: bool, gates: list[GateResult]) -> None:
+def record_in_manifest(folder: Path, metrics: dict[str, float], passing: bool, gates: list[GateResult],
+                       sandbox: dict[str, dict[str, Any]] | None = None) -> None:
     """Put evaluation results into a model's manifest (the manifest is not in its own file list,
-    so the artifact still verifies). Written atomically."""
+    so the artifact still verifies). Written atomically. ``sandbox``: per code suite, the
+    protections its generated programs ran under (``metrics.eval_sandbox``)."""
     file = folder / MANIFEST
     data = json.loads(file.read_text())
     data["metrics"].setdefault("eval", {}).update(metrics)
+    if sandbox:
+        data["metrics"].setdefault("eval_sandbox", {}).update(sandbox)
     data["metrics"]["passing"] = passing
     if gates:
         data["metrics"]["gates"] = [g.describe() for g in gates]
@@ -289,6 +299,9 @@ def _write_eval_report(folder: Path, result: EvalResult) -> None:
     lines.append("")
     if result.gates:
         lines += ["## Gates", ""] + [f"- {g.describe()}" for g in result.gates] + [""]
+    sandbox = _sandbox_lines(result.results)
+    if sandbox:
+        lines += ["## Sandbox", ""] + [f"- {line}" for line in sandbox] + [""]
     lines += ["![metrics](metrics.png)", "", "## Errors (first items scoring 0)", ""]
     for name, r in result.results.items():
         misses = [it for it in r.items if it["scores"].get(r.primary, 1) == 0][:5]
@@ -297,11 +310,24 @@ def _write_eval_report(folder: Path, result: EvalResult) -> None:
     (folder / "report.md").write_text("\n".join(lines) + "\n")
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in result.metrics.items())
     gates = "".join(f"<li>{html.escape(g.describe())}</li>" for g in result.gates)
+    gates += "".join(f"<li>sandbox: {html.escape(line)}</li>" for line in sandbox)
     (folder / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>slmforge evaluation</title></head><body>"
         f"<h1>Evaluation of {html.escape(result.model)}</h1><table border=1>{body}</table>"
         f"<ul>{gates}</ul><img src='metrics.png' alt='metrics'></body></html>\n"
     )
+
+
+def _sandbox_lines(results: dict[str, SuiteResult]) -> list[str]:
+    """One line per code suite: the protections, and a warning when the box was weak."""
+    lines = []
+    for name, rec in _sandbox_records(results).items():
+        text = f"{name}: {rec['executions']} programs ran under {', '.join(rec['protections'])}."
+        if rec["weak"]:
+            text = (f"WEAK SANDBOX (opted in with eval.allow_weak_sandbox): {text} Missing: {', '.join(rec['missing'])}; "
+                    "an audit hook stood in, which is not a sandbox.")
+        lines.append(text)
+    return lines
 
 
 def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[str, Any]]) -> None:

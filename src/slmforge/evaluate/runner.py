@@ -29,6 +29,7 @@ class SuiteResult:
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
+    sandbox: dict[str, Any] | None = None  # code suites: what the executions ran under (sandbox.sandbox_record)
 
     def scores(self, metric: str | None = None) -> dict[str, float]:
         """Per-item scores of a metric, by item id."""
@@ -64,11 +65,16 @@ def run_suite(
     cache_dir: Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    allow_weak_sandbox: bool = False,
 ) -> SuiteResult:
     """Evaluate ``generator`` (the model at ``model``) on a suite.
 
+    ``allow_weak_sandbox``: code suites run generated programs even where the kernel
+    refuses the sandbox's namespaces (the result's ``sandbox`` record then says ``weak``).
+
     Raises:
         EvalError: Bad items, prompts or settings for this generator.
+        SandboxError: A code suite on a machine with a weak sandbox, not opted in.
     """
     from slmforge.config import GenerateConfig
     from slmforge.generate import SamplingParams, resolve_profile
@@ -84,6 +90,10 @@ def run_suite(
                                          seed=profile.seed if profile.seed is not None else 0)
     settings = {"suite": spec.model_dump(mode="json"), "params": asdict(params), "items": len(items),
                 "items_digest": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
+    if spec.task == "code":
+        from slmforge.evaluate.sandbox import VERDICT_VERSION
+
+        settings["verdict"] = VERDICT_VERSION  # results from before the verdict harness are not reused
     key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "model": model_identity(model), **settings},
                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
     cache_file = cache_dir / f"{spec.name}-{key}.json" if cache_dir else None
@@ -92,10 +102,18 @@ def run_suite(
         data["cached"] = True
         return SuiteResult(**data)
     t0 = time.monotonic()
-    runner = {"generate": _run_generate, "multiple_choice": _run_multiple_choice, "code": _run_code}[spec.task]
-    metrics, rows, primary = runner(generator, spec, items, params, batch_size, progress)
+    sandbox = None
+    if spec.task == "code":
+        from slmforge.evaluate.sandbox import SandboxLimits, require_strong_sandbox
+
+        require_strong_sandbox(SandboxLimits(timeout_s=spec.timeout_s), allow_weak_sandbox)  # before generating
+        metrics, rows, primary, sandbox = _run_code(generator, spec, items, params, batch_size, progress,
+                                                    allow_weak_sandbox)
+    else:
+        runner = {"generate": _run_generate, "multiple_choice": _run_multiple_choice}[spec.task]
+        metrics, rows, primary = runner(generator, spec, items, params, batch_size, progress)
     result = SuiteResult(spec.name, spec.task, str(model), metrics, rows, primary, round(time.monotonic() - t0, 2),
-                         {"params": settings["params"], "items": len(items)})
+                         {"params": settings["params"], "items": len(items)}, sandbox=sandbox)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -197,9 +215,9 @@ def _run_multiple_choice(generator, spec, items, params, batch_size, progress):
     return agg, rows, "accuracy"
 
 
-def _run_code(generator, spec, items, params, batch_size, progress):
+def _run_code(generator, spec, items, params, batch_size, progress, allow_weak_sandbox=False):
     from slmforge.evaluate import metrics as M
-    from slmforge.evaluate.sandbox import SandboxLimits, run_many
+    from slmforge.evaluate.sandbox import SandboxLimits, run_many, sandbox_record
 
     prompts = [build_prompt(spec, it) for it in items]
     outputs = _generate_all(generator, spec, prompts, params, batch_size, progress)
@@ -210,7 +228,7 @@ def _run_code(generator, spec, items, params, batch_size, progress):
         for out in outs:
             jobs.append((prompt + out, it["test"], it.get("entry_point")))
             owners.append(idx)
-    results = run_many(jobs, SandboxLimits(timeout_s=spec.timeout_s), workers=2)
+    results = run_many(jobs, SandboxLimits(timeout_s=spec.timeout_s), workers=2, allow_weak=allow_weak_sandbox)
     rows = []
     for idx, (it, prompt, outs) in enumerate(zip(items, prompts, outputs)):
         mine = [r for r, o in zip(results, owners) if o == idx]
@@ -219,4 +237,4 @@ def _run_code(generator, spec, items, params, batch_size, progress):
         rows.append({"id": it["id"], "prompt": prompt, "output": outs[0], "answer": outs[0], "target": it["target"],
                      "statuses": [r.status for r in mine], "scores": scores})
     agg = {f"pass@{k}": sum(r["scores"][f"pass@{k}"] for r in rows) / len(rows) for k in spec.k}
-    return agg, rows, f"pass@{spec.k[0]}"
+    return agg, rows, f"pass@{spec.k[0]}", sandbox_record(results)
