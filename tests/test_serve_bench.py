@@ -182,6 +182,12 @@ def test_cli_errors_are_one_message_and_a_nonzero_exit():
     assert proc.returncode == 2 and "either a MODEL" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_sends_no_key_in_clear_text_off_this_machine():
+    # 192.0.2.1 is TEST-NET-1: refused before any connection is attempted.
+    proc = slm("bench", "serve", "--url", "http://192.0.2.1:8000", "--api-key", "sk-secret", "--requests", "1")
+    assert proc.returncode == 2 and "clear text" in proc.stderr and "sk-secret" not in proc.stderr
+
+
 def test_start_server_reports_a_server_that_dies(tmp_path):
     with pytest.raises(BenchError, match=r"exited with code \d+ before it was ready:(.|\n)*missing"):
         start_server(str(tmp_path / "missing"), ready_timeout_s=60, log_path=tmp_path / "serve.log")

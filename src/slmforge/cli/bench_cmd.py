@@ -46,6 +46,10 @@ def bench_serve(
         typer.Option(envvar="SLMFORGE_API_KEY", show_envvar=True,
                      help="Key for a server started with --api-keys (prefer the environment variable)."),
     ] = None,
+    allow_insecure_http: Annotated[
+        bool,
+        typer.Option(help="Send --api-key over plain http to a --url that is not this machine (readable on the way)."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Load-test an OpenAI-compatible server with streamed chat completions; price its tokens against an API.
@@ -61,6 +65,12 @@ def bench_serve(
     if url is not None and max_batch_size is not None:
         raise typer.BadParameter("--max-batch-size applies only to a server this command starts (give MODEL, "
                                  "not --url)", param_hint="--max-batch-size")
+    if url is not None and api_key:
+        from slmforge.endpoints import endpoint_key
+
+        # The same rule as every other place that sends a key: never in clear text off this machine.
+        api_key = endpoint_key(url, api_key=api_key, allow_insecure_http=allow_insecure_http,
+                               where="--url (opt in: --allow-insecure-http)")
     cfg = load_config(config, set_ or [])
     server = None
     if url is None:
