@@ -97,6 +97,56 @@ def test_a_perfect_arithmetic_answer_scores_1_in_lm_eval(tmp_path):
     assert "!function" not in task.read_text() and not (tmp_path / f"{task.stem}.py").exists()  # built-ins only
 
 
+class Arithmetician:
+    """An engine (not torch) that writes GSM8K-style reasoning ending "The answer is N.", wrong on every third
+    problem: what `slmforge eval` and lm-eval must both score by the extracted number, not the whole text."""
+
+    def __init__(self, problems: list[dict]) -> None:
+        self.answers = {p["input"]: int(p["target"]) for p in problems}
+
+    def complete(self, prompt, params):
+        from slmforge.generate import Completion
+
+        question = prompt.rsplit("Question: ", 1)[-1].rsplit("\nAnswer:", 1)[0]
+        n = list(self.answers).index(question)
+        answer = self.answers[question] + (n % 3 == 2)
+        return [Completion(text=f" First 2 * 3 = 6, so {answer - 6} + 6 = {answer}. The answer is {answer:,}.",
+                           tokens=20, finish_reason="stop")] * params.n
+
+    def complete_batch(self, prompts, params):
+        return [self.complete(p, params) for p in prompts]
+
+
+def test_arithmetic_scores_alike_in_slmforge_eval_and_lm_eval_against_slmforge_serve(tmp_path):
+    """The issue's case: a right answer in a sentence is right in lm-eval too (it scored 0 before)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from slmforge.evaluate.runner import run_suite
+    from slmforge.evaluate.suites import load_items
+    from slmforge.serve import create_app
+
+    spec, base = load_suite("arithmetic")
+    spec.limit = 6
+    engine = Arithmetician(load_items(spec, base, None))
+    ours = run_suite(engine, spec, base, tmp_path, progress=False)
+    assert [r["scores"]["exact_match"] for r in ours.items] == [1.0, 1.0, 0.0] * 2
+    task = export_lm_eval_task(spec, base, None, tmp_path / "tasks")
+    with LiveServer(create_app({"arith": engine})) as url:
+        run = lm_eval.simple_evaluate(
+            model="local-completions", model_args=f"model=arith,base_url={url}/v1/completions,tokenizer_backend=None,"
+            "tokenized_requests=False,max_retries=1", tasks=[task.stem],
+            task_manager=TaskManager(include_path=str(task.parent), include_defaults=False), log_samples=True)
+    want = {r["id"]: r for r in ours.items}
+    samples = run["samples"][task.stem]
+    assert len(samples) == 6
+    for s in samples:
+        mine = want[s["doc"]["id"]]
+        assert s["resps"][0][0] == mine["output"]
+        assert s["exact_match"] == mine["scores"]["exact_match"], s["doc"]["id"]
+    assert run["results"][task.stem]["exact_match,slmforge"] == pytest.approx(4 / 6)
+
+
 # --------------------------------------------------------------------------- the three runners, item by item
 
 
@@ -153,7 +203,7 @@ def test_generate_and_multiple_choice_tasks_score_alike_in_slmforge_lm_eval_hf_a
         spec, base = load_suite(file)
         ours[spec.task] = run_suite(gen, spec, base, model_dir, progress=False)
         tasks[spec.task] = export_lm_eval_task(spec, base, None, tmp_path / "tasks").stem
-    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)  # indexing its own: ~35 s
     common = {"tasks": list(tasks.values()), "task_manager": manager, "log_samples": True}
     # transformers prefers the model folder's generation_config.json max_new_tokens (the default profile's,
     # 128) to the max_length lm-eval's hf model passes: without it there, lm-eval's cap (the suite's) holds.
