@@ -10,11 +10,12 @@ global, or any frame the program can walk to.
 
 How the token stays out of the program's reach:
 
-1. A *vault* thread (``_vault``) reads the token and closes the pipe before any
-   program code runs (the main thread waits for it). From then on the token is a
-   local of the vault's frame only. The program runs in the main thread, so no
-   ``f_back`` chain, traceback, signal handler or exception hook it can reach leads
-   to the vault's frame.
+1. Before any program code runs, the harness drains and closes the token pipe and
+   hands the token straight to a *vault* thread (``_vault``); no name in the main
+   thread's frames refers to it. From then on the token is a local of the vault's
+   frame only. The program runs in the main thread, so no ``f_back`` chain,
+   traceback, signal handler or exception hook it can reach leads to the vault's
+   frame.
 2. The vault writes the token only when the main thread's frame stands on the last
    line of :func:`main`, which follows, in straight-line code, the program, the
    tests and ``check(entry_point)``. A frame's position (``f_lasti``) cannot be
@@ -63,7 +64,7 @@ with status 1 after the usual traceback (harness frames left out).
 import os
 import sys
 
-_BROKEN = 125  # the harness itself could not start (the parent reports it as a crash-free failure)
+_BROKEN = 125  # the harness itself could not start (a non-zero exit: the parent scores it as failed)
 _PR_SET_DUMPABLE = 4
 # Audit events that reach another thread's frame, raw memory, or tracing (see 3 above).
 _BLOCKED_EVENTS = ("sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
@@ -116,22 +117,11 @@ def _non_dumpable():
     return _Func(("prctl", _Libc))(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
 
 
-def _vault(token_fd, verdict_fd, ready, done, frame, lo, hi, os_read=os.read, os_close=os.close,
-           os_write=os.write, os_exit=os._exit):
-    """The only holder of the token. Runs in its own thread, touches no object the program
-    made, looks up no global after ``ready`` is released, and never raises (an exception's
-    traceback would lead to this frame), so no program code ever runs on this stack."""
-    try:
-        token = b""
-        while True:
-            chunk = os_read(token_fd, 256)
-            if not chunk:
-                break
-            token += chunk
-        os_close(token_fd)
-    except BaseException:
-        os_exit(_BROKEN)
-    ready.release()
+def _vault(token, verdict_fd, done, frame, lo, hi, os_write=os.write, os_exit=os._exit):
+    """The only holder of the token once the program runs. Runs in its own thread,
+    touches no object the program made, looks up no global, and never raises (an
+    exception's traceback would lead to this frame), so no program code ever runs on
+    this stack."""
     try:
         while True:
             done.acquire()  # released by _finish; a release by the program is a spurious wake-up
@@ -140,6 +130,18 @@ def _vault(token_fd, verdict_fd, ready, done, frame, lo, hi, os_read=os.read, os
                 os_exit(0)
     except:  # noqa: E722 - whatever happens, this thread must not raise
         os_exit(1)
+
+
+def _read_token(fd):
+    """Drain and close the token pipe (the parent wrote the token and closed its end)."""
+    token = b""
+    while True:
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        token += chunk
+    os.close(fd)
+    return token
 
 
 def _finish(done, out, err, hold):
@@ -203,12 +205,13 @@ def main():
     spans = [(start, end) for start, end, line in frame.f_code.co_lines() if line == last]
     if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
         os_exit(_BROKEN)  # the last line's bytecode must be one stretch, or the vault's test means nothing
-    ready, done, hold = _thread.allocate_lock(), _thread.allocate_lock(), _thread.allocate_lock()
-    for lock in (ready, done, hold):
-        lock.acquire()
+    done, hold = _thread.allocate_lock(), _thread.allocate_lock()
+    done.acquire()
+    hold.acquire()
     sys.addaudithook(_make_guard())
-    _thread.start_new_thread(_vault, (token_fd, verdict_fd, ready, done, frame, spans[0][0], spans[-1][1]))
-    ready.acquire()  # the token is read and its pipe closed before any program code runs
+    # The token goes straight from the pipe (closed here, before any program code runs)
+    # into the vault's arguments; no name in this frame ever refers to it.
+    _thread.start_new_thread(_vault, (_read_token(token_fd), verdict_fd, done, frame, spans[0][0], spans[-1][1]))
 
     try:
         exec_(program, ns)
