@@ -1,8 +1,9 @@
 """The sandbox's fallback guard: an audit hook, used only when a kernel protection is missing.
 
-Run as ``python -I -S -B <scratch>/.slmforge_guard.py <json> <script> [args...]``: the
-sandbox copies this file into the scratch folder (the only folder the box surely
-sees), the guard installs its hook and then runs ``<script>`` as ``__main__``.
+Run as ``python -I -S -B <scratch>/.slmforge_guard.pyc <json> <script> [args...]``:
+the sandbox copies this module, compiled, into the scratch folder (the only folder
+the box surely sees); the guard installs its hook and then runs ``<script>`` as
+``__main__``.
 
 It blocks, from inside the interpreter, what the kernel did not: writes outside
 scratch, reading /proc/<pid> of other processes (their environment), network,

@@ -1,11 +1,11 @@
 """The verdict harness of ``check_program``: "passed" only when the tests ran to the end.
 
-Run inside the box as ``python -I -S -B <scratch>/.slmforge_harness.py VERDICT_FD
-TOKEN_FD ENTRY_POINT PROGRAM TESTS`` (the sandbox copies this file into scratch). The
-parent has written a fresh random token into the pipe ``TOKEN_FD`` and closed its
-end; ``VERDICT_FD`` is a file the parent reads after the run. The parent counts the
-run as passed only when the program exited with status 0 *and* the verdict file
-holds the token. The token never appears in argv, the environment, a file, a module
+Run inside the box as ``python -I -S -B <scratch>/.slmforge_harness.pyc VERDICT_FD
+TOKEN_FD ENTRY_POINT PROGRAM TESTS`` (the sandbox copies this module, compiled, into
+scratch). The parent has written a fresh random token into the pipe ``TOKEN_FD``
+and closed its end; ``VERDICT_FD`` is a file the parent reads after the run. The
+parent counts the run as passed only when the program exited with status 0 *and*
+the verdict file holds the token. The token never appears in argv, the environment, a file, a module
 global, or any frame the program can walk to.
 
 How the token stays out of the program's reach:
@@ -49,8 +49,9 @@ interpreter itself - memory-unsafe bugs in CPython, hand-made bytecode loaded wi
 ``marshal`` - can read its own memory and find the token; so can a program running
 as root in a weak box (the fallback guard's opt-in mode), where ``/proc/self/mem``
 stays readable. And a verdict says only that the tests ran to completion: a program
-that changes what they test (patching a module the tests import, a thread that edits
-the tests' namespace while they run) can still make wrong code pass. These need
+that changes what they test (patching a module the tests import, or, once ``check``
+calls it, reaching the running tests' namespace through its caller's frame) can
+still make wrong code pass. These need
 deliberate interpreter-level attacks, not the exits and hooks that small models
 write by accident or that a prompt-injected program tries first.
 

@@ -13,7 +13,7 @@ so that is what this module uses, through the standard library and ``ctypes``.
 
 How one execution works. The parent writes the program into a fresh scratch
 folder and starts a small *bootstrap* interpreter (``_sandbox_bootstrap.py``, run
-by path) in its own session, with a clean environment and stdout/stderr going to files (so output
+by path as a .pyc compiled once per process) in its own session, with a clean environment and stdout/stderr going to files (so output
 size is capped by the file-size limit, and the parent never buffers a flood).
 The bootstrap, still privileged, builds the box and forks the program:
 
