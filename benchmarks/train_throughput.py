@@ -68,8 +68,8 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     if engine == "slmforge":
         from slmforge.config import LoopConfig
-        from slmforge.train._data import PackedTokens
-        from slmforge.train._loop import run_loop
+        from slmforge.tokenizer.packing import PackedTokens
+        from slmforge.train import run_loop
 
         cfg = LoopConfig(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=steps, lr=1e-3,
                          warmup_steps=5, eval_every=10**6, save_every=10**6, precision=precision, compile=compile_)

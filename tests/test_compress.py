@@ -76,8 +76,8 @@ def quantized(project) -> dict:
 
 
 def _heldout_ppl(project: Path, model, tok) -> float:
+    from slmforge.data import read_jsonl
     from slmforge.evaluate import perplexity
-    from slmforge.train._data import read_jsonl
 
     texts = [r["text"] for r in read_jsonl(project / "runs" / "data" / "text" / "test.jsonl")]
     return perplexity(model, tok, texts, seq_len=64).ppl
@@ -87,7 +87,7 @@ def _heldout_ppl(project: Path, model, tok) -> float:
 
 
 def test_int4_and_ternary_packing_round_trips():
-    from slmforge.compress._layers import pack_int4, pack_ternary, unpack_int4, unpack_ternary
+    from slmforge.model.quant_layers import pack_int4, pack_ternary, unpack_int4, unpack_ternary
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 64, 129):
@@ -106,7 +106,7 @@ def test_int4_and_ternary_packing_round_trips():
     [("int8_weight_only", 0.01), ("int8_dynamic", 0.03), ("int4_weight_only", 0.15), ("ternary", 0.7)],
 )
 def test_each_layer_format_approximates_its_float_linear(fmt, max_rel_error):
-    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
@@ -126,7 +126,7 @@ def test_each_layer_format_approximates_its_float_linear(fmt, max_rel_error):
 @pytest.mark.parametrize("method", PTQ)
 def test_quantize_records_size_and_perplexity_and_reloads(project, quantized, method):
     from slmforge.compress import load_quantized
-    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     res = quantized[method]
     assert res.path == (project / "runs" / f"quantize-{method}").resolve()
@@ -157,8 +157,8 @@ def test_quantize_records_size_and_perplexity_and_reloads(project, quantized, me
 @pytest.mark.parametrize("method", ["int8_weight_only", "int8_dynamic", "int4_weight_only", "ternary", "mixed"])
 def test_reloaded_quantized_model_gives_identical_logits(project, tmp_path, method):
     from slmforge.compress import load_quantized, quantize_model, save_quantized
-    from slmforge.compress._layers import TernaryLinear
     from slmforge.model import load_causal_lm
+    from slmforge.model.quant_layers import TernaryLinear
 
     model, tok = load_causal_lm(project / "runs" / "train")
     if method == "ternary":  # normally made by the QAT stage; here straight from the float weights
@@ -343,7 +343,7 @@ def test_offloaded_load_gives_the_same_logits(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8_weight_only", "int8_dynamic", "int4_weight_only", "ternary"])
 def test_layer_formats_compute_on_cuda_as_on_cpu(fmt):
-    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     torch.manual_seed(0)
     layer = LAYER_FORMATS[fmt].from_linear(torch.nn.Linear(64, 48, bias=True), group_size=32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from slmforge import label_metrics
 from slmforge.evaluate import metrics as metrics_module
 from slmforge.evaluate.metrics import (
     bleu,
@@ -29,12 +30,15 @@ from slmforge.evaluate.stats import compare, mcnemar, paired_bootstrap_ci, paire
 # --------------------------------------------------------------------------- layering
 
 
-def test_metrics_imports_nothing_from_slmforge():
-    """train/ imports these metrics; an import back into slmforge would risk a cycle."""
-    tree = ast.parse(Path(metrics_module.__file__).read_text(encoding="utf-8"))
+def test_label_metrics_are_one_core_implementation():
+    """train/ (encoder heads) and evaluate/ report the same scores: one implementation in the core
+    module, imported from nothing above it (tests/test_layers.py checks the whole tree)."""
+    tree = ast.parse(Path(label_metrics.__file__).read_text(encoding="utf-8"))
     imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert not [name for name in imported if name.split(".")[0] == "slmforge"]
+    for name in ("classification_metrics", "entity_spans", "entity_f1"):
+        assert getattr(metrics_module, name) is getattr(label_metrics, name)
 
 
 # --------------------------------------------------------------------------- SQuAD EM / F1

@@ -20,11 +20,10 @@ def test_gemma_gguf_lora_merge_reload_perplexity(tmp_path, capsys):
 
     from slmforge.artifacts import read_manifest
     from slmforge.config import ProjectConfig
-    from slmforge.data import run_data_stage
+    from slmforge.data import read_jsonl, run_data_stage
     from slmforge.evaluate import perplexity
     from slmforge.model import load_causal_lm
     from slmforge.train import finetune, merge_adapter
-    from slmforge.train._data import read_jsonl
 
     gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
     pkg.assemble(str(gguf))

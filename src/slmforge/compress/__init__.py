@@ -8,7 +8,7 @@ loading models larger than memory with offload.
     res = quantize(cfg)                          # runs/quantize-<method>, gated on perplexity
     model, tok = load_quantized(res.path)
 
-Every quantized layer is a small ``nn.Module`` of ours (``_layers``), stored as
+Every quantized layer is a small ``nn.Module`` of ours (``slmforge.model.quant_layers``), stored as
 safetensors (int8 / packed int4 / packed ternary tensors plus scales), not
 ``torch.ao.quantization``: its ``quantize_dynamic`` is deprecated in favour of
 torchao, CPU-only, and its packed parameters cannot be written without pickle.
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref
-from slmforge.compress._io import load_quantized, save_quantized
 from slmforge.compress._methods import METHODS, NONE
 from slmforge.compress._offload import load_offloaded
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, ConfigError, GenerateError
+from slmforge.model.quantized import load_quantized, save_quantized
 
 __all__ = [
     "METHODS",
@@ -97,8 +97,8 @@ def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[
 
 def _load_float_model(spec: str):
     """The parent as a plain float32 causal LM (a LoRA adapter is merged into its base)."""
-    from slmforge.compress._io import is_quantized_folder
     from slmforge.generate import TorchGenerator
+    from slmforge.model.quantized import is_quantized_folder
 
     if is_quantized_folder(spec):
         raise ArtifactError(f"{spec} is already quantized; quantize the model it was made from instead.")
@@ -110,7 +110,7 @@ def _load_float_model(spec: str):
 
 
 def _heldout(cfg: ProjectConfig) -> list[str]:
-    from slmforge.train._data import read_jsonl
+    from slmforge.data import read_jsonl
 
     split = cfg.report.heldout_split
     file = cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl"
@@ -200,8 +200,8 @@ def quantize(
     from slmforge.compress._methods import Inputs, assign_methods, convert
     from slmforge.evaluate import perplexity
     from slmforge.evaluate.gates import check_gates, enforce
+    from slmforge.model import pick_device
     from slmforge.train import plot_losses, work_dir_for
-    from slmforge.train._loop import pick_device
 
     qcfg = cfg.quantize
     t0 = time.monotonic()
@@ -332,11 +332,11 @@ def sensitivity(
     import json
 
     from slmforge._progress import progress_bar
-    from slmforge.compress._layers import LAYER_FORMATS
     from slmforge.compress._methods import assign_methods, quantizable_linears
     from slmforge.compress._plot import plot_sensitivity
     from slmforge.evaluate import perplexity
-    from slmforge.train._loop import pick_device
+    from slmforge.model import pick_device
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     if method not in METHODS or not METHODS[method].one_shot:
         one_shot = [m for m, spec in METHODS.items() if spec.one_shot]

@@ -70,8 +70,9 @@ def calibration_batches(inputs: Inputs, batch_size: int = 8) -> list:
     """``quantize.calibration_samples`` sequences of domain text (the training split), seeded."""
     import numpy as np
 
+    from slmforge.data import read_jsonl
     from slmforge.errors import ArtifactError
-    from slmforge.train._data import PackedTokens, read_jsonl, tokenize_documents
+    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents
 
     cfg = inputs.cfg
     texts = [r["text"] for r in read_jsonl(inputs.data_dir / "text" / "train.jsonl")]
@@ -99,10 +100,11 @@ def qat_loop_config(cfg: ProjectConfig) -> LoopConfig:
 
 def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
     """BitNet b1.58-style quantization-aware fine-tune on the text split with the one training loop."""
-    from slmforge.compress._layers import TernaryQATLinear
+    from slmforge.data import read_jsonl
     from slmforge.errors import ArtifactError
-    from slmforge.train._data import PackedTokens, read_jsonl, tokenize_documents
-    from slmforge.train._loop import run_loop
+    from slmforge.model.quant_layers import TernaryQATLinear
+    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents
+    from slmforge.train import run_loop
 
     cfg = inputs.cfg
     loop = qat_loop_config(cfg)
@@ -189,7 +191,7 @@ def assign_methods(model, default: str, plan: dict[str, str], group_size: int) -
 
 def convert(model, methods: dict[str, str], group_size: int) -> dict[str, dict[str, Any]]:
     """Swap each linear for its method's quantized layer, in place; returns what quantize.json records."""
-    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     layers = {}
     for name, method in methods.items():

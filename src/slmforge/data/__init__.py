@@ -30,7 +30,7 @@ from slmforge.artifacts import ArtifactWriter
 from slmforge.config import ProjectConfig
 from slmforge.data.sources import BUILTIN_SOURCES, Document, Skipped
 
-__all__ = ["DataResult", "run_data_stage", "source_refs", "SPLITS"]
+__all__ = ["DataResult", "run_data_stage", "source_refs", "read_jsonl", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _PRETOKEN = re.compile(r"\w+|[^\w\s]")
@@ -55,6 +55,16 @@ def _write_jsonl(path: Path, records) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file the data stage wrote (blank lines skipped); ``[]`` when the
+    file does not exist, so callers decide whether a missing split is an error.
+
+    Every stage that reads the datasets (train, compress, evaluate) reads them with this."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _resolve_sources(cfg: ProjectConfig) -> list[tuple[str, Path | None]]:

@@ -31,7 +31,7 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_siz
     import numpy as np
     import torch
 
-    from slmforge.train._data import tokenize_documents
+    from slmforge.tokenizer.packing import tokenize_documents
 
     stream = tokenize_documents(texts, tokenizer)
     if max_tokens is not None:

@@ -59,9 +59,10 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     """
     import torch
 
+    from slmforge.data import read_jsonl
     from slmforge.evaluate import perplexity
     from slmforge.generate import SamplingParams, resolve_profile
-    from slmforge.train._data import read_jsonl, tokenize_documents, unigram_perplexity
+    from slmforge.tokenizer.packing import tokenize_documents, unigram_perplexity
 
     rcfg = cfg.report
     kind, config, parents = report_plan(cfg)

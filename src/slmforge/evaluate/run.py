@@ -44,7 +44,7 @@ def _default_model(cfg: ProjectConfig) -> Path:
 
 def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult:
     from slmforge.evaluate import perplexity
-    from slmforge.train._data import read_jsonl
+    from slmforge.data import read_jsonl
 
     split = cfg.report.heldout_split
     texts = [r["text"] for r in read_jsonl(cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl")]

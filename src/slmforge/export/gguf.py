@@ -36,11 +36,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmforge.errors import ModelError
+from slmforge.model.gguf import GgufInfo, read_gguf_info
 
 __all__ = ["GGUF_TYPES", "GgufInfo", "export_gguf", "gguf_parity_report", "read_gguf_info", "strip_generation_tags"]
 
@@ -60,23 +60,6 @@ _GPT2_PRE = "gpt-2"
 
 # Tokens that end a chat turn: written as tokenizer.ggml.eot_token_id when present.
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
-
-
-@dataclass
-class GgufInfo:
-    """What a GGUF file holds, read back with ``gguf.GGUFReader``."""
-
-    architecture: str
-    file_type: int
-    tensor_types: dict[str, int]  # GGML type name -> number of tensors
-    tensors: int
-    params: int
-    bytes: int
-    metadata: dict[str, Any] = field(default_factory=dict)  # every key except the token arrays
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
 
 
 # --------------------------------------------------------------------------- public
@@ -364,43 +347,6 @@ def strip_generation_tags(template: str) -> str:
     """
     template = re.sub(r"\{%(-?)\s*generation\s*(-?)%\}", r"{%\1 if true \2%}", template)
     return re.sub(r"\{%(-?)\s*endgeneration\s*(-?)%\}", r"{%\1 endif \2%}", template)
-
-
-def read_gguf_info(path: str | Path) -> GgufInfo:
-    """Architecture, tensor types, parameter count and metadata of a GGUF file.
-
-    Raises:
-        ModelError: The file is missing or not a GGUF file.
-    """
-    import gguf
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ModelError(f"GGUF file {file} does not exist.")
-    try:
-        reader = gguf.GGUFReader(str(file))
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{file} is not a readable GGUF file: {exc}") from None
-    meta: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                                               "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
-            continue
-        meta[key] = f.contents()
-    counts: dict[str, int] = {}
-    params = 0
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        params += int(t.n_elements)
-    return GgufInfo(
-        architecture=meta.get("general.architecture", "?"),
-        file_type=int(meta.get("general.file_type", -1)),
-        tensor_types=counts,
-        tensors=len(reader.tensors),
-        params=params,
-        bytes=file.stat().st_size,
-        metadata=meta,
-    )
 
 
 # --------------------------------------------------------------------------- reading the folder
@@ -747,7 +693,7 @@ def _write_vocab(writer, arch: str, tok_json: dict[str, Any], tok_config: dict[s
         writer.add_tokenizer_pre(_pre_tokenizer(tok_json))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        from slmforge.tokenizer._bpe import read_merges
+        from slmforge.tokenizer import read_merges
 
         writer.add_token_merges([f"{a} {b}" for a, b in read_merges(model)])
     else:  # gemma3: SentencePiece-style BPE with byte fallback

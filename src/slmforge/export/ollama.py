@@ -193,7 +193,7 @@ def _chatml_markers(folder: Path) -> tuple[str, str, str | None]:
     Raises:
         ModelError: No chat template, or one that is not our ChatML.
     """
-    from slmforge.tokenizer._chat import chatml_template
+    from slmforge.tokenizer import chatml_template
 
     template = None
     if (folder / "chat_template.jinja").is_file():

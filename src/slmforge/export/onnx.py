@@ -75,7 +75,7 @@ def choose_providers(preferred: list[str] | None = None) -> list[str]:
 
     See ``slmforge.generate._onnx.choose_providers``.
     """
-    from slmforge.generate._onnx import choose_providers as choose
+    from slmforge.generate import choose_providers as choose
 
     return choose(preferred)
 
@@ -198,7 +198,7 @@ def _bake_optimization(source: Path, dest: Path, level: str, target: str) -> Pat
     """Save the graph as ONNX Runtime optimizes it at ``level`` (the optimizer's own output)."""
     import onnxruntime as ort
 
-    from slmforge.generate._onnx import ORT_LEVELS
+    from slmforge.generate import ORT_LEVELS
 
     provider = BUILDER_TARGETS[target] if level in ("extended", "all") else "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
@@ -286,7 +286,7 @@ def parity_report(
     import torch
     from transformers import DynamicCache
 
-    from slmforge.generate._onnx import OnnxGenerator
+    from slmforge.generate import OnnxGenerator
     from slmforge.model import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_dir)
@@ -361,8 +361,8 @@ def optimization_table(
     import onnx
     import onnxruntime as ort
 
-    from slmforge.generate._onnx import ORT_LEVELS, DecoderLayout
-    from slmforge.generate._onnx import choose_providers as choose
+    from slmforge.generate import ORT_LEVELS, DecoderLayout
+    from slmforge.generate import choose_providers as choose
 
     onnx_file = Path(onnx_file)
     if not onnx_file.is_file():
@@ -500,8 +500,7 @@ def profile_onnx(
     Raises:
         ModelError: The folder is not an export.
     """
-    from slmforge.generate import SamplingParams
-    from slmforge.generate._onnx import OnnxGenerator
+    from slmforge.generate import OnnxGenerator, SamplingParams
 
     folder = Path(trace_dir).expanduser() if trace_dir is not None else Path.cwd()
     folder.mkdir(parents=True, exist_ok=True)
@@ -574,7 +573,7 @@ def io_binding_benchmark(
     """
     import numpy as np
 
-    from slmforge.generate._onnx import Decoder, OnnxGenerator
+    from slmforge.generate import Decoder, OnnxGenerator
 
     gen = OnnxGenerator(onnx_dir, providers=providers, threads=threads)
     ids = list(gen.tokenizer(prompt)["input_ids"])

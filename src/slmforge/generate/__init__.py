@@ -36,6 +36,23 @@ __all__ = [
     "profiles_from_model",
     "resolve_profile",
     "default_model_dir",
+    "saved_profiles",
+    # served lazily from private modules (see _ENGINES and _SHARED below)
+    "OnnxGenerator",
+    "LlamaCppGenerator",
+    "OpenAIGenerator",
+    "Decoder",
+    "DecoderLayout",
+    "ORT_LEVELS",
+    "choose_providers",
+    "StopCutter",
+    "chat_messages_for_template",
+    "check_tools",
+    "json_schema_constraint",
+    "parallel_calls",
+    "parse_tool_calls",
+    "tool_call_schema",
+    "tool_constraint",
 ]
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -153,9 +170,29 @@ _ENGINES = {
     "OpenAIGenerator": "slmforge.generate._openai",
 }
 
+# Helpers of those modules that the layers above use, served the same lazy way: this package's
+# public API, so that serve/ and export/ never import a private module of generate/.
+_SHARED = {
+    # the ONNX Runtime pieces the exporter builds and checks the graph with
+    "Decoder": "slmforge.generate._onnx",
+    "DecoderLayout": "slmforge.generate._onnx",
+    "ORT_LEVELS": "slmforge.generate._onnx",
+    "choose_providers": "slmforge.generate._onnx",
+    # stop strings over a token stream, for the batching server
+    "StopCutter": "slmforge.generate._text",
+    # constrained output and tool calls, for the server's response_format and tools
+    "chat_messages_for_template": "slmforge.generate._constrain",
+    "check_tools": "slmforge.generate._constrain",
+    "json_schema_constraint": "slmforge.generate._constrain",
+    "parallel_calls": "slmforge.generate._constrain",
+    "parse_tool_calls": "slmforge.generate._constrain",
+    "tool_call_schema": "slmforge.generate._constrain",
+    "tool_constraint": "slmforge.generate._constrain",
+}
+
 
 def __getattr__(name: str) -> Any:
-    module = _ENGINES.get(name)
+    module = _ENGINES.get(name) or _SHARED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
@@ -228,7 +265,18 @@ def _generation_config_file(path: str | Path) -> Path | None:
     return None
 
 
-def _read_profiles(path: str | Path) -> tuple[dict[str, SamplingProfile], str | None]:
+def saved_profiles(path: str | Path) -> tuple[dict[str, SamplingProfile], str | None]:
+    """The sampling profiles saved with a model and the name of its default profile.
+
+    Args:
+        path: A model folder (an adapter folder reads its base model's), a .gguf file or a hub id.
+
+    Returns:
+        (profile name -> profile, default profile name or None); ``({}, None)`` when the model carries none.
+
+    Raises:
+        GenerateError: The file is not valid JSON or holds an invalid profile.
+    """
     from slmforge.model import read_profiles
 
     file = _generation_config_file(path)
@@ -262,7 +310,7 @@ def profiles_from_model(path: str | Path) -> dict[str, SamplingProfile]:
     Raises:
         GenerateError: The file is not valid JSON or holds an invalid profile.
     """
-    return _read_profiles(path)[0]
+    return saved_profiles(path)[0]
 
 
 def resolve_profile(
@@ -284,7 +332,7 @@ def resolve_profile(
     """
     if isinstance(cfg, ProjectConfig):
         cfg = cfg.generate
-    model_profiles, model_default = _read_profiles(model_path) if model_path is not None else ({}, None)
+    model_profiles, model_default = saved_profiles(model_path) if model_path is not None else ({}, None)
     cfg_profiles = cfg.profiles if cfg is not None else {}
     explicit = name is not None
     if name is None:

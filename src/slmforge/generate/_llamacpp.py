@@ -65,7 +65,7 @@ class LlamaCppGenerator:
     ) -> None:
         import xllamacpp
 
-        from slmforge.export.gguf import read_gguf_info
+        from slmforge.model.gguf import read_gguf_info
 
         path = Path(gguf_file).expanduser()
         try:

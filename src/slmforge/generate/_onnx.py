@@ -385,7 +385,7 @@ class OnnxGenerator:
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, io_binding: bool = True,
                  threads: int | None = None, profile_prefix: str | Path | None = None) -> None:
-        from slmforge.model import _stop_ids
+        from slmforge.model import stop_token_ids
         from slmforge.tokenizer import load_tokenizer
 
         self.folder = Path(onnx_dir).expanduser()
@@ -403,7 +403,7 @@ class OnnxGenerator:
         if gen_file.is_file():
             eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
             ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-        stop = _stop_ids(self.tokenizer)
+        stop = stop_token_ids(self.tokenizer)
         ids += stop if isinstance(stop, list) else ([stop] if stop is not None else [])
         self.eos_token_ids = list(dict.fromkeys(int(i) for i in ids))
         pad = self.tokenizer.pad_token_id

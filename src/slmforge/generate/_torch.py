@@ -19,6 +19,7 @@ import torch
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Completion, Message, SamplingParams
 from slmforge.generate._text import cut_at_stop, cut_stream, render_chat
+from slmforge.model import pick_device
 
 
 class TorchGenerator:
@@ -31,7 +32,7 @@ class TorchGenerator:
     """
 
     def __init__(self, model, tokenizer, device: str = "auto") -> None:
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
@@ -341,16 +342,6 @@ class _Cancelled:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerateError(f"device {device!r} was asked for, but no CUDA GPU is available; use --device cpu.")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise GenerateError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
-    return device
-
-
 def _as_list(value) -> list[int]:
     if value is None:
         return []
@@ -362,13 +353,13 @@ def _as_list(value) -> list[int]:
 def _eos_ids(model, tokenizer) -> list[int]:
     """End-of-sequence ids: the model's generation config (often a list: <|eos|> and <|im_end|>), plus the
     tokenizer's end-of-document and end-of-turn tokens, so a chat reply stops at its turn's end."""
-    from slmforge.model import _stop_ids
+    from slmforge.model import stop_token_ids
 
     config = getattr(model, "generation_config", None)
     ids = _as_list(getattr(config, "eos_token_id", None))
     if not ids:
         ids = _as_list(getattr(model.config, "eos_token_id", None))
-    for tid in _as_list(_stop_ids(tokenizer)):
+    for tid in _as_list(stop_token_ids(tokenizer)):
         if tid not in ids:
             ids.append(tid)
     return ids

@@ -1,5 +1,5 @@
 """Models: Llama-architecture presets, size/compute/memory estimates, building
-fresh models, and loading existing ones (local folder, hub id, GGUF file).
+fresh models, and loading existing ones (local folder, quantized folder, hub id, GGUF file).
 
     from slmforge.model import estimate, build_model
     est = estimate(cfg.model, vocab_size=8192, seq_len=256, batch_size=16)
@@ -30,6 +30,8 @@ __all__ = [
     "save_model_folder",
     "read_profiles",
     "format_estimate",
+    "pick_device",
+    "stop_token_ids",
 ]
 
 
@@ -259,6 +261,8 @@ def load_causal_lm(spec: str | Path, dtype: str = "float32", four_bit: bool = Fa
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from slmforge.model.quantized import is_quantized_folder, load_quantized
+
     extra: dict[str, Any] = {}
     if four_bit:
         from transformers import BitsAndBytesConfig
@@ -285,9 +289,7 @@ def load_causal_lm(spec: str | Path, dtype: str = "float32", four_bit: bool = Fa
                 quantization_config=GgufConfig(gguf_file=name, dequantize=True),
             )
             return model, tokenizer
-        if (path / "quantize.json").is_file():  # written by `slmforge quantize`
-            from slmforge.compress import load_quantized
-
+        if is_quantized_folder(path):  # written by `slmforge quantize`
             return load_quantized(path)
         if path.exists():
             if not (path / "config.json").is_file():
@@ -339,7 +341,7 @@ def save_model_folder(model, tokenizer, folder: Path, profiles: dict[str, Any] |
     tokenizer.save_pretrained(folder)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=_stop_ids(tokenizer),
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     if profiles:
@@ -368,8 +370,16 @@ def read_profiles(folder: str | Path) -> tuple[dict[str, dict[str, Any]], str | 
     return data.get("slmforge_profiles") or {}, data.get("slmforge_default_profile")
 
 
-def _stop_ids(tokenizer) -> list[int] | int | None:
-    """End-of-document and end-of-turn ids: generation stops at either."""
+def stop_token_ids(tokenizer) -> list[int] | int | None:
+    """End-of-document and end-of-turn ids: generation stops at either.
+
+    Every engine stops at these and ``save_model_folder`` writes them as the
+    ``eos_token_id`` of ``generation_config.json``, so one list serves both.
+
+    Returns:
+        A list when there are several, the single id when there is one, None when there are none
+        (the shapes ``GenerationConfig.eos_token_id`` takes).
+    """
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -379,3 +389,27 @@ def _stop_ids(tokenizer) -> list[int] | int | None:
             if tokenizer.convert_ids_to_tokens(tid) == token:
                 ids.append(tid)
     return ids if len(ids) > 1 else (ids[0] if ids else None)
+
+
+def pick_device(name: str) -> str:
+    """The torch device for a ``device`` setting, one rule for training, compression and generation.
+
+    Args:
+        name: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns:
+        ``cpu``, or ``cuda``/``cuda:N`` (``auto`` becomes ``cuda`` on a machine with a CUDA GPU).
+
+    Raises:
+        ConfigError: CUDA was asked for on a machine without it, or the name is unknown; asking for
+            a GPU that is not there fails here, before minutes of loading, not at the first tensor.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but no CUDA GPU is available; use --device cpu.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.")
+    return name

@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmforge.config import SamplingProfile
 from slmforge.errors import GenerateError, ModelError
-from slmforge.generate import Completion, Generator, SamplingParams
-from slmforge.generate._constrain import (chat_messages_for_template, check_tools, json_schema_constraint,
-                                          parallel_calls, parse_tool_calls, tool_call_schema, tool_constraint)
+from slmforge.generate import (Completion, Generator, SamplingParams, chat_messages_for_template, check_tools,
+                               json_schema_constraint, parallel_calls, parse_tool_calls, tool_call_schema,
+                               tool_constraint)
 from slmforge.serve._batch import BatchRequest, Finished, Handle, TokenEvent
 from slmforge.serve._hash import hash_api_key
 from slmforge.serve._keys import ApiKey

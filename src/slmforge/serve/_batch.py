@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from slmforge.errors import GenerateError
-from slmforge.generate import SamplingParams
-from slmforge.generate._text import StopCutter
+from slmforge.generate import SamplingParams, StopCutter
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 

@@ -108,7 +108,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         ConfigError: A model entry is incomplete (no path, no base_url) or names an unknown profile.
         ModelError: A model cannot be loaded.
     """
-    from slmforge.generate import GenerateError, _read_profiles, load_generator, resolve_profile
+    from slmforge.generate import GenerateError, load_generator, resolve_profile, saved_profiles
 
     out: dict[str, ServedModel] = {}
     closers: list[Any] = []
@@ -149,7 +149,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
         # No profile named: the model folder's own default (saved with it), else OpenAI's request defaults.
-        profile = m.profile if m.profile is not None else _read_profiles(path)[1]
+        profile = m.profile if m.profile is not None else saved_profiles(path)[1]
         if m.profile is not None:
             try:
                 resolve_profile(m.profile, path, cfg.generate)
@@ -198,11 +198,11 @@ def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, 
 
     kind = engine_for(path) if engine == "auto" else engine
     if kind == "torch":
-        from slmforge.generate._torch import TorchGenerator
+        from slmforge.generate import TorchGenerator
 
         return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
     if kind == "llama.cpp":
-        from slmforge.generate._llamacpp import LlamaCppGenerator
+        from slmforge.generate import LlamaCppGenerator
 
         p = Path(path)
         files = [f for f in sorted(p.glob("*.gguf")) if not f.name.startswith("mmproj")] if p.is_dir() else [p]

@@ -20,6 +20,8 @@ from typing import Any
 
 from slmforge.config import ProjectConfig
 from slmforge.errors import TokenizerError
+from slmforge.tokenizer._bpe import read_merges
+from slmforge.tokenizer._chat import chatml_template
 from slmforge.tokenizer._corpus import SPLITS, dataset_folder, iter_texts
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "heldout_texts",
     "analyze_tokenizers",
     "format_stats_table",
+    "chatml_template",
+    "read_merges",
 ]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

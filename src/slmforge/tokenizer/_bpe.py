@@ -37,6 +37,8 @@ def has_component(node: Any, name: str) -> bool:
 
 
 def read_merges(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """The merges of a tokenizer.json ``model`` section as pairs, from either of the two forms
+    tokenizers writes (legacy ``"a b"`` strings, or ``["a", "b"]`` pairs)."""
     out = []
     for m in model.get("merges", []):
         if isinstance(m, str):  # legacy "a b" form

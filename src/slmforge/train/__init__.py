@@ -24,7 +24,19 @@ from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, TrainError
 
 __all__ = ["TrainResult", "pretrain", "pretrain_plan", "finetune", "finetune_plan", "merge_adapter", "work_dir_for",
-           "plot_losses"]
+           "plot_losses", "run_loop", "LoopResult"]
+
+# The training loop imports torch, so it is served on first use: `import slmforge.train` stays
+# cheap, and compress/ (the ternary fine-tune) runs the same loop through this public name.
+_LOOP = {"run_loop", "LoopResult"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LOOP:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module("slmforge.train._loop"), name)
 
 
 @dataclass
@@ -124,9 +136,10 @@ def pretrain(
         ArtifactError: The data or tokenizer artifact is missing.
         TrainError: Too little text for one training sequence.
     """
+    from slmforge.data import read_jsonl
     from slmforge.model import build_model, estimate, save_model_folder
     from slmforge.tokenizer import load_tokenizer
-    from slmforge.train._data import PackedTokens, read_jsonl, tokenize_documents, unigram_perplexity
+    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity
     from slmforge.train._loop import run_loop
 
     tcfg = cfg.train
@@ -225,8 +238,9 @@ def finetune(
         TrainError: QLoRA without CUDA/bitsandbytes, no chat examples, or a template without
             generation markers.
     """
+    from slmforge.data import read_jsonl
     from slmforge.model import save_model_folder
-    from slmforge.train._data import ChatExamples, read_jsonl
+    from slmforge.train._data import ChatExamples
     from slmforge.train._loop import run_loop
 
     scfg = cfg.sft

@@ -1,82 +1,12 @@
-"""Batch sources for the training loop: packed token chunks for pretraining and
-masked conversations for supervised fine-tuning."""
+"""Batch sources for supervised fine-tuning: masked conversations. Pretraining's packed
+token chunks (``PackedTokens``) live in ``slmforge.tokenizer.packing``, shared with
+compression and evaluation."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
 
 from slmforge.errors import TrainError
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def tokenize_documents(texts: list[str], tokenizer, cache: Path | None = None) -> np.ndarray:
-    """One token stream: ``bos + text + eos`` per document, concatenated.
-
-    The stream is cached as ``.npy`` (no pickle) keyed by the texts and the tokenizer,
-    so a resumed or re-run training does not tokenize again.
-    """
-    h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else b"")
-    for t in texts:
-        h.update(hashlib.sha256(t.encode()).digest())
-    file = cache / f"tokens-{h.hexdigest()[:16]}.npy" if cache else None
-    if file is not None and file.is_file():
-        return np.load(file, allow_pickle=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    dtype = np.uint16 if len(tokenizer) < 65536 else np.int32
-    parts = []
-    for start in range(0, len(texts), 512):
-        chunk = texts[start : start + 512]
-        encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            doc = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-            parts.append(np.asarray(doc, dtype=dtype))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp.npy")
-        np.save(tmp, stream, allow_pickle=False)
-        tmp.replace(file)
-    return stream
-
-
-class PackedTokens:
-    """Fixed-length chunks of a token stream; labels are the inputs (the model shifts them)."""
-
-    def __init__(self, stream: np.ndarray, seq_len: int) -> None:
-        self.seq_len = seq_len
-        n = len(stream) // seq_len
-        self.chunks = torch.from_numpy(stream[: n * seq_len].astype(np.int64)).view(n, seq_len)  # (N, T)
-
-    def __len__(self) -> int:
-        return self.chunks.shape[0]
-
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        x = self.chunks[indices]  # (B, T)
-        return {"input_ids": x, "labels": x}
-
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].numel()
-
-
-def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of an add-one unigram model fitted on ``train``, on ``val``: the floor a
-    language model must beat to have learnt anything beyond token frequencies."""
-    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[val.astype(np.int64)].mean())) if len(val) else float("nan")
-
 
 # Used when a base model's tokenizer has no chat template (e.g. a base model from a GGUF):
 # plain role headers and the tokenizer's own end-of-sequence token ending each turn.

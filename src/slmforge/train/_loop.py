@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from slmforge.config import LoopConfig
+from slmforge.model import pick_device
 from slmforge.train._checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 
 
@@ -48,12 +49,6 @@ class LoopResult:
     resumed_from: int | None
     stopped_early: bool
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -177,7 +172,7 @@ def run_loop(
     """
     from slmforge._progress import progress_bar
 
-    device = pick_device(cfg.device)
+    device = torch.device(pick_device(cfg.device))
     amp = autocast_dtype(cfg.precision, device)
     if not getattr(model, "hf_device_map", None):  # 4-bit (QLoRA) models are placed when loaded
         model.to(device)

@@ -14,8 +14,8 @@ default) or a local Hugging Face encoder folder (``encoder.base``) with its own
 tokenizer. Either way the artifact loads back with
 ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification``.
 
-The scores come from ``slmforge.evaluate.metrics`` (written there rather than taken
-from scikit-learn or seqeval, which are not dependencies): ``classification_metrics``
+The scores come from ``slmforge.label_metrics`` (shared with evaluation; written there rather
+than taken from scikit-learn or seqeval, which are not dependencies): ``classification_metrics``
 (accuracy, macro P/R/F1, per class, confusion matrix) and ``entity_f1``
 (conlleval/seqeval-style, over ``entity_spans``); all three stay importable from here.
 """
@@ -32,7 +32,7 @@ import torch
 from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError, ModelError, TrainError
-from slmforge.evaluate.metrics import classification_metrics, entity_f1, entity_spans
+from slmforge.label_metrics import classification_metrics, entity_f1, entity_spans
 from slmforge.train import TrainResult, _dataset_dir, _loop_metrics, _write_log, work_dir_for
 
 __all__ = ["train_encoder", "encoder_plan", "classification_metrics", "entity_f1", "entity_spans"]
@@ -152,7 +152,7 @@ def _encode_ner(records: list[dict], tok, seq_len: int, label2id: dict[str, int]
 
 
 def _read_split(file: Path) -> list[dict]:
-    from slmforge.train._data import read_jsonl
+    from slmforge.data import read_jsonl
 
     try:
         return read_jsonl(file)

@@ -1,5 +1,10 @@
 """The quantized model folder: a small, pickle-free format that rebuilds the model.
 
+It lives in the model layer, not in compress/, because loading a model must know every
+folder format (``load_causal_lm`` opens a quantized folder like any other) while the model
+layer may not import the stages above it; compress/ writes these folders and re-exports
+``save_quantized`` and ``load_quantized``.
+
     config.json, generation_config.json, tokenizer files   as in any Hugging Face folder
     quantized.safetensors                                  every tensor of the model's state dict:
                                                            float tensors as they were, and for each
@@ -71,7 +76,7 @@ def load_quantized(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from slmforge.compress._layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import LAYER_FORMATS
 
     folder = Path(path).expanduser()
     meta_file = folder / META_FILE

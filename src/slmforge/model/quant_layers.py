@@ -7,6 +7,9 @@ a float layer) and a constructor taking only shapes (an empty layer to load into
 
 Scales that are stored in float16 are rounded to float16 *before* the weights are
 quantized with them, so the in-memory model and the reloaded one compute the same.
+
+The classes sit in the model layer because loading a quantized folder
+(``slmforge.model.quantized``) rebuilds them; compress/ makes them.
 """
 
 from __future__ import annotations
