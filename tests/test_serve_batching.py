@@ -406,7 +406,7 @@ def test_streams_with_n_choices_interleave_by_index_and_match_the_whole_replies(
 class _Exploding:
     """A constraint whose mask raises on the third step (as a broken schema or NaN logits would)."""
 
-    def start(self):
+    def start(self, max_tokens=None):
         return self
 
     steps = 0
