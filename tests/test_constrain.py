@@ -234,7 +234,10 @@ def test_batched_masking_matches_row_by_row(tok, eos_ids):
     number = json_schema_constraint(tok, {"type": "integer"}).start()  # another constraint in the batch
     number.advance(tok.convert_tokens_to_ids("7"))
     assert done.finished and ended.finished and number.can_end and not number.finished
-    states = [fresh, None, in_string, done, ended, number]
+    tight = c.start(c.min_tokens)  # the smallest budget: walk to a step it narrows
+    while tight.allowed_ids().numel() >= c._step(tight._state).ids.numel():
+        tight.advance(tight.allowed_ids()[0])
+    states = [fresh, None, in_string, done, ended, number, tight]
     logits = torch.randn(len(states), len(tok) + 3, generator=torch.Generator().manual_seed(0))
     expected = logits.clone()
     for row, st in zip(expected, states, strict=True):
@@ -248,6 +251,7 @@ def test_batched_masking_matches_row_by_row(tok, eos_ids):
     assert torch.equal(fused, expected)
     assert torch.isfinite(logits[1]).all()  # the unconstrained row is untouched
     assert torch.isfinite(logits[4]).nonzero().flatten().tolist() == sorted(eos_ids)
+    assert 0 < int(torch.isfinite(logits[6]).sum()) < c._step(tight._state).ids.numel()  # the budget narrowed it
 
 
 def test_json_starts_with_a_brace_and_masks_specials(tok, eos_ids):

@@ -360,9 +360,10 @@ class Constraint:
     """A regular expression compiled against one tokenizer's vocabulary.
 
     Compiled once (see ``json_schema_constraint``, ``regex_constraint``,
-    ``tool_constraint``, which cache), immutable apart from a per-state cache of
-    allowed-id tensors, and safe to share between threads. Start one
-    ``ConstraintState`` per generated sequence.
+    ``tool_constraint``, which cache), immutable apart from per-state caches of
+    allowed-id tensors (also per number of tokens left, where a budget narrows them),
+    and safe to share between threads. Start one ``ConstraintState`` per generated
+    sequence; ``min_tokens`` is the shortest budget a start accepts.
 
     Attributes:
         regex: The regular expression the generated text must match in full.
