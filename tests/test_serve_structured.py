@@ -251,14 +251,17 @@ def test_tool_calls_are_complete_within_small_max_tokens_without_help(client):
             model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS, tool_choice=choice,
             temperature=1.0, seed=i, max_tokens=max_tokens, **extra)
 
+    reasons = []
     for (choice, parallel, max_tokens), r in zip(cases, _many(ask, len(cases)), strict=True):
         c = r.choices[0]
         assert c.message.tool_calls and c.finish_reason in ("tool_calls", "length"), c
+        reasons.append(c.finish_reason)
         assert r.usage.completion_tokens <= max_tokens
         if parallel is False or isinstance(choice, dict):
             assert len(c.message.tool_calls) == 1
         for call in c.message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    assert "length" in reasons  # complete calls the budget closed say so
 
 
 def test_parallel_tool_calls_come_back_as_several_calls(client, closing_bias, gen):
