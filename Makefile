@@ -47,6 +47,8 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/onnx_export.py quickstart/runs/sft
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/batch_engine.py quickstart/runs/sft
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/sft
+	HF_HUB_OFFLINE=1 $(BIN)/slmforge export ollama -c quickstart/slmforge.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/export-ollama/python-docs-slm-Q8_0.gguf
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache
