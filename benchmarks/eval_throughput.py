@@ -1,7 +1,8 @@
 """Throughput of the evaluation stage: a generation suite batched vs. unbatched
 (items/s), and sandboxed code execution (executions/s).
 
-    python benchmarks/eval_throughput.py [--runs 3] [--trivial 50]
+    python benchmarks/eval_throughput.py [--runs 3] [--trivial 50] [--sandbox-only]
+    python benchmarks/eval_throughput.py --against 1b0db77 [--runs 4]   # sandbox before/after
 
 Generation rows: the arithmetic suite (48 items) on a random-init micro model,
 one prompt per generate call vs. 8 left-padded prompts per call.
@@ -9,8 +10,18 @@ one prompt per generate call vs. 8 left-padded prompts per call.
 Sandbox rows: a trivial program (`pass`) and the 164 HumanEval canonical solutions
 checked against their tests, sequentially and with 2 workers (run_many). The
 baseline is what an unsandboxed harness pays: a bare `python -I -S -c pass`
-subprocess. Prints a table and writes benchmarks/results/eval_throughput.json
-(keys "sandbox" and "generation").
+subprocess. HumanEval rows go through check_program, so they include the verdict
+harness (passed = the tests ran to the end, reported with a per-run token).
+Prints a table and writes benchmarks/results/eval_throughput.json (keys "sandbox"
+and "generation"); --sandbox-only skips the generation rows and writes
+eval_throughput_sandbox.json instead.
+
+--against REV compares the sandbox of git revision REV with the working tree's
+on the HumanEval rows, interleaved round by round in one process (so both see the
+same machine load, which on a shared 2-core machine moves wall times by 2x):
+median ms per execution and median CPU ms of the whole box (bootstrap, init and
+program, from RUSAGE_CHILDREN), with the ratio new/old. Writes
+eval_throughput_against.json.
 """
 
 from __future__ import annotations
@@ -131,12 +142,85 @@ def print_generation(result: dict) -> None:
               f"{r['items_per_s'] / base:.2f}x unbatched)")
 
 
+def _sandbox_at(rev: str):
+    """The sandbox module (and its helper modules) of git revision ``rev``, loaded from a temp folder."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="sandbox-at-"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src/slmforge/evaluate"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    spec = importlib.util.spec_from_file_location(f"sandbox_{rev}", folder / "src/slmforge/evaluate/sandbox.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def against_benchmark(rev: str, rounds: int = 4) -> dict:
+    """HumanEval canonical checks through the sandbox at ``rev`` and the current one, interleaved."""
+    import resource
+
+    import slmforge.evaluate.sandbox as new
+
+    old = _sandbox_at(rev)
+    problems = new.load_humaneval()
+    jobs = [(p["prompt"] + p["canonical_solution"], p["test"], p["entry_point"]) for p in problems]
+    cases = {"sequential": lambda mod: [mod.check_program(*job) for job in jobs],
+             "2 workers": lambda mod: mod.run_many(jobs, workers=2)}
+    samples: dict = {name: {case: {"ms": [], "cpu_ms": []} for case in cases} for name in ("old", "new")}
+    for i in range(rounds):
+        order = [("old", old), ("new", new)] if i % 2 == 0 else [("new", new), ("old", old)]
+        for name, mod in order:
+            mod.sandbox_protections()
+            for case, fn in cases.items():
+                r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+                assert all(r.status == "passed" for r in fn(mod))
+                r1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+                cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+                samples[name][case]["ms"].append(round(1000 * (t1 - t0) / len(jobs), 2))
+                samples[name][case]["cpu_ms"].append(round(1000 * cpu / len(jobs), 2))
+    rows = []
+    for case in cases:
+        row = {"case": f"HumanEval canonical check, {case}"}
+        for key in ("ms", "cpu_ms"):
+            o, n = median(samples["old"][case][key]), median(samples["new"][case][key])
+            row.update({f"old_{key}": o, f"new_{key}": n, f"ratio_{key}": round(n / o, 3)})
+        rows.append(row)
+    return {"against": rev, "rounds": rounds, "rows": rows, "samples": samples}
+
+
+def print_against(result: dict) -> None:
+    print(f"sandbox at {result['against']} (old) vs working tree (new), {result['rounds']} interleaved rounds, "
+          "medians per execution")
+    print(f"{'case':<40} {'old ms':>7} {'new ms':>7} {'new/old':>7} {'old CPU':>8} {'new CPU':>8} {'new/old':>7}")
+    for r in result["rows"]:
+        print(f"{r['case']:<40} {r['old_ms']:>7.1f} {r['new_ms']:>7.1f} {r['ratio_ms']:>7.3f} "
+              f"{r['old_cpu_ms']:>8.1f} {r['new_cpu_ms']:>8.1f} {r['ratio_cpu_ms']:>7.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--trivial", type=int, default=50, help="executions per trivial-program run")
+    parser.add_argument("--sandbox-only", action="store_true", help="only the sandbox rows")
+    parser.add_argument("--against", metavar="REV", help="compare the sandbox with the one at git revision REV")
     args = parser.parse_args()
+    if args.against:
+        result = against_benchmark(args.against, args.runs)
+        print(f"machine: {machine()['cpu']}, {machine()['cores']} cores")
+        print_against(result)
+        print(f"wrote {save('eval_throughput_against', result)}")
+        return
     result = sandbox_benchmark(args.runs, args.trivial)
+    if args.sandbox_only:
+        print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; median of {args.runs} runs")
+        print_sandbox(result)
+        print(f"wrote {save('eval_throughput_sandbox', {'sandbox': result})}")
+        return
     generation = generation_benchmark(runs=args.runs)
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; median of {args.runs} runs")
     print_generation(generation)
