@@ -373,21 +373,9 @@ def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[st
         os.chmod(job, 0o711)  # the sandbox uid may traverse to scratch, not list the job folder
         scratch = os.path.join(job, "scratch")
         os.mkdir(scratch, 0o700)
-        _write_scratch(scratch, "program.py", code)
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
         guard = _guard_needs(want, limits.network)
-        argv = [exe, "-I", "-S", "-B"]
-        if guard:
-            argv += [_write_scratch(scratch, ".slmforge_guard.pyc", _compiled("_sandbox_guard.py")),
-                     json.dumps({"scratch": scratch, **guard})]
-        token = None
-        if harness is None:
-            argv.append("program.py")
-        else:
-            token, verdict_fd, token_fd = _verdict_channel(job, fds)
-            argv += [_write_scratch(scratch, ".slmforge_harness.pyc", _compiled("_sandbox_harness.py")),
-                     str(verdict_fd), str(token_fd), harness[1] or "", os.path.join(scratch, "program.py"),
-                     _write_scratch(scratch, "tests.py", harness[0])]
+        argv, token = _program_argv(exe, job, scratch, code, guard, harness, fds)
         cfg = {
             "want": list(want),
             "strict": strict,
@@ -448,6 +436,23 @@ def _execute(code: str, limits: SandboxLimits, stdin: str | None, want: tuple[st
         for fd in fds:
             os.close(fd)
         _remove_tree(job)
+
+
+def _program_argv(exe: str, job: str, scratch: str, code: str, guard: dict[str, bool],
+                  harness: tuple[str, str | None] | None, fds: list[int]) -> tuple[list[str], bytes | None]:
+    """Write the program (and the guard, the harness and the tests where they are used) into
+    scratch; the command line that runs it in the box, and the verdict token (None: no harness)."""
+    program = _write_scratch(scratch, "program.py", code)
+    argv = [exe, "-I", "-S", "-B"]
+    if guard:
+        argv += [_write_scratch(scratch, ".slmforge_guard.pyc", _compiled("_sandbox_guard.py")),
+                 json.dumps({"scratch": scratch, **guard})]
+    if harness is None:
+        return argv + ["program.py"], None
+    token, verdict_fd, token_fd = _verdict_channel(job, fds)
+    argv += [_write_scratch(scratch, ".slmforge_harness.pyc", _compiled("_sandbox_harness.py")),
+             str(verdict_fd), str(token_fd), harness[1] or "", program, _write_scratch(scratch, "tests.py", harness[0])]
+    return argv, token
 
 
 def _write_scratch(folder: str, name: str, data: str | bytes) -> str:
