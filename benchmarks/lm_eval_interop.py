@@ -135,7 +135,8 @@ def main() -> None:
     rows = []
     for name, task in zip(suites, tasks):
         for run, samples in runs.items():
-            row = {"suite": name, "lm_eval_model": run, **compare(ours[name], samples[task])}
+            row = {"suite": name, "lm_eval_model": run, **compare(ours[name], samples[task]),
+                   ours[name].primary: ours[name].metrics[ours[name].primary]}
             rows.append(row)
             print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print("seconds (lm_eval CLI, both suites; ~35 s of each is lm-eval indexing its own catalogue):",
