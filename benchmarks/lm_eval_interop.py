@@ -138,7 +138,8 @@ def main() -> None:
             row = {"suite": name, "lm_eval_model": run, **compare(ours[name], samples[task]),
                    ours[name].primary: ours[name].metrics[ours[name].primary]}
             rows.append(row)
-            print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print(" ".join(f"{k}={v:.2e}" if "diff" in k else f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items()))
     print("seconds (lm_eval CLI, both suites; ~35 s of each is lm-eval indexing its own catalogue):",
           {k: round(v, 1) for k, v in seconds.items()})
     print("->", save("lm_eval_interop", {"model": str(args.model), "limit": args.limit, "rows": rows,
