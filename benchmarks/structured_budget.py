@@ -72,7 +72,9 @@ def main() -> None:
     import torch
 
     from slmforge.generate import SamplingParams, TorchGenerator
-    from slmforge.generate._constrain import Constraint, _schema_regex, _vocabulary, json_schema_constraint
+    from slmforge.generate._automaton import Constraint
+    from slmforge.generate._schema import _schema_regex, json_schema_constraint
+    from slmforge.generate._vocab import _vocabulary
     from slmforge.serve._batch import BatchEngine, BatchRequest
 
     gen = TorchGenerator.from_pretrained(args.model, device="cpu")

@@ -22,9 +22,8 @@ from jsonschema import Draft202012Validator
 
 from slmforge.config import ModelConfig
 from slmforge.errors import GenerateError
+from slmforge.generate._automaton import _mask_rows_fused
 from slmforge.generate._constrain import (
-    _mask_rows_fused,
-    _token_bytes,
     chat_messages_for_template,
     check_tools,
     json_schema_constraint,
@@ -37,6 +36,7 @@ from slmforge.generate._constrain import (
     tools_system_prompt,
     validate_json,
 )
+from slmforge.generate._vocab import _token_bytes
 from slmforge.tokenizer import load_tokenizer
 
 from conftest import PROSE, build_tiny_tokenizer
@@ -478,7 +478,7 @@ def test_requests_that_arrive_together_share_one_compiled_constraint(tok):
 def test_numbers_are_capped_at_the_digits_a_number_can_hold():
     import re as _re
 
-    from slmforge.generate._constrain import _schema_regex
+    from slmforge.generate._schema import _schema_regex
 
     rx = _schema_regex({"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}},
                         "required": ["n", "x"]})
