@@ -580,13 +580,15 @@ class ProjectConfig(Section):
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig, description="`slmforge tokenizer train`: a domain BPE tokenizer."
     )
-    model: ModelConfig = Field(default_factory=ModelConfig, description="`slmforge model estimate|init`: the architecture.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="`slmforge train` and `slmforge model estimate`: the architecture."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="`slmforge train`: pretraining from scratch.")
     sft: SftConfig = Field(
-        default_factory=SftConfig, description="`slmforge train --stage sft`: supervised fine-tuning on chat data."
+        default_factory=SftConfig, description="`slmforge train sft`: supervised fine-tuning on chat data."
     )
     encoder: EncoderConfig = Field(
-        default_factory=EncoderConfig, description="`slmforge train --stage encoder`: classification / NER heads."
+        default_factory=EncoderConfig, description="`slmforge train encoder`: classification / NER heads."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`slmforge generate|chat`: sampling.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="`slmforge eval`: suites, gates, comparisons.")

@@ -26,9 +26,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 config_app = typer.Typer(help="Show the resolved project config.", no_args_is_help=True)
-model_app = typer.Typer(help="Size, build and merge models.", no_args_is_help=True)
+model_app = typer.Typer(help="Size models; merge a LoRA adapter into its base.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models on suites, check gates, compare A/B.", no_args_is_help=True)
-tokenizer_app = typer.Typer(help="Train, extend and analyze tokenizers.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train (or extend: tokenizer.method) and analyze tokenizers.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
