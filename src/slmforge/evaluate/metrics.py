@@ -11,6 +11,9 @@ everything else is 0-1. ``classification_metrics``, ``entity_spans`` and ``entit
 live in the core module ``slmforge.label_metrics`` (training reports them too, and train/
 sits below evaluate/) and are re-exported here. sacrebleu and rouge_score are imported
 inside the functions that need them.
+
+``SUITE_METRICS`` at the end is the table of names a suite may list under ``metrics:``:
+the suite check and the runner both read it (``score_items``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,6 +44,10 @@ __all__ = [
     "multiple_choice_accuracy",
     "extract_answer",
     "EXTRACTION_METHODS",
+    "SuiteMetric",
+    "SUITE_METRICS",
+    "suite_metrics",
+    "score_items",
 ]
 
 
@@ -367,3 +375,98 @@ def extract_answer(text: str, method: str, arg: str | None = None) -> str | None
     except KeyError:
         raise ValueError(f"unknown extraction method {method!r}; choose one of {sorted(EXTRACTION_METHODS)}") from None
     return extract(text, arg)
+
+
+# --------------------------------------------------------------------------- suite metrics (the table)
+
+
+@dataclass(frozen=True)
+class SuiteMetric:
+    """A name a suite may list under ``metrics:``, and how the runner scores it.
+
+    One table, ``SUITE_METRICS``, answers both "may this suite name it" (the suite check) and
+    "how is it scored" (the runner), so the two cannot drift apart. ``item`` scores one
+    answer against its target (the runner averages each key over items, and paired A/B
+    comparisons use the per-item values); ``corpus`` scores all answers at once and replaces
+    those averages (BLEU and chrF are corpus statistics, macro F1 has no per-item value).
+    """
+
+    task: str  # the suites it applies to: "generate" or "multiple_choice" (code suites score pass@k)
+    item: Callable[[str, str], dict[str, float]] | None = None  # (answer, target) -> scores of that item
+    # (answers, targets, labels) -> aggregate scores; labels: every choice of a multiple_choice suite, in order
+    corpus: Callable[[Sequence[str], Sequence[str], Sequence[str]], dict[str, float]] | None = None
+    primary: str | None = None  # the item score paired comparisons use when this metric comes first (None: the name)
+
+
+def _bleu_item(answer: str, target: str) -> dict[str, float]:
+    return {"bleu": bleu([answer], [target])}
+
+
+def _bleu_corpus(answers: Sequence[str], targets: Sequence[str], _labels: Sequence[str]) -> dict[str, float]:
+    return {"bleu": bleu(answers, targets)}  # corpus-level, as sacrebleu means it
+
+
+def _chrf_item(answer: str, target: str) -> dict[str, float]:
+    return {"chrf": chrf([answer], [target])}
+
+
+def _chrf_corpus(answers: Sequence[str], targets: Sequence[str], _labels: Sequence[str]) -> dict[str, float]:
+    return {"chrf": chrf(answers, targets)}
+
+
+def _macro_f1_corpus(answers: Sequence[str], targets: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    return {"macro_f1": classification_metrics(targets, answers, labels)["f1"]}
+
+
+# Metric name (a suite's ``metrics:``) -> how it is scored. Order: the order suite errors list them in.
+SUITE_METRICS: dict[str, SuiteMetric] = {
+    "exact_match": SuiteMetric(task="generate", item=lambda a, t: {"exact_match": exact_match(a, t)}),
+    "token_f1": SuiteMetric(task="generate", item=lambda a, t: {"token_f1": token_f1(a, t)}),
+    "bleu": SuiteMetric(task="generate", item=_bleu_item, corpus=_bleu_corpus),
+    "chrf": SuiteMetric(task="generate", item=_chrf_item, corpus=_chrf_corpus),
+    "rouge": SuiteMetric(task="generate", item=lambda a, t: rouge([a], [t]), primary="rougeL"),
+    "accuracy": SuiteMetric(task="multiple_choice", item=lambda a, t: {"accuracy": float(a == t)}),
+    "macro_f1": SuiteMetric(task="multiple_choice", corpus=_macro_f1_corpus),
+}
+
+
+def suite_metrics(task: str) -> tuple[str, ...]:
+    """The metric names a suite of ``task`` may list, in table order (none for ``code``: pass@k)."""
+    return tuple(name for name, m in SUITE_METRICS.items() if m.task == task)
+
+
+def score_items(
+    names: Sequence[str], answers: Sequence[str], targets: Sequence[str], labels: Sequence[str] = ()
+) -> tuple[list[dict[str, float]], dict[str, float], str]:
+    """Score a suite's answers with the named metrics of ``SUITE_METRICS``.
+
+    Args:
+        names: Metric names, in the suite's order (the first with item scores gives the primary).
+        answers: The extracted answer of each item.
+        targets: Each item's target.
+        labels: multiple_choice: every choice, in order (the label set of macro F1).
+
+    Returns:
+        (per-item scores, aggregates, primary): aggregates are the means of the item scores,
+        then each metric's corpus scores over them.
+
+    Raises:
+        KeyError: A name that is not in the table (suites are checked against it when loaded).
+        ValueError: ``answers`` and ``targets`` differ in length, or there are none.
+    """
+    if len(answers) != len(targets) or not answers:
+        raise ValueError(f"{len(answers)} answers and {len(targets)} targets; need one per item and at least one")
+    metrics = [SUITE_METRICS[n] for n in names]
+    rows: list[dict[str, float]] = []
+    for answer, target in zip(answers, targets):
+        scores: dict[str, float] = {}
+        for m in metrics:
+            if m.item is not None:
+                scores.update(m.item(answer, target))
+        rows.append(scores)
+    agg = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    for m in metrics:
+        if m.corpus is not None:
+            agg.update(m.corpus(answers, targets, labels))
+    primary = next((m.primary or n for n, m in zip(names, metrics) if m.item is not None), names[0])
+    return rows, agg, primary

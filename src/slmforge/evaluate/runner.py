@@ -155,33 +155,11 @@ def _run_generate(generator, spec, items, params, batch_size, progress):
 
     prompts = [build_prompt(spec, it) for it in items]
     outputs = _generate_all(generator, spec, prompts, params, batch_size, progress)
-    rows = []
-    preds, refs = [], []
-    for it, prompt, outs in zip(items, prompts, outputs):
-        answer = M.extract_answer(outs[0], spec.extract.method, spec.extract.arg) or ""
-        target = str(it["target"])
-        scores: dict[str, float] = {}
-        for m in spec.metrics:
-            if m == "exact_match":
-                scores[m] = M.exact_match(answer, target)
-            elif m == "token_f1":
-                scores[m] = M.token_f1(answer, target)
-            elif m == "rouge":
-                scores.update({k: v for k, v in M.rouge([answer], [target]).items()})
-            elif m == "bleu":
-                scores[m] = M.bleu([answer], [target])
-            elif m == "chrf":
-                scores[m] = M.chrf([answer], [target])
-        preds.append(answer)
-        refs.append(target)
-        rows.append({"id": it["id"], "prompt": prompt, "output": outs[0], "answer": answer, "target": target,
-                     "scores": scores})
-    agg = {k: sum(r["scores"][k] for r in rows) / len(rows) for k in rows[0]["scores"]}
-    if "bleu" in spec.metrics:
-        agg["bleu"] = M.bleu(preds, refs)  # corpus-level, as sacrebleu means it
-    if "chrf" in spec.metrics:
-        agg["chrf"] = M.chrf(preds, refs)
-    primary = spec.metrics[0] if spec.metrics[0] != "rouge" else "rougeL"
+    answers = [M.extract_answer(outs[0], spec.extract.method, spec.extract.arg) or "" for outs in outputs]
+    targets = [str(it["target"]) for it in items]
+    scores, agg, primary = M.score_items(spec.metrics, answers, targets)
+    rows = [{"id": it["id"], "prompt": prompt, "output": outs[0], "answer": answer, "target": target, "scores": s}
+            for it, prompt, outs, answer, target, s in zip(items, prompts, outputs, answers, targets, scores)]
     return agg, rows, primary
 
 
@@ -205,14 +183,15 @@ def _run_multiple_choice(generator, spec, items, params, batch_size, progress):
     for it, (start, choices, prompt) in zip(items, spans):
         scores_c = lls[start : start + len(choices)]
         best = choices[max(range(len(choices)), key=lambda i: scores_c[i])]
-        correct = float(best == str(it["target"]))
         gold.append(str(it["target"]))
         pred.append(best)
         rows.append({"id": it["id"], "prompt": prompt, "output": best, "answer": best, "target": str(it["target"]),
-                     "loglikelihoods": dict(zip(choices, scores_c)), "scores": {"accuracy": correct}})
-    cm = M.classification_metrics(gold, pred, labels)
-    agg = {"accuracy": cm["accuracy"], "macro_f1": cm["f1"]}
-    return agg, rows, "accuracy"
+                     "loglikelihoods": dict(zip(choices, scores_c))})
+    # Every multiple-choice metric, whichever the suite lists: they come from the same choices.
+    scores, agg, primary = M.score_items(M.suite_metrics("multiple_choice"), pred, gold, labels)
+    for row, s in zip(rows, scores):
+        row["scores"] = s
+    return agg, rows, primary
 
 
 def _run_code(generator, spec, items, params, batch_size, progress, allow_weak_sandbox=False):

@@ -31,8 +31,6 @@ from slmforge.config import ProjectConfig, Section
 from slmforge.errors import ConfigError, EvalError
 
 BUILTIN_DIR = Path(__file__).parent / "suites"
-GENERATE_METRICS = ("exact_match", "token_f1", "bleu", "chrf", "rouge")
-MC_METRICS = ("accuracy", "macro_f1")
 
 
 class SuiteData(Section):
@@ -75,7 +73,9 @@ class SuiteSpec(Section):
     timeout_s: float = Field(10.0, gt=0, description="code: seconds per program.")
 
     def check(self, where: str) -> None:
-        allowed = {"generate": GENERATE_METRICS, "multiple_choice": MC_METRICS, "code": ()}[self.task]
+        from slmforge.evaluate.metrics import suite_metrics
+
+        allowed = suite_metrics(self.task)  # the table the runner scores with
         if self.task == "code":
             bad = [k for k in self.k if k > self.n_samples]
             if bad:
