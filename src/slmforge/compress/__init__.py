@@ -79,8 +79,6 @@ def _uses(cfg: ProjectConfig, method: str) -> bool:
 
 def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
     """(kind, config, parents) of what ``quantize`` would write: what decides whether it is current."""
-    from slmforge.compress._methods import qat_loop_config
-
     spec = _model_spec(cfg, model)
     config: dict[str, Any] = {
         "quantize": cfg.quantize.model_dump(mode="json"),
@@ -89,8 +87,9 @@ def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[
         "heldout_split": cfg.report.heldout_split,
         "eval_seq_len": min(cfg.train.seq_len, 512),
     }
-    if _uses(cfg, "ternary"):
-        config["qat_loop"] = qat_loop_config(cfg).model_dump(mode="json")
+    for name, method in METHODS.items():
+        if method.plan is not None and _uses(cfg, name):
+            config.update(method.plan(cfg))
     data_dir = cfg.stage_dir("data", cfg.data.out)
     return "quantized-model", config, [model_ref(spec), parent_ref(data_dir, "dataset")]
 

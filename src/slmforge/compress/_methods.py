@@ -31,9 +31,14 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Method:
-    layer: str  # key of _layers.LAYER_FORMATS: what each chosen Linear becomes
-    prepare: Callable[[Any, list[str], Inputs], dict[str, Any]] | None  # runs once, before any layer is converted
+    """How a method is done. Built with keyword arguments in ``METHODS``, so an entry reads as what it is."""
+
+    layer: str  # key of model.quant_layers.LAYER_FORMATS: what each chosen Linear becomes
     one_shot: bool  # converts a layer on its own, from its weights alone (usable for per-layer sensitivity)
+    prepare: Callable[[Any, list[str], Inputs], dict[str, Any]] | None = None  # runs once, before any layer is converted
+    grouped: bool = False  # the layer format keeps a scale per quantize.group_size inputs (which must divide them)
+    # settings the method reads besides quantize.* (added to the artifact's config, so changing them re-runs it)
+    plan: Callable[[ProjectConfig], dict[str, Any]] | None = None
 
 
 def _prepare_smoothquant(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
@@ -98,6 +103,10 @@ def qat_loop_config(cfg: ProjectConfig) -> LoopConfig:
     return LoopConfig(**values)
 
 
+def _plan_ternary(cfg: ProjectConfig) -> dict[str, Any]:
+    return {"qat_loop": qat_loop_config(cfg).model_dump(mode="json")}
+
+
 def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
     """BitNet b1.58-style quantization-aware fine-tune on the text split with the one training loop."""
     from slmforge.data import read_jsonl
@@ -133,12 +142,14 @@ def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
 
 
 # Method name (quantize.method and the values of quantize.plan) -> how it is done.
+# Model-wide steps run in this order. quantize.method's Literal in config.py lists the same names
+# (tests/test_tables.py keeps them equal).
 METHODS: dict[str, Method] = {
-    "int8_weight_only": Method("int8_weight_only", None, True),
-    "int8_dynamic": Method("int8_dynamic", None, True),
-    "int4_weight_only": Method("int4_weight_only", None, True),
-    "smoothquant": Method("int8_dynamic", _prepare_smoothquant, False),
-    "ternary": Method("ternary", _prepare_ternary, False),
+    "int8_weight_only": Method(layer="int8_weight_only", one_shot=True),
+    "int8_dynamic": Method(layer="int8_dynamic", one_shot=True),
+    "int4_weight_only": Method(layer="int4_weight_only", one_shot=True, grouped=True),
+    "smoothquant": Method(layer="int8_dynamic", one_shot=False, prepare=_prepare_smoothquant),
+    "ternary": Method(layer="ternary", one_shot=False, prepare=_prepare_ternary, grouped=True, plan=_plan_ternary),
 }
 
 
@@ -178,7 +189,7 @@ def assign_methods(model, default: str, plan: dict[str, str], group_size: int) -
     for n in names:
         keys = [k for k in plan if n == k or n.startswith(k + ".")]
         out[n] = plan[max(keys, key=len)] if keys else default
-    grouped = [n for n, m in out.items() if m != NONE and METHODS[m].layer in ("int4_weight_only", "ternary")]
+    grouped = [n for n, m in out.items() if m != NONE and METHODS[m].grouped]
     widths = {model.get_submodule(n).in_features for n in grouped}
     bad = sorted(w for w in widths if w % group_size)
     if bad:
