@@ -95,9 +95,9 @@ def main() -> None:
         secs, docs, mb = [], 0, 0.0
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg._base_dir = Path(tmp)
+                rooted = cfg.rooted_at(tmp)
                 t0 = time.perf_counter()
-                result = run_data_stage(cfg, progress=False, command=["benchmark"])
+                result = run_data_stage(rooted, progress=False, command=["benchmark"])
                 secs.append(time.perf_counter() - t0)
                 docs, mb = result.stats["documents_in"], result.stats["mb_in"]
                 kept = result.stats["documents_out"]

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from slmforge.config import ModelConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SLMFORGE_NO_PROGRESS", "1")
+
+# The tiny random decoder the tests build (2 layers, 32 wide, untied output layer): a forward pass
+# takes milliseconds on a CPU, and engines can still be compared token for token on it.
+TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                   intermediate_size=64, tie_embeddings=False)
 
 PROSE = [
     "The garden was planted in early spring. Tomatoes need full sun and regular watering, "
@@ -180,8 +187,7 @@ def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
             lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(rng.sample(sentences, 4)), "source": "t"})
                      for i in range(n)]
             (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = ProjectConfig()
-    cfg._base_dir = workdir
+    cfg = ProjectConfig().rooted_at(workdir)
     cfg.tokenizer.vocab_size = vocab_size
     cfg.tokenizer.min_frequency = 1
     return train_tokenizer(cfg, command=["test"], progress=False).path

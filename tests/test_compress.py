@@ -19,8 +19,7 @@ LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); the tied output head st
 
 
 def _cfg(root: Path) -> ProjectConfig:
-    cfg = ProjectConfig()
-    cfg._base_dir = root
+    cfg = ProjectConfig().rooted_at(root)
     cfg.data.sources = ["python-docs"]
     cfg.data.python_docs.max_modules = 10
     cfg.data.split.val = 0.1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -55,6 +57,17 @@ def test_merge_order_defaults_file_set(tmp_path):
     assert cfg.tokenizer.domain_terms_top_n == 5
     assert cfg.resolve("x") == tmp_path.resolve() / "x"
     assert cfg.stage_dir("data") == tmp_path.resolve() / "runs" / "data"
+
+
+def test_rooted_at_resolves_paths_there_and_leaves_the_original(tmp_path):
+    cfg = ProjectConfig.model_validate({"data": {"sources": ["a"]}, "sft": {"out": "mine/sft"}})
+    rooted = cfg.rooted_at(tmp_path)
+    assert rooted.base_dir == tmp_path and cfg.base_dir != tmp_path
+    assert rooted.stage_dir("data") == tmp_path / "runs" / "data"
+    assert rooted.stage_dir("sft", rooted.sft.out) == tmp_path / "mine" / "sft"
+    assert rooted.resolve("/abs/x") == Path("/abs/x")
+    rooted.data.sources.append("b")  # a deep copy: editing it leaves the original alone
+    assert cfg.data.sources == ["a"]
 
 
 def test_unknown_key_names_path_line_and_allowed_keys(tmp_path):

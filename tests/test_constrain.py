@@ -20,7 +20,6 @@ import pytest
 import torch
 from jsonschema import Draft202012Validator
 
-from slmforge.config import ModelConfig
 from slmforge.errors import GenerateError
 from slmforge.generate._automaton import _mask_rows_fused
 from slmforge.generate._constrain import (
@@ -39,10 +38,8 @@ from slmforge.generate._constrain import (
 from slmforge.generate._vocab import _token_bytes
 from slmforge.tokenizer import load_tokenizer
 
-from conftest import PROSE, build_tiny_tokenizer
+from conftest import PROSE, TINY, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 N_SEQ = 30
 CAP = 200
 

@@ -26,8 +26,7 @@ PII_PATTERNS = [
 
 
 def _cfg(tmp_path: Path, sources: list[str], **data) -> ProjectConfig:
-    cfg = ProjectConfig()
-    cfg._base_dir = tmp_path
+    cfg = ProjectConfig().rooted_at(tmp_path)
     cfg.data.sources = sources
     cfg.data.split.val = 0.2
     cfg.data.split.test = 0.1

@@ -170,8 +170,7 @@ def make_dataset(root: Path, formats=("text", "classification", "ner"), sizes=No
 
 
 def _cfg(root: Path, task: str) -> ProjectConfig:
-    cfg = ProjectConfig()
-    cfg._base_dir = root
+    cfg = ProjectConfig().rooted_at(root)
     cfg.tokenizer.vocab_size = 400
     cfg.tokenizer.min_frequency = 1
     cfg.encoder.task = task

@@ -187,8 +187,7 @@ def tiny_project(tmp_path_factory):
     from slmforge.train import finetune, pretrain
 
     root = tmp_path_factory.mktemp("evalproj")
-    cfg = ProjectConfig()
-    cfg._base_dir = root
+    cfg = ProjectConfig().rooted_at(root)
     cfg.data.sources = ["python-docs"]
     cfg.data.python_docs.max_modules = 8
     cfg.tokenizer.vocab_size = 500

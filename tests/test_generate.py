@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmforge.config import GenerateConfig, ModelConfig, ProjectConfig, SamplingProfile
+from slmforge.config import GenerateConfig, ProjectConfig, SamplingProfile
 from slmforge.errors import GenerateError
 from slmforge.generate import (
     Completion,
@@ -31,11 +31,9 @@ from slmforge.generate import (
 from slmforge.model import load_causal_lm
 from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
 EXE = Path(sys.executable).parent / "slmforge"
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 PROMPTS = ["The garden was", "Bread is", "hello"]
 
 
@@ -282,8 +280,7 @@ def test_from_profile_takes_explicit_overrides_and_ignores_none():
 
 
 def test_default_model_dir_prefers_sft_then_train(tmp_path):
-    cfg = ProjectConfig()
-    cfg._base_dir = tmp_path
+    cfg = ProjectConfig().rooted_at(tmp_path)
     with pytest.raises(GenerateError, match="--model"):
         default_model_dir(cfg)
     (tmp_path / "runs" / "train").mkdir(parents=True)

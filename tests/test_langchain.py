@@ -22,17 +22,12 @@ from typing import Literal
 import httpx
 import pytest
 
-from slmforge.config import ModelConfig
-
-from conftest import build_tiny_tokenizer
+from conftest import TINY, build_tiny_tokenizer
 
 pytestmark = pytest.mark.interop
 
 pydantic = pytest.importorskip("pydantic")
 langchain_openai = pytest.importorskip("langchain_openai")
-
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 
 
 class Person(pydantic.BaseModel):

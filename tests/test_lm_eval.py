@@ -13,17 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.config import ModelConfig
 from slmforge.evaluate import metrics as M
 from slmforge.evaluate.suites import SuiteSpec, export_lm_eval_task, load_suite
 
-from conftest import PROSE, LiveServer, build_peaky_model, build_tiny_tokenizer
+from conftest import PROSE, TINY, LiveServer, build_peaky_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.interop
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the exported tasks read local JSONL only
-
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 
 
 def lm_eval_answers(task_yaml: Path, outputs: list[str], docs: list[dict]) -> tuple[list[str], dict]:

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from slmforge.config import GenerateConfig, ModelConfig
+from slmforge.config import GenerateConfig
 from slmforge.errors import GenerateError, ModelError
 from slmforge.export.onnx import (
     check_onnx,
@@ -42,10 +42,8 @@ from slmforge.export.onnx import (
 from slmforge.generate import Generator, SamplingParams, TorchGenerator, profiles_from_model
 from slmforge.generate._onnx import Decoder, OnnxGenerator, choose_providers
 
-from conftest import build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 PROMPTS = ["The garden was", "Bread is", "hello", "The river flows"]
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

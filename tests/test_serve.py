@@ -14,15 +14,12 @@ import httpx
 import openai
 import pytest
 
-from slmforge.config import ModelConfig
 from slmforge.errors import ConfigError
 from slmforge.generate import Completion, Generator, SamplingParams, TorchGenerator
 from slmforge.serve import create_app, parse_model_ref, read_api_keys, serve
 
-from conftest import LiveServer, build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, LiveServer, build_peaky_model, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 KEY = "sk-test-key"
 PROMPT = "The garden was"
 

@@ -15,16 +15,14 @@ import httpx
 import openai
 import pytest
 
-from slmforge.config import ModelConfig, SamplingProfile
+from slmforge.config import SamplingProfile
 from slmforge.generate import SamplingParams, TorchGenerator
 from slmforge.serve import create_app
 from slmforge.serve._batch import BatchEngine, BatchRequest
 from slmforge.serve._models import ServedModel, wrap_models
 
-from conftest import LiveServer, build_lora_adapter, build_peaky_model, build_tiny_embedder, build_tiny_tokenizer
+from conftest import TINY, LiveServer, build_lora_adapter, build_peaky_model, build_tiny_embedder, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 PROMPTS = ["The garden was", "A", "In the morning the old man walked to the", "She said", "The river",
            "Once upon a time there was a very long", "Birds", "The city at night"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slmforge.config import ModelConfig, ServeCostConfig
+from slmforge.config import ServeCostConfig
 from slmforge.serve import create_app
 from slmforge.serve.bench import (
     BENCH_PROMPTS,
@@ -26,10 +26,8 @@ from slmforge.serve.bench import (
     start_server,
 )
 
-from conftest import LiveServer, build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, LiveServer, build_peaky_model, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 EXE = Path(sys.executable).parent / "slmforge"
 
 

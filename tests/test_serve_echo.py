@@ -10,14 +10,11 @@ import httpx
 import openai
 import pytest
 
-from slmforge.config import ModelConfig
 from slmforge.generate import Completion, TorchGenerator
 from slmforge.serve import create_app
 
-from conftest import LiveServer, build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, LiveServer, build_peaky_model, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 PROMPT = "The garden was planted in early spring"
 
 

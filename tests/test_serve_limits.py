@@ -17,18 +17,17 @@ import openai
 import pytest
 import torch
 
-from slmforge.config import GenerateConfig, ModelConfig
+from slmforge.config import GenerateConfig
 from slmforge.errors import ConfigError
 from slmforge.model import build_model, save_model_folder
 from slmforge.serve import ApiKey, add_key, create_app, hash_api_key, read_keys_file, revoke_key, usage_csv
 from slmforge.serve._limits import KeyLimiter, LimitExceeded, Metrics
 from slmforge.tokenizer import load_tokenizer
 
-from conftest import build_tiny_tokenizer
+from conftest import TINY, build_tiny_tokenizer
 
 CONTEXT = 64
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False, max_position_embeddings=CONTEXT)
+TINY_CONTEXT = TINY.model_copy(update={"max_position_embeddings": CONTEXT})
 PROMPT = "The garden was"
 
 
@@ -42,7 +41,7 @@ def model_dir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("serve_limits")
     tok = load_tokenizer(build_tiny_tokenizer(workdir, vocab_size=400))
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(TINY, vocab_size=len(tok), special_ids=ids, seed=0)
+    model = build_model(TINY_CONTEXT, vocab_size=len(tok), special_ids=ids, seed=0)
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
         model.lm_head.weight[: 5 + 256] = 0

@@ -18,14 +18,11 @@ import jsonschema
 import openai
 import pytest
 
-from slmforge.config import ModelConfig
 from slmforge.generate import TorchGenerator
 from slmforge.serve import create_app
 
-from conftest import LiveServer, build_tiny_tokenizer
+from conftest import TINY, LiveServer, build_tiny_tokenizer
 
-TINY = ModelConfig(preset="custom", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, tie_embeddings=False)
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
                          "role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"},

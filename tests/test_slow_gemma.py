@@ -28,8 +28,7 @@ def test_gemma_gguf_lora_merge_reload_perplexity(tmp_path, capsys):
     gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
     pkg.assemble(str(gguf))
 
-    cfg = ProjectConfig()
-    cfg._base_dir = tmp_path
+    cfg = ProjectConfig().rooted_at(tmp_path)
     cfg.data.sources = ["python-docs"]
     cfg.data.python_docs.max_modules = 40
     cfg.data.formats = ["text", "chat"]

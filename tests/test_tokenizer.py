@@ -102,8 +102,7 @@ def _write_dataset(folder: Path, make_doc, sizes=(("train", 700), ("val", 60), (
 
 
 def _config(base_dir: Path, **tokenizer) -> ProjectConfig:
-    cfg = ProjectConfig()
-    cfg._base_dir = base_dir
+    cfg = ProjectConfig().rooted_at(base_dir)
     for key, value in tokenizer.items():
         setattr(cfg.tokenizer, key, value)
     return cfg

@@ -23,8 +23,7 @@ TINY = {"preset": "custom", "hidden_size": 32, "num_layers": 2, "num_heads": 2, 
 
 
 def _cfg(root: Path) -> ProjectConfig:
-    cfg = ProjectConfig()
-    cfg._base_dir = root
+    cfg = ProjectConfig().rooted_at(root)
     cfg.data.sources = ["python-docs"]
     cfg.data.python_docs.max_modules = 10
     cfg.data.split.val = 0.1

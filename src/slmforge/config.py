@@ -614,6 +614,16 @@ class ProjectConfig(Section):
         """Where the config came from (file path, or 'defaults')."""
         return self._source
 
+    def rooted_at(self, base_dir: str | Path) -> ProjectConfig:
+        """A copy whose relative paths resolve against ``base_dir``, as if its project file were there.
+
+        ``load_config`` roots a config at its file's folder; a config built in code (a test, a
+        benchmark script) is rooted at the working directory until it is given a folder this way.
+        """
+        cfg = self.model_copy(deep=True)
+        cfg._base_dir = Path(base_dir)
+        return cfg
+
     def resolve(self, path: str | Path) -> Path:
         """Resolve a path from the config against the project file's folder."""
         p = Path(path).expanduser()
