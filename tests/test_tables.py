@@ -143,10 +143,10 @@ def test_export_formats_are_the_config_sections():
     assert sections == list(FORMATS)
 
 
-def test_the_engines_load_generator_picks_are_config_choices(tmp_path: Path):
-    """``engine_for`` names the engine ``load_generator`` uses for a path; each must be a name a
-    served model may give as ``engine`` (the config also has auto, and the server-only embedding and vllm)."""
-    from slmforge.generate import engine_for
+def test_the_engine_table_is_what_engine_for_picks_and_the_config_allows(tmp_path: Path):
+    """``load_generator`` loads the engine ``engine_for`` names from ``ENGINE_LOADERS``; each is a
+    choice of serve.models[].engine, which also has auto and the server-only embedding and vllm."""
+    from slmforge.generate import ENGINE_LOADERS, engine_for
 
     onnx, hf = tmp_path / "onnx", tmp_path / "hf"
     for folder in (onnx, hf):
@@ -154,7 +154,6 @@ def test_the_engines_load_generator_picks_are_config_choices(tmp_path: Path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     (onnx / "genai_config.json").write_text("{}")
     (hf / "config.json").write_text("{}")
-    picked = {engine_for(p) for p in (tmp_path / "m.gguf", onnx, hf, "http://127.0.0.1:1/v1#m")}
-    assert picked == {"llama.cpp", "onnx", "torch", "openai"}
-    assert set(_choices(ServeModelConfig, "engine")) == picked | {"auto", "embedding", "vllm"}
-
+    picked = [engine_for(p) for p in (hf, onnx, tmp_path / "m.gguf", "http://127.0.0.1:1/v1#m")]
+    assert picked == list(ENGINE_LOADERS)
+    assert set(_choices(ServeModelConfig, "engine")) == {*ENGINE_LOADERS, "auto", "embedding", "vllm"}

@@ -37,6 +37,9 @@ __all__ = [
     "resolve_profile",
     "default_model_dir",
     "saved_profiles",
+    "engine_for",
+    "load_generator",
+    "ENGINE_LOADERS",
     # served lazily from private modules (see _ENGINES and _SHARED below)
     "OnnxGenerator",
     "LlamaCppGenerator",
@@ -216,30 +219,49 @@ def engine_for(path: str | Path) -> str:
     return "torch"
 
 
+def _load_torch(path: str | Path, adapters, device: str, endpoints):
+    from slmforge.generate._torch import TorchGenerator
+
+    return TorchGenerator.from_pretrained(path, adapters=adapters, device=device)
+
+
+def _load_onnx(path: str | Path, adapters, device: str, endpoints):
+    from slmforge.generate._onnx import OnnxGenerator
+
+    return OnnxGenerator(Path(str(path)))
+
+
+def _load_llamacpp(path: str | Path, adapters, device: str, endpoints):
+    from slmforge.generate._llamacpp import LlamaCppGenerator
+
+    p = Path(str(path))
+    return LlamaCppGenerator(p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0])
+
+
+def _load_openai(path: str | Path, adapters, device: str, endpoints):
+    from slmforge.generate._openai import OpenAIGenerator
+
+    return OpenAIGenerator.from_ref(str(path), endpoints or ())
+
+
+# Engine name (what ``engine_for`` answers) -> loader(path, adapters, device, endpoints). Every name is
+# also a choice of serve.models[].engine in config.py (tests/test_tables.py); the server loads some
+# engines its own way still (batching slots, adapters), see serve/.
+ENGINE_LOADERS = {
+    "torch": _load_torch,
+    "onnx": _load_onnx,
+    "llama.cpp": _load_llamacpp,
+    "openai": _load_openai,
+}
+
+
 def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto",
                    endpoints: list[Any] | None = None):
     """The right engine for a model path (or ``http(s)://HOST/v1#MODEL`` endpoint), behind the Generator protocol.
 
     ``endpoints`` (``generate.endpoints`` of the project file) says which key each endpoint gets; an
     endpoint not listed gets none (OpenAI's API: ``OPENAI_API_KEY``)."""
-    engine = engine_for(path)
-    p = Path(str(path))
-    if engine == "openai":
-        from slmforge.generate._openai import OpenAIGenerator
-
-        return OpenAIGenerator.from_ref(str(path), endpoints or ())
-    if engine == "llama.cpp":
-        from slmforge.generate._llamacpp import LlamaCppGenerator
-
-        gguf = p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0]
-        return LlamaCppGenerator(gguf)
-    if engine == "onnx":
-        from slmforge.generate._onnx import OnnxGenerator
-
-        return OnnxGenerator(p)
-    from slmforge.generate._torch import TorchGenerator
-
-    return TorchGenerator.from_pretrained(path, adapters=adapters, device=device)
+    return ENGINE_LOADERS[engine_for(path)](path, adapters, device, endpoints)
 
 
 # --------------------------------------------------------------------------- profiles
