@@ -75,6 +75,13 @@ def test_every_suite_task_has_its_metrics_in_the_table():
     assert suite_metrics("code") == ()  # pass@k, from the suite's k
 
 
+def test_lm_eval_translates_only_table_metrics():
+    from slmforge.evaluate.metrics import SUITE_METRICS
+    from slmforge.evaluate.suites import _LM_EVAL_METRICS
+
+    assert _LM_EVAL_METRICS <= set(SUITE_METRICS)  # a renamed metric is renamed in the lm-eval export too
+
+
 def test_extraction_methods_are_the_suite_choices():
     from slmforge.evaluate.metrics import EXTRACTION_METHODS
     from slmforge.evaluate.suites import ExtractSpec
