@@ -1,12 +1,12 @@
 # The two commands a newcomer runs on a fresh machine:
 #   make demo   install, then run the main job (slmforge quickstart)
-#   make test   install, then run the test suite (what CI runs)
+#   make test   install, lint (ruff; mypy on the core), then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo lint test test-slow bench clean
 
 # torch first, from the CPU wheel: asking for plain `torch` later would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/slmforge quickstart --out quickstart
 
-test: install
+# ruff on all Python; mypy (strict) on the core modules listed under [tool.mypy] in pyproject.toml.
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The slow tier needs a real pretrained model: Gemma 3 270M (GGUF) from an offline package.
@@ -54,4 +59,4 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/export-ollama/python-docs-slm-Q8_0.gguf
 
 clean:
-	rm -rf $(VENV) quickstart .pytest_cache
+	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache .mypy_cache

@@ -32,9 +32,9 @@ RANDOM = {"tiny": dict(preset="custom", hidden_size=64, num_layers=2, num_heads=
 
 def random_model(name: str, work: Path) -> Path:
     sys.path.insert(0, str(TESTS))
-    from conftest import build_peaky_model, build_tiny_tokenizer
-
     from slmforge.config import ModelConfig
+
+    from conftest import build_peaky_model, build_tiny_tokenizer
 
     tokenizer = work / "tokenizer"
     if not tokenizer.exists():

@@ -73,8 +73,7 @@ def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
     if kind == "torch":
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
     elif kind == "torch-int8":
-        from slmforge.compress import quantize_model
-        from slmforge.compress import save_quantized
+        from slmforge.compress import quantize_model, save_quantized
 
         gen = TorchGenerator.from_pretrained(path, device="cpu")
         layers = quantize_model(gen.model, "int8_dynamic")

@@ -159,8 +159,9 @@ def test_echo_scores_with_the_named_lora_adapter_or_the_bare_base(model_dir, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import build_lora_adapter
     from slmforge.serve._models import ServedModel, wrap_models
+
+    from conftest import build_lora_adapter
 
     adapter = build_lora_adapter(model_dir, tmp_path / "a1", seed=1)
     with_adapters = TorchGenerator.from_pretrained(model_dir, adapters={"a1": adapter}, device="cpu")

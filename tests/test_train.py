@@ -196,7 +196,7 @@ def test_interrupted_training_resumes_to_the_same_weights(project, uninterrupted
     again = _train_cli(project, out)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert f"resuming from" in err and f"(step {steps[-1]})" in err
+    assert "resuming from" in err and f"(step {steps[-1]})" in err
     resumed = load_file(str(project / out / "model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:

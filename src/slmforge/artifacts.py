@@ -87,7 +87,7 @@ class Manifest:
         }
 
 
-_REQUIRED = {
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
     "kind": str,
     "slmforge_version": str,
     "command": list,
@@ -253,7 +253,7 @@ class ArtifactWriter:
         self._t0 = time.monotonic()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return

@@ -731,7 +731,9 @@ def _set_path(raw: dict[str, Any], key_path: tuple[str, ...], value: Any, item: 
     node[key_path[-1]] = value
 
 
-def _format_validation_error(exc: ValidationError, text: str, source: str, from_set: dict) -> str:
+def _format_validation_error(
+    exc: ValidationError, text: str, source: str, from_set: dict[tuple[str, ...], str]
+) -> str:
     lines = [f"Invalid configuration in {source}:"]
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
@@ -750,7 +752,7 @@ def _format_validation_error(exc: ValidationError, text: str, source: str, from_
     return "\n".join(lines)
 
 
-def _where(loc: tuple[str, ...], text: str, source: str, from_set: dict) -> str:
+def _where(loc: tuple[str, ...], text: str, source: str, from_set: dict[tuple[str, ...], str]) -> str:
     for key_path, item in from_set.items():
         if tuple(loc[: len(key_path)]) == key_path:
             return f" (from --set {item})"
@@ -803,7 +805,7 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
         cls = _section_class(field.annotation) if field else None
         if cls is None:
             return []
-    return list(cls.model_fields)
+    return list(cls.model_fields) if cls else []
 
 
 # --------------------------------------------------------------------------- templates
@@ -873,9 +875,9 @@ def _render_section(section: Section, indent: int) -> list[str]:
             if indent == 0:
                 out.append("")
             continue
-        if value is None and _section_class(field.annotation) is not None:
+        if value is None and (example := _section_class(field.annotation)) is not None:
             out.append(f"{pad}{name}: null")
-            out.extend(f"{pad}#   {line}" for line in _example_lines(_section_class(field.annotation)))
+            out.extend(f"{pad}#   {line}" for line in _example_lines(example))
             continue
         if isinstance(value, dict) and value and all(isinstance(v, Section) for v in value.values()):
             out.append(f"{pad}{name}:")  # named sub-sections (profiles): one flow mapping per line
@@ -887,7 +889,7 @@ def _render_section(section: Section, indent: int) -> list[str]:
 
 def _yaml_value(value: Any) -> str:
     """One value in YAML flow style, on one line."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    text: str = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
@@ -919,4 +921,5 @@ def init_project(directory: str | Path, template: str = "quickstart", force: boo
 
 def dump_config(cfg: ProjectConfig) -> str:
     """The resolved config as YAML."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)
+    text: str = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)
+    return text

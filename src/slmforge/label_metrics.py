@@ -49,9 +49,9 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
     if unknown:
         raise ValueError(f"labels not in the label list: {unknown}")
     confusion = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, pred):
-        confusion[index[g]][index[p]] += 1
-    per_class = {}
+    for g, q in zip(gold, pred):
+        confusion[index[g]][index[q]] += 1
+    per_class: dict[str, dict[str, float]] = {}
     for i, label in enumerate(labels):
         n_gold = sum(confusion[i])
         n_pred = sum(row[i] for row in confusion)
@@ -60,7 +60,10 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Seq
         p, r, f = _prf(confusion[i][i], n_pred, n_gold)
         per_class[label] = {"precision": p, "recall": r, "f1": f, "support": n_gold}
     present = list(per_class.values())
-    mean = lambda key: sum(c[key] for c in present) / len(present) if present else 0.0  # noqa: E731
+
+    def mean(key: str) -> float:
+        return sum(c[key] for c in present) / len(present) if present else 0.0
+
     correct = sum(confusion[i][i] for i in range(len(labels)))
     return {
         "accuracy": correct / len(gold) if gold else 0.0,
@@ -112,15 +115,16 @@ def entity_f1(gold_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[s
     """
     if len(gold_tags) != len(pred_tags):
         raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
-    gold, pred = set(), set()
+    gold: set[tuple[int, str, int, int]] = set()
+    pred: set[tuple[int, str, int, int]] = set()
     tokens = correct = 0
-    for n, (g, p) in enumerate(zip(gold_tags, pred_tags)):
-        if len(g) != len(p):
-            raise ValueError(f"sentence {n}: {len(g)} gold tags but {len(p)} predicted")
+    for n, (g, q) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(q):
+            raise ValueError(f"sentence {n}: {len(g)} gold tags but {len(q)} predicted")
         gold.update((n, *span) for span in entity_spans(g))
-        pred.update((n, *span) for span in entity_spans(p))
+        pred.update((n, *span) for span in entity_spans(q))
         tokens += len(g)
-        correct += sum(a == b for a, b in zip(g, p))
+        correct += sum(a == b for a, b in zip(g, q))
     hit = gold & pred
     per_type = {}
     for kind in sorted({e[1] for e in gold | pred}):

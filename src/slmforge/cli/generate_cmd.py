@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from slmforge.cli._options import ConfigOpt, SetOpt, err
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(

@@ -155,7 +155,7 @@ def run_data_stage(
             they are skipped and listed in ``skipped.jsonl`` with the reason.
     """
     from slmforge._progress import progress_bar
-    from slmforge.data import clean, dedup, filters, formats, pii, report, sources, synth
+    from slmforge.data import clean, dedup, filters, pii, report, sources
     from slmforge.errors import DataError
 
     dcfg = cfg.data
@@ -316,7 +316,7 @@ def run_data_stage(
 def _write_format(
     fmt: str, folder: Path, by_split: dict[str, list[Document]], cfg: ProjectConfig, progress: bool
 ) -> dict[str, Any]:
-    from slmforge.data import formats, synth
+    from slmforge.data import formats
 
     dcfg = cfg.data
     out: dict[str, Any] = {}

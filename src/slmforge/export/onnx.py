@@ -361,8 +361,7 @@ def optimization_table(
     import onnx
     import onnxruntime as ort
 
-    from slmforge.generate import ORT_LEVELS, DecoderLayout
-    from slmforge.generate import choose_providers as choose
+    from slmforge.generate import ORT_LEVELS, DecoderLayout, choose_providers as choose
 
     onnx_file = Path(onnx_file)
     if not onnx_file.is_file():

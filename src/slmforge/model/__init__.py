@@ -226,7 +226,6 @@ def _swap_norms_for_layernorm(model) -> None:
     """Replace every RMSNorm with a LayerNorm without bias (same parameter count, so
     estimates hold). Note: llama.cpp and GGUF expect RMSNorm for the llama architecture."""
     import torch
-
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     for name, module in list(model.named_modules()):

@@ -21,10 +21,9 @@ uvicorn are imported only when an app is built.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import json
 
 from slmforge.errors import ConfigError
 from slmforge.serve._hash import hash_api_key
@@ -114,7 +113,8 @@ def create_app(
         raise ConfigError("The server needs at least one model.")
     if api_keys is not None and not api_keys:
         raise ConfigError("api_keys is empty: pass None for no authentication, or at least one key.")
-    from slmforge.serve._app import PromptLimits, build_app
+    from slmforge.serve._app import build_app
+    from slmforge.serve._state import PromptLimits
     from slmforge.serve._limits import KeyLimiter, Metrics
     from slmforge.serve._models import wrap_models
 
