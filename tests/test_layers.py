@@ -188,3 +188,14 @@ def test_the_checker_sees_what_it_should(tmp_path, monkeypatch, file, source, ex
         assert problems == []
     else:
         assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_the_type_checker_covers_exactly_the_core_modules():
+    """`make test` runs mypy (strict) on pyproject's [tool.mypy] files: every top-level module of the
+    core layer, so a module moved down to the core is type-checked from then on."""
+    import tomllib
+
+    pyproject = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    core = {f"src/slmforge/{name}.py" for name, unit in TOP_LEVEL.items()
+            if unit == "core" and (SRC / f"{name}.py").is_file()}
+    assert set(pyproject["tool"]["mypy"]["files"]) == core
