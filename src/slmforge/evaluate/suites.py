@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from slmforge.config import ProjectConfig, Section
-from slmforge.errors import ConfigError, EvalError
+from slmforge.errors import EvalError
 
 BUILTIN_DIR = Path(__file__).parent / "suites"
 
