@@ -114,9 +114,9 @@ def create_app(
     if api_keys is not None and not api_keys:
         raise ConfigError("api_keys is empty: pass None for no authentication, or at least one key.")
     from slmforge.serve._app import build_app
-    from slmforge.serve._state import PromptLimits
     from slmforge.serve._limits import KeyLimiter, Metrics
     from slmforge.serve._models import wrap_models
+    from slmforge.serve._state import PromptLimits
 
     keys = None
     if api_keys is not None:

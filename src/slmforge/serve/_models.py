@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from slmforge.config import ProjectConfig, SamplingProfile, ServeModelConfig
-from slmforge.errors import ConfigError
+from slmforge.errors import ConfigError, GenerateError
 
 
 @dataclass
@@ -29,6 +29,85 @@ class ServedModel:
     embedder: Any = None
     upstream: Any = None
     engine: str = "torch"
+
+    # What the server asks of the engine behind a name. The engine-specific probes live here, not in
+    # the route handlers, so that a handler reads the same for every engine.
+
+    def card(self, created: int) -> dict[str, Any]:
+        """The model's entry in ``/v1/models`` (OpenAI's fields, and ours: engine, kind, profiles)."""
+        return {"id": self.name, "object": "model", "created": created, "owned_by": "slmforge",
+                "engine": self.engine, "kind": self.kind, **({"adapter": self.adapter} if self.adapter else {}),
+                "profiles": sorted(self.profiles), "default_profile": self.profile}
+
+    def sampling_profile(self, name: str | None) -> SamplingProfile | None:
+        """The profile a request names (else the model's default, else None: OpenAI's defaults).
+
+        Raises:
+            ApiError: 400 for a profile the model does not have.
+        """
+        from slmforge.serve.protocol import ApiError
+
+        name = name or self.profile
+        if name is None:
+            return None
+        if name not in self.profiles:
+            raise ApiError(400, f"Unknown profile {name!r} for model {self.name!r}; known: "
+                           f"{', '.join(sorted(self.profiles)) or '(none)'}.", "invalid_request_error", "profile")
+        return self.profiles[name]
+
+    @property
+    def slots(self) -> int:
+        """How many requests an engine without our batching takes at once (llama.cpp: its ``parallel``)."""
+        return max(1, int(getattr(self.generator, "parallel", 1)))
+
+    @property
+    def grammar(self) -> bool:
+        """Whether the engine constrains output by its own grammar engine (llama.cpp) rather than ours."""
+        return self.batch is None and self.engine == "llama.cpp"
+
+    def context_length(self) -> int | None:
+        """The model's context window in tokens, where the engine exposes one."""
+        gen = self.generator
+        for holder in (gen, getattr(getattr(gen, "model", None), "config", None)):
+            for attr in ("context_length", "max_position_embeddings"):
+                value = getattr(holder, attr, None)
+                if isinstance(value, int) and value > 0:
+                    return value
+        return None
+
+    def count_tokens(self, text: str, special: bool) -> int:
+        """Tokens in a prompt, by the engine's tokenizer (llama.cpp: its own ``tokenize``); 0 for an engine
+        that exposes none."""
+        tokenizer = getattr(self.generator, "tokenizer", None)
+        if tokenizer is None or not callable(tokenizer):
+            tokenize = getattr(self.generator, "tokenize", None)
+            if callable(tokenize):
+                try:
+                    return len(tokenize(text, add_special=special))
+                except Exception:  # usage is informative only; never fail a request over it
+                    return 0
+            return 0
+        try:
+            return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+        except Exception:  # a tokenizer with another call signature: usage is informative only
+            return 0
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The chat prompt as the engine renders it; for an engine that renders its own, the contents
+        joined (only for counting tokens).
+
+        Raises:
+            ApiError: 400 (``param`` messages) for messages the chat template refuses.
+        """
+        from slmforge.serve.protocol import ApiError
+
+        render = getattr(self.generator, "render_chat", None)
+        if render is None:
+            return "\n".join(m["content"] for m in messages)
+        try:
+            return render(messages)
+        except GenerateError as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", "messages") from None
 
 
 def wrap_models(models: dict[str, Any], max_batch_size: int) -> dict[str, ServedModel]:
