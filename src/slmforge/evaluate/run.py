@@ -43,8 +43,8 @@ def _default_model(cfg: ProjectConfig) -> Path:
 
 
 def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult:
-    from slmforge.evaluate import perplexity
     from slmforge.data import read_jsonl
+    from slmforge.evaluate import perplexity
 
     split = cfg.report.heldout_split
     texts = [r["text"] for r in read_jsonl(cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl")]
@@ -331,7 +331,7 @@ def _sandbox_lines(results: dict[str, SuiteResult]) -> list[str]:
 
 
 def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[str, Any]]) -> None:
-    lines = [f"# A/B comparison", "", f"A: `{a}`  ", f"B: `{b}`", "",
+    lines = ["# A/B comparison", "", f"A: `{a}`  ", f"B: `{b}`", "",
              "| suite | metric | n | A | B | B - A | 95% CI | p | verdict |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
     for s, r in report.items():
         lines.append(f"| {s} | {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | {r['diff']:+.4f} | "

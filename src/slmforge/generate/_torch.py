@@ -387,7 +387,7 @@ def _attach_adapters(model, adapters: dict[str, str | Path]):
         if not (Path(where).expanduser() / "adapter_config.json").is_file():
             raise ModelError(
                 f"Adapter {name!r}: {where} is not a peft adapter folder (no adapter_config.json). Point at the "
-                "folder written by `slmforge train --stage sft` with sft.method lora, or by peft's save_pretrained."
+                "folder written by `slmforge train sft` with sft.method lora, or by peft's save_pretrained."
             )
     items = list(adapters.items())
     try:
