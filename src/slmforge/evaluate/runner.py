@@ -130,21 +130,17 @@ def _batches(seq: list, size: int):
 def _generate_all(generator, spec: SuiteSpec, prompts: list[str], params, batch_size: int, progress: bool):
     """Completions for every prompt, batched where the engine can batch."""
     from slmforge._progress import progress_bar
+    from slmforge.generate import as_engine
 
+    engine = as_engine(generator)
     outputs: list[list[str]] = []
     with progress_bar(progress) as bar:
         task = bar.add_task(f"eval {spec.name}", total=len(prompts), info="")
         for chunk in _batches(prompts, batch_size):
             if spec.chat:
-                convs = [[{"role": "user", "content": p}] for p in chunk]
-                if hasattr(generator, "chat_batch"):
-                    got = generator.chat_batch(convs, params)
-                else:
-                    got = [generator.chat(c, params) for c in convs]
-            elif hasattr(generator, "complete_batch"):
-                got = generator.complete_batch(chunk, params)
+                got = engine.chat_batch([[{"role": "user", "content": p}] for p in chunk], params)
             else:
-                got = [generator.complete(p, params) for p in chunk]
+                got = engine.complete_batch(chunk, params)
             outputs.extend([c.text for c in completions] for completions in got)
             bar.update(task, advance=len(chunk))
     return outputs
@@ -165,8 +161,10 @@ def _run_generate(generator, spec, items, params, batch_size, progress):
 
 def _run_multiple_choice(generator, spec, items, params, batch_size, progress):
     from slmforge.evaluate import metrics as M
+    from slmforge.generate import as_engine
 
-    if not hasattr(generator, "loglikelihood"):
+    engine = as_engine(generator)
+    if not engine.capabilities.loglikelihood:
         raise EvalError(f"Suite {spec.name} scores choices by log-likelihood, which this engine does not provide.")
     rows, gold, pred = [], [], []
     labels: list[str] = []
@@ -179,7 +177,7 @@ def _run_multiple_choice(generator, spec, items, params, batch_size, progress):
         spans.append((len(requests), choices, prompt))
         requests += [(prompt, spec.choice_prefix + c) for c in choices]
         labels += [c for c in choices if c not in labels]
-    lls = generator.loglikelihood(requests, batch_size=batch_size)
+    lls = engine.loglikelihood(requests, batch_size=batch_size)
     for it, (start, choices, prompt) in zip(items, spans):
         scores_c = lls[start : start + len(choices)]
         best = choices[max(range(len(choices)), key=lambda i: scores_c[i])]

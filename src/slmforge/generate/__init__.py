@@ -8,22 +8,27 @@ named sampling profiles, and the in-process torch engine.
     for piece in gen.stream([{"role": "user", "content": "What is a coroutine?"}], params):
         print(piece, end="", flush=True)
 
-Evaluation, RAG, agents, reasoning and the server depend only on ``Generator``;
-later engines (ONNX Runtime, llama.cpp, OpenAI-compatible HTTP) implement the
-same four methods. torch and transformers are imported only when
-``TorchGenerator`` is first used.
+Evaluation, RAG, agents and reasoning depend only on ``Generator`` (four methods).
+Every engine (torch, ONNX Runtime, llama.cpp, OpenAI-compatible HTTP) keeps the
+whole ``Engine`` contract besides: its name, context window, token counting, chat
+rendering and a declared set of ``Capabilities`` (batching, log-likelihood,
+grammar, adapters, beams...), which the server and the evaluation runner read
+through ``as_engine`` instead of probing for attributes. ``ENGINES`` is the one
+table of engines, for ``load_generator`` and the server alike. torch and
+transformers are imported only when ``TorchGenerator`` is first used.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from slmforge.config import GenerateConfig, ProjectConfig, SamplingProfile
-from slmforge.errors import GenerateError
+from slmforge.errors import GenerateError, ModelError
+from slmforge.generate._contract import Capabilities, EngineBase, as_engine
 
 if TYPE_CHECKING:
     from slmforge.generate._torch import TorchGenerator
@@ -32,6 +37,12 @@ __all__ = [
     "SamplingParams",
     "Completion",
     "Generator",
+    "Engine",
+    "EngineBase",
+    "Capabilities",
+    "as_engine",
+    "EngineSpec",
+    "ENGINES",
     "TorchGenerator",
     "profiles_from_model",
     "resolve_profile",
@@ -40,7 +51,7 @@ __all__ = [
     "engine_for",
     "load_generator",
     "ENGINE_LOADERS",
-    # served lazily from private modules (see _ENGINES and _SHARED below)
+    # served lazily from private modules (see ENGINES and _SHARED below)
     "OnnxGenerator",
     "LlamaCppGenerator",
     "OpenAIGenerator",
@@ -164,14 +175,36 @@ class Generator(Protocol):
         ...
 
 
-# Engines live in private modules so that importing this package imports no
-# torch, onnxruntime or llama.cpp (`slmforge --help` stays instant).
-_ENGINES = {
-    "TorchGenerator": "slmforge.generate._torch",
-    "OnnxGenerator": "slmforge.generate._onnx",
-    "LlamaCppGenerator": "slmforge.generate._llamacpp",
-    "OpenAIGenerator": "slmforge.generate._openai",
-}
+@runtime_checkable
+class Engine(Generator, Protocol):
+    """The contract every engine of ``ENGINES`` keeps (by subclassing ``EngineBase``), and what the server
+    and the evaluation runner read, through ``as_engine(generator)``, instead of probing for attributes.
+
+    A capability declared True obliges further members (``Capabilities`` and ``_contract.REQUIRED``):
+    ``batching`` the torch internals the server's continuous batching drives (``model``, ``tokenizer``,
+    ``device``, ``eos_token_ids``, ``pad_token_id``, ``encode``); ``loglikelihood`` and
+    ``prompt_logprobs`` those methods; ``grammar`` a ``json_schema`` keyword on ``chat`` and ``stream``;
+    ``adapters`` ``adapters``, ``set_adapter`` and ``active_adapter``; ``perplexity`` ``model`` and
+    ``tokenizer``; ``beams`` nothing (num_beams > 1 is accepted).
+    """
+
+    engine: str  # the engine's name in ENGINES
+    capabilities: Capabilities
+    context_length: int | None  # the context window in tokens, where the engine knows one
+    parallel: int  # requests the engine takes at once
+
+    def chat_batch(self, conversations: list[list[Message]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` replies per conversation, in order."""
+        ...
+
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        """Tokens the model sees for ``text`` (``special``: with BOS); 0 without a local tokenizer."""
+        ...
+
+    def render_chat(self, messages: list[Message]) -> str:
+        """The prompt text the engine makes of a conversation (joined contents where it renders remotely)."""
+        ...
+
 
 # Helpers of those modules that the layers above use, served the same lazy way: this package's
 # public API, so that serve/ and export/ never import a private module of generate/.
@@ -195,7 +228,7 @@ _SHARED = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _ENGINES.get(name) or _SHARED.get(name)
+    module = _ENGINE_CLASSES.get(name) or _SHARED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
@@ -219,49 +252,100 @@ def engine_for(path: str | Path) -> str:
     return "torch"
 
 
-def _load_torch(path: str | Path, adapters, device: str, endpoints):
+# --------------------------------------------------------------------------- the engine table
+
+
+def _load_torch(path: str | Path, adapters: dict[str, str | Path] | None, device: str, **_: Any):
     from slmforge.generate._torch import TorchGenerator
 
-    return TorchGenerator.from_pretrained(path, adapters=adapters, device=device)
+    return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
 
 
-def _load_onnx(path: str | Path, adapters, device: str, endpoints):
+def _load_onnx(path: str | Path, **_: Any):
     from slmforge.generate._onnx import OnnxGenerator
 
     return OnnxGenerator(Path(str(path)))
 
 
-def _load_llamacpp(path: str | Path, adapters, device: str, endpoints):
+def _load_llamacpp(path: str | Path, parallel: int = 1, **_: Any):
     from slmforge.generate._llamacpp import LlamaCppGenerator
 
     p = Path(str(path))
-    return LlamaCppGenerator(p if p.suffix == ".gguf" else sorted(p.glob("*.gguf"))[0])
+    # A folder's model file, not the multimodal projector (mmproj-*.gguf) beside it.
+    files = [f for f in sorted(p.glob("*.gguf")) if not f.name.startswith("mmproj")] if p.is_dir() else [p]
+    if not files:
+        raise ModelError(f"{path} holds no .gguf model file; point at the .gguf file itself.")
+    return LlamaCppGenerator(files[0], parallel=parallel)
 
 
-def _load_openai(path: str | Path, adapters, device: str, endpoints):
+def _load_openai(path: str | Path, endpoints: list[Any] | None = None, **_: Any):
     from slmforge.generate._openai import OpenAIGenerator
 
     return OpenAIGenerator.from_ref(str(path), endpoints or ())
 
 
-# Engine name (what ``engine_for`` answers) -> loader(path, adapters, device, endpoints). Every name is
-# also a choice of serve.models[].engine in config.py (tests/test_tables.py); the server loads some
-# engines its own way still (batching slots, adapters), see serve/.
-ENGINE_LOADERS = {
-    "torch": _load_torch,
-    "onnx": _load_onnx,
-    "llama.cpp": _load_llamacpp,
-    "openai": _load_openai,
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine: the class that keeps the ``Engine`` contract (in a private module, imported on first
+    use so that importing this package imports no torch, onnxruntime or llama.cpp) and its loader,
+    ``load(path, adapters=, device=, endpoints=, parallel=)``, which takes what it needs of those."""
+
+    module: str
+    class_name: str
+    load: Callable[..., Any]
+
+    @property
+    def engine_class(self) -> type[EngineBase]:
+        """The engine's class (imports its module)."""
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.class_name)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the engine declares it can do (imports its module)."""
+        return self.engine_class.capabilities
+
+
+# The one table of engines: engine name (what ``engine_for`` answers, each class's ``engine``) -> its
+# class and loader. ``load_generator`` and the server both load through it; every name is also a choice
+# of serve.models[].engine in config.py (tests/test_tables.py, tests/test_engine_contract.py).
+ENGINES: dict[str, EngineSpec] = {
+    "torch": EngineSpec("slmforge.generate._torch", "TorchGenerator", _load_torch),
+    "onnx": EngineSpec("slmforge.generate._onnx", "OnnxGenerator", _load_onnx),
+    "llama.cpp": EngineSpec("slmforge.generate._llamacpp", "LlamaCppGenerator", _load_llamacpp),
+    "openai": EngineSpec("slmforge.generate._openai", "OpenAIGenerator", _load_openai),
 }
+
+# The loaders alone, by engine name (the table's older face).
+ENGINE_LOADERS = {name: spec.load for name, spec in ENGINES.items()}
+
+# Engine classes by name, served lazily by the module __getattr__ above.
+_ENGINE_CLASSES = {spec.class_name: spec.module for spec in ENGINES.values()}
 
 
 def load_generator(path: str | Path, adapters: dict[str, str | Path] | None = None, device: str = "auto",
-                   endpoints: list[Any] | None = None):
+                   endpoints: list[Any] | None = None, engine: str | None = None, parallel: int = 1) -> Any:
     """The right engine for a model path (or ``http(s)://HOST/v1#MODEL`` endpoint), behind the Generator protocol.
 
-    ``endpoints`` (``generate.endpoints`` of the project file) says which key each endpoint gets; an
-    endpoint not listed gets none (OpenAI's API: ``OPENAI_API_KEY``)."""
-    return ENGINE_LOADERS[engine_for(path)](path, adapters, device, endpoints)
+    Args:
+        path: A model folder, adapter folder, .gguf file or folder, ONNX export, hub id or endpoint.
+        adapters: LoRA adapters over the model, name -> folder (engines with the ``adapters`` capability).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the torch engine).
+        endpoints: ``generate.endpoints`` of the project file: which key each endpoint gets; an endpoint
+            not listed gets none (OpenAI's API: ``OPENAI_API_KEY``).
+        engine: A name of ``ENGINES``; None picks one from the path (``engine_for``).
+        parallel: Requests the engine decodes together, for engines with slots (llama.cpp); others ignore it.
+
+    Raises:
+        GenerateError: An unknown engine name, or an engine that cannot load the model.
+        ModelError: The model cannot be found or loaded.
+    """
+    name = engine or engine_for(path)
+    spec = ENGINES.get(name)
+    if spec is None:
+        raise GenerateError(f"Unknown engine {name!r}; the engines are {', '.join(ENGINES)}.")
+    return spec.load(path, adapters=adapters, device=device, endpoints=endpoints, parallel=parallel)
 
 
 # --------------------------------------------------------------------------- profiles

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from slmforge.errors import GenerateError, ModelError
-from slmforge.generate import Completion, Message, SamplingParams
+from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
 from slmforge.generate._text import cut_at_stop, cut_stream
 
 _KV_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
 _END = object()  # marks the end of a stream in the queue
 
 
-class LlamaCppGenerator:
+class LlamaCppGenerator(EngineBase):
     """``Generator`` over a GGUF file, run by llama.cpp (xllamacpp) in this process.
 
     Args:
@@ -51,6 +51,9 @@ class LlamaCppGenerator:
     Raises:
         GenerateError: The file is missing or llama.cpp cannot load it.
     """
+
+    engine = "llama.cpp"
+    capabilities = Capabilities(grammar=True)
 
     def __init__(
         self,
@@ -173,6 +176,10 @@ class LlamaCppGenerator:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids llama.cpp makes of ``text`` (special tokens in the text are parsed; BOS added per the file)."""
         return list(self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"])
+
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        """Tokens llama.cpp makes of ``text`` (``special``: with BOS, per the file)."""
+        return len(self.tokenize(text, add_special=special))
 
     def detokenize(self, ids: list[int]) -> str:
         """The text of token ids, as llama.cpp renders it."""

@@ -29,7 +29,8 @@ import numpy as np
 import onnxruntime as ort
 
 from slmforge.errors import GenerateError, ModelError
-from slmforge.generate import Completion, Message, SamplingParams
+from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
+from slmforge.generate._sampling import logsumexp, next_tokens
 from slmforge.generate._text import StopCutter, cut_at_stop, render_chat
 
 # Tried in this order when no preference is given; the first that ONNX Runtime has wins,
@@ -318,56 +319,10 @@ class Decoder:
         return np.array(out.numpy(), dtype=np.float32)  # a copy: the buffer is overwritten next step
 
 
-# --------------------------------------------------------------------------- sampling
-
-
-def next_tokens(logits: np.ndarray, history: np.ndarray, params: SamplingParams,
-                rng: np.random.Generator) -> np.ndarray:
-    """The next token of each row, chosen as transformers' ``generate`` chooses it.
-
-    Args:
-        logits: (rows, vocab) scores of the last position.
-        history: (rows, T) every token so far, prompt included (for the repetition penalty).
-        params: Sampling parameters.
-        rng: Random numbers for sampling.
-
-    Returns:
-        (rows,) token ids.
-    """
-    scores = logits.astype(np.float64)  # (rows, V)
-    if params.repetition_penalty != 1.0:
-        for row in range(scores.shape[0]):
-            seen = np.unique(history[row])
-            picked = scores[row, seen]
-            scores[row, seen] = np.where(picked < 0, picked * params.repetition_penalty,
-                                         picked / params.repetition_penalty)
-    if params.temperature == 0:
-        return scores.argmax(axis=-1)
-    scores = scores / params.temperature
-    if params.top_k is not None and params.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -params.top_k, axis=-1)[:, -params.top_k][:, None]
-        scores = np.where(scores < kth, -np.inf, scores)
-    if params.top_p is not None and params.top_p < 1.0:
-        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers' TopPLogitsWarper
-        ascending = np.take_along_axis(scores, order, axis=-1)
-        cumulative = np.cumsum(_softmax(ascending), axis=-1)
-        remove = cumulative <= 1 - params.top_p
-        remove[:, -1] = False  # always keep the most likely token
-        np.put_along_axis(scores, order, np.where(remove, -np.inf, ascending), axis=-1)
-    probs = _softmax(scores)
-    draws = rng.random(scores.shape[0])
-    return np.array([min(int(np.searchsorted(np.cumsum(p), u * p.sum())), p.size - 1) for p, u in zip(probs, draws)])
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 # --------------------------------------------------------------------------- the engine
 
 
-class OnnxGenerator:
+class OnnxGenerator(EngineBase):
     """``Generator`` over an exported ONNX folder, decoded with ONNX Runtime.
 
     Args:
@@ -382,6 +337,9 @@ class OnnxGenerator:
     Raises:
         ModelError: The folder is not an ONNX export, or ONNX Runtime cannot load it.
     """
+
+    engine = "onnx"
+    capabilities = Capabilities(loglikelihood=True)
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, io_binding: bool = True,
                  threads: int | None = None, profile_prefix: str | Path | None = None) -> None:
@@ -473,7 +431,7 @@ class OnnxGenerator:
                 out.append(0.0)
                 continue
             logits = self.decode_logits(a + b)[0]  # (S, V)
-            logp = logits - _logsumexp(logits)
+            logp = logits - logsumexp(logits)
             out.append(float(sum(logp[len(a) - 1 + i, t] for i, t in enumerate(b))))
         return out
 
@@ -496,6 +454,10 @@ class OnnxGenerator:
     def render_chat(self, messages: list[Message]) -> str:
         """The prompt text the chat template makes of the messages (see ``_text.render_chat``)."""
         return render_chat(self.tokenizer, messages)
+
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        """Tokens the folder's tokenizer makes of ``text`` (``special``: with BOS)."""
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _check(self, params: SamplingParams) -> None:
         params.validate()
@@ -589,7 +551,3 @@ def _target_of(provider_options: list) -> str:
 def _rng(params: SamplingParams) -> np.random.Generator:
     return np.random.default_rng(params.seed)
 
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))

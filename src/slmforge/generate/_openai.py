@@ -27,11 +27,13 @@ from typing import Any
 
 from slmforge.endpoints import endpoint_key
 from slmforge.errors import GenerateError
-from slmforge.generate import Completion, Message, SamplingParams
+from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
 
 
-class OpenAIGenerator:
-    """``Generator`` over an OpenAI-compatible HTTP endpoint.
+class OpenAIGenerator(EngineBase):
+    """``Generator`` over an OpenAI-compatible HTTP endpoint. Of the engine contract it keeps the
+    defaults: no local tokenizer (``count_tokens`` is 0), chats rendered by the endpoint, no context
+    window known here, and no capabilities (the endpoint's own are out of sight).
 
     Args:
         base_url: The API root, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added when missing).
@@ -47,6 +49,9 @@ class OpenAIGenerator:
         GenerateError: The endpoint cannot be reached, refuses the key, or serves no such model; or the
             key would go over plain http to another machine without ``allow_insecure_http``.
     """
+
+    engine = "openai"
+    capabilities = Capabilities()
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 600.0,
                  concurrency: int = 8, api_key_env: str | None = None, allow_insecure_http: bool = False) -> None:

@@ -13,16 +13,17 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from slmforge.errors import GenerateError, ModelError
-from slmforge.generate import Completion, Message, SamplingParams
+from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
 from slmforge.generate._text import cut_at_stop, cut_stream, render_chat
 from slmforge.model import pick_device
 
 
-class TorchGenerator:
+class TorchGenerator(EngineBase):
     """``Generator`` over a transformers causal LM and its tokenizer, optionally with peft LoRA adapters.
 
     Args:
@@ -30,6 +31,15 @@ class TorchGenerator:
         tokenizer: Its tokenizer; a chat template is needed for ``chat`` and message streams.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
+
+    engine = "torch"
+    capabilities = Capabilities(batching=True, loglikelihood=True, adapters=True, beams=True,
+                                prompt_logprobs=True, perplexity=True)
+    model: Any  # the causal LM (a peft model with adapters), on ``device``, in eval mode
+    tokenizer: Any
+    device: str
+    eos_token_ids: list[int]
+    pad_token_id: int | None
 
     def __init__(self, model, tokenizer, device: str = "auto") -> None:
         self.device = pick_device(device)
@@ -92,6 +102,28 @@ class TorchGenerator:
         """Names of the loaded LoRA adapters (empty without peft)."""
         return list(getattr(self.model, "peft_config", {}) or {})
 
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter ``complete``/``chat``/``stream`` generate with; None for the bare base model."""
+        if not self.adapters or self._adapter_disabled:
+            return None
+        active = getattr(self.model, "active_adapter", None)
+        return active if isinstance(active, str) else None
+
+    @property
+    def context_length(self) -> int | None:  # type: ignore[override]
+        """The model's context window (its config's ``max_position_embeddings``), or None when unset."""
+        config = getattr(self.model, "config", None)
+        for attr in ("context_length", "max_position_embeddings"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def count_tokens(self, text: str, special: bool = True) -> int:
+        """Tokens the tokenizer makes of ``text`` (``special``: with BOS, as a plain prompt gets it)."""
+        return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
     def set_adapter(self, name: str | None) -> None:
         """Generate with the named adapter, or with the bare base model when ``name`` is None.
 
@@ -111,7 +143,7 @@ class TorchGenerator:
 
     def complete(self, prompt: str, params: SamplingParams) -> list[Completion]:
         """``params.n`` completions of a plain-text prompt (the tokenizer adds BOS as in training)."""
-        return self._run([self._encode(prompt)], params)[0]
+        return self._run([self.encode(prompt)], params)[0]
 
     def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
         """``params.n`` assistant replies to the conversation, rendered with the chat template.
@@ -119,19 +151,19 @@ class TorchGenerator:
         Raises:
             GenerateError: The tokenizer has no chat template, or the messages are malformed.
         """
-        return self._run([self._encode(self.render_chat(messages), special=False)], params)[0]
+        return self._run([self.encode(self.render_chat(messages), special=False)], params)[0]
 
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, from one left-padded batched ``generate`` call."""
         if not prompts:
             return []
-        return self._run([self._encode(p) for p in prompts], params)
+        return self._run([self.encode(p) for p in prompts], params)
 
     def chat_batch(self, conversations: list[list[Message]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` replies per conversation, from one left-padded batched ``generate`` call."""
         if not conversations:
             return []
-        return self._run([self._encode(self.render_chat(c), special=False) for c in conversations], params)
+        return self._run([self.encode(self.render_chat(c), special=False) for c in conversations], params)
 
     def loglikelihood(self, requests: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
         """Sum of log-probabilities of each continuation given its context (nats).
@@ -145,7 +177,7 @@ class TorchGenerator:
         out: list[float] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            pairs = [(self._encode(c), self.tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in chunk]
+            pairs = [(self.encode(c), self.tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in chunk]
             width = max(len(a) + len(b) for a, b in pairs)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             ids = torch.full((len(pairs), width), pad, dtype=torch.long)  # (B, T), right-padded
@@ -210,7 +242,7 @@ class TorchGenerator:
                 f"Streaming returns one sequence as it is produced, so it needs n=1 and num_beams=1 "
                 f"(got n={params.n}, num_beams={params.num_beams}); use complete() or chat() for more."
             )
-        ids = self._encode(prompt) if isinstance(prompt, str) else self._encode(self.render_chat(prompt), special=False)
+        ids = self.encode(prompt) if isinstance(prompt, str) else self.encode(self.render_chat(prompt), special=False)
         return self._stream(ids, params)
 
     # ------------------------------------------------------------------ helpers
@@ -219,8 +251,13 @@ class TorchGenerator:
         """The prompt text the chat template makes of the messages (see ``_text.render_chat``)."""
         return render_chat(self.tokenizer, messages)
 
-    def _encode(self, text: str, special: bool = True) -> list[int]:
-        # A rendered chat template already holds its BOS, so it is tokenized without special tokens.
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of a prompt (``special``: add BOS as in training; False for a rendered chat, which
+        already holds its BOS).
+
+        Raises:
+            GenerateError: The prompt makes no tokens.
+        """
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         if not ids:
             raise GenerateError("The prompt is empty (and the tokenizer adds no BOS token); give some text.")

@@ -159,7 +159,8 @@ class BatchEngine:
     """Continuous batching over a ``TorchGenerator``'s model and tokenizer.
 
     Args:
-        generator: A loaded ``TorchGenerator`` (its adapters, if any, can be picked per request).
+        generator: An engine with the ``batching`` capability (``TorchGenerator``): its model, tokenizer and
+            ``encode`` are driven here; its adapters, if any, can be picked per request.
         max_batch_size: Most sequences decoded together; 1 serves one request at a time.
         on_step: Called after every forward pass with the number of sequences in it (for metrics).
         max_prefill_tokens: Padded prompt tokens one prefill step may take (a longer single prompt still
@@ -179,8 +180,7 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step
-        config = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        self.context_length: int | None = config if isinstance(config, int) else None
+        self.context_length: int | None = generator.context_length
         self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
         self._waiting: deque[_Seq] = deque()
         self._wake = threading.Condition()
@@ -202,7 +202,7 @@ class BatchEngine:
     def encode(self, text: str, special: bool) -> list[int]:
         """Token ids of a prompt (``special``: add BOS as in training; False for a rendered chat)."""
         with self.tokenizer_lock:
-            return self.generator._encode(text, special=special)
+            return self.generator.encode(text, special=special)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         with self.tokenizer_lock:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from slmforge.config import ProjectConfig, SamplingProfile, ServeModelConfig
 from slmforge.errors import ConfigError, GenerateError
+from slmforge.generate import as_engine
 
 
 @dataclass
@@ -30,8 +31,8 @@ class ServedModel:
     upstream: Any = None
     engine: str = "torch"
 
-    # What the server asks of the engine behind a name. The engine-specific probes live here, not in
-    # the route handlers, so that a handler reads the same for every engine.
+    # What the server asks of the engine behind a name: the engine contract (slmforge.generate.Engine)
+    # and its declared capabilities, read here so that a route handler reads the same for every engine.
 
     def card(self, created: int) -> dict[str, Any]:
         """The model's entry in ``/v1/models`` (OpenAI's fields, and ours: engine, kind, profiles)."""
@@ -58,38 +59,25 @@ class ServedModel:
     @property
     def slots(self) -> int:
         """How many requests an engine without our batching takes at once (llama.cpp: its ``parallel``)."""
-        return max(1, int(getattr(self.generator, "parallel", 1)))
+        return 1 if self.generator is None else max(1, int(as_engine(self.generator).parallel))
 
     @property
     def grammar(self) -> bool:
         """Whether the engine constrains output by its own grammar engine (llama.cpp) rather than ours."""
-        return self.batch is None and self.engine == "llama.cpp"
+        return self.batch is None and self.generator is not None and as_engine(self.generator).capabilities.grammar
 
     def context_length(self) -> int | None:
-        """The model's context window in tokens, where the engine exposes one."""
-        gen = self.generator
-        for holder in (gen, getattr(getattr(gen, "model", None), "config", None)):
-            for attr in ("context_length", "max_position_embeddings"):
-                value = getattr(holder, attr, None)
-                if isinstance(value, int) and value > 0:
-                    return value
-        return None
+        """The model's context window in tokens, where the engine knows one."""
+        return None if self.generator is None else as_engine(self.generator).context_length
 
     def count_tokens(self, text: str, special: bool) -> int:
         """Tokens in a prompt, by the engine's tokenizer (llama.cpp: its own ``tokenize``); 0 for an engine
-        that exposes none."""
-        tokenizer = getattr(self.generator, "tokenizer", None)
-        if tokenizer is None or not callable(tokenizer):
-            tokenize = getattr(self.generator, "tokenize", None)
-            if callable(tokenize):
-                try:
-                    return len(tokenize(text, add_special=special))
-                except Exception:  # usage is informative only; never fail a request over it
-                    return 0
+        that has none."""
+        if self.generator is None:
             return 0
         try:
-            return len(tokenizer(text, add_special_tokens=special)["input_ids"])
-        except Exception:  # a tokenizer with another call signature: usage is informative only
+            return as_engine(self.generator).count_tokens(text, special)
+        except Exception:  # usage is informative only; never fail a request over it
             return 0
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -101,11 +89,8 @@ class ServedModel:
         """
         from slmforge.serve.protocol import ApiError
 
-        render = getattr(self.generator, "render_chat", None)
-        if render is None:
-            return "\n".join(m["content"] for m in messages)
         try:
-            return render(messages)
+            return as_engine(self.generator).render_chat(messages)
         except GenerateError as exc:
             raise ApiError(400, str(exc), "invalid_request_error", "messages") from None
 
@@ -125,33 +110,23 @@ def wrap_models(models: dict[str, Any], max_batch_size: int) -> dict[str, Served
         elif hasattr(value, "post") and hasattr(value, "stream") and hasattr(value, "aclose"):
             out[name] = ServedModel(name, "upstream", upstream=value, engine="openai")
         else:
-            served = ServedModel(name, "generate", generator=value, engine=_engine_name(value))
-            if served.engine == "torch":
+            engine = as_engine(value)
+            served = ServedModel(name, "generate", generator=value, engine=engine.engine)
+            if engine.capabilities.batching:
                 if id(value) not in engines:
                     engines[id(value)] = _batch_engine(value, max_batch_size)
                 served.batch = engines[id(value)]
-                served.adapter = _active_adapter(value)
+            if engine.capabilities.adapters:
+                # loaded from an adapter folder: served through that adapter; a bare base model: none
+                served.adapter = engine.active_adapter
             out[name] = served
     return out
-
-
-def _engine_name(gen: Any) -> str:
-    kind = type(gen).__name__
-    return {"TorchGenerator": "torch", "OnnxGenerator": "onnx", "LlamaCppGenerator": "llama.cpp"}.get(kind, kind)
 
 
 def _batch_engine(gen: Any, max_batch_size: int):
     from slmforge.serve._batch import BatchEngine
 
     return BatchEngine(gen, max_batch_size=max_batch_size)
-
-
-def _active_adapter(gen: Any) -> str | None:
-    """A generator loaded from an adapter folder serves through that adapter; a bare base model, none."""
-    if not getattr(gen, "adapters", None) or getattr(gen, "_adapter_disabled", False):
-        return None
-    active = getattr(gen.model, "active_adapter", None)
-    return active if isinstance(active, str) else None
 
 
 def model_configs(cfg: ProjectConfig, refs: list[tuple[str, str]], adapters: dict[str, str]) -> list[ServeModelConfig]:
@@ -187,7 +162,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         ConfigError: A model entry is incomplete (no path, no base_url) or names an unknown profile.
         ModelError: A model cannot be loaded.
     """
-    from slmforge.generate import GenerateError, load_generator, resolve_profile, saved_profiles
+    from slmforge.generate import ENGINES, GenerateError, engine_for, load_generator, resolve_profile, saved_profiles
 
     out: dict[str, ServedModel] = {}
     closers: list[Any] = []
@@ -220,10 +195,11 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
                                                                                else device), engine="embedding")
             continue
         adapters = {name: _resolve(cfg, p) for name, p in m.adapters.items()}
-        if adapters and m.engine not in ("auto", "torch"):
-            raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {m.engine}).")
-        gen = _load_engine(path, m.engine, adapters, device,
-                           lambda p, **kw: load_generator(p, endpoints=cfg.generate.endpoints, **kw), max_batch_size)
+        kind = engine_for(path) if m.engine == "auto" else m.engine
+        if adapters and not ENGINES[kind].capabilities.adapters:
+            raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {kind}).")
+        gen = load_generator(path, adapters=adapters or None, device=device, endpoints=cfg.generate.endpoints,
+                             engine=kind, parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
@@ -249,8 +225,8 @@ def describe(served: dict[str, ServedModel]) -> list[str]:
     lines = []
     for name, m in served.items():
         bits = [m.engine]
-        if getattr(m.generator, "parallel", 1) > 1:
-            bits.append(f"{m.generator.parallel} llama.cpp slots")
+        if m.slots > 1:
+            bits.append(f"{m.slots} {m.engine} slots")
         if m.batch is not None:
             bits.append(f"continuous batching up to {m.batch.max_batch_size}")
         if m.adapter:
@@ -269,26 +245,6 @@ def _resolve(cfg: ProjectConfig, path: str) -> str:
 
 # llama.cpp slots each hold a whole context's KV cache, so the server opens at most this many.
 LLAMACPP_MAX_SLOTS = 8
-
-
-def _load_engine(path: str, engine: str, adapters: dict[str, str], device: str, load_generator,
-                 max_batch_size: int = 1):
-    from slmforge.generate import engine_for
-
-    kind = engine_for(path) if engine == "auto" else engine
-    if kind == "torch":
-        from slmforge.generate import TorchGenerator
-
-        return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
-    if kind == "llama.cpp":
-        from slmforge.generate import LlamaCppGenerator
-
-        p = Path(path)
-        files = [f for f in sorted(p.glob("*.gguf")) if not f.name.startswith("mmproj")] if p.is_dir() else [p]
-        if not files:
-            raise ConfigError(f"{path} holds no .gguf model file; point at the .gguf file itself.")
-        return LlamaCppGenerator(files[0], parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
-    return load_generator(path, device=device)
 
 
 def _profiles(cfg: ProjectConfig, path: str) -> dict[str, SamplingProfile]:
