@@ -199,6 +199,11 @@ class BatchEngine:
     def adapters(self) -> list[str]:
         return self.generator.adapters
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding: the token ids a prompt may hold are 0..vocab_size - 1."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def encode(self, text: str, special: bool) -> list[int]:
         """Token ids of a prompt (``special``: add BOS as in training; False for a rendered chat)."""
         with self.tokenizer_lock:

@@ -49,7 +49,7 @@ def check_streamable(params: SamplingParams) -> None:
 
 
 def check_token_ids(served: ServedModel, ids: list[list[int]]) -> None:
-    vocab = served.generator.model.get_input_embeddings().num_embeddings
+    vocab = served.batch.vocab_size
     bad = sorted({t for one in ids for t in one if not 0 <= t < vocab})
     if bad:
         raise ApiError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.",
