@@ -255,19 +255,19 @@ def engine_for(path: str | Path) -> str:
 # --------------------------------------------------------------------------- the engine table
 
 
-def _load_torch(path: str | Path, adapters: dict[str, str | Path] | None, device: str, **_: Any):
+def _load_torch(path: str | Path, adapters: dict[str, str | Path] | None, device: str, **_: Any) -> EngineBase:
     from slmforge.generate._torch import TorchGenerator
 
     return TorchGenerator.from_pretrained(path, adapters=adapters or None, device=device)
 
 
-def _load_onnx(path: str | Path, **_: Any):
+def _load_onnx(path: str | Path, **_: Any) -> EngineBase:
     from slmforge.generate._onnx import OnnxGenerator
 
     return OnnxGenerator(Path(str(path)))
 
 
-def _load_llamacpp(path: str | Path, parallel: int = 1, **_: Any):
+def _load_llamacpp(path: str | Path, parallel: int = 1, **_: Any) -> EngineBase:
     from slmforge.generate._llamacpp import LlamaCppGenerator
 
     p = Path(str(path))
@@ -278,7 +278,7 @@ def _load_llamacpp(path: str | Path, parallel: int = 1, **_: Any):
     return LlamaCppGenerator(files[0], parallel=parallel)
 
 
-def _load_openai(path: str | Path, endpoints: list[Any] | None = None, **_: Any):
+def _load_openai(path: str | Path, endpoints: list[Any] | None = None, **_: Any) -> EngineBase:
     from slmforge.generate._openai import OpenAIGenerator
 
     return OpenAIGenerator.from_ref(str(path), endpoints or ())
@@ -299,7 +299,8 @@ class EngineSpec:
         """The engine's class (imports its module)."""
         import importlib
 
-        return getattr(importlib.import_module(self.module), self.class_name)
+        cls: type[EngineBase] = getattr(importlib.import_module(self.module), self.class_name)
+        return cls
 
     @property
     def capabilities(self) -> Capabilities:

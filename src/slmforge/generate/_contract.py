@@ -107,6 +107,14 @@ class EngineBase:
                 "capability False."
             )
 
+    if TYPE_CHECKING:  # the engine's own (checked above); declared here for the type checker only
+
+        def complete(self, prompt: str, params: SamplingParams) -> list[Completion]: ...
+
+        def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]: ...
+
+        def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]: ...
+
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, one prompt after another."""
         return [self.complete(p, params) for p in prompts]
