@@ -230,3 +230,33 @@ def test_the_served_model_reads_the_contract():
     assert (m.engine, m.slots, m.grammar, m.context_length()) == ("llama.cpp", 3, True, 64)
     assert m.count_tokens("a b c", special=False) == 3 and m.count_tokens("a b c", special=True) == 4
     assert ServedModel("e", "embed").slots == 1
+
+
+# --------------------------------------------------------------------------- the torch engine's members
+
+
+def test_the_torch_engine_answers_the_contract(tmp_path: Path, one_torch_thread):
+    """Context window, token counts and the active adapter come from TorchGenerator's public members
+    (the server read ``model.config`` and the private ``_adapter_disabled`` before)."""
+    from slmforge.generate import TorchGenerator
+    from slmforge.serve._models import wrap_models
+
+    from conftest import TINY, build_lora_adapter, build_peaky_model, build_tiny_tokenizer
+
+    model_dir = build_peaky_model(build_tiny_tokenizer(tmp_path, vocab_size=400), tmp_path / "tiny", TINY)
+    adapter = build_lora_adapter(model_dir, tmp_path / "lora", seed=1)
+    gen = TorchGenerator.from_pretrained(model_dir, adapters={"a1": adapter}, device="cpu")
+    assert isinstance(gen, Engine) and as_engine(gen) is gen
+    assert gen.context_length == gen.model.config.max_position_embeddings > 0
+    text = "The garden was planted in early spring."
+    assert gen.count_tokens(text) == len(gen.tokenizer(text)["input_ids"]) == len(gen.encode(text))
+    assert gen.count_tokens(text, special=False) == len(gen.encode(text, special=False))
+    assert gen.active_adapter == "a1" and gen.adapters == ["a1"]
+    served = wrap_models({"m": gen}, max_batch_size=2)["m"]
+    try:
+        assert (served.engine, served.adapter, served.batch.context_length) == ("torch", "a1", gen.context_length)
+        assert served.batch.vocab_size == len(gen.tokenizer)
+    finally:
+        served.batch.stop()
+    gen.set_adapter(None)
+    assert gen.active_adapter is None
