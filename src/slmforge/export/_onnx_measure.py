@@ -16,6 +16,8 @@ from typing import Any
 
 from slmforge.errors import ModelError
 
+# Smaller tensors stay inside model.onnx: the export and the optimized graphs here split data the same way.
+_EXTERNAL_DATA_MIN_BYTES = 1024
 
 # --------------------------------------------------------------------------- optimization levels
 
@@ -52,7 +54,6 @@ def optimization_table(
     import onnx
     import onnxruntime as ort
 
-    from slmforge.export.onnx import _EXTERNAL_DATA_MIN_BYTES
     from slmforge.generate import ORT_LEVELS, DecoderLayout, choose_providers as choose
 
     onnx_file = Path(onnx_file)

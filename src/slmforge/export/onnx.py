@@ -31,6 +31,7 @@ from typing import Any
 
 from slmforge.errors import ModelError
 from slmforge.export._onnx_measure import (
+    _EXTERNAL_DATA_MIN_BYTES,  # smaller tensors stay inside model.onnx
     format_optimization_table,
     format_profile,
     io_binding_benchmark,
@@ -73,7 +74,6 @@ TOKENIZER_FILES = (
 )
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-_EXTERNAL_DATA_MIN_BYTES = 1024  # smaller tensors stay inside model.onnx
 
 
 def choose_providers(preferred: list[str] | None = None) -> list[str]:
