@@ -154,8 +154,6 @@ def run_data_stage(
             after filtering, or an unreachable teacher endpoint. Bad files never raise:
             they are skipped and listed in ``skipped.jsonl`` with the reason.
     """
-    from slmforge._progress import progress_bar
-    from slmforge.data import clean, dedup, filters, pii, report, sources
     from slmforge.errors import DataError
 
     dcfg = cfg.data
@@ -164,26 +162,80 @@ def run_data_stage(
     parents = source_refs(cfg)  # before reading: a source edited mid-run makes the next run re-read it
     t0 = time.monotonic()
 
-    skipped: list[Skipped] = []
-    docs: list[Document] = []
-    bytes_in = 0
-    long_lines = 0
+    read = _read_and_clean(cfg, entries, progress)
+    documents_in = len(read.docs)
+    boiler_removed = _strip_boilerplate(read.docs, dcfg) if dcfg.clean.strip_boilerplate else 0
+    kept, dropped, dropped_rows, pii_counts = _scrub_filter_dedup(read.docs, dcfg, progress)
+    if not kept:
+        raise DataError(
+            f"No documents left: {documents_in} read, {sum(dropped.values())} dropped "
+            f"({', '.join(f'{k}: {v}' for k, v in dropped.most_common()) or 'none'}), "
+            f"{len(read.skipped)} inputs skipped. Check data.sources and relax data.filters."
+        )
+
+    # ---- split
+    split_of = _split(len(kept), dcfg.split.val, dcfg.split.test, cfg.project.seed)
+    by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for d, s in zip(kept, split_of):
+        by_split[s].append(d)
+
+    stats: dict[str, Any] = {
+        "sources": {e: (str(p) if p else "built-in") for e, p in entries},
+        "documents_in": documents_in,
+        "documents_out": len(kept),
+        "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in read.skipped).most_common()),
+        "dropped": dict(dropped.most_common()),
+        "cleaning": {"long_lines_removed": read.long_lines, "boilerplate_lines_removed": boiler_removed},
+        "pii": {t: pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
+        "splits": {},
+        "formats": {},
+    }
+    for s in SPLITS:
+        texts = [d.text for d in by_split[s]]
+        stats["splits"][s] = {
+            "documents": len(texts),
+            "chars": sum(map(len, texts)),
+            "pretokens": sum(len(_PRETOKEN.findall(t)) for t in texts),
+        }
+    stats["chars"] = sum(v["chars"] for v in stats["splits"].values())
+    stats["pretokens"] = sum(v["pretokens"] for v in stats["splits"].values())
+
+    lengths = [len(d.text) for d in kept]
+    _write_dataset(target, cfg, parents, command, progress, stats, by_split, lengths, read, dropped_rows, t0)
+    return DataResult(path=target.resolve(), stats=stats)
+
+
+@dataclass
+class _Read:
+    """What reading and cleaning the sources gave: documents, skipped inputs, and counts for the stats."""
+
+    docs: list[Document]
+    skipped: list[Skipped]
+    bytes_in: int = 0
+    long_lines: int = 0
+
+
+def _read_and_clean(cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool) -> _Read:
+    """Every document of every source, cleaned, with ids made unique; bad inputs become ``Skipped``."""
+    from slmforge._progress import progress_bar
+    from slmforge.data import clean, sources
+
+    dcfg = cfg.data
+    read = _Read(docs=[], skipped=[])
     ids: Counter[str] = Counter()
 
     def take(record) -> None:
-        nonlocal bytes_in, long_lines
         if isinstance(record, Skipped):
-            skipped.append(record)
+            read.skipped.append(record)
             return
-        bytes_in += len(record.text.encode("utf-8", "surrogatepass"))
+        read.bytes_in += len(record.text.encode("utf-8", "surrogatepass"))
         record.text, n_long = clean.clean_text(record.text, dcfg.clean)
-        long_lines += n_long
+        read.long_lines += n_long
         ids[record.id] += 1
         if ids[record.id] > 1:  # e.g. a name defined twice in one module: ids must stay unique
             record.id = f"{record.id}#{ids[record.id]}"
-        docs.append(record)
+        read.docs.append(record)
 
-    # ---- read + clean
     jobs: list[tuple[str, Any]] = []
     for entry, path in entries:
         if path is None:  # python-docs
@@ -208,18 +260,35 @@ def run_data_stage(
                 records = sources.read_file(job[1], entry, dcfg)
             for record in records:
                 take(record)
-            bar.update(task, advance=1, info=f"{len(docs)} docs")
+            bar.update(task, advance=1, info=f"{len(read.docs)} docs")
+    return read
 
-    documents_in = len(docs)
-    boiler_removed = 0
-    if dcfg.clean.strip_boilerplate:
-        lines = clean.boilerplate_lines(docs)
-        for d in docs:
-            if (d.source, d.kind) in lines:
-                d.text, n = clean.strip_lines(d.text, lines[(d.source, d.kind)])
-                boiler_removed += n
 
-    # ---- scrub, filter, dedup
+def _strip_boilerplate(docs: list[Document], dcfg) -> int:
+    """Remove lines repeated across a source's documents of one kind; the number of lines removed."""
+    from slmforge.data import clean
+
+    removed = 0
+    lines = clean.boilerplate_lines(docs)
+    for d in docs:
+        if (d.source, d.kind) in lines:
+            d.text, n = clean.strip_lines(d.text, lines[(d.source, d.kind)])
+            removed += n
+    return removed
+
+
+def _scrub_filter_dedup(
+    docs: list[Document], dcfg, progress: bool
+) -> tuple[list[Document], Counter[str], list[dict], Counter[str]]:
+    """PII scrubbing, quality filters and deduplication, in that order per document.
+
+    Returns:
+        (kept documents, dropped count per reason, one ``dropped.jsonl`` row per dropped document,
+        PII found per type).
+    """
+    from slmforge._progress import progress_bar
+    from slmforge.data import dedup, filters, pii
+
     dropped: Counter[str] = Counter()
     dropped_rows: list[dict] = []
     pii_counts: Counter[str] = Counter()
@@ -251,56 +320,32 @@ def run_data_stage(
             else:
                 kept.append(d)
             bar.update(task, advance=1, info=f"{len(kept)} kept")
+    return kept, dropped, dropped_rows, pii_counts
 
-    if not kept:
-        raise DataError(
-            f"No documents left: {documents_in} read, {sum(dropped.values())} dropped "
-            f"({', '.join(f'{k}: {v}' for k, v in dropped.most_common()) or 'none'}), "
-            f"{len(skipped)} inputs skipped. Check data.sources and relax data.filters."
-        )
 
-    # ---- split
-    split_of = _split(len(kept), dcfg.split.val, dcfg.split.test, cfg.project.seed)
-    by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    for d, s in zip(kept, split_of):
-        by_split[s].append(d)
+def _write_dataset(target: Path, cfg: ProjectConfig, parents, command: list[str] | None, progress: bool,
+                   stats: dict[str, Any], by_split: dict[str, list[Document]], lengths: list[int],
+                   read: _Read, dropped_rows: list[dict], t0: float) -> None:
+    """The artifact: skipped/dropped lists, every format, stats.json (timings added here), the report and
+    the manifest's metrics."""
+    from slmforge.data import report
 
-    stats: dict[str, Any] = {
-        "sources": {e: (str(p) if p else "built-in") for e, p in entries},
-        "documents_in": documents_in,
-        "documents_out": len(kept),
-        "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in skipped).most_common()),
-        "dropped": dict(dropped.most_common()),
-        "cleaning": {"long_lines_removed": long_lines, "boilerplate_lines_removed": boiler_removed},
-        "pii": {t: pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
-        "splits": {},
-        "formats": {},
-    }
-    for s in SPLITS:
-        texts = [d.text for d in by_split[s]]
-        stats["splits"][s] = {
-            "documents": len(texts),
-            "chars": sum(map(len, texts)),
-            "pretokens": sum(len(_PRETOKEN.findall(t)) for t in texts),
-        }
-    stats["chars"] = sum(v["chars"] for v in stats["splits"].values())
-    stats["pretokens"] = sum(v["pretokens"] for v in stats["splits"].values())
-
+    dcfg = cfg.data
     with ArtifactWriter(target, kind="dataset", config=dcfg.model_dump(mode="json"), parents=parents, command=command) as w:
-        _write_jsonl(w.path / "skipped.jsonl", ({"where": s.where, "reason": s.reason} for s in skipped))
+        _write_jsonl(w.path / "skipped.jsonl", ({"where": s.where, "reason": s.reason} for s in read.skipped))
         _write_jsonl(w.path / "dropped.jsonl", dropped_rows)
         for fmt in dcfg.formats:
             stats["formats"][fmt] = _write_format(fmt, w.path, by_split, cfg, progress)
         stats["seconds"] = round(time.monotonic() - t0, 3)
-        stats["documents_per_s"] = round(documents_in / max(stats["seconds"], 1e-9), 1)
-        stats["mb_per_s"] = round(bytes_in / 1e6 / max(stats["seconds"], 1e-9), 3)
-        stats["mb_in"] = round(bytes_in / 1e6, 3)
+        stats["documents_per_s"] = round(stats["documents_in"] / max(stats["seconds"], 1e-9), 1)
+        stats["mb_per_s"] = round(read.bytes_in / 1e6 / max(stats["seconds"], 1e-9), 3)
+        stats["mb_in"] = round(read.bytes_in / 1e6, 3)
         (w.path / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        report.write_report(w.path, stats, [len(d.text) for d in kept], cfg.project.name)
+        report.write_report(w.path, stats, lengths, cfg.project.name)
         w.metrics.update(
             {
-                "documents_in": documents_in,
-                "documents_out": len(kept),
+                "documents_in": stats["documents_in"],
+                "documents_out": stats["documents_out"],
                 "train_documents": len(by_split["train"]),
                 "val_documents": len(by_split["val"]),
                 "test_documents": len(by_split["test"]),
@@ -310,7 +355,6 @@ def run_data_stage(
                 "inputs_skipped": stats["inputs_skipped"],
             }
         )
-    return DataResult(path=target.resolve(), stats=stats)
 
 
 def _write_format(
