@@ -172,12 +172,78 @@ def run_loop(
     """
     from slmforge._progress import progress_bar
 
+    device, amp = _place(model, cfg, seed)
+    trainable, optimizer = _adamw(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    key = {"run": run_key, "loop": resume_key(cfg), "seed": seed}
+    ckpt_root, log_file = work_dir / "checkpoints", work_dir / "log.jsonl"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start_step, tokens_seen, elapsed_before, resumed_from, history = _resume(
+        ckpt_root, log_file, key, model, optimizer, scheduler, describe, log)
+
+    forward = torch.compile(model) if cfg.compile else model
+    order = _EpochOrder(len(train), seed)
+    t_start = time.monotonic()
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    last_loss, val_loss, stopped_early = float("nan"), None, False
+    with progress_bar(progress) as bar, _SigintToCheckpoint() as sigint, open(log_file, "a") as logf:
+        task = bar.add_task(describe, total=cfg.max_steps, completed=start_step, info="")
+        window_t, window_tokens = time.monotonic(), 0
+        for step in range(start_step, cfg.max_steps):
+            step_t0 = time.monotonic()
+            last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp)
+            tokens_seen, window_tokens = tokens_seen + n_tokens, window_tokens + n_tokens
+            grad_norm = _optimizer_step(trainable, optimizer, scheduler, cfg.grad_clip)
+            done = step + 1
+            now = time.monotonic()
+            tps = window_tokens / max(now - window_t, 1e-9)
+            record = {"step": done, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
+                      "step_s": round(now - step_t0, 4)}
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                val_loss = _validate_into(record, model, val, cfg, device, amp)
+            logf.write(json.dumps(record) + "\n")
+            logf.flush()
+            history.append(record)
+            if done % 10 == 0:
+                window_t, window_tokens = now, 0
+            bar.update(task, completed=done,
+                       info=f"loss {last_loss:.3f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
+                       + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
+            interrupted = sigint.hit
+            out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
+            if done % cfg.save_every == 0 or interrupted or out_of_time:
+                extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
+                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved in {ckpt_root}")
+            if out_of_time:
+                stopped_early = True
+                if val_loss is None or "val_loss" not in record:
+                    val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+                break
+    if start_step >= cfg.max_steps:  # resumed from a checkpoint at the very end
+        last_loss = history[-1]["loss"] if history else float("nan")
+        val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+    seconds = elapsed_before + time.monotonic() - t_start
+    return LoopResult(steps=history[-1]["step"] if history else start_step, final_loss=last_loss, val_loss=val_loss,
+                      tokens=tokens_seen, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
+                      resumed_from=resumed_from, stopped_early=stopped_early, log=history)
+
+
+def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.device, torch.dtype | None]:
+    """Move the model to its device in training mode and seed torch; the device and the autocast dtype."""
     device = torch.device(pick_device(cfg.device))
     amp = autocast_dtype(cfg.precision, device)
     if not getattr(model, "hf_device_map", None):  # 4-bit (QLoRA) models are placed when loaded
         model.to(device)
     model.train()
     torch.manual_seed(seed)
+    return device, amp
+
+
+def _adamw(model: torch.nn.Module, cfg: LoopConfig) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+    """The trainable parameters, and AdamW over them with weight decay on matrices only."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -187,12 +253,16 @@ def run_loop(
         betas=(cfg.beta1, cfg.beta2),
         eps=1e-8,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
-    key = {"run": run_key, "loop": resume_key(cfg), "seed": seed}
-    ckpt_root = work_dir / "checkpoints"
-    log_file = work_dir / "log.jsonl"
-    work_dir.mkdir(parents=True, exist_ok=True)
+    return trainable, optimizer
 
+
+def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimizer, scheduler, describe: str,
+            log: Callable[[str], None] | None) -> tuple[int, int, float, int | None, list[dict[str, Any]]]:
+    """Load the latest checkpoint when its key matches, and rewrite the log up to its step.
+
+    Returns:
+        (start step, tokens seen, seconds trained before, the step resumed from or None, the log's records).
+    """
     start_step, tokens_seen, elapsed_before, resumed_from = 0, 0, 0.0, None
     history: list[dict[str, Any]] = []
     latest = checkpoint_dirs(ckpt_root)
@@ -210,85 +280,48 @@ def run_loop(
     if log_file.exists() and resumed_from is not None:
         history = [r for r in map(json.loads, log_file.read_text().splitlines()) if r["step"] <= start_step]
     log_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+    return start_step, tokens_seen, elapsed_before, resumed_from, history
 
-    forward = torch.compile(model) if cfg.compile else model
-    order = _EpochOrder(len(train), seed)
+
+def _accumulate(forward, train: BatchSource, order: _EpochOrder, step: int, cfg: LoopConfig, device: torch.device,
+                amp) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches (gradients add up in place).
+
+    Returns:
+        (the step's loss, tokens in its batches).
+    """
     per_step = cfg.batch_size * cfg.grad_accum
-    t_start = time.monotonic()
-    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
-    last_loss, val_loss, stopped_early = float("nan"), None, False
-    step = start_step
+    loss_sum, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)
+        batch = {k: v.to(device) for k, v in train.batch(idx).items()}
+        n_tokens = train.tokens_in(batch)
+        with _amp(device, amp):
+            loss = forward(**batch).loss / cfg.grad_accum
+        loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += n_tokens
+    return loss_sum, tokens
 
-    def checkpoint(at: int) -> None:
-        extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
-        save_checkpoint(ckpt_root, at, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
 
-    with progress_bar(progress) as bar, _SigintToCheckpoint() as sigint, open(log_file, "a") as logf:
-        task = bar.add_task(describe, total=cfg.max_steps, completed=start_step, info="")
-        window_t, window_tokens = time.monotonic(), 0
-        for step in range(start_step, cfg.max_steps):
-            step_t0 = time.monotonic()
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)
-                batch = {k: v.to(device) for k, v in train.batch(idx).items()}
-                n_tokens = train.tokens_in(batch)
-                with _amp(device, amp):
-                    loss = forward(**batch).loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-                tokens_seen += n_tokens
-                window_tokens += n_tokens
-            if cfg.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-            else:
-                grad_norm = float("nan")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = loss_sum
-            done = step + 1
-            now = time.monotonic()
-            tps = window_tokens / max(now - window_t, 1e-9)
-            record = {"step": done, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": round(grad_norm, 4), "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
-                      "step_s": round(now - step_t0, 4)}
-            if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
-                if val_loss is not None:
-                    record["val_loss"] = round(val_loss, 5)
-                    record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
-            logf.write(json.dumps(record) + "\n")
-            logf.flush()
-            history.append(record)
-            if done % 10 == 0:
-                window_t, window_tokens = now, 0
-            bar.update(task, completed=done,
-                       info=f"loss {last_loss:.3f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
-                       + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
-            interrupted = sigint.hit
-            out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
-            if done % cfg.save_every == 0 or interrupted or out_of_time:
-                checkpoint(done)
-            if interrupted:
-                raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved in {ckpt_root}")
-            if out_of_time:
-                stopped_early = True
-                if val_loss is None or "val_loss" not in record:
-                    val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
-                break
-    if start_step >= cfg.max_steps:  # resumed from a checkpoint at the very end
-        last_loss = history[-1]["loss"] if history else float("nan")
-        val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
-    seconds = elapsed_before + time.monotonic() - t_start
-    return LoopResult(
-        steps=history[-1]["step"] if history else start_step,
-        final_loss=last_loss,
-        val_loss=val_loss,
-        tokens=tokens_seen,
-        seconds=seconds,
-        tokens_per_s=tokens_seen / max(seconds, 1e-9),
-        resumed_from=resumed_from,
-        stopped_early=stopped_early,
-        log=history,
-    )
+def _optimizer_step(trainable: list[torch.nn.Parameter], optimizer, scheduler, grad_clip: float) -> float:
+    """Clip (when ``grad_clip``), step the optimizer and the schedule, clear the gradients; the gradient norm
+    before clipping (NaN when not clipped)."""
+    if grad_clip:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
+    else:
+        grad_norm = float("nan")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _validate_into(record: dict[str, Any], model, val: BatchSource | None, cfg: LoopConfig, device: torch.device,
+                   amp) -> float | None:
+    """The validation loss (None without a validation set), also written into the step's log record."""
+    val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
+    if val_loss is not None:
+        record["val_loss"] = round(val_loss, 5)
+        record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
+    return val_loss

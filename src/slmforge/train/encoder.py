@@ -414,25 +414,8 @@ def train_encoder(
         metrics["examples_cut_off"] = encoded["train"].cut_off
     else:
         metrics["examples_split"] = encoded["train"].cut_off  # longer than seq_len: trained as several windows
-    eval_split = next((s for s in ("test", "val") if splits[s]), None)
-    report: dict[str, Any] = {"split": eval_split}
-    if eval_split is None:
-        if log:
-            log(f"encoder ({task}): no test or validation examples, so no accuracy/F1 is reported")
-    else:
-        if eval_split != "test" and log:
-            log(f"encoder ({task}): the test split is empty; scoring on the validation split")
-        report.update(_evaluate(model, task, splits[eval_split], encoded[eval_split], labels, ecfg.batch_size, pad))
-        metrics.update(eval_split=eval_split, eval_examples=len(splits[eval_split]))
-        for key in ("accuracy", "precision", "recall", "f1"):
-            if key in report:
-                metrics[key] = round(report[key], 5)
-        if task == "classification":
-            metrics["f1_per_class"] = {k: round(v["f1"], 5) for k, v in report["per_class"].items()}
-        else:
-            metrics["accuracy"] = round(report["token_accuracy"], 5)  # token accuracy, for the one-line summary
-            metrics["entities"] = report["entities"]
-            metrics["f1_per_type"] = {k: round(v["f1"], 5) for k, v in report["per_type"].items()}
+    report = _score_into(metrics, model, task, splits, encoded, labels, ecfg.batch_size, pad, log)
+    eval_split = report["split"]
 
     model.to("cpu")
     with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
@@ -450,3 +433,32 @@ def train_encoder(
         w.metrics.update(metrics)
     return TrainResult(out_dir.resolve(), kind, metrics)
 
+
+def _score_into(metrics: dict[str, Any], model, task: str, splits: dict[str, list[dict]], encoded: dict[str, _Encoded],
+                labels: list[str], batch_size: int, pad: int, log) -> dict[str, Any]:
+    """Score the trained head on the test split (else validation), adding the headline numbers to ``metrics``.
+
+    Returns:
+        The detail for ``metrics.json``: ``split`` (None when there is nothing to score on) and what
+        ``_evaluate`` measured.
+    """
+    eval_split = next((s for s in ("test", "val") if splits[s]), None)
+    report: dict[str, Any] = {"split": eval_split}
+    if eval_split is None:
+        if log:
+            log(f"encoder ({task}): no test or validation examples, so no accuracy/F1 is reported")
+    else:
+        if eval_split != "test" and log:
+            log(f"encoder ({task}): the test split is empty; scoring on the validation split")
+        report.update(_evaluate(model, task, splits[eval_split], encoded[eval_split], labels, batch_size, pad))
+        metrics.update(eval_split=eval_split, eval_examples=len(splits[eval_split]))
+        for key in ("accuracy", "precision", "recall", "f1"):
+            if key in report:
+                metrics[key] = round(report[key], 5)
+        if task == "classification":
+            metrics["f1_per_class"] = {k: round(v["f1"], 5) for k, v in report["per_class"].items()}
+        else:
+            metrics["accuracy"] = round(report["token_accuracy"], 5)  # token accuracy, for the one-line summary
+            metrics["entities"] = report["entities"]
+            metrics["f1_per_type"] = {k: round(v["f1"], 5) for k, v in report["per_type"].items()}
+    return report
