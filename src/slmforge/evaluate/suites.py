@@ -327,19 +327,31 @@ def export_lm_eval_task(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None, 
         steps = _extract_steps(spec, helper)
         if multiword:
             steps.append({"function": "custom", "filter_fn": helper("collapse_whitespace")})
-        profile = _export_profile(spec, cfg)
-        # The stop strings `slmforge eval` uses: the suite's, else the profile's (none: to max tokens or EOS).
-        until = list(spec.stop) or list(getattr(profile, "stop", None) or [])
-        gen_kwargs: dict[str, Any] = {"until": until, "max_gen_toks": spec.max_new_tokens,
-                                      "do_sample": profile.temperature > 0, "temperature": profile.temperature}
-        if profile.temperature > 0:
-            gen_kwargs |= {k: v for k, v in (("top_p", profile.top_p), ("top_k", profile.top_k)) if v is not None}
-        # Always set: a model folder's generation_config.json holds its default profile's penalty, which
-        # transformers would otherwise apply under lm-eval's hf model.
-        gen_kwargs["repetition_penalty"] = profile.repetition_penalty
-        doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}", "generation_kwargs": gen_kwargs,
+        doc |= {"output_type": "generate_until", "doc_to_target": "{{target}}",
+                "generation_kwargs": _generation_kwargs(spec, cfg),
                 "filter_list": [{"name": "slmforge", "filter": [*steps, {"function": "take_first"}]}],
                 "metric_list": _generate_metrics(spec, helper)}
+    return _write_task(spec, out, task, doc, rows, helpers)
+
+
+def _generation_kwargs(spec: SuiteSpec, cfg: ProjectConfig | None) -> dict[str, Any]:
+    """lm-eval's generation_kwargs for a generate suite: the stop strings and sampling `slmforge eval` uses."""
+    profile = _export_profile(spec, cfg)
+    # The stop strings `slmforge eval` uses: the suite's, else the profile's (none: to max tokens or EOS).
+    until = list(spec.stop) or list(getattr(profile, "stop", None) or [])
+    gen_kwargs: dict[str, Any] = {"until": until, "max_gen_toks": spec.max_new_tokens,
+                                  "do_sample": profile.temperature > 0, "temperature": profile.temperature}
+    if profile.temperature > 0:
+        gen_kwargs |= {k: v for k, v in (("top_p", profile.top_p), ("top_k", profile.top_k)) if v is not None}
+    # Always set: a model folder's generation_config.json holds its default profile's penalty, which
+    # transformers would otherwise apply under lm-eval's hf model.
+    gen_kwargs["repetition_penalty"] = profile.repetition_penalty
+    return gen_kwargs
+
+
+def _write_task(spec: SuiteSpec, out: Path, task: str, doc: dict[str, Any], rows: list[dict[str, Any]],
+                helpers: list[str]) -> Path:
+    """The task's JSONL items, its helper .py (removed when none is needed) and its YAML; the YAML's path."""
     data = out / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     doc["dataset_kwargs"]["data_files"]["test"] = str(data.resolve())
