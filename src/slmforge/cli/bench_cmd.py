@@ -13,7 +13,8 @@ import typer
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 
 if TYPE_CHECKING:
-    from slmforge.serve.bench import LoadResult
+    from slmforge.config import ProjectConfig
+    from slmforge.serve.bench import LoadResult, ServerProcess
 
 bench_app = typer.Typer(no_args_is_help=True, help="Load tests: throughput, latency percentiles, cost per token.")
 
@@ -58,7 +59,7 @@ def bench_serve(
     the project file (--set serve.cost.hardware_usd_per_hour=0.5).
     """
     from slmforge.config import load_config
-    from slmforge.serve.bench import check_server, cost_report, start_server
+    from slmforge.serve.bench import check_server, cost_report
 
     if url is not None and model_path is not None:
         raise typer.BadParameter("give either a MODEL folder to start a server on, or --url of a running one")
@@ -74,25 +75,7 @@ def bench_serve(
     cfg = load_config(config, set_ or [])
     server = None
     if url is None:
-        from slmforge.serve import parse_model_ref
-
-        # The server gets the same project file and overrides, so serve.* settings apply to it too.
-        extra = ["--config", str(config)] if config is not None else []
-        extra += [arg for override in set_ or [] for arg in ("--set", override)]
-        models: list[str] = []
-        if model_path is not None:
-            models = [model_path]
-            model = model or parse_model_ref(model_path)[0]
-        elif cfg.serve.models:  # `slmforge serve` starts the project's serve.models
-            model = model or cfg.serve.models[0].name
-        else:
-            from slmforge.generate import default_model_dir
-
-            models = [str(default_model_dir(cfg))]
-            model = model or parse_model_ref(models[0])[0]
-        err.print(f"starting slmforge serve {' '.join([*models, *extra])}"
-                  + (f" --max-batch-size {max_batch_size}" if max_batch_size else ""), style="dim")
-        server = start_server(models, max_batch_size=max_batch_size, extra_args=extra)
+        server, model = _start_server(cfg, config, set_, model_path, model, max_batch_size)
         url = server.base_url
     try:
         model = check_server(url, model, api_key)  # a clear error before any progress bar
@@ -116,6 +99,33 @@ def bench_serve(
         err.print(f"every request failed: {result.errors_by_kind}; first error: {result.records[0].error}",
                   style="bold red")
         raise typer.Exit(1)
+
+
+def _start_server(cfg: ProjectConfig, config, set_: list[str] | None, model_path: str | None, model: str | None,
+                  max_batch_size: int | None) -> tuple[ServerProcess, str]:
+    """Start `slmforge serve` on MODEL (else the project's serve.models, else its default model folder) with
+    the same project file and overrides; the running server and the model name to request."""
+    from slmforge.serve import parse_model_ref
+    from slmforge.serve.bench import start_server
+
+    # The server gets the same project file and overrides, so serve.* settings apply to it too.
+    extra = ["--config", str(config)] if config is not None else []
+    extra += [arg for override in set_ or [] for arg in ("--set", override)]
+    models: list[str] = []
+    if model_path is not None:
+        models = [model_path]
+        model = model or parse_model_ref(model_path)[0]
+    elif cfg.serve.models:  # `slmforge serve` starts the project's serve.models
+        model = model or cfg.serve.models[0].name
+    else:
+        from slmforge.generate import default_model_dir
+
+        models = [str(default_model_dir(cfg))]
+        model = model or parse_model_ref(models[0])[0]
+    err.print(f"starting slmforge serve {' '.join([*models, *extra])}"
+              + (f" --max-batch-size {max_batch_size}" if max_batch_size else ""), style="dim")
+    server = start_server(models, max_batch_size=max_batch_size, extra_args=extra)
+    return server, model
 
 
 def _run_with_progress(url: str, model: str | None, concurrency: int, requests: int, max_tokens: int,

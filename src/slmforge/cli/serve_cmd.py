@@ -6,11 +6,14 @@ A plain function with typer annotations; ``cli/main.py`` registers it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from slmforge.cli._options import ConfigOpt, SetOpt, err
+
+if TYPE_CHECKING:
+    from slmforge.config import ProjectConfig
 
 
 def serve(
@@ -72,8 +75,7 @@ def serve(
     models, upstream proxies and vLLM go under serve.models in the project file.
     """
     from slmforge.config import load_config
-    from slmforge.errors import ConfigError
-    from slmforge.serve import check_open_bind, parse_model_ref, serve as run_server
+    from slmforge.serve import parse_model_ref, serve as run_server
 
     cfg = load_config(config, set_ or [])
     adapters = dict(parse_model_ref(a) for a in adapter or [])
@@ -82,6 +84,18 @@ def serve(
         err.print(f"model {name} <- {path}", style="dim")
     for name, path in adapters.items():
         err.print(f"adapter {name} <- {path}", style="dim")
+    keys = _keys_file(cfg, host, api_keys)
+    run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
+               max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
+               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters,
+               public_metrics=public_metrics)
+
+
+def _keys_file(cfg: ProjectConfig, host: str | None, api_keys: Path | None) -> Path | None:
+    """--api-keys, else serve.api_keys; a BadParameter when there is none and the host is not loopback."""
+    from slmforge.errors import ConfigError
+    from slmforge.serve import check_open_bind
+
     bind = host or cfg.serve.host
     keys = api_keys if api_keys is not None else (cfg.resolve(cfg.serve.api_keys) if cfg.serve.api_keys else None)
     try:
@@ -91,7 +105,4 @@ def serve(
                                  "only a loopback host may be served open.", param_hint="--api-keys") from None
     if keys is None:
         err.print("serving without authentication (loopback only)", style="dim")
-    run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
-               max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
-               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters,
-               public_metrics=public_metrics)
+    return keys
