@@ -77,3 +77,131 @@ def test_each_stages_output_folder_and_fingerprint_are_pinned(project, tmp_path)
     assert _current(project) == dict.fromkeys(ALL_STAGES, True)
     project.train.lr = 0.5  # the test can tell: a changed section makes its stage out of date
     assert [n for n, current in _current(project).items() if not current] == ["train"]
+
+
+# --------------------------------------------------------------------------- the stage table
+
+
+def test_every_stage_names_its_output_kind_and_functions_that_exist():
+    import inspect
+
+    from slmforge.pipeline import STAGES, Stage, _Deferred
+
+    assert list(STAGES) == ALL_STAGES
+    for name, stage in STAGES.items():
+        assert isinstance(stage, Stage) and stage.name == name
+        assert PINNED[name][1] in stage.kinds
+        for fn in (stage.plan, stage.make):
+            if isinstance(fn, _Deferred):  # imported when called: check here that it resolves
+                assert not fn.module.startswith("slmforge.cli"), fn
+                fn = fn.resolve()
+            params = inspect.signature(fn).parameters
+            assert "cfg" in params, (name, fn)
+        made = inspect.signature(stage.make.resolve()).parameters
+        assert "command" in made and ("log" in made) == stage.logs, name
+
+
+def test_output_folders_follow_each_sections_out_key(project, tmp_path):
+    from slmforge.artifacts import output_dir
+    from slmforge.pipeline import STAGES
+
+    for name in ALL_STAGES:
+        assert STAGES[name].output(project) == Path(PINNED[name][0])
+        getattr(project, name).out = f"elsewhere/{name}"
+        assert output_dir(project, name) == Path("elsewhere") / name
+    project.quantize.out = None
+    project.quantize.method = "ternary"
+    assert output_dir(project, "quantize") == Path("runs/quantize-ternary")
+
+
+# --------------------------------------------------------------------------- the project's model
+
+
+def test_default_model_is_the_sft_output_else_the_train_output(project, tmp_path):
+    from slmforge.artifacts import default_model
+    from slmforge.errors import ArtifactError, GenerateError
+
+    with pytest.raises(ArtifactError, match=r"No model to quantize: neither runs/sft nor runs/train exists\. "
+                                            r"Train one first \(`slmforge train`\), or set quantize\.model\."):
+        default_model(project, "quantize", "set quantize.model")
+    with pytest.raises(GenerateError, match="No model to generate with"):
+        default_model(project, "generate with", error=GenerateError)
+    (tmp_path / "runs" / "train").mkdir(parents=True)
+    assert default_model(project) == Path("runs/train")
+    project.sft.out = "tuned"
+    (tmp_path / "runs" / "sft").mkdir()  # not the sft stage's folder any more
+    assert default_model(project) == Path("runs/train")
+    (tmp_path / "tuned").mkdir()
+    assert default_model(project) == Path("tuned")
+
+
+def test_quantize_eval_and_report_plans_all_use_the_projects_model(project, tmp_path):
+    from slmforge.pipeline import STAGES
+
+    for folder, kind, fingerprint in PINNED.values():
+        _manifest(tmp_path / folder, kind, fingerprint)
+    project.project.stages.remove("sft")  # the report once ignored an sft output outside project.stages
+    for name in ("quantize", "eval", "report"):
+        parents = STAGES[name].plan(project).parents
+        assert parents[0]["fingerprint"] == PINNED["sft"][2], name
+
+
+# --------------------------------------------------------------------------- data.out
+
+
+def test_a_moved_dataset_is_found_by_the_tokenizer_and_training(project, tmp_path):
+    from slmforge.pipeline import STAGES
+
+    _manifest(tmp_path / "runs" / "tokenizer", "tokenizer", "fingerprint-of-tokenizer")
+    _manifest(tmp_path / "datasets" / "v2", "dataset", "fingerprint-of-v2")
+    project.data.out = "datasets/v2"
+    project.sft.base = "runs/tokenizer"  # any folder with a manifest: sft needs a base model to plan
+    for name in ("tokenizer", "train", "sft", "encoder"):
+        parents = STAGES[name].plan(project).parents
+        dataset = next(p for p in parents if p["kind"] == "dataset")
+        assert dataset["fingerprint"] == "fingerprint-of-v2", name
+
+
+def test_the_tokenizer_trains_on_a_moved_dataset(tmp_path):
+    from slmforge.artifacts import ArtifactWriter, read_manifest
+    from slmforge.tokenizer import train_tokenizer
+
+    cfg = ProjectConfig().rooted_at(tmp_path)
+    cfg.data.out = "datasets/v2"
+    cfg.tokenizer.vocab_size = 300
+    words = "garden lighthouse bread river train museum honey orchestra".split()
+    with ArtifactWriter(tmp_path / "datasets" / "v2", kind="dataset", command=["test"]) as w:
+        (w.path / "text").mkdir()
+        for split, n in (("train", 40), ("val", 4), ("test", 2)):
+            lines = [json.dumps({"id": f"{split}-{i}", "text": " ".join(words[(i + j) % 8] for j in range(30))})
+                     for i in range(n)]
+            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    res = train_tokenizer(cfg, command=["test"], progress=False)
+    assert res.path == (tmp_path / "runs" / "tokenizer").resolve()
+    (parent,) = read_manifest(res.path).parents
+    assert Path(parent["path"]) == (tmp_path / "datasets" / "v2").resolve()
+
+
+# --------------------------------------------------------------------------- eval outside a project
+
+
+def test_eval_run_with_a_named_model_outside_a_project(tmp_path, monkeypatch):
+    """`slmforge eval run --model X` where no project model exists: once it failed after scoring,
+    asking the (absent) project model whether X was it."""
+    import slmforge.generate
+    from slmforge.evaluate.run import run_eval
+    from slmforge.generate import Completion
+
+    class Echo:
+        def complete_batch(self, prompts, params):
+            return [[Completion("4", 1, "stop")] * params.n for _ in prompts]
+
+    monkeypatch.setattr(slmforge.generate, "load_generator", lambda model, endpoints=None: Echo())
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "a", "input": "2+2", "target": "4"}) + "\n")
+    suite = tmp_path / "sums.yaml"
+    suite.write_text("name: sums\ntask: generate\ndata: {source: file, path: items.jsonl}\nmetrics: [exact_match]\n")
+    cfg = ProjectConfig().rooted_at(tmp_path)
+    res = run_eval(cfg, model=tmp_path / "elsewhere-model", suites=[str(suite)], use_cache=False, progress=False)
+    assert res.metrics == {"sums.exact_match": 1.0}
+    assert json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())["model"] == str(
+        tmp_path / "elsewhere-model")

@@ -54,11 +54,11 @@ def test_a_methods_plan_settings_reach_the_artifact_config(tmp_path, monkeypatch
     cfg = ProjectConfig()
     cfg.quantize.model = str(tmp_path)
     cfg.quantize.method = "ternary"
-    assert "qat_loop" in quantize_plan(cfg)[1]
+    assert "qat_loop" in quantize_plan(cfg).config
     cfg.quantize.method = "int8_weight_only"
-    assert "qat_loop" not in quantize_plan(cfg)[1]
+    assert "qat_loop" not in quantize_plan(cfg).config
     cfg.quantize.plan = {"model.layers.0": "ternary"}  # a plan value uses the method too
-    assert "qat_loop" in quantize_plan(cfg)[1]
+    assert "qat_loop" in quantize_plan(cfg).config
 
 
 # --------------------------------------------------------------------------- suite metrics and extraction

@@ -18,12 +18,16 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmforge import __version__
-from slmforge.errors import ArtifactError
+from slmforge.errors import ArtifactError, SlmForgeError
+
+if TYPE_CHECKING:  # a type only: config.py is core too, but artifacts.py needs none of its code
+    from slmforge.config import ProjectConfig
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "slmforge.manifest/1"
@@ -51,6 +55,71 @@ def fingerprint(kind: str, config: Any, parents: list[str]) -> str:
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a stage would write: the artifact's kind, its resolved config and its parents' lineage
+    entries. ``slmforge run`` skips a stage whose output's manifest has this plan's fingerprint."""
+
+    kind: str
+    config: dict[str, Any]
+    parents: list[dict[str, str]]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.kind, self.config, [p.get("fingerprint", "") for p in self.parents])
+
+    def writer(self, target: str | Path, command: list[str] | None = None) -> ArtifactWriter:
+        """An ``ArtifactWriter`` for this plan's artifact at ``target`` (its manifest gets this fingerprint)."""
+        return ArtifactWriter(target, kind=self.kind, config=self.config, parents=self.parents, command=command)
+
+
+# --------------------------------------------------------------------------- a project's stage folders
+
+# Each pipeline stage's folder under <project.out_dir> and its section's ``out`` (which wins when set).
+_OUTPUTS: dict[str, Callable[[ProjectConfig], tuple[str, str | None]]] = {
+    "data": lambda cfg: ("data", cfg.data.out),
+    "tokenizer": lambda cfg: ("tokenizer", cfg.tokenizer.out),
+    "train": lambda cfg: ("train", cfg.train.out),
+    "sft": lambda cfg: ("sft", cfg.sft.out),
+    "encoder": lambda cfg: (f"encoder-{cfg.encoder.task}", cfg.encoder.out),
+    "quantize": lambda cfg: (f"quantize-{cfg.quantize.method}", cfg.quantize.out),
+    "eval": lambda cfg: ("eval", cfg.eval.out),
+    "report": lambda cfg: ("report", cfg.report.out),
+}
+
+
+def output_dir(cfg: ProjectConfig, stage: str) -> Path:
+    """The folder a pipeline stage writes and later stages read: the stage's ``out`` key, else
+    ``<project.out_dir>/<stage>`` (``encoder-<task>`` and ``quantize-<method>`` for those two)."""
+    name, override = _OUTPUTS[stage](cfg)
+    return cfg.stage_dir(name, override)
+
+
+def default_model(
+    cfg: ProjectConfig,
+    use: str = "use",
+    advice: str = "name a model on the command line",
+    error: type[SlmForgeError] = ArtifactError,
+) -> Path:
+    """The model a project works on when none is named: the sft stage's output when it exists,
+    else the train stage's. The one rule for every command that needs "the project's model".
+
+    Args:
+        use: What the model is for, for the error message ("generate with", "quantize").
+        advice: The other way out, for the error message ("set quantize.model").
+        error: The error class to raise (the calling stage's own).
+
+    Raises:
+        error: Neither folder exists.
+    """
+    sft, train = output_dir(cfg, "sft"), output_dir(cfg, "train")
+    for folder in (sft, train):
+        if folder.exists():
+            return folder
+    raise error(f"No model to {use}: neither {sft} nor {train} exists. Train one first (`slmforge train`), "
+                f"or {advice}.")
 
 
 @dataclass

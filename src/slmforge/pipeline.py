@@ -9,12 +9,14 @@ names, sizes and modification times) and the slmforge version.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from slmforge.artifacts import fingerprint, parent_ref, read_manifest
+from slmforge.artifacts import Plan, output_dir, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, ConfigError
 
@@ -27,126 +29,90 @@ class StageOutcome:
     seconds: float
 
 
-Plan = tuple[str, dict, list[dict[str, str]]]  # (kind, config, parents) of the output a stage would write
+@dataclass(frozen=True)
+class _Deferred:
+    """A function of a stage's package, imported when first called: those packages pull in torch and
+    transformers, which ``slmforge --help`` and the up-to-date checks of finished stages never need.
+    Every one points down the layers (pipeline sits above every stage); tests/test_stages.py
+    checks that each resolves."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> Callable[..., Any]:
+        function: Callable[..., Any] = getattr(importlib.import_module(self.module), self.name)
+        return function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``slmforge run``.
+
+    Attributes:
+        name: The stage's name in ``project.stages`` and its config section.
+        kinds: The artifact kinds its output may be (``sft`` writes a model or a LoRA adapter).
+        plan: What it would write now (``Plan``): whose fingerprint decides whether its output is current.
+        make: Its public function, called as ``make(cfg, command=..., log=...)``; returns a result with ``.path``.
+        logs: Whether ``make`` takes ``log`` (stages that report only through progress bars do not).
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    plan: Callable[[ProjectConfig], Plan]
+    make: Callable[..., Any]
+    logs: bool = True
+
+    def output(self, cfg: ProjectConfig) -> Path:
+        """The folder it writes: its section's ``out``, else ``<project.out_dir>/<name>``."""
+        return output_dir(cfg, self.name)
+
+    def run(self, cfg: ProjectConfig, command: list[str] | None, log: Callable[[str], None] | None) -> Path:
+        """Make its output; returns the folder written."""
+        return Path(self.make(cfg, command=command, **({"log": log} if self.logs else {})).path)
 
 
 def _data_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.data import source_refs
 
-    return "dataset", cfg.data.model_dump(mode="json"), source_refs(cfg)
-
-
-def _tokenizer_plan(cfg: ProjectConfig) -> Plan:
-    data = cfg.resolve(cfg.tokenizer.data) if cfg.tokenizer.data else cfg.stage_dir("data", cfg.data.out)
-    return "tokenizer", cfg.tokenizer.model_dump(mode="json"), [parent_ref(data, "dataset")]
-
-
-def _train_plan(cfg: ProjectConfig) -> Plan:
-    from slmforge.train import pretrain_plan
-
-    return pretrain_plan(cfg)
-
-
-def _sft_plan(cfg: ProjectConfig) -> Plan:
-    from slmforge.train import finetune_plan
-
-    return finetune_plan(cfg)
+    return Plan("dataset", cfg.data.model_dump(mode="json"), source_refs(cfg))
 
 
 def _encoder_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.train.encoder import encoder_plan
 
-    return encoder_plan(cfg)
+    return Plan(*encoder_plan(cfg))  # encoder_plan still returns a (kind, config, parents) tuple
 
 
-def _quantize_plan(cfg: ProjectConfig) -> Plan:
-    from slmforge.compress import quantize_plan
-
-    return quantize_plan(cfg)
-
-
-def _eval_plan(cfg: ProjectConfig) -> Plan:
-    from slmforge.evaluate.run import eval_plan
-
-    return eval_plan(cfg)
-
-
-def _report_plan(cfg: ProjectConfig) -> Plan:
-    from slmforge.evaluate.report import report_plan
-
-    return report_plan(cfg)
-
-
-def _run_data(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.data import run_data_stage
-
-    return run_data_stage(cfg, command=command).path
-
-
-def _run_tokenizer(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.tokenizer import train_tokenizer
-
-    return train_tokenizer(cfg, command=command).path
-
-
-def _run_train(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.train import pretrain
-
-    return pretrain(cfg, command=command, log=log).path
-
-
-def _run_sft(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.train import finetune
-
-    return finetune(cfg, command=command, log=log).path
-
-
-def _run_encoder(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.train.encoder import train_encoder
-
-    return train_encoder(cfg, command=command, log=log).path
-
-
-def _run_quantize(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.compress import quantize
-
-    return quantize(cfg, command=command, log=log).path
-
-
-def _run_eval(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.evaluate.run import run_eval
-
-    return run_eval(cfg, command=command, log=log).path
-
-
-def _run_report(cfg: ProjectConfig, command, log) -> Path:
-    from slmforge.evaluate.report import write_report
-
-    return write_report(cfg, command=command, log=log).path
-
-
-# name -> (output folder, plan, runner). Execution order is project.stages, which must follow this order.
-STAGES: dict[str, tuple[Callable[[ProjectConfig], Path], Callable[[ProjectConfig], Plan], Callable]] = {
-    "data": (lambda c: c.stage_dir("data", c.data.out), _data_plan, _run_data),
-    "tokenizer": (lambda c: c.stage_dir("tokenizer", c.tokenizer.out), _tokenizer_plan, _run_tokenizer),
-    "train": (lambda c: c.stage_dir("train", c.train.out), _train_plan, _run_train),
-    "sft": (lambda c: c.stage_dir("sft", c.sft.out), _sft_plan, _run_sft),
-    "encoder": (lambda c: c.stage_dir(f"encoder-{c.encoder.task}", c.encoder.out), _encoder_plan, _run_encoder),
-    "quantize": (lambda c: c.stage_dir(f"quantize-{c.quantize.method}", c.quantize.out), _quantize_plan, _run_quantize),
-    "eval": (lambda c: c.stage_dir("eval", c.eval.out), _eval_plan, _run_eval),
-    "report": (lambda c: c.stage_dir("report", c.report.out), _report_plan, _run_report),
-}
+# Execution order is project.stages, which must follow this order.
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("data", ("dataset",), _data_plan, _Deferred("slmforge.data", "run_data_stage"), logs=False),
+    Stage("tokenizer", ("tokenizer",), _Deferred("slmforge.tokenizer", "tokenizer_plan"),
+          _Deferred("slmforge.tokenizer", "train_tokenizer"), logs=False),
+    Stage("train", ("model",), _Deferred("slmforge.train", "pretrain_plan"), _Deferred("slmforge.train", "pretrain")),
+    Stage("sft", ("model", "adapter"), _Deferred("slmforge.train", "finetune_plan"),
+          _Deferred("slmforge.train", "finetune")),
+    Stage("encoder", ("encoder",), _encoder_plan, _Deferred("slmforge.train.encoder", "train_encoder")),
+    Stage("quantize", ("quantized-model",), _Deferred("slmforge.compress", "quantize_plan"),
+          _Deferred("slmforge.compress", "quantize")),
+    Stage("eval", ("evaluation",), _Deferred("slmforge.evaluate.run", "eval_plan"),
+          _Deferred("slmforge.evaluate.run", "run_eval")),
+    Stage("report", ("report",), _Deferred("slmforge.evaluate.report", "report_plan"),
+          _Deferred("slmforge.evaluate.report", "write_report")),
+)}
 
 
 def is_current(cfg: ProjectConfig, stage: str) -> bool:
     """Whether the stage's output exists and matches what it would write now."""
-    out_dir, plan, _ = STAGES[stage]
+    s = STAGES[stage]
     try:
-        existing = read_manifest(out_dir(cfg))
-        kind, config, parents = plan(cfg)
+        existing = read_manifest(s.output(cfg))
+        plan = s.plan(cfg)
     except ArtifactError:  # no output yet, or an input is missing (the stage will say which)
         return False
-    return existing.fingerprint == fingerprint(kind, config, [p["fingerprint"] for p in parents])
+    return existing.fingerprint == plan.fingerprint
 
 
 def run_pipeline(
@@ -163,7 +129,7 @@ def run_pipeline(
         ConfigError: An unknown stage name.
         SlmForgeError: Whatever a stage raises; stages finished before it keep their output.
     """
-    names = [n for n in STAGES if n in cfg.project.stages]
+    names: list[str] = [n for n in STAGES if n in cfg.project.stages]
     if [n for n in cfg.project.stages if n in STAGES] != names:
         raise ConfigError(f"project.stages must keep this order: {', '.join(STAGES)}; got {cfg.project.stages}.")
     for given in (until, start):
@@ -173,15 +139,15 @@ def run_pipeline(
     last = names.index(until) if until else len(names) - 1
     outcomes = []
     for name in names[first : last + 1]:
-        out_dir, _, runner = STAGES[name]
+        stage = STAGES[name]
         t0 = time.monotonic()
         if not force and is_current(cfg, name):
-            outcomes.append(StageOutcome(name, out_dir(cfg), "up to date", time.monotonic() - t0))
+            outcomes.append(StageOutcome(name, stage.output(cfg), "up to date", time.monotonic() - t0))
             if log:
                 log(f"{name}: up to date, skipped")
             continue
         if log:
             log(f"{name}: running")
-        path = runner(cfg, command, log)
+        path = stage.run(cfg, command, log)
         outcomes.append(StageOutcome(name, path, "ran", time.monotonic() - t0))
     return outcomes

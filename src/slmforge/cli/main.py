@@ -209,11 +209,12 @@ def model_estimate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameters, FLOPs per token, and memory (weights, training, KV cache) at fp32/bf16/int8/int4."""
+    from slmforge.artifacts import output_dir
     from slmforge.model import estimate, format_estimate
 
     cfg = _load(config, set_)
     if vocab_size is None:
-        tok_json = cfg.stage_dir("tokenizer", cfg.tokenizer.out) / "tokenizer.json"
+        tok_json = output_dir(cfg, "tokenizer") / "tokenizer.json"
         if tok_json.exists():
             from slmforge.tokenizer import load_tokenizer
 
@@ -318,6 +319,7 @@ def eval_run(
         "(the results then say the sandbox was weak; default eval.allow_weak_sandbox).")] = False,
 ) -> None:
     """Run suites on a model; exit 3 if a quality gate fails."""
+    from slmforge.artifacts import output_dir
     from slmforge.errors import GateFailed
     from slmforge.evaluate.run import run_eval
 
@@ -327,7 +329,7 @@ def eval_run(
     try:
         result = run_eval(cfg, model, suite or None, gate, baseline, out_dir, not no_cache, limit, sys.argv, log=err.print)
     except GateFailed:
-        out.print(f"results: {cfg.stage_dir('eval', cfg.eval.out) if out_dir is None else out_dir}")
+        out.print(f"results: {output_dir(cfg, 'eval') if out_dir is None else out_dir}")
         raise
     for name, r in result.results.items():
         cached = " (cached)" if r.cached else ""

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref
+from slmforge.artifacts import ArtifactWriter, Plan, default_model, model_ref, output_dir, parent_ref
 from slmforge.compress._methods import METHODS, NONE
 from slmforge.compress._offload import load_offloaded
 from slmforge.config import ProjectConfig
-from slmforge.errors import ArtifactError, ConfigError, GenerateError
+from slmforge.errors import ArtifactError, ConfigError
 from slmforge.model.quantized import load_quantized, save_quantized
 
 __all__ = [
@@ -60,15 +60,7 @@ def _model_spec(cfg: ProjectConfig, model: str | Path | None) -> str:
     """The model to quantize: explicit, ``quantize.model``, else the sft output, else train's."""
     spec = model if model is not None else cfg.quantize.model
     if spec is None:
-        from slmforge.generate import default_model_dir
-
-        try:
-            return str(default_model_dir(cfg))
-        except GenerateError:
-            raise ArtifactError(
-                f"No model to quantize: neither {cfg.stage_dir('sft', cfg.sft.out)} nor "
-                f"{cfg.stage_dir('train', cfg.train.out)} exists. Run `slmforge train` first, or set quantize.model."
-            ) from None
+        return str(default_model(cfg, "quantize", "set quantize.model"))
     resolved = cfg.resolve(spec)
     return str(resolved) if resolved.exists() else str(spec)
 
@@ -77,8 +69,8 @@ def _uses(cfg: ProjectConfig, method: str) -> bool:
     return cfg.quantize.method == method or method in cfg.quantize.plan.values()
 
 
-def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-    """(kind, config, parents) of what ``quantize`` would write: what decides whether it is current."""
+def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> Plan:
+    """What ``quantize`` would write: what decides whether an existing quantized model is current."""
     spec = _model_spec(cfg, model)
     config: dict[str, Any] = {
         "quantize": cfg.quantize.model_dump(mode="json"),
@@ -90,8 +82,7 @@ def quantize_plan(cfg: ProjectConfig, model: str | Path | None = None) -> tuple[
     for name, method in METHODS.items():
         if method.plan is not None and _uses(cfg, name):
             config.update(method.plan(cfg))
-    data_dir = cfg.stage_dir("data", cfg.data.out)
-    return "quantized-model", config, [model_ref(spec), parent_ref(data_dir, "dataset")]
+    return Plan("quantized-model", config, [model_ref(spec), parent_ref(output_dir(cfg, "data"), "dataset")])
 
 
 def _load_float_model(spec: str):
@@ -112,7 +103,7 @@ def _heldout(cfg: ProjectConfig) -> list[str]:
     from slmforge.data import read_jsonl
 
     split = cfg.report.heldout_split
-    file = cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl"
+    file = output_dir(cfg, "data") / "text" / f"{split}.jsonl"
     texts = [r["text"] for r in read_jsonl(file)]
     if not texts:
         raise ArtifactError(f"{file} has no text to measure perplexity on; run `slmforge data` with text in data.formats.")
@@ -193,81 +184,119 @@ def quantize(
         GateFailed: The perplexity rose by more than ``quantize.max_ppl_increase_pct``; the
             folder is written anyway, with ``passing: false``.
     """
-    import json
     import time
 
-    from slmforge.compress._methods import Inputs, assign_methods, convert
+    from slmforge.compress._methods import assign_methods
     from slmforge.evaluate import perplexity
     from slmforge.evaluate.gates import check_gates, enforce
     from slmforge.model import pick_device
-    from slmforge.train import plot_losses, work_dir_for
 
     qcfg = cfg.quantize
     t0 = time.monotonic()
-    kind, config, parents = quantize_plan(cfg, model)
-    spec = config["model"]
-    out_dir = Path(out) if out else cfg.stage_dir(f"quantize-{qcfg.method}", qcfg.out)
+    planned = quantize_plan(cfg, model)
+    spec = planned.config["model"]
+    out_dir = Path(out) if out else output_dir(cfg, "quantize")
     heldout = _heldout(cfg)
     net, tok = _load_float_model(spec)
     methods = assign_methods(net, qcfg.method, qcfg.plan, qcfg.group_size)
-    device = pick_device(cfg.train.device)
-    net.to(device).eval()
-    seq_len = config["eval_seq_len"]
+    net.to(pick_device(cfg.train.device)).eval()
+    seq_len = planned.config["eval_seq_len"]
     parent_bytes = _fp32_bytes(net)
     if log:
         log(f"quantize: held-out perplexity of {spec}")
     base = perplexity(net, tok, heldout, seq_len=seq_len)
-    inputs = Inputs(cfg, tok, cfg.stage_dir("data", cfg.data.out), work_dir_for(out_dir),
-                    {"config": config, "parents": [p["fingerprint"] for p in parents]}, progress, log)
-    extra: dict[str, Any] = {}
-    for name, method in METHODS.items():  # model-wide steps first, in METHODS order
-        chosen = [n for n, m in methods.items() if m == name]
-        if chosen and method.prepare is not None:
-            extra.update(method.prepare(net, chosen, inputs))
-    float_layer_bytes = sum(4 * net.get_submodule(n).weight.numel() for n, m in methods.items() if m != NONE)
-    layers = convert(net, methods, qcfg.group_size)
-    stored_layer_bytes = sum(_tensor_bytes(net.get_submodule(n)) for n in layers)
+    converted = _convert(cfg, planned, net, tok, methods, out_dir, progress, log)
     if log:
-        log(f"quantize: held-out perplexity after {qcfg.method} ({len(layers)} of {len(methods)} layers)")
+        log(f"quantize: held-out perplexity after {qcfg.method} ({len(converted.layers)} of {len(methods)} layers)")
     quant = perplexity(net, tok, heldout, seq_len=seq_len)
-    rule = f"ppl_delta_pct <= {qcfg.max_ppl_increase_pct}"
-    gates = check_gates([rule], {"ppl": quant.ppl}, baseline={"ppl": base.ppl})
-    counts: dict[str, int] = {}
-    for m in methods.values():
-        counts[m] = counts.get(m, 0) + 1
+    gates = check_gates([f"ppl_delta_pct <= {qcfg.max_ppl_increase_pct}"], {"ppl": quant.ppl}, baseline={"ppl": base.ppl})
     net.to("cpu")
-    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
-        weights = save_quantized(net, tok, w.path, layers, extra={"method": qcfg.method, "group_size": qcfg.group_size,
-                                                                  "parent": spec})
-        if inputs.loop_log:
-            (w.path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in inputs.loop_log))
-            plot_losses(inputs.loop_log, w.path / "loss.png", f"ternary QAT ({qcfg.ternary_steps} steps)")
-        weights_bytes = weights.stat().st_size
-        metrics = {
-            "method": qcfg.method,
-            "layers": counts,
-            "weights_bytes": weights_bytes,
-            "parent_fp32_bytes": parent_bytes,
-            "compression_ratio": round(parent_bytes / weights_bytes, 4),
-            "quantized_layers_ratio": round(float_layer_bytes / max(stored_layer_bytes, 1), 4),
-            "heldout_split": cfg.report.heldout_split,
-            "heldout_tokens": quant.tokens,
-            "ppl_parent": round(base.ppl, 4),
-            "ppl": round(quant.ppl, 4),
-            "ppl_delta_pct": round(gates[0].value, 4),
-            "bits_per_byte_parent": round(base.bits_per_byte, 5),
-            "bits_per_byte": round(quant.bits_per_byte, 5),
-            "gates": [g.describe() for g in gates],
-            "passing": all(g.passed for g in gates),
-            **extra,
-            "seconds": round(time.monotonic() - t0, 2),
-        }
+    with planned.writer(out_dir, command) as w:
+        weights_bytes = _write_quantized(cfg, net, tok, spec, converted, w.path)
+        metrics = _quantize_metrics(cfg, methods, converted, parent_bytes, weights_bytes, (base, quant), gates)
+        metrics["seconds"] = round(time.monotonic() - t0, 2)
         w.metrics.update(metrics)
     if log:
         log(f"quantize: {weights_bytes / 1e6:.2f} MB ({metrics['compression_ratio']:.2f}x smaller than fp32), "
             f"perplexity {base.ppl:.3f} -> {quant.ppl:.3f} ({metrics['ppl_delta_pct']:+.2f}%)")
     enforce(gates, f"the quantized model {out_dir}")
     return QuantizeResult(out_dir.resolve(), metrics)
+
+
+@dataclass
+class _Converted:
+    """A model after ``_convert``: its quantized layers and what the methods' model-wide steps left."""
+
+    layers: dict[str, dict[str, Any]]  # module name -> layer description, for save_quantized
+    extra: dict[str, Any]  # metrics of the model-wide steps (SmoothQuant calibration, ternary fine-tune)
+    loop_log: list[dict[str, Any]]  # the ternary fine-tune's losses, if it ran
+    float_layer_bytes: int  # the converted linears' weights at fp32
+    stored_layer_bytes: int  # the same layers as stored
+
+
+def _convert(cfg: ProjectConfig, planned: Plan, net, tok, methods: dict[str, str], out_dir: Path, progress: bool,
+             log: Callable[[str], None] | None) -> _Converted:
+    """Run the methods' model-wide steps (in METHODS order), then swap every chosen linear for its
+    quantized layer, in place."""
+    from slmforge.compress._methods import Inputs, convert
+    from slmforge.train import work_dir_for
+
+    qcfg = cfg.quantize
+    inputs = Inputs(cfg, tok, output_dir(cfg, "data"), work_dir_for(out_dir),
+                    {"config": planned.config, "parents": [p["fingerprint"] for p in planned.parents]}, progress, log)
+    extra: dict[str, Any] = {}
+    for name, method in METHODS.items():
+        chosen = [n for n, m in methods.items() if m == name]
+        if chosen and method.prepare is not None:
+            extra.update(method.prepare(net, chosen, inputs))
+    float_layer_bytes = sum(4 * net.get_submodule(n).weight.numel() for n, m in methods.items() if m != NONE)
+    layers = convert(net, methods, qcfg.group_size)
+    stored_layer_bytes = sum(_tensor_bytes(net.get_submodule(n)) for n in layers)
+    return _Converted(layers, extra, inputs.loop_log, float_layer_bytes, stored_layer_bytes)
+
+
+def _write_quantized(cfg: ProjectConfig, net, tok, spec: str, converted: _Converted, folder: Path) -> int:
+    """The quantized model's files (and the ternary fine-tune's loss log and plot) into ``folder``;
+    returns the size of the quantized weights file."""
+    import json
+
+    from slmforge.train import plot_losses
+
+    qcfg = cfg.quantize
+    weights = save_quantized(net, tok, folder, converted.layers,
+                             extra={"method": qcfg.method, "group_size": qcfg.group_size, "parent": spec})
+    if converted.loop_log:
+        (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in converted.loop_log))
+        plot_losses(converted.loop_log, folder / "loss.png", f"ternary QAT ({qcfg.ternary_steps} steps)")
+    return weights.stat().st_size
+
+
+def _quantize_metrics(cfg: ProjectConfig, methods: dict[str, str], converted: _Converted, parent_bytes: int,
+                      weights_bytes: int, ppls: tuple[Any, Any], gates: list[Any]) -> dict[str, Any]:
+    """The quantized model's manifest metrics (sizes, perplexity before and after, the gate), in
+    the order they are written; ``seconds`` is added by the caller."""
+    base, quant = ppls
+    counts: dict[str, int] = {}
+    for m in methods.values():
+        counts[m] = counts.get(m, 0) + 1
+    return {
+        "method": cfg.quantize.method,
+        "layers": counts,
+        "weights_bytes": weights_bytes,
+        "parent_fp32_bytes": parent_bytes,
+        "compression_ratio": round(parent_bytes / weights_bytes, 4),
+        "quantized_layers_ratio": round(converted.float_layer_bytes / max(converted.stored_layer_bytes, 1), 4),
+        "heldout_split": cfg.report.heldout_split,
+        "heldout_tokens": quant.tokens,
+        "ppl_parent": round(base.ppl, 4),
+        "ppl": round(quant.ppl, 4),
+        "ppl_delta_pct": round(gates[0].value, 4),
+        "bits_per_byte_parent": round(base.bits_per_byte, 5),
+        "bits_per_byte": round(quant.bits_per_byte, 5),
+        "gates": [g.describe() for g in gates],
+        "passing": all(g.passed for g in gates),
+        **converted.extra,
+    }
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -293,6 +322,31 @@ def propose_mixed_precision(rows: list[dict[str, Any]], max_delta_pct: float) ->
             break
         plan[r["module"]] = NONE
     return plan
+
+
+def _layer_deltas(net, names: list[str], method: str, group_size: int, base: float, progress: bool,
+                  log: Callable[[str], None] | None, measure: Callable[[], float]) -> list[dict[str, Any]]:
+    """Quantize one linear of ``net`` at a time (then put it back) and ``measure`` the model's perplexity
+    each time: one row per layer with its perplexity and its change against ``base`` in percent."""
+    from slmforge._progress import progress_bar
+    from slmforge.model.quant_layers import LAYER_FORMATS
+
+    cls = LAYER_FORMATS[METHODS[method].layer]
+    rows = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"sensitivity ({method})", total=len(names), info="")
+        for name in names:
+            original = net.get_submodule(name)
+            net.set_submodule(name, cls.from_linear(original, group_size=group_size))
+            ppl = measure()
+            net.set_submodule(name, original)
+            delta = 100.0 * (ppl - base) / base
+            rows.append({"module": name, "method": method, "params": original.weight.numel(),
+                         "ppl": round(ppl, 4), "ppl_delta_pct": round(delta, 4)})
+            bar.update(task, advance=1, info=f"{name} {delta:+.3f}%")
+            if log:
+                log(f"sensitivity: {name} {delta:+.3f}%")
+    return rows
 
 
 def _predicted_delta(rows: list[dict[str, Any]], plan: dict[str, str]) -> float:
@@ -330,19 +384,17 @@ def sensitivity(
     """
     import json
 
-    from slmforge._progress import progress_bar
     from slmforge.compress._methods import assign_methods, quantizable_linears
     from slmforge.compress._plot import plot_sensitivity
     from slmforge.evaluate import perplexity
     from slmforge.model import pick_device
-    from slmforge.model.quant_layers import LAYER_FORMATS
 
     if method not in METHODS or not METHODS[method].one_shot:
         one_shot = [m for m, spec in METHODS.items() if spec.one_shot]
         raise ConfigError(f"Sensitivity needs a one-shot method ({', '.join(one_shot)}); got {method!r}.")
     qcfg = cfg.quantize
     spec = _model_spec(cfg, model)
-    parents = [model_ref(spec), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    parents = [model_ref(spec), parent_ref(output_dir(cfg, "data"), "dataset")]
     out_dir = Path(out) if out else cfg.stage_dir("quantize-sensitivity")
     heldout = _heldout(cfg)
     net, tok = _load_float_model(spec)
@@ -351,21 +403,8 @@ def sensitivity(
     net.to(pick_device(cfg.train.device)).eval()
     seq_len = min(cfg.train.seq_len, 512)
     base = perplexity(net, tok, heldout, seq_len=seq_len, max_tokens=max_tokens).ppl
-    cls = LAYER_FORMATS[METHODS[method].layer]
-    rows = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"sensitivity ({method})", total=len(names), info="")
-        for name in names:
-            original = net.get_submodule(name)
-            net.set_submodule(name, cls.from_linear(original, group_size=qcfg.group_size))
-            ppl = perplexity(net, tok, heldout, seq_len=seq_len, max_tokens=max_tokens).ppl
-            net.set_submodule(name, original)
-            delta = 100.0 * (ppl - base) / base
-            rows.append({"module": name, "method": method, "params": original.weight.numel(),
-                         "ppl": round(ppl, 4), "ppl_delta_pct": round(delta, 4)})
-            bar.update(task, advance=1, info=f"{name} {delta:+.3f}%")
-            if log:
-                log(f"sensitivity: {name} {delta:+.3f}%")
+    rows = _layer_deltas(net, names, method, qcfg.group_size, base, progress, log,
+                         measure=lambda: perplexity(net, tok, heldout, seq_len=seq_len, max_tokens=max_tokens).ppl)
     rows.sort(key=lambda r: r["ppl_delta_pct"], reverse=True)
     plan = propose_mixed_precision(rows, qcfg.max_ppl_increase_pct)
     for r in rows:

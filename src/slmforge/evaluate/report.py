@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import ArtifactWriter, parent_ref, read_manifest
+from slmforge.artifacts import Plan, default_model, output_dir, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError
 
@@ -25,22 +25,23 @@ class ReportResult:
 
 
 def _model_dir(cfg: ProjectConfig) -> Path:
+    """``report.model``, else the project's model (the sft output, else train's)."""
     if cfg.report.model:
         return cfg.resolve(cfg.report.model)
-    sft = cfg.stage_dir("sft", cfg.sft.out)
-    if (sft / "manifest.json").exists() and "sft" in cfg.project.stages:
-        return sft
-    return cfg.stage_dir("train", cfg.train.out)
+    return default_model(cfg, "report on", "set report.model")
 
 
-def report_plan(cfg: ProjectConfig) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-    """(kind, config, parents) of the report the config asks for: what decides whether
-    an existing report is current."""
+def report_plan(cfg: ProjectConfig) -> Plan:
+    """What the report the config asks for would be: what decides whether an existing report is current.
+
+    Raises:
+        ArtifactError: The model, the data or (with an eval stage) the evaluation artifact is missing.
+    """
     model = _model_dir(cfg)
-    parents = [parent_ref(model), parent_ref(cfg.stage_dir("data", cfg.data.out), "dataset")]
+    parents = [parent_ref(model), parent_ref(output_dir(cfg, "data"), "dataset")]
     if "eval" in cfg.project.stages:
-        parents.append(parent_ref(cfg.stage_dir("eval", cfg.eval.out), "evaluation"))
-    return "report", {"report": cfg.report.model_dump(mode="json"), "model": str(model)}, parents
+        parents.append(parent_ref(output_dir(cfg, "eval"), "evaluation"))
+    return Plan("report", {"report": cfg.report.model_dump(mode="json"), "model": str(model)}, parents)
 
 
 def _generator(model_dir: Path):
@@ -57,23 +58,44 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     Raises:
         ArtifactError: The model or the data artifact is missing.
     """
-    import torch
-
     from slmforge.data import read_jsonl
-    from slmforge.evaluate import perplexity
-    from slmforge.generate import SamplingParams, resolve_profile
-    from slmforge.tokenizer.packing import tokenize_documents, unigram_perplexity
 
     rcfg = cfg.report
-    kind, config, parents = report_plan(cfg)
+    plan = report_plan(cfg)
     model_dir = _model_dir(cfg)
-    data_dir = cfg.stage_dir("data", cfg.data.out)
-    out_dir = Path(out) if out else cfg.stage_dir("report", rcfg.out)
+    data_dir = output_dir(cfg, "data")
+    out_dir = Path(out) if out else output_dir(cfg, "report")
     heldout = [r["text"] for r in read_jsonl(data_dir / "text" / f"{rcfg.heldout_split}.jsonl")]
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
     if not heldout:
         raise ArtifactError(f"{data_dir} has no {rcfg.heldout_split} text to measure perplexity on.")
     gen, base_spec = _generator(model_dir)
+    metrics = {"model": str(model_dir), "heldout_split": rcfg.heldout_split,
+               **_perplexity_metrics(cfg, gen, model_dir, heldout, train_texts, log)}
+    rows = _sample_answers(cfg, gen, model_dir, data_dir, log)
+    metrics.update(_evaluation_metrics(cfg))
+    with plan.writer(out_dir, command) as w:
+        figures = _copy_figures(cfg, w.path)
+        data_stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").exists() else {}
+        train_metrics = _metrics_of(output_dir(cfg, "train"))
+        sft_metrics = _metrics_of(output_dir(cfg, "sft")) if "sft" in cfg.project.stages else {}
+        doc = _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metrics)
+        (w.path / "report.md").write_text(_markdown(doc), encoding="utf-8")
+        (w.path / "report.html").write_text(_html(doc), encoding="utf-8")
+        (w.path / "report.json").write_text(json.dumps({"metrics": metrics, "samples": rows}, indent=2) + "\n")
+        w.metrics.update(metrics)
+    return ReportResult(out_dir.resolve(), metrics)
+
+
+def _perplexity_metrics(cfg: ProjectConfig, gen, model_dir: Path, heldout: list[str], train_texts: list[str],
+                        log) -> dict[str, Any]:
+    """Held-out perplexity of the model, of a unigram model of the same tokenizer, and of the
+    pretrained model when the reported one was made from it."""
+    import torch
+
+    from slmforge.evaluate import perplexity
+    from slmforge.tokenizer.packing import tokenize_documents, unigram_perplexity
+
     tok = gen.tokenizer
     seq_len = min(cfg.train.seq_len, 512)
     if log:
@@ -83,17 +105,33 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     train_stream = tokenize_documents(train_texts, tok)
     held_stream = tokenize_documents(heldout, tok)[: ppl.tokens + len(heldout)]
     unigram = unigram_perplexity(train_stream, held_stream, len(tok))
-    rows: list[dict[str, Any]] = []
     base_ppl = None
-    train_dir = cfg.stage_dir("train", cfg.train.out)
+    train_dir = output_dir(cfg, "train")
     if model_dir != train_dir and (train_dir / "manifest.json").exists():
         from slmforge.generate import TorchGenerator
 
         base_gen = TorchGenerator.from_pretrained(train_dir)
         base_ppl = perplexity(base_gen.model, base_gen.tokenizer, heldout, seq_len=seq_len)
         del base_gen
+    metrics = {
+        "heldout_tokens": ppl.tokens,
+        "ppl": round(ppl.ppl, 3),
+        "bits_per_byte": round(ppl.bits_per_byte, 4),
+        "unigram_ppl": round(unigram, 3),
+        "beats_unigram": ppl.ppl < unigram,
+    }
+    if base_ppl is not None:
+        metrics["pretrained_ppl"] = round(base_ppl.ppl, 3)
+    return metrics
 
-    # ---- sample answers
+
+def _sample_answers(cfg: ProjectConfig, gen, model_dir: Path, data_dir: Path, log) -> list[dict[str, Any]]:
+    """The model's answers to ``report.questions`` and to held-out chat questions (with their
+    reference answers), under each of ``report.profiles``."""
+    from slmforge.data import read_jsonl
+    from slmforge.generate import SamplingParams, resolve_profile
+
+    rcfg = cfg.report
     questions = [(q, None) for q in rcfg.questions]
     for r in read_jsonl(data_dir / "chat" / f"{rcfg.heldout_split}.jsonl")[: rcfg.heldout_questions]:
         user = next(m["content"] for m in r["messages"] if m["role"] == "user")
@@ -101,6 +139,7 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
         questions.append((user, reference))
     if log:
         log(f"report: answering {len(questions)} questions with profiles {', '.join(rcfg.profiles)}")
+    rows: list[dict[str, Any]] = []
     for q, ref in questions:
         answers = {}
         for name in rcfg.profiles:
@@ -110,34 +149,16 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
                                                  seed=cfg.project.seed if profile.temperature > 0 else None)
             answers[name] = gen.chat([{"role": "user", "content": q}], params)[0].text.strip()
         rows.append({"question": q, "reference": ref, "answers": answers})
+    return rows
 
-    metrics = {
-        "model": str(model_dir),
-        "heldout_split": rcfg.heldout_split,
-        "heldout_tokens": ppl.tokens,
-        "ppl": round(ppl.ppl, 3),
-        "bits_per_byte": round(ppl.bits_per_byte, 4),
-        "unigram_ppl": round(unigram, 3),
-        "beats_unigram": ppl.ppl < unigram,
-    }
-    if base_ppl is not None:
-        metrics["pretrained_ppl"] = round(base_ppl.ppl, 3)
-    eval_file = cfg.stage_dir("eval", cfg.eval.out) / "results.json"
-    if "eval" in cfg.project.stages and eval_file.exists():
-        evaluation = json.loads(eval_file.read_text())
-        metrics["suites"] = {k: round(v, 4) for k, v in evaluation["metrics"].items()}
-        metrics["gates_passing"] = evaluation["passing"]
-    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
-        figures = _copy_figures(cfg, w.path)
-        data_stats = json.loads((data_dir / "stats.json").read_text()) if (data_dir / "stats.json").exists() else {}
-        train_metrics = _metrics_of(train_dir)
-        sft_metrics = _metrics_of(cfg.stage_dir("sft", cfg.sft.out)) if "sft" in cfg.project.stages else {}
-        doc = _document(cfg, metrics, rows, figures, data_stats, train_metrics, sft_metrics)
-        (w.path / "report.md").write_text(_markdown(doc), encoding="utf-8")
-        (w.path / "report.html").write_text(_html(doc), encoding="utf-8")
-        (w.path / "report.json").write_text(json.dumps({"metrics": metrics, "samples": rows}, indent=2) + "\n")
-        w.metrics.update(metrics)
-    return ReportResult(out_dir.resolve(), metrics)
+
+def _evaluation_metrics(cfg: ProjectConfig) -> dict[str, Any]:
+    """The eval stage's suite metrics and gate verdict, when the project has one and it ran."""
+    eval_file = output_dir(cfg, "eval") / "results.json"
+    if "eval" not in cfg.project.stages or not eval_file.exists():
+        return {}
+    evaluation = json.loads(eval_file.read_text())
+    return {"suites": {k: round(v, 4) for k, v in evaluation["metrics"].items()}, "gates_passing": evaluation["passing"]}
 
 
 def _metrics_of(folder: Path) -> dict[str, Any]:
@@ -150,9 +171,9 @@ def _metrics_of(folder: Path) -> dict[str, Any]:
 def _copy_figures(cfg: ProjectConfig, folder: Path) -> dict[str, str]:
     found = {}
     for label, src in (
-        ("pretraining loss", cfg.stage_dir("train", cfg.train.out) / "loss.png"),
-        ("fine-tuning loss", cfg.stage_dir("sft", cfg.sft.out) / "loss.png"),
-        ("document lengths", cfg.stage_dir("data", cfg.data.out) / "lengths.png"),
+        ("pretraining loss", output_dir(cfg, "train") / "loss.png"),
+        ("fine-tuning loss", output_dir(cfg, "sft") / "loss.png"),
+        ("document lengths", output_dir(cfg, "data") / "lengths.png"),
     ):
         if src.exists():
             name = label.replace(" ", "_").replace("-", "_") + ".png"

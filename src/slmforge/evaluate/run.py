@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import MANIFEST, ArtifactWriter, is_endpoint, parent_ref, read_manifest
+from slmforge.artifacts import (
+    MANIFEST,
+    ArtifactWriter,
+    Plan,
+    default_model,
+    is_endpoint,
+    output_dir,
+    parent_ref,
+    read_manifest,
+)
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, EvalError
 from slmforge.evaluate.gates import GateResult, check_gates, enforce
@@ -37,9 +46,20 @@ class EvalResult:
 
 
 def _default_model(cfg: ProjectConfig) -> Path:
-    from slmforge.generate import default_model_dir
+    return default_model(cfg, "evaluate", "pass --model with a model folder, a .gguf file, a hub id or an endpoint")
 
-    return default_model_dir(cfg)
+
+def _is_default_model(cfg: ProjectConfig, model: str | Path | None) -> bool:
+    """Whether ``model`` is the project's own (``None``: the default), so that the evaluation can be
+    recorded as the one ``slmforge run`` checks. False outside a project that has a model."""
+    if model is None:
+        return True
+    if is_endpoint(model):
+        return False
+    try:
+        return Path(str(model)).resolve() == _default_model(cfg).resolve()
+    except ArtifactError:
+        return False
 
 
 def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult:
@@ -47,7 +67,7 @@ def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult
     from slmforge.evaluate import perplexity
 
     split = cfg.report.heldout_split
-    texts = [r["text"] for r in read_jsonl(cfg.stage_dir("data", cfg.data.out) / "text" / f"{split}.jsonl")]
+    texts = [r["text"] for r in read_jsonl(output_dir(cfg, "data") / "text" / f"{split}.jsonl")]
     if not texts:
         raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
     if not hasattr(generator, "model"):
@@ -108,12 +128,16 @@ def _baseline_model(cfg: ProjectConfig, model: Path, spec: str | None) -> str | 
     return None
 
 
-def eval_plan(cfg: ProjectConfig) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-    """(kind, config, parents) of the evaluation ``slmforge run`` would write."""
+def eval_plan(cfg: ProjectConfig) -> Plan:
+    """What the evaluation ``slmforge run`` would write: what decides whether an existing one is current.
+
+    Raises:
+        ArtifactError: The project has no model yet.
+    """
     model = _default_model(cfg)
     config = {"eval": cfg.eval.model_dump(mode="json"), "suites": cfg.eval.suites, "gates": cfg.eval.gates,
               "baseline": _baseline_model(cfg, model, cfg.eval.regression_vs)}
-    return "evaluation", config, [parent_ref(model)]
+    return Plan("evaluation", config, [parent_ref(model)])
 
 
 def run_eval(
@@ -158,15 +182,13 @@ def run_eval(
         base_gen = load_generator(base_model, endpoints=cfg.generate.endpoints)
         base_metrics = _flat(evaluate_suites(base_gen, base_model, suites, cfg, use_cache, limit, progress))
     gate_results = check_gates(rules, metrics, base_metrics) if rules else []
-    out_dir = Path(out) if out else cfg.stage_dir("eval", ecfg.out)
+    out_dir = Path(out) if out else output_dir(cfg, "eval")
     local = not remote and (model_path / MANIFEST).exists()
     parents = [parent_ref(model_path)] if local else []
     result = EvalResult(out_dir.resolve(), str(model_path), results, metrics, gate_results, base_metrics)
     config = {"eval": ecfg.model_dump(mode="json"), "suites": suites, "gates": rules, "baseline": base_model}
-    if (model is None or (not remote and Path(str(model)).resolve() == _default_model(cfg).resolve())) \
-            and suites == ecfg.suites \
-            and rules == ecfg.gates and limit == ecfg.limit:
-        config = eval_plan(cfg)[1]  # what `slmforge run` checks to skip an up-to-date evaluation
+    if _is_default_model(cfg, model) and suites == ecfg.suites and rules == ecfg.gates and limit == ecfg.limit:
+        config = eval_plan(cfg).config  # what `slmforge run` checks to skip an up-to-date evaluation
     with ArtifactWriter(out_dir, kind="evaluation", config=config, parents=parents, command=command) as w:
         for name, r in results.items():
             (w.path / "items").mkdir(exist_ok=True)

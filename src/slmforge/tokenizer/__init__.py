@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from slmforge.artifacts import Plan, output_dir, parent_ref
 from slmforge.config import ProjectConfig
 from slmforge.errors import TokenizerError
 from slmforge.tokenizer._bpe import read_merges
@@ -28,6 +29,7 @@ __all__ = [
     "TokenizerResult",
     "TokenizerStats",
     "train_tokenizer",
+    "tokenizer_plan",
     "load_tokenizer",
     "heldout_texts",
     "analyze_tokenizers",
@@ -64,6 +66,20 @@ class TokenizerStats:
     bytes_per_token: float
     byte_fallback_rate: float  # share of tokens that are bare bytes (byte-level BPE) or unknown (others)
     unk_rate: float  # share of unknown tokens (always 0 for byte-level BPE)
+
+
+def _dataset_dir(cfg: ProjectConfig) -> Path:
+    """The dataset the tokenizer learns from: ``tokenizer.data``, else the data stage's output."""
+    return cfg.resolve(cfg.tokenizer.data) if cfg.tokenizer.data else output_dir(cfg, "data")
+
+
+def tokenizer_plan(cfg: ProjectConfig) -> Plan:
+    """What ``train_tokenizer`` would write: what decides whether an existing tokenizer is current.
+
+    Raises:
+        ArtifactError: The dataset artifact is missing.
+    """
+    return Plan("tokenizer", cfg.tokenizer.model_dump(mode="json"), [parent_ref(_dataset_dir(cfg), "dataset")])
 
 
 def train_tokenizer(

@@ -19,10 +19,10 @@ from rich.progress import Progress
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from slmforge._progress import progress_bar
-from slmforge.artifacts import MANIFEST, ArtifactWriter, parent_ref
+from slmforge.artifacts import MANIFEST, ArtifactWriter, output_dir, parent_ref
 from slmforge.config import ProjectConfig
 from slmforge.errors import TokenizerError
-from slmforge.tokenizer import TokenizerResult, TokenizerStats, heldout_texts, load_tokenizer
+from slmforge.tokenizer import TokenizerResult, TokenizerStats, _dataset_dir, heldout_texts, load_tokenizer
 from slmforge.tokenizer._analyze import text_stats
 from slmforge.tokenizer._bpe import (
     added_token_entry,
@@ -72,11 +72,8 @@ def run(
 ) -> TokenizerResult:
     tcfg = cfg.tokenizer
     explicit_data = data is not None or tcfg.data is not None
-    if data is not None:
-        data_dir = Path(data)
-    else:
-        data_dir = cfg.resolve(tcfg.data) if tcfg.data else cfg.stage_dir("data")
-    out_dir = Path(out) if out is not None else cfg.stage_dir("tokenizer", tcfg.out)
+    data_dir = Path(data) if data is not None else _dataset_dir(cfg)
+    out_dir = Path(out) if out is not None else output_dir(cfg, "tokenizer")
     # extend needs no text unless it must find frequent words; it still uses a dataset when there is one.
     needs_data = tcfg.method == "train" or tcfg.domain_terms_top_n > 0 or explicit_data
     folder = dataset_folder(data_dir) if needs_data or (data_dir / MANIFEST).is_file() else None

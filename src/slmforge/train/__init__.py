@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref, read_manifest
+from slmforge.artifacts import ArtifactWriter, Plan, model_ref, output_dir, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, TrainError
 
@@ -100,7 +100,7 @@ def _loop_metrics(res) -> dict[str, Any]:
 def _dataset_dir(cfg: ProjectConfig, override: str | None, explicit: str | Path | None) -> Path:
     if explicit is not None:
         return Path(explicit)
-    return cfg.resolve(override) if override else cfg.stage_dir("data")
+    return cfg.resolve(override) if override else output_dir(cfg, "data")
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -109,16 +109,16 @@ def _dataset_dir(cfg: ProjectConfig, override: str | None, explicit: str | Path 
 def _pretrain_inputs(cfg: ProjectConfig, data, tokenizer) -> tuple[Path, Path]:
     tcfg = cfg.train
     data_dir = _dataset_dir(cfg, tcfg.data, data)
-    tok_dir = Path(tokenizer) if tokenizer else (cfg.resolve(tcfg.tokenizer) if tcfg.tokenizer else cfg.stage_dir("tokenizer"))
+    tok_dir = Path(tokenizer) if tokenizer else (cfg.resolve(tcfg.tokenizer) if tcfg.tokenizer else output_dir(cfg, "tokenizer"))
     return data_dir, tok_dir
 
 
-def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-    """(kind, config, parents) of the model ``pretrain`` would write: what decides whether it is current."""
+def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
+    """What ``pretrain`` would write: what decides whether an existing model is current."""
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
               "seed": cfg.project.seed}
-    return "model", config, [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")]
+    return Plan("model", config, [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")])
 
 
 def pretrain(
@@ -144,8 +144,8 @@ def pretrain(
 
     tcfg = cfg.train
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
-    out_dir = Path(out) if out else cfg.stage_dir("train", tcfg.out)
-    kind, config, parents = pretrain_plan(cfg, data, tokenizer)
+    out_dir = Path(out) if out else output_dir(cfg, "train")
+    plan = pretrain_plan(cfg, data, tokenizer)
     tok = load_tokenizer(tok_dir)
     work = work_dir_for(out_dir)
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
@@ -162,7 +162,7 @@ def pretrain(
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
     est = estimate(cfg.model, len(tok), tcfg.seq_len, tcfg.batch_size)
-    run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
+    run_key = {"config": plan.config, "parents": [p["fingerprint"] for p in plan.parents]}
     res = run_loop(model, train_src, val_src, tcfg, work, cfg.project.seed, run_key, "pretraining", progress, log)
     metrics = _loop_metrics(res)
     metrics["params"] = est.params
@@ -171,7 +171,7 @@ def pretrain(
     if val_src is not None:
         metrics["unigram_val_ppl"] = round(unigram_perplexity(train_stream, val_stream[: len(val_src) * tcfg.seq_len], len(tok)), 3)
     model.to("cpu")
-    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
+    with plan.writer(out_dir, command) as w:
         save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
         _write_log(w.path, res.log, f"pretraining {est.params / 1e6:.1f}M parameters")
         w.metrics.update(metrics)
@@ -183,7 +183,7 @@ def pretrain(
 
 def _base_spec(cfg: ProjectConfig, base: str | Path | None) -> tuple[str, list[dict[str, str]]]:
     """The model to fine-tune (explicit, ``sft.base``, or the train stage's output) and its lineage entry."""
-    spec = str(base) if base is not None else (cfg.sft.base or str(cfg.stage_dir("train", cfg.train.out)))
+    spec = str(base) if base is not None else (cfg.sft.base or str(output_dir(cfg, "train")))
     resolved = cfg.resolve(spec)
     path = resolved if resolved.exists() else Path(spec)
     if path.exists():
@@ -196,8 +196,8 @@ def _base_spec(cfg: ProjectConfig, base: str | Path | None) -> tuple[str, list[d
     return spec, [model_ref(spec)]
 
 
-def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-    """(kind, config, parents) of what ``finetune`` would write: what decides whether it is current."""
+def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> Plan:
+    """What ``finetune`` would write: what decides whether an existing model or adapter is current."""
     spec, base_parents = _base_spec(cfg, base)
     data_dir = _dataset_dir(cfg, cfg.sft.data, data)
     kind = "adapter" if cfg.sft.method in ("lora", "qlora") else "model"
@@ -205,7 +205,7 @@ def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> tuple[str, dict[s
     parents = base_parents + [parent_ref(data_dir, "dataset")]
     if cfg.sft.tokenizer:
         parents.append(parent_ref(cfg.resolve(cfg.sft.tokenizer), "tokenizer"))
-    return kind, config, parents
+    return Plan(kind, config, parents)
 
 
 def _resize_embeddings(model, tok) -> dict[str, Any]:
@@ -249,9 +249,9 @@ def finetune(
     from slmforge.model import load_causal_lm
 
     data_dir = _dataset_dir(cfg, scfg.data, data)
-    out_dir = Path(out) if out else cfg.stage_dir("sft", scfg.out)
-    kind, config, parents = finetune_plan(cfg, base, data)
-    base_spec = config["base"]
+    out_dir = Path(out) if out else output_dir(cfg, "sft")
+    plan = finetune_plan(cfg, base, data)
+    base_spec = plan.config["base"]
     model, tok = load_causal_lm(base_spec, four_bit=scfg.method == "qlora")
     if scfg.tokenizer:
         from slmforge.tokenizer import load_tokenizer
@@ -268,7 +268,7 @@ def finetune(
         raise TrainError(f"Every conversation is longer than sft.seq_len={scfg.seq_len} before its answer starts.")
     if scfg.method in ("lora", "qlora"):
         model = _add_lora(model, scfg, bool(resized))
-    run_key = {"config": config, "parents": [p["fingerprint"] for p in parents]}
+    run_key = {"config": plan.config, "parents": [p["fingerprint"] for p in plan.parents]}
     res = run_loop(model, train_src, val_src, scfg, work_dir_for(out_dir), cfg.project.seed, run_key,
                    f"fine-tuning ({scfg.method})", progress, log)
     metrics = _loop_metrics(res) | resized
@@ -278,8 +278,8 @@ def finetune(
     metrics["trainable_params"] = trainable
     if not getattr(model, "is_loaded_in_4bit", False):
         model.to("cpu")
-    with ArtifactWriter(out_dir, kind=kind, config=config, parents=parents, command=command) as w:
-        if kind == "adapter":
+    with plan.writer(out_dir, command) as w:
+        if plan.kind == "adapter":
             model.save_pretrained(w.path, selected_adapters=None)
             tok.save_pretrained(w.path)
             (w.path / "slmforge_adapter.json").write_text(
@@ -289,7 +289,7 @@ def finetune(
             save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
         _write_log(w.path, res.log, f"fine-tuning ({scfg.method})")
         w.metrics.update(metrics)
-    return TrainResult(out_dir.resolve(), kind, metrics)
+    return TrainResult(out_dir.resolve(), plan.kind, metrics)
 
 
 def _check_qlora() -> None:
