@@ -278,18 +278,9 @@ def _fit_vocab(
 def _extend_base(cfg: ProjectConfig, corpus: _Corpus | None, bar: Progress) -> _Built:
     """The base tokenizer plus the domain terms, as new ids at the end of its vocabulary."""
     tcfg = cfg.tokenizer
-    if not tcfg.base:
-        raise TokenizerError(
-            "tokenizer.method is 'extend' but tokenizer.base is not set. Set it to the folder of a Hugging Face "
-            "tokenizer (or a hub id when online), or use method: train."
-        )
-    local = cfg.resolve(tcfg.base)
-    base_ref = str(local) if local.exists() else tcfg.base
-    hf = load_tokenizer(base_ref)
+    hf, base_ref = _load_base(cfg)
     base_size = len(hf)
     backend = hf.backend_tokenizer
-    tok_json = json.loads(backend.to_str())
-    sp = tcfg.special_tokens
 
     task = bar.add_task("adding domain terms", total=None, info="")
     existing = dict(hf.get_vocab())
@@ -297,7 +288,77 @@ def _extend_base(cfg: ProjectConfig, corpus: _Corpus | None, bar: Progress) -> _
     configured = _clean_terms(tcfg.domain_terms, specials)
     top = _top_terms(backend, corpus, tcfg.domain_terms_top_n, exclude=set(configured) | set(specials))
     terms = configured + top
-    next_id = max(max_id(tok_json), base_size - 1) + 1
+    ext = _add_terms(hf, terms, existing, base_ref)
+    template, new_specials, set_pad = _add_chat_and_pad_tokens(hf, tcfg, ext, existing)
+    new = _rebuild(hf, ext.tok_json)
+    sp = tcfg.special_tokens
+    if set_pad:
+        new.pad_token = sp.pad
+    markers = [t for t in (sp.chat_start, sp.chat_end) if t in new_specials]
+    if markers:
+        new.add_special_tokens({"extra_special_tokens": markers}, replace_extra_special_tokens=False)
+    new.chat_template = template
+    _check_single_tokens(new.backend_tokenizer, ext.mergeable)
+    not_single = [t for t in ext.added if not _is_single(new.backend_tokenizer, t, forms=(t,))]
+    bar.update(task, total=1, completed=1)
+
+    new_ids = _new_token_ids(existing, new, base_ref)
+    notes = []
+    if not_single:
+        notes.append(f"These terms were added but the tokenizer's normalizer keeps them from matching: {not_single}.")
+    domain_terms = [t for t in terms if t not in not_single]
+    metrics = {
+        "method": "extend",
+        "base": base_ref,
+        "base_byte_level_bpe": ext.byte_level,
+        "base_vocab_size": base_size,
+        "vocab_size": len(new),
+        "new_token_ids": new_ids,
+        "new_tokens": [{"id": i, "token": new.convert_ids_to_tokens(i), "text": new.decode([i])} for i in new_ids],
+        "domain_terms": domain_terms,
+        "domain_terms_configured": configured,
+        "domain_terms_top": top,
+        "domain_merges": ext.merges,
+        "added_tokens": ext.added,
+        "special_tokens_added": new_specials,
+        "training_chars": corpus.chars if corpus else 0,
+        "training_documents": len(corpus.texts) if corpus else 0,
+        "notes": notes,
+    }
+    return _Built(tokenizer=new, domain_terms=domain_terms, metrics=metrics)
+
+
+def _load_base(cfg: ProjectConfig) -> tuple[Any, str]:
+    """The tokenizer to extend (``tokenizer.base``: a local folder, else a hub id) and how it was named."""
+    tcfg = cfg.tokenizer
+    if not tcfg.base:
+        raise TokenizerError(
+            "tokenizer.method is 'extend' but tokenizer.base is not set. Set it to the folder of a Hugging Face "
+            "tokenizer (or a hub id when online), or use method: train."
+        )
+    local = cfg.resolve(tcfg.base)
+    base_ref = str(local) if local.exists() else tcfg.base
+    return load_tokenizer(base_ref), base_ref
+
+
+@dataclass
+class _Extension:
+    """The base's tokenizer.json with the domain terms added (``_add_terms``), and what was added."""
+
+    tok_json: dict[str, Any]
+    next_id: int  # the first id still free
+    added: list[str]  # terms added as whole-word added tokens
+    mergeable: list[str]  # terms made single tokens by new merges (byte-level BPE only)
+    merges: int  # merges appended to the base's
+    byte_level: bool  # whether the base is a byte-level BPE
+
+
+def _add_terms(hf, terms: list[str], existing: dict[str, int], base_ref: str) -> _Extension:
+    """Make each term a single token: a byte-level BPE gets new merges where the pre-tokenizer keeps a
+    term in one piece, and added tokens elsewhere; any other model gets added tokens."""
+    backend = hf.backend_tokenizer
+    tok_json = json.loads(backend.to_str())
+    next_id = max(max_id(tok_json), len(hf) - 1) + 1
     merges_added = 0
     byte_level = is_byte_level_bpe(tok_json)
     if byte_level:
@@ -320,8 +381,14 @@ def _extend_base(cfg: ProjectConfig, corpus: _Corpus | None, bar: Progress) -> _
         entry = added_token_entry(term, next_id, False, normalized=not byte_level, single_word=True)
         tok_json.setdefault("added_tokens", []).append(entry)
         next_id += 1
+    return _Extension(tok_json, next_id, added, mergeable, merges_added, byte_level)
 
-    # Chat: keep the base's template unless one is configured; ours needs its role markers.
+
+def _add_chat_and_pad_tokens(hf, tcfg, ext: _Extension, existing: dict[str, int]) -> tuple[str, list[str], bool]:
+    """Add the special tokens the extended tokenizer still lacks to ``ext``: ChatML's role markers
+    when our template replaces a missing one, and a pad token. Returns the chat template (the base's
+    unless one is configured), the tokens added and whether the pad token is new."""
+    sp = tcfg.special_tokens
     template = tcfg.chat_template or hf.chat_template
     new_specials = []
     if template is None:
@@ -332,20 +399,13 @@ def _extend_base(cfg: ProjectConfig, corpus: _Corpus | None, bar: Progress) -> _
         new_specials.append(sp.pad)
     new_specials = [t for t in dict.fromkeys(new_specials) if t not in existing]
     for token in new_specials:
-        tok_json.setdefault("added_tokens", []).append(added_token_entry(token, next_id, True, False, False))
-        next_id += 1
+        ext.tok_json.setdefault("added_tokens", []).append(added_token_entry(token, ext.next_id, True, False, False))
+        ext.next_id += 1
+    return template, new_specials, set_pad
 
-    new = _rebuild(hf, tok_json)
-    if set_pad:
-        new.pad_token = sp.pad
-    markers = [t for t in (sp.chat_start, sp.chat_end) if t in new_specials]
-    if markers:
-        new.add_special_tokens({"extra_special_tokens": markers}, replace_extra_special_tokens=False)
-    new.chat_template = template
-    _check_single_tokens(new.backend_tokenizer, mergeable)
-    not_single = [t for t in added if not _is_single(new.backend_tokenizer, t, forms=(t,))]
-    bar.update(task, total=1, completed=1)
 
+def _new_token_ids(existing: dict[str, int], new, base_ref: str) -> list[int]:
+    """The ids the extension added, after checking that it moved none of the base's."""
     new_vocab = new.get_vocab()
     moved = [t for t, i in existing.items() if new_vocab.get(t) != i]
     if moved:  # would silently scramble the embedding rows of a pretrained model
@@ -353,30 +413,7 @@ def _extend_base(cfg: ProjectConfig, corpus: _Corpus | None, bar: Progress) -> _
             f"Internal error: extending {base_ref} changed the ids of existing tokens {moved[:5]}. Please report "
             "this with the base tokenizer; nothing was written."
         )
-    new_ids = sorted(i for t, i in new_vocab.items() if t not in existing)
-    notes = []
-    if not_single:
-        notes.append(f"These terms were added but the tokenizer's normalizer keeps them from matching: {not_single}.")
-    domain_terms = [t for t in terms if t not in not_single]
-    metrics = {
-        "method": "extend",
-        "base": base_ref,
-        "base_byte_level_bpe": byte_level,
-        "base_vocab_size": base_size,
-        "vocab_size": len(new),
-        "new_token_ids": new_ids,
-        "new_tokens": [{"id": i, "token": new.convert_ids_to_tokens(i), "text": new.decode([i])} for i in new_ids],
-        "domain_terms": domain_terms,
-        "domain_terms_configured": configured,
-        "domain_terms_top": top,
-        "domain_merges": merges_added,
-        "added_tokens": added,
-        "special_tokens_added": new_specials,
-        "training_chars": corpus.chars if corpus else 0,
-        "training_documents": len(corpus.texts) if corpus else 0,
-        "notes": notes,
-    }
-    return _Built(tokenizer=new, domain_terms=domain_terms, metrics=metrics)
+    return sorted(i for t, i in new_vocab.items() if t not in existing)
 
 
 def _dense_vocab(tok_json: dict[str, Any], base_ref: str) -> dict[str, int]:
