@@ -48,7 +48,6 @@ TOP_LEVEL = {
     "config": "core",
     "artifacts": "core",
     "errors": "core",
-    "types": "core",
     "endpoints": "core",  # which endpoint may receive which key: shared by data/, generate/, serve/
     "label_metrics": "core",  # classification and NER scores: reported by train/ (encoder) and evaluate/
     "_progress": "core",  # progress bars: private to slmforge as a whole, used by every stage

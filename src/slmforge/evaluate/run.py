@@ -25,6 +25,7 @@ from slmforge.errors import ArtifactError, EvalError
 from slmforge.evaluate.gates import GateResult, check_gates, enforce
 from slmforge.evaluate.runner import SuiteResult, run_suite
 from slmforge.evaluate.suites import load_suite
+from slmforge.generate import as_engine
 
 __all__ = ["EvalResult", "CompareResult", "run_eval", "eval_plan", "compare_models", "PERPLEXITY"]
 
@@ -70,7 +71,7 @@ def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult
     texts = [r["text"] for r in read_jsonl(output_dir(cfg, "data") / "text" / f"{split}.jsonl")]
     if not texts:
         raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
-    if not hasattr(generator, "model"):
+    if not as_engine(generator).capabilities.perplexity:
         raise EvalError(
             f"The perplexity suite scores every token with the in-process PyTorch engine; {model} runs on "
             "another engine. Measure the PyTorch model it was exported from, or use generation suites."

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from slmforge.artifacts import output_dir
 from slmforge.config import ProjectConfig, Section
 from slmforge.errors import EvalError
 
@@ -154,7 +155,7 @@ def load_items(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None) -> list[d
 def _artifact_items(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[dict[str, Any]]:
     if cfg is None:
         raise EvalError(f"Suite {spec.name} reads the project's data artifact; run it inside a project (-c).")
-    folder = cfg.stage_dir("data", cfg.data.out) / spec.data.format
+    folder = output_dir(cfg, "data") / spec.data.format
     file = folder / f"{spec.data.split}.jsonl"
     if not file.is_file():
         raise EvalError(

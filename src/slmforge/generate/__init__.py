@@ -459,16 +459,13 @@ def resolve_profile(
 
 
 def default_model_dir(cfg: ProjectConfig) -> Path:
-    """The model a project generates with by default: the sft stage's output, else the train stage's.
+    """The model a project generates with by default: ``artifacts.default_model`` (the sft stage's
+    output, else the train stage's).
 
     Raises:
         GenerateError: Neither folder exists.
     """
-    candidates = [cfg.stage_dir("sft", cfg.sft.out), cfg.stage_dir("train", cfg.train.out)]
-    for folder in candidates:
-        if folder.exists():
-            return folder
-    raise GenerateError(
-        f"No model to generate with: neither {candidates[0]} nor {candidates[1]} exists. Train one first "
-        "(`slmforge train`), or pass --model with a model folder, a .gguf file or a hub id."
-    )
+    from slmforge.artifacts import default_model
+
+    return default_model(cfg, "generate with", "pass --model with a model folder, a .gguf file or a hub id",
+                         GenerateError)

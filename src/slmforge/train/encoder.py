@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from slmforge.artifacts import ArtifactWriter, model_ref, parent_ref, read_manifest
+from slmforge.artifacts import ArtifactWriter, model_ref, output_dir, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError, ModelError, TrainError
 from slmforge.label_metrics import classification_metrics, entity_f1, entity_spans
@@ -208,7 +208,7 @@ def _model_source(cfg: ProjectConfig) -> tuple[Path, list[dict[str, str]]]:
     """Where the encoder starts from (``encoder.base``, else the tokenizer of a fresh one) and its lineage."""
     ecfg = cfg.encoder
     if not ecfg.base:
-        tok_dir = cfg.resolve(ecfg.tokenizer) if ecfg.tokenizer else cfg.stage_dir("tokenizer")
+        tok_dir = cfg.resolve(ecfg.tokenizer) if ecfg.tokenizer else output_dir(cfg, "tokenizer")
         return tok_dir, [parent_ref(tok_dir, "tokenizer")]
     path = cfg.resolve(ecfg.base)
     if not (path / "config.json").is_file():
