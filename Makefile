@@ -26,8 +26,9 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# Tests in parallel (pytest-xdist): one worker per core, at most 4 (each loads torch).
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --maxprocesses 4
 
 # The slow tier needs a real pretrained model: Gemma 3 270M (GGUF) from an offline package.
 test-slow: install
