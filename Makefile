@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo lint test test-slow bench clean
 
-# torch first, from the CPU wheel: asking for plain `torch` later would pull a CUDA build.
+# torch first, from the CPU wheel: asking for plain `torch` later would pull a CUDA build. Every extra
+# is installed (make test runs the tests of every feature).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,rag]"
 	$(BIN)/pip check
 	touch $(STAMP)
 

@@ -495,6 +495,53 @@ class ReportConfig(Section):
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/report).")
 
 
+# --------------------------------------------------------------------------- knowledge (RAG)
+
+
+class RagConfig(Section):
+    sources: list[str] | None = Field(
+        None, description="Files or folders to index, read like data.sources (null = data.sources)."
+    )
+    chunker: Literal["fixed", "recursive", "sentence", "semantic"] = Field(
+        "recursive",
+        description="fixed: tokens with overlap; recursive: headings, paragraphs, code blocks kept whole; "
+        "sentence: whole sentences; semantic: split where neighbouring sentences' embeddings drift apart.",
+    )
+    chunk_tokens: int = Field(200, ge=8, description="Largest chunk, in the embedder's tokens.")
+    overlap_tokens: int = Field(40, ge=0, description="Tokens shared by neighbouring fixed-size chunks.")
+    semantic_percentile: float = Field(
+        25.0, gt=0, lt=100, description="semantic: split where neighbour similarity is below this percentile."
+    )
+    embedder: str | None = Field(
+        None,
+        description="A sentence-transformers folder, or an OpenAI-compatible base URL (http...) with "
+        "embedder_model (null = the offline all-MiniLM-L6-v2 of the rag extra).",
+    )
+    embedder_model: str | None = Field(None, description="The model name to ask an /embeddings endpoint for.")
+    store: Literal["lancedb", "qdrant", "faiss", "chroma"] = Field(
+        "lancedb", description="The vector store: lancedb (embedded, default), qdrant, faiss or chroma."
+    )
+    store_url: str | None = Field(None, description="qdrant: a server URL (null = its local mode in the index).")
+    mode: Literal["dense", "bm25", "hybrid"] = Field(
+        "hybrid", description="Retrieval: dense vectors, BM25 keywords, or both fused by reciprocal rank."
+    )
+    top_k: int = Field(5, ge=1, description="Chunks given to the model as sources.")
+    mmr: float | None = Field(
+        None, ge=0, le=1, description="MMR trade-off (1 = relevance only); null = no diversity step."
+    )
+    rerank: Literal["none", "cross-encoder", "generator"] = Field(
+        "none", description="Rerank candidates with a cross-encoder folder (reranker) or the model's log-likelihood."
+    )
+    reranker: str | None = Field(None, description="rerank: cross-encoder: a sentence-transformers CrossEncoder folder.")
+    min_score: float = Field(
+        0.25, ge=-1, le=1,
+        description="Dense cosine similarity below which a chunk is not relevant; with none relevant the "
+        "answer is 'not in the documents'.",
+    )
+    max_new_tokens: int = Field(200, ge=1, description="Length cap of an answer.")
+    out: str | None = Field(None, description="Index folder (null = <project.out_dir>/rag).")
+
+
 # --------------------------------------------------------------------------- serving
 
 
@@ -597,6 +644,7 @@ class ProjectConfig(Section):
     report: ReportConfig = Field(
         default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
     )
+    rag: RagConfig = Field(default_factory=RagConfig, description="`slmforge rag`: index documents, cited answers.")
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )

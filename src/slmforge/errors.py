@@ -59,3 +59,7 @@ class SandboxError(SlmForgeError):
 
     A program that misbehaves is never an error: it is a result with a status.
     """
+
+
+class RagError(SlmForgeError):
+    """A knowledge index cannot be built or read as asked (another embedder, another store, a damaged index)."""

@@ -205,6 +205,27 @@ def run_data_stage(
     return DataResult(path=target.resolve(), stats=stats)
 
 
+def read_documents(
+    cfg: ProjectConfig, sources: list[str] | None = None, progress: bool = True
+) -> tuple[list[Document], list[Skipped], Counter[str]]:
+    """The documents of ``sources`` (default: ``data.sources``), read, cleaned, boilerplate-stripped,
+    PII-scrubbed, filtered and deduplicated exactly as the data stage does, without writing a dataset:
+    what ``slmforge rag index`` indexes.
+
+    Returns:
+        (documents kept, inputs skipped with their reason, documents dropped per reason).
+
+    Raises:
+        DataError: No sources, or a source that does not exist.
+    """
+    if sources is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
+    read = _read_and_clean(cfg, _resolve_sources(cfg), progress)
+    _strip_boilerplate(read.docs, cfg.data)
+    kept, dropped, _, _ = _scrub_filter_dedup(read.docs, cfg.data, progress)
+    return kept, read.skipped, dropped
+
+
 @dataclass
 class _Read:
     """What reading and cleaning the sources gave: documents, skipped inputs, and counts for the stats."""
