@@ -565,6 +565,11 @@ class ServeModelConfig(Section):
         "auto", description="auto (from the path: .gguf -> llama.cpp, ONNX folder -> onnx, else torch), embedding "
         "(sentence-transformers, for /v1/embeddings), openai (proxy to base_url), vllm (a managed `vllm serve`)."
     )
+    knowledge: str | None = Field(
+        None, description="Answer every request to this name from this knowledge base (a serve.knowledge name), "
+        "with citations: unmodified OpenAI clients get grounded answers. Another entry may serve the same path "
+        "without it (the model loads once).",
+    )
     adapters: dict[str, str] = Field(
         {}, description="LoRA adapters over this model: served name -> adapter folder (torch engine; they share "
         "the base weights in memory and batch together)."
@@ -613,6 +618,10 @@ class ServeConfig(Section):
     max_prompt_tokens: int | None = Field(None, ge=1, description="Refuse prompts of more tokens with a 413 (null = context).")
     request_timeout_s: float | None = Field(None, gt=0, description="Seconds of generation per request before a 504.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM/Ctrl-C, how long in-flight requests may finish.")
+    knowledge: dict[str, str] = Field(
+        {}, description="Knowledge bases a chat request may name ({\"knowledge\": {\"base\": NAME}}): NAME -> a "
+        "`slmforge rag index` folder, searched with rag.embedder and rag's retrieval settings.",
+    )
     cost: ServeCostConfig = Field(default_factory=ServeCostConfig, description="Prices for `slmforge bench serve`.")
 
 

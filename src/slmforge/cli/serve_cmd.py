@@ -62,6 +62,11 @@ def serve(
         bool | None, typer.Option("--public-metrics/--no-public-metrics", help="With --api-keys: serve /metrics, "
                                   "/openapi.json and /docs without a key (default serve.public_metrics: off).")
     ] = None,
+    knowledge: Annotated[
+        list[str] | None,
+        typer.Option("--knowledge", help="NAME=FOLDER: a `slmforge rag index` folder chat requests may name as "
+                     '{"knowledge": {"base": NAME}} for grounded, cited answers (repeatable; adds to serve.knowledge).'),
+    ] = None,
 ) -> None:
     """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
@@ -72,7 +77,9 @@ def serve(
     work on torch models, which batch requests continuously. Also GET /v1/usage (the caller's usage, per end
     user too), GET /metrics (Prometheus) and GET /docs (the OpenAPI schema); with --api-keys these need a key
     too, unless --public-metrics. Several models, LoRA adapters, embedding
-    models, upstream proxies and vLLM go under serve.models in the project file.
+    models, upstream proxies and vLLM go under serve.models in the project file. A chat request with
+    {"knowledge": {"base": NAME}} (or any request to a model with serve.models[].knowledge) is answered
+    from that knowledge base, with citations.
     """
     from slmforge.config import load_config
     from slmforge.serve import parse_model_ref, serve as run_server
@@ -88,7 +95,7 @@ def serve(
     run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
                max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
                request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters,
-               public_metrics=public_metrics)
+               public_metrics=public_metrics, knowledge=dict(parse_model_ref(k) for k in knowledge or []))
 
 
 def _keys_file(cfg: ProjectConfig, host: str | None, api_keys: Path | None) -> Path | None:

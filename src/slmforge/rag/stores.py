@@ -61,10 +61,11 @@ class LanceStore:
     def add(self, ids: list[str], vectors: np.ndarray) -> None:
         if not ids:
             return
-        self.delete(ids)  # an id added again (a run that died before its commit) replaces the old row
         flat = self.pa.array(np.asarray(vectors, np.float32).reshape(-1), self.pa.float32())
         column = self.pa.FixedSizeListArray.from_arrays(flat, self.dimensions)
-        self.table.add(self.pa.Table.from_arrays([self.pa.array(ids), column], schema=self.schema))
+        rows = self.pa.Table.from_arrays([self.pa.array(ids), column], schema=self.schema)
+        # an id added again (a run that died before its commit) replaces its row: an upsert on id
+        self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
 
     def delete(self, ids: list[str]) -> None:
         for i in range(0, len(ids), 500):

@@ -22,6 +22,7 @@ uvicorn are imported only when an app is built.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,7 @@ def create_app(
     closers: list[Any] | None = None,
     shutdown_timeout_s: float = 30.0,
     public_metrics: bool = False,
+    knowledge: dict[str, Any] | None = None,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -102,6 +104,9 @@ def create_app(
         public_metrics: With keys, still answer ``/metrics``, ``/openapi.json``, ``/docs`` and ``/redoc``
             without one (by default they need a valid key, as ``/v1`` does; ``/health`` and ``/ready``
             are always open).
+        knowledge: Knowledge bases chat requests may name: name -> an ``slmforge.rag.Index`` (searched with
+            its defaults) or a ``serve._knowledge.KnowledgeBase`` (with its own retrieval settings). A
+            model whose ``ServedModel.knowledge`` names one answers every request from it.
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -124,8 +129,16 @@ def create_app(
                 for i, k in enumerate(sorted(api_keys, key=str), start=1)]
     limiter, metrics = KeyLimiter(), Metrics()
     served = wrap_models(dict(models), max_batch_size)
+    from slmforge.serve._knowledge import KnowledgeBase
+
+    bases = {n: kb if isinstance(kb, KnowledgeBase) else KnowledgeBase(kb) for n, kb in (knowledge or {}).items()}
+    unknown = sorted({m.knowledge for m in served.values() if m.knowledge and m.knowledge not in bases})
+    if unknown:
+        raise ConfigError(f"A served model answers from the knowledge base {', '.join(unknown)}, which is not among "
+                          f"the server's ({', '.join(sorted(bases)) or 'none'}): add it to serve.knowledge.")
     app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
-                    metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics)
+                    metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics,
+                    knowledge=bases)
     app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
     return app
 
@@ -175,6 +188,7 @@ def serve(
     max_batch_size: int | None = None,
     adapters: dict[str, str] | None = None,
     public_metrics: bool | None = None,
+    knowledge: dict[str, str] | None = None,
 ) -> None:
     """Load the models and serve them until interrupted (SIGTERM/Ctrl-C finish in-flight requests first).
 
@@ -197,6 +211,7 @@ def serve(
         adapters: LoRA adapters (served name -> folder) over the first model.
         public_metrics: With keys, serve ``/metrics`` and the OpenAPI schema/docs without a key
             (default ``serve.public_metrics``).
+        knowledge: Knowledge bases (name -> ``slmforge rag index`` folder), added to ``serve.knowledge``.
 
     Raises:
         ConfigError: Two models share a name, the keys file is unusable, or there are no keys and the
@@ -204,7 +219,7 @@ def serve(
         ModelError: A model cannot be loaded.
     """
     from slmforge.config import ProjectConfig
-    from slmforge.serve._models import load_models, model_configs
+    from slmforge.serve._models import describe, load_models, model_configs
 
     cfg = cfg or ProjectConfig()
     sc = cfg.serve
@@ -219,10 +234,6 @@ def serve(
     keys = read_keys_file(keys_file) if keys_file is not None else None
     _quiet_thread_pools()
     served, closers = load_models(cfg, table, device, max_batch_size or sc.max_batch_size)
-    import sys
-
-    from slmforge.serve._models import describe
-
     for line in describe(served):
         print(f"serving {line}", file=sys.stderr)
     app = create_app(served, keys,
@@ -231,7 +242,8 @@ def serve(
                      request_timeout_s=request_timeout_s if request_timeout_s is not None else sc.request_timeout_s,
                      max_batch_size=max_batch_size or sc.max_batch_size, closers=closers,
                      shutdown_timeout_s=sc.shutdown_timeout_s,
-                     public_metrics=sc.public_metrics if public_metrics is None else public_metrics)
+                     public_metrics=sc.public_metrics if public_metrics is None else public_metrics,
+                     knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}))
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())
@@ -239,6 +251,31 @@ def serve(
 
     uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
                 timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def open_knowledge(cfg: ProjectConfig, folders: dict[str, str]) -> dict[str, Any]:
+    """The knowledge bases (name -> index folder) opened with the project's embedder and retrieval settings.
+
+    Raises:
+        RagError: A folder without an index, or an index built with another embedder.
+    """
+    if not folders:
+        return {}
+    from slmforge.errors import RagError
+    from slmforge.rag import load_embedder
+    from slmforge.rag.index import Index, recorded
+    from slmforge.serve._knowledge import KnowledgeBase
+
+    embedder = load_embedder(cfg.rag.embedder, cfg.rag.embedder_model, cfg.resolve)
+    out = {}
+    for name, folder in folders.items():
+        path = cfg.resolve(folder)
+        store = recorded(path, "store")
+        if store is None:
+            raise RagError(f"serve.knowledge {name}: no index at {path}; build it with `slmforge rag index`.")
+        index = Index.open(path, embedder, store, cfg.rag.store_url)
+        out[name] = KnowledgeBase(index, cfg.rag.mode, cfg.rag.top_k, cfg.rag.min_score, cfg.rag.mmr)
+    return out
 
 
 def _quiet_thread_pools() -> None:

@@ -22,6 +22,7 @@ from slmforge.serve._generation import (
     submit_all,
     validate,
 )
+from slmforge.serve._knowledge import cite, ground, not_in_documents_choice
 from slmforge.serve._models import ServedModel
 from slmforge.serve._state import server, v1_router
 from slmforge.serve._streaming import batched_events, sse, stream_events, whole_stream
@@ -65,9 +66,35 @@ async def chat_completions(body: ChatRequest, request: Request):
     user = state.admit(request, sum(len(m["content"] or "") for m in raw), body.user)
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
     call = Call(state, request, body.model, user, start, params, explicit, "chat.completion.chunk")
+    base = body.knowledge.base if body.knowledge else served.knowledge
+    if base is not None:
+        if tools or structured:
+            raise ApiError(400, "A grounded chat (knowledge) cannot also use tools or response_format.",
+                           "invalid_request_error", "knowledge")
+        return await _grounded(call, body, served, raw, base)
     if served.batch is not None:
         return await _batched(call, body, served, raw, tools, choice)
     return await _locked(call, body, served, raw, tools, choice, grammar)
+
+
+async def _grounded(call: Call, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]], base: str):
+    """Answer from a knowledge base: retrieve, answer from the numbered sources, cite them; or say that the
+    documents do not hold the answer without calling the model. A stream gets the finished reply."""
+    grounding = await run_in_threadpool(ground, call.state.knowledge, base, body, raw)
+    if not grounding.sources:
+        call.meter(0, 0, 0.0)
+        reply = call.answer("chat.completion", [not_in_documents_choice()], 0, 0)
+        reply["citations"] = []
+    else:
+        whole = body.model_copy(update={"stream": False})
+        if served.batch is not None:
+            reply = await _batched(call, whole, served, grounding.messages, None, "none")
+        else:
+            reply = await _locked(call, whole, served, grounding.messages, None, "none", False)
+        reply = cite(reply, grounding.sources)
+    if body.stream:
+        return sse(whole_stream(call.chunk, reply["choices"][0], reply["usage"] if body.include_usage else None))
+    return reply
 
 
 async def _batched(call: Call, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]], tools, choice):

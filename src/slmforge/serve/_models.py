@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ class ServedModel:
     embedder: Any = None
     upstream: Any = None
     engine: str = "torch"
+    knowledge: str | None = None  # answer every request from this knowledge base (serve/_knowledge.py)
 
     # What the server asks of the engine behind a name: the engine contract (slmforge.generate.Engine)
     # and its declared capabilities, read here so that a route handler reads the same for every engine.
@@ -38,6 +39,7 @@ class ServedModel:
         """The model's entry in ``/v1/models`` (OpenAI's fields, and ours: engine, kind, profiles)."""
         return {"id": self.name, "object": "model", "created": created, "owned_by": "slmforge",
                 "engine": self.engine, "kind": self.kind, **({"adapter": self.adapter} if self.adapter else {}),
+                **({"knowledge": self.knowledge} if self.knowledge else {}),
                 "profiles": sorted(self.profiles), "default_profile": self.profile}
 
     def sampling_profile(self, name: str | None) -> SamplingProfile | None:
@@ -166,6 +168,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
 
     out: dict[str, ServedModel] = {}
     closers: list[Any] = []
+    first_of: dict[tuple[str, str], str] = {}  # (path, engine) -> the name that loaded it (no adapters)
     for m in models:
         where = f"serve.models[{m.name}]"
         path = _resolve(cfg, m.path) if m.path else None
@@ -195,6 +198,9 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
                                                                                else device), engine="embedding")
             continue
         adapters = {name: _resolve(cfg, p) for name, p in m.adapters.items()}
+        if not adapters and (path, m.engine) in first_of:  # another name for a loaded model (e.g. grounded)
+            out[m.name] = replace(out[first_of[path, m.engine]], name=m.name, knowledge=m.knowledge)
+            continue
         kind = engine_for(path) if m.engine == "auto" else m.engine
         if adapters and not ENGINES[kind].capabilities.adapters:
             raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {kind}).")
@@ -213,7 +219,10 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         table = wrap_models({m.name: gen}, max_batch_size)
         base = table[m.name]
         base.profiles, base.profile = profiles, profile if profile in profiles else None
+        base.knowledge = m.knowledge
         out[m.name] = base
+        if not adapters:
+            first_of[path, m.engine] = m.name
         for adapter in adapters:
             out[adapter] = ServedModel(adapter, "generate", generator=gen, batch=base.batch, adapter=adapter,
                                        profiles=profiles, profile=base.profile, engine=base.engine)

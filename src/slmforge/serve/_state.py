@@ -59,6 +59,7 @@ class ServerState:
     guarded: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     locks: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    knowledge: dict[str, Any] = field(default_factory=dict)  # name -> serve._knowledge.KnowledgeBase
 
     def pick(self, name: str, kind: str) -> ServedModel:
         """The model a request names, of the kind the endpoint serves (an upstream serves every kind).

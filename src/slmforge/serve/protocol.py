@@ -147,6 +147,17 @@ class ResponseFormat(BaseModel):
     json_schema: _JsonSchemaFormat | None = None
 
 
+class Knowledge(BaseModel):
+    """Our extension of chat requests: answer from a knowledge base (``slmforge rag``), with citations."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    k: int | None = Field(default=None, ge=1, le=50)
+    mode: Literal["dense", "bm25", "hybrid"] | None = None
+    where: dict[str, str | list[str]] | None = None
+    min_score: float | None = Field(default=None, ge=-1, le=1)
+
+
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
@@ -156,6 +167,7 @@ class ChatRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # None = true, OpenAI's default: a reply may hold several calls
+    knowledge: Knowledge | None = None  # extension: ground the answer in a knowledge base
 
 
 class EmbeddingRequest(BaseModel):
