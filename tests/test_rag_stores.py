@@ -67,3 +67,21 @@ def test_an_empty_store_answers_nothing(kind: str, tmp_path: Path):
 def test_unknown_store_is_named():
     with pytest.raises(ConfigError, match="Unknown vector store 'pinecone'.*lancedb, qdrant, faiss, chroma"):
         open_store("pinecone", Path("/tmp/none"), DIM)
+
+
+def test_lancedb_builds_an_ann_index_at_size_and_still_finds_the_nearest(tmp_path: Path, monkeypatch):
+    from slmforge.rag.stores import LanceStore
+
+    monkeypatch.setattr(LanceStore, "ANN_FROM", 800)
+    store = LanceStore(tmp_path, DIM)
+    vecs, ids = _vectors(1200, seed=3), _ids(1200)
+    store.add(ids[:700], vecs[:700])
+    assert not store._indexed()
+    store.add(ids[700:], vecs[700:])
+    assert store._indexed()
+    found = sum(store.search(vecs[i], 5)[0][0] == ids[i] for i in range(0, 1200, 40))
+    assert found == 30  # each stored vector is its own nearest neighbour through the index
+    more = _vectors(300, seed=4)
+    store.add(_ids(300, start=5000), more)  # a quarter not yet in the index: optimize folds it in
+    assert store.table.index_stats("vector_idx").num_unindexed_rows == 0
+    assert store.search(more[7], 1)[0][0] == _ids(300, start=5000)[7]

@@ -479,3 +479,22 @@ def test_streamed_completion_logprobs_continue_their_text_offsets(client):
             offsets += c.choices[0].logprobs.text_offset
     assert len(tokens) == 8
     assert offsets == [sum(len(t) for t in tokens[:k]) for k in range(8)]
+
+
+def test_a_grounded_alias_shares_the_loaded_model(work, tmp_path):
+    from slmforge.config import load_config
+    from slmforge.serve._models import load_models, model_configs
+
+    project = tmp_path / "slmforge.yaml"
+    project.write_text(json.dumps({"serve": {"models": [
+        {"name": "plain", "path": str(work["model"])},
+        {"name": "grounded", "path": str(work["model"]), "knowledge": "docs"},
+    ]}}))
+    cfg = load_config(project, [])
+    table, _ = load_models(cfg, model_configs(cfg, [], {}), "cpu", 4)
+    try:
+        assert table["grounded"].generator is table["plain"].generator  # loaded once
+        assert table["grounded"].batch is table["plain"].batch
+        assert (table["plain"].knowledge, table["grounded"].knowledge) == (None, "docs")
+    finally:
+        table["plain"].batch.stop()

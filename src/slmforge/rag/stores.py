@@ -48,6 +48,15 @@ def _need(module: str) -> Any:
 
 
 class LanceStore:
+    """LanceDB: a flat (exact) scan below ``ANN_FROM`` rows; from there an IVF-PQ index (cosine), built once
+    and then kept current by ``optimize`` when a tenth of the rows are not in it yet, searched with
+    ``NPROBES`` partitions and re-ranked exactly over ``REFINE`` x k candidates. Measured in
+    benchmarks/rag_scale.py: a flat scan of 100k x 384 takes ~190 ms here, the index ~10 ms."""
+
+    ANN_FROM = 50_000
+    NPROBES = 24
+    REFINE = 10
+
     def __init__(self, folder: Path, dimensions: int) -> None:
         lancedb = _need("lancedb")
         self.pa = _need("pyarrow")
@@ -66,6 +75,24 @@ class LanceStore:
         rows = self.pa.Table.from_arrays([self.pa.array(ids), column], schema=self.schema)
         # an id added again (a run that died before its commit) replaces its row: an upsert on id
         self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        self._index()
+
+    def _indexed(self) -> bool:
+        return any(ix.name == "vector_idx" for ix in self.table.list_indices())
+
+    def _index(self) -> None:
+        n = self.table.count_rows()
+        if n < self.ANN_FROM:
+            return
+        if not self._indexed():
+            from lancedb.index import IvfPq
+
+            self.table.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=max(8, int(n ** 0.5)),
+                                                           num_sub_vectors=max(1, self.dimensions // 8)))
+            return
+        stats = self.table.index_stats("vector_idx")
+        if stats is not None and stats.num_unindexed_rows > n // 10:
+            self.table.optimize()  # folds the new rows into the index
 
     def delete(self, ids: list[str]) -> None:
         for i in range(0, len(ids), 500):
@@ -73,7 +100,10 @@ class LanceStore:
             self.table.delete(f"id IN ({quoted})")
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-        rows = self.table.search(np.asarray(vector, np.float32)).distance_type("cosine").limit(k).to_list()
+        query = self.table.search(np.asarray(vector, np.float32)).distance_type("cosine").limit(k)
+        if self.table.count_rows() >= self.ANN_FROM and self._indexed():
+            query = query.nprobes(self.NPROBES).refine_factor(self.REFINE)
+        rows = query.to_list()
         return [(r["id"], 1.0 - float(r["_distance"])) for r in rows]
 
     def ids(self) -> set[str]:
