@@ -542,6 +542,15 @@ class RagConfig(Section):
     out: str | None = Field(None, description="Index folder (null = <project.out_dir>/rag).")
 
 
+class MemoryConfig(Section):
+    path: str | None = Field(None, description="The memory file (SQLite; null = <project.out_dir>/memory/memory.sqlite).")
+    embedder: str | None = Field(
+        None, description="A sentence-transformers folder, or hashing-DIM (no model) (null = the offline all-MiniLM-L6-v2)."
+    )
+    recall_k: int = Field(5, ge=1, description="Memories given to the model per request.")
+    extract: bool = Field(True, description="In the server: store the facts and preferences users state.")
+
+
 # --------------------------------------------------------------------------- serving
 
 
@@ -618,6 +627,10 @@ class ServeConfig(Section):
     max_prompt_tokens: int | None = Field(None, ge=1, description="Refuse prompts of more tokens with a 413 (null = context).")
     request_timeout_s: float | None = Field(None, gt=0, description="Seconds of generation per request before a 504.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM/Ctrl-C, how long in-flight requests may finish.")
+    memory: bool = Field(
+        False, description="Per-user memory (the memory section): each chat request gets what the server remembers "
+        "about its API key's user, and what they state is remembered.",
+    )
     knowledge: dict[str, str] = Field(
         {}, description="Knowledge bases a chat request may name ({\"knowledge\": {\"base\": NAME}}): NAME -> a "
         "`slmforge rag index` folder, searched with rag.embedder and rag's retrieval settings.",
@@ -654,6 +667,7 @@ class ProjectConfig(Section):
         default_factory=ReportConfig, description="`slmforge report`: perplexity, samples and plots of a model."
     )
     rag: RagConfig = Field(default_factory=RagConfig, description="`slmforge rag`: index documents, cited answers.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="`slmforge memory`: per-user memory.")
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )

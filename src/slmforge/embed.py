@@ -72,3 +72,32 @@ class Embedder:
         if dimensions is not None:
             vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
         return vectors.float().cpu().tolist(), tokens
+
+
+class HashingEmbedder:
+    """Hashed bag of lower-cased words and their bigrams: no model, deterministic, instant.
+
+    Texts sharing words get similar vectors: enough to test retrieval and memory plumbing and to
+    benchmark vector stores without a model's cost; ``rag.embedder: hashing-256`` (or
+    ``memory.embedder``) selects it. Not a substitute for a real embedder's quality."""
+
+    def __init__(self, dimensions: int = 256) -> None:
+        self.name = f"hashing-{dimensions}"
+        self.dimensions = dimensions
+
+    def identity(self) -> dict[str, object]:
+        return {"kind": "hashing", "name": self.name, "dimensions": self.dimensions}
+
+    def embed(self, texts: list[str]):  # -> np.ndarray (n, dimensions), unit rows
+        import hashlib
+        import re
+
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dimensions), np.float32)
+        for i, text in enumerate(texts):
+            words = re.findall(r"\w+", text.lower())
+            for token in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+                h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+                out[i, h % self.dimensions] += 1.0 if (h >> 63) & 1 else -1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)

@@ -15,12 +15,12 @@ records ``identity()`` and refuses a query embedder whose identity differs.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from slmforge.embed import HashingEmbedder as _Hashing
 from slmforge.errors import ConfigError, ModelError
 from slmforge.rag.chunkers import word_spans
 
@@ -101,29 +101,9 @@ class EndpointEmbedder:
         return word_spans(text)
 
 
-class HashingEmbedder:
-    """Hashed bag of lower-cased words (and their bigrams): no model, deterministic, instant.
-
-    Texts sharing words get similar vectors, which is enough to test the stores, incremental indexing
-    and retrieval plumbing, and to benchmark the stores without the embedder's cost."""
-
-    _WORD = re.compile(r"\w+")
-
-    def __init__(self, dimensions: int = 256) -> None:
-        self.name = f"hashing-{dimensions}"
-        self.dimensions = dimensions
-
-    def identity(self) -> dict[str, Any]:
-        return {"kind": "hashing", "name": self.name, "dimensions": self.dimensions}
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dimensions), np.float32)
-        for i, text in enumerate(texts):
-            words = self._WORD.findall(text.lower())
-            for token in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
-                h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
-                out[i, h % self.dimensions] += 1.0 if (h >> 63) & 1 else -1.0
-        return _unit(out)
+class HashingEmbedder(_Hashing):
+    """``slmforge.embed.HashingEmbedder`` (hashed bag of words: no model, deterministic, instant) with the
+    word spans the chunkers count in."""
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return word_spans(text)

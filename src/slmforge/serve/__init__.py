@@ -84,6 +84,7 @@ def create_app(
     shutdown_timeout_s: float = 30.0,
     public_metrics: bool = False,
     knowledge: dict[str, Any] | None = None,
+    memory: Any = None,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -107,6 +108,8 @@ def create_app(
         knowledge: Knowledge bases chat requests may name: name -> an ``slmforge.rag.Index`` (searched with
             its defaults) or a ``serve._knowledge.KnowledgeBase`` (with its own retrieval settings). A
             model whose ``ServedModel.knowledge`` names one answers every request from it.
+        memory: A ``slmforge.memory.MemoryStore`` (or ``serve._memory.ServerMemory``): chat requests get the
+            caller's memories (scoped by API key name) and what they state is remembered.
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -138,7 +141,7 @@ def create_app(
                           f"the server's ({', '.join(sorted(bases)) or 'none'}): add it to serve.knowledge.")
     app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
                     metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics,
-                    knowledge=bases)
+                    knowledge=bases, memory=_server_memory(memory))
     app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
     return app
 
@@ -243,7 +246,7 @@ def serve(
                      max_batch_size=max_batch_size or sc.max_batch_size, closers=closers,
                      shutdown_timeout_s=sc.shutdown_timeout_s,
                      public_metrics=sc.public_metrics if public_metrics is None else public_metrics,
-                     knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}))
+                     knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}), memory=_open_memory(cfg))
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())
@@ -251,6 +254,12 @@ def serve(
 
     uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
                 timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def _server_memory(memory: Any) -> Any:
+    from slmforge.serve._memory import ServerMemory
+
+    return memory if memory is None or isinstance(memory, ServerMemory) else ServerMemory(memory)
 
 
 def open_knowledge(cfg: ProjectConfig, folders: dict[str, str]) -> dict[str, Any]:
@@ -276,6 +285,15 @@ def open_knowledge(cfg: ProjectConfig, folders: dict[str, str]) -> dict[str, Any
         index = Index.open(path, embedder, store, cfg.rag.store_url)
         out[name] = KnowledgeBase(index, cfg.rag.mode, cfg.rag.top_k, cfg.rag.min_score, cfg.rag.mmr)
     return out
+
+
+def _open_memory(cfg: ProjectConfig) -> Any:
+    if not cfg.serve.memory:
+        return None
+    from slmforge.memory import open_store
+    from slmforge.serve._memory import ServerMemory
+
+    return ServerMemory(open_store(cfg), cfg.memory.recall_k, cfg.memory.extract)
 
 
 def _quiet_thread_pools() -> None:

@@ -23,6 +23,7 @@ from slmforge.serve._generation import (
     validate,
 )
 from slmforge.serve._knowledge import cite, ground, not_in_documents_choice
+from slmforge.serve._memory import with_memory
 from slmforge.serve._models import ServedModel
 from slmforge.serve._state import server, v1_router
 from slmforge.serve._streaming import batched_events, sse, stream_events, whole_stream
@@ -66,6 +67,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     user = state.admit(request, sum(len(m["content"] or "") for m in raw), body.user)
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
     call = Call(state, request, body.model, user, start, params, explicit, "chat.completion.chunk")
+    if state.memory is not None:  # the caller's scope is its API key's name, never a request field
+        raw = await run_in_threadpool(with_memory, state.memory, user.key, raw)
     base = body.knowledge.base if body.knowledge else served.knowledge
     if base is not None:
         if tools or structured:

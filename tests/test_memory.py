@@ -1,0 +1,209 @@
+"""Per-user memory: isolation (randomized, threads, processes, the server with two API keys), dedup and
+contradiction, ranking, windowing, erasure from the file, export, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+from test_cli import slm
+
+from slmforge.errors import ConfigError
+from slmforge.generate import Completion
+from slmforge.memory import MemoryStore, Scope, context_for, remember_conversation, rule_facts, window
+from slmforge.rag import HashingEmbedder
+
+from conftest import LiveServer
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MemoryStore:
+    return MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128))
+
+
+def test_rules_find_facts_with_subjects():
+    facts = rule_facts("My name is Alice Smith. I prefer tabs over spaces, and my favorite color is blue. I live in Paris.")
+    assert [(f["kind"], f["subject"]) for f in facts] == [
+        ("fact", "name"), ("preference", "favorite color"), ("fact", "home"), ("preference", None)]
+    assert facts[0]["text"] == "The user's name is Alice Smith."
+
+
+def test_a_restatement_merges_and_a_contradiction_replaces(store):
+    alice = Scope.user("alice")
+    first = store.remember(alice, "The user's favorite color is blue.", "preference", 0.5, "favorite color")
+    assert store.remember(alice, "The user's favorite color is blue.", "preference", 0.8, "favorite color") == first
+    newer = store.remember(alice, "The user's favorite color is green.", "preference", 0.7, "favorite color")
+    assert [m.text for m in store.list(alice)] == ["The user's favorite color is green."]
+    old = next(m for m in store.list(alice, history=True) if m.id == first)
+    assert old.superseded_by == newer and old.importance == 0.8
+
+
+def test_recall_ranks_by_relevance_recency_and_importance(store):
+    bob = Scope.user("bob")
+    store.remember(bob, "The user deploys with docker compose.", "fact", 0.9)
+    store.remember(bob, "The user deploys with docker compose on fridays.", "fact", 0.2)
+    store.remember(bob, "The user likes green tea.", "preference", 0.9)
+    query = "how does the user deploy with docker"
+    top = store.recall(bob, query, k=3)
+    assert top[0].text == "The user deploys with docker compose."
+    emb = store.embedder
+    for m in top:  # relevance x importance (recency 1: just written)
+        relevance = max(0.0, float(emb.embed([m.text])[0] @ emb.embed([query])[0]))
+        assert m.score == pytest.approx(relevance * m.importance, rel=1e-3)
+    later = store.recall(bob, "how does the user deploy with docker", k=3, now=top[0].updated + 90 * 86400)
+    assert later[0].score == pytest.approx(top[0].score / 8, rel=1e-3)  # three half-lives of 30 days
+
+
+def test_the_organisation_scope_is_shared_and_separate(store):
+    store.remember(Scope.org(), "The company's VPN is vpn.example.com.", "fact", 0.8)
+    store.remember(Scope.user("carol"), "The user's VPN client is WireGuard.", "fact", 0.8)
+    assert {m.scope for m in store.recall(Scope.user("dave"), "VPN", k=5)} == {"org"}
+    assert {m.scope for m in store.recall(Scope.user("carol"), "VPN", k=5)} == {"org", "user"}
+    assert store.list(Scope.org())[0].text.startswith("The company's")
+    with pytest.raises(ConfigError, match="needs a user id"):
+        Scope.user(" ")
+
+
+def test_randomized_users_from_threads_never_see_each_other(store):
+    users = [f"user{i}" for i in range(12)]
+    secrets = {u: f"The user's secret word is {u}word." for u in users}
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(25):
+            u = rng.choice(users)
+            if rng.random() < 0.5:
+                store.remember(Scope.user(u), secrets[u], "fact", 0.5, "secret word")
+            for m in store.recall(Scope.user(u), "what is the secret word", k=20, include_org=False):
+                if m.text != secrets[u]:
+                    errors.append(f"{u} saw {m.text}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for u in users:
+        assert {m.text for m in store.list(Scope.user(u), history=True)} <= {secrets[u]}
+
+
+_WRITER = """
+import sys
+from slmforge.memory import MemoryStore, Scope
+from slmforge.rag import HashingEmbedder
+store = MemoryStore(sys.argv[1], HashingEmbedder(128))
+for i in range(40):
+    store.remember(Scope.user(sys.argv[2]), f"The user noted item {i} of {sys.argv[2]}.", "note", 0.5)
+"""
+
+
+def test_concurrent_processes_do_not_corrupt_the_file(tmp_path: Path):
+    path = tmp_path / "m.sqlite"
+    MemoryStore(path, HashingEmbedder(128)).close()
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), f"p{i}"]) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    again = MemoryStore(path, HashingEmbedder(128))
+    assert [len(again.list(Scope.user(f"p{i}"))) for i in range(4)] == [40, 40, 40, 40]
+    assert again._db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_erasure_removes_the_user_from_the_file_and_export_has_everything(tmp_path: Path, store):
+    eve, frank = Scope.user("eve"), Scope.user("frank")
+    remember_conversation(store, eve, [{"role": "user", "content": "My name is Evelyn Quartzfield."}])
+    store.add_turn(eve, "s1", "user", "Please remember zanzibarquux.")
+    store.remember(frank, "The user's name is Frank.", "fact", 0.9, "name")
+    dump = store.export(eve)
+    assert dump["memories"][0]["text"] == "The user's name is Evelyn Quartzfield." and dump["sessions"]["s1"]
+    assert store.erase(eve) == 2
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("m.sqlite*"))
+    assert b"Quartzfield" not in raw and b"zanzibarquux" not in raw and b"Frank" in raw
+    again = MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128))
+    assert again.list(eve) == [] and again.export(eve)["sessions"] == {} and len(again.list(frank)) == 1
+
+
+def test_another_embedder_is_refused(tmp_path: Path):
+    MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128)).close()
+    with pytest.raises(ConfigError, match="written with the embedder"):
+        MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(64))
+
+
+class Summariser:
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    def chat(self, messages, params):
+        return [Completion(self.reply, 3, "stop")]
+
+
+def test_window_keeps_the_newest_turns_in_budget_and_summarises_the_rest(store):
+    gina = Scope.user("gina")
+    for i in range(6):
+        store.add_turn(gina, "s", "user" if i % 2 == 0 else "assistant", f"Turn number {i} says something. More.")
+    count = lambda text: len(text.split())  # noqa: E731
+    kept, summary = window(store, gina, "s", budget=12, count=count, generator=Summariser(""))
+    assert [t["content"] for t in kept] == ["Turn number 4 says something. More.", "Turn number 5 says something. More."]
+    assert summary.startswith("Earlier: user: Turn number 0 says something.")  # the model said nothing: fallback
+    kept, summary = window(store, gina, "s", budget=12, count=count, generator=Summariser("They talked about turns."))
+    assert summary == "They talked about turns."
+    assert [m.text for m in store.list(gina) if m.kind == "summary"] == ["They talked about turns."]
+    assert window(store, gina, "s", budget=1000, count=count) == (store.turns(gina, "s"), None)
+
+
+class Echo:
+    """An engine that answers with the system message it was given (what the server told it about the user)."""
+
+    def chat(self, messages, params):
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        return [Completion(system[0] if system else "(nothing)", 3, "stop")]
+
+    def complete(self, prompt, params):
+        return [Completion("x", 1, "stop")]
+
+    def complete_batch(self, prompts, params):
+        return [self.complete(p, params) for p in prompts]
+
+
+def test_the_server_scopes_memory_by_api_key(tmp_path: Path):
+    from slmforge.serve import create_app
+
+    store = MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128))
+    app = create_app({"echo": Echo()}, api_keys=["key-alice", "key-bob"], memory=store)
+    with LiveServer(app) as url:
+        alice = openai.OpenAI(base_url=f"{url}/v1", api_key="key-alice", max_retries=0)
+        bob = openai.OpenAI(base_url=f"{url}/v1", api_key="key-bob", max_retries=0)
+
+        def ask(client, text, **extra):
+            return client.chat.completions.create(model="echo", messages=[{"role": "user", "content": text}],
+                                                  **extra).choices[0].message.content
+
+        ask(alice, "My name is Alice Wonder and my favorite editor is helix.")
+        assert "Alice Wonder" in ask(alice, "What is my name and my favorite editor?")
+        for _ in range(3):
+            assert "Alice" not in ask(bob, "What is my name? my favorite editor?", user="key-alice")
+        ask(bob, "My name is Bob Builder.")
+        assert "Bob Builder" in ask(bob, "What is my name?") and "Bob" not in ask(alice, "What is my name?")
+    names = {m.text for m in store.list(Scope.user("key-1"))} | {m.text for m in store.list(Scope.user("key-2"))}
+    assert "The user's name is Alice Wonder." in names and "The user's name is Bob Builder." in names
+    assert context_for(store, Scope.user("key-3"), "name") is None
+
+
+def test_cli_add_search_list_forget_export_erase(tmp_path: Path):
+    (tmp_path / "slmforge.yaml").write_text("project: {name: mem}\nmemory: {embedder: hashing-128}\n")
+    slm("memory", "add", "My name is Hana. I prefer dark mode.", "--user", "hana", cwd=tmp_path)
+    found = json.loads(slm("memory", "search", "display theme", "--user", "hana", cwd=tmp_path).stdout)
+    assert any("dark mode" in m["text"] for m in found)
+    listed = json.loads(slm("memory", "list", "--user", "hana", cwd=tmp_path).stdout)
+    slm("memory", "forget", str(listed[0]["id"]), "--user", "hana", cwd=tmp_path)
+    assert len(json.loads(slm("memory", "export", "--user", "hana", cwd=tmp_path).stdout)["memories"]) == 1
+    assert "erased 1 rows" in slm("memory", "erase", "--user", "hana", cwd=tmp_path).stdout
+    bad = slm("memory", "list", cwd=tmp_path, ok=False)
+    assert bad.returncode == 2 and "exactly one scope" in bad.stderr
