@@ -308,3 +308,19 @@ def test_a_tiny_model_answers_and_reranks_through_the_engine_contract(tmp_path: 
     assert [h.score for h in hits] == pytest.approx(sorted((x - ll[-1] for x in ll[:-1]), reverse=True), abs=1e-4)
     reply = answer(index, gen, "Which river flows north", min_score=0.05, max_new_tokens=8)
     assert reply.grounded and reply.sources and isinstance(reply.text, str)
+
+
+def test_versus_compares_configurations_on_the_same_questions(tmp_path: Path):
+    from slmforge.rag.evaluate import Question
+    from slmforge.rag.versus import compare_configurations
+
+    index = Index.open(tmp_path, HashingEmbedder(256), "lancedb")
+    index.update([doc(i, f"Module m{i} parses format f{i} quickly.") for i in range(6)], progress=False)
+    qs = [Question(f"What does module m{i} parse?", f"Module m{i} parses format f{i} quickly.", str(i))
+          for i in range(6)]
+    rows = compare_configurations({"alone": (Scripted("no idea"), None),
+                                   "rag": (Scripted("Module m parses format quickly"), index)},
+                                  qs, "alone", k=2, min_score=0.1, progress=False)
+    alone, rag = rows
+    assert alone["token_f1"] == 0 and rag["token_f1"] > 0.5 and rag["vs alone"] == "better"
+    assert rag["ci"][0] > 0 and rag["questions"] == 6

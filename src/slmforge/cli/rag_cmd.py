@@ -180,3 +180,45 @@ def eval_cmd(
                    "per_question": r.per_question} for r in rows]}, indent=1))
     if rows:
         err.print(f"wrote {folder / 'results.json'} and {plot(rows, folder / 'retrieval.png', f'recall@{k}')}", style="dim")
+
+
+@rag_app.command("versus")
+def versus_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None, source: SourceOpt = None,
+    finetuned: Annotated[str | None, typer.Option(help="The fine-tuned model (default: the sft output).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="The pretrained model (default: the train output).")] = None,
+    questions: Annotated[int, typer.Option(min=1, help="Questions generated from the corpus.")] = 200,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Sources per RAG answer.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+) -> None:
+    """RAG vs fine-tuning vs both: the same questions, token F1 and ROUGE-L, paired tests against fine-tuning."""
+    from rich.table import Table
+
+    from slmforge.artifacts import default_model, output_dir
+    from slmforge.data import read_documents
+    from slmforge.generate import load_generator
+    from slmforge.rag import open_index
+    from slmforge.rag.evaluate import make_questions
+    from slmforge.rag.versus import compare_configurations
+
+    cfg = _config(config, set_)
+    index = open_index(cfg)
+    docs, _, _ = read_documents(cfg, source or cfg.rag.sources)
+    qs = make_questions(docs, questions)
+    tuned = load_generator(finetuned or str(default_model(cfg, "compare", "pass --finetuned")), device="cpu")
+    base = load_generator(pretrained or str(output_dir(cfg, "train")), device="cpu")
+    rows = compare_configurations({"fine-tuned": (tuned, None), "pretrained + RAG": (base, index),
+                                   "fine-tuned + RAG": (tuned, index)}, qs, "fine-tuned", k, max_new_tokens,
+                                  cfg.rag.min_score)
+    table = Table(title=f"{len(qs)} questions from {len(docs)} documents")
+    for col in ("configuration", "token F1", "ROUGE-L", "vs fine-tuned (token F1)"):
+        table.add_column(col)
+    for r in rows:
+        versus = (f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}] p={r['p_value']:.4f} {r['vs fine-tuned']}"
+                  if "diff" in r else "")
+        table.add_row(r["configuration"], f"{r['token_f1']:.4f}", f"{r['rougeL']:.4f}", versus)
+    out.print(table)
+    target = index.folder / "eval" / "versus.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"questions": len(qs), "rows": rows}, indent=1))
+    err.print(f"wrote {target}", style="dim")

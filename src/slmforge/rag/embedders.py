@@ -64,7 +64,8 @@ class LocalEmbedder:
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         if self.tokenizer is None or not getattr(self.tokenizer, "is_fast", False):
             return word_spans(text)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False,
+                             verbose=False)
         return [(a, b) for a, b in enc["offset_mapping"] if b > a]
 
 
