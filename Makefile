@@ -57,6 +57,8 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gguf_verify.py quickstart/runs/sft
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/lm_eval_interop.py quickstart/runs/sft --suite arithmetic --suite sentiment --limit 20
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/sft
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/rag_scale.py
+	cd quickstart && HF_HUB_OFFLINE=1 ../$(BIN)/slmforge rag eval --chunkers fixed,recursive,sentence --questions 200
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/refactor_check.py --against 66f2c53^ quickstart/runs/sft --rounds 5
 	HF_HUB_OFFLINE=1 $(BIN)/slmforge export ollama -c quickstart/slmforge.yaml
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/export-ollama/python-docs-slm-Q8_0.gguf
