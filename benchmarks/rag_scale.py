@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine, save
 
 from slmforge.data.sources import Document
 from slmforge.rag import ChunkSettings, HashingEmbedder, Index, retrieve
+
+from _common import machine, save
 
 
 def corpus(n: int, seed: int = 0) -> list[Document]:
