@@ -179,7 +179,8 @@ def eval_cmd(
          "rows": [{"chunker": r.chunker, "mode": r.mode, "chunks": r.chunks, **r.scores,
                    "per_question": r.per_question} for r in rows]}, indent=1))
     if rows:
-        err.print(f"wrote {folder / 'results.json'} and {plot(rows, folder / 'retrieval.png', f'recall@{k}')}", style="dim")
+        png = plot(rows, folder / "retrieval.png", ["recall@1", "recall@5", "mrr"])
+        err.print(f"wrote {folder / 'results.json'} and {png}", style="dim")
 
 
 @rag_app.command("versus")

@@ -115,8 +115,8 @@ def compare(documents: Sequence[Any], questions: Sequence[Question], folder: Pat
     return rows
 
 
-def plot(rows: Sequence[Row], path: Path, metric: str) -> Path:
-    """Grouped bars: ``metric`` per chunker, one bar per mode."""
+def plot(rows: Sequence[Row], path: Path, metrics: Sequence[str]) -> Path:
+    """Grouped bars, one panel per metric: each chunker, one bar per retrieval mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,17 +124,19 @@ def plot(rows: Sequence[Row], path: Path, metric: str) -> Path:
 
     chunkers = list(dict.fromkeys(r.chunker for r in rows))
     modes = list(dict.fromkeys(r.mode for r in rows))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(chunkers), 3.6))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 2.2 * len(chunkers) * len(metrics) / 2, 3.8),
+                             squeeze=False)
     width = 0.8 / len(modes)
-    for j, mode in enumerate(modes):
-        values = [next((r.scores.get(metric, 0.0) for r in rows if r.chunker == c and r.mode == mode), 0.0)
-                  for c in chunkers]
-        ax.bar([i + j * width for i in range(len(chunkers))], values, width, label=mode)
-    ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(chunkers))], chunkers)
-    ax.set_ylabel(metric)
-    ax.set_ylim(0, 1)
-    ax.legend(title="retrieval")
-    ax.set_title(f"Retrieval quality by chunker and mode ({metric})")
+    for ax, metric in zip(axes[0], metrics):
+        for j, mode in enumerate(modes):
+            values = [next((r.scores.get(metric, 0.0) for r in rows if r.chunker == c and r.mode == mode), 0.0)
+                      for c in chunkers]
+            ax.bar([i + j * width for i in range(len(chunkers))], values, width, label=mode)
+        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(chunkers))], chunkers)
+        ax.set_title(metric)
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(title="retrieval", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(modes))
+    fig.suptitle("Retrieval quality by chunker and mode")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
