@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("serve",),
     ("reasoning",),
     ("agents",),
-    ("rag", "graphrag", "memory"),
+    ("graphrag",),  # reads a rag index
+    ("rag", "memory"),
     ("export",),
     ("compress",),
     ("evaluate",),

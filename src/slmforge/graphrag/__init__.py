@@ -1,0 +1,209 @@
+"""Graph RAG over a ``slmforge rag`` index: ``slmforge graph build|query``.
+
+    graph = build_graph(index, folder, generator=None)      # entities and relations of every chunk
+    hits = graph_retrieve(graph, index, "How does X relate to Y?", mode="multihop")
+
+Entities come from a deterministic extractor (markdown headings, dotted code identifiers and calls,
+backticked terms, capitalised noun phrases), so a small model never yields an empty graph; with a
+generator, the model's own JSON list of entities is added (parsed leniently). Entities are resolved by a
+key (case, backticks, call parentheses and a plural "s" removed), relations are co-occurrence within a
+chunk, and extraction is cached per chunk hash, so a rebuild after the index changed extracts only new
+chunks. Communities are Louvain's (networkx), each summarised by its most connected entities and the
+first sentence of its most central chunk.
+
+Retrieval modes: ``local`` (the chunks of the entities the question names and of their neighbours),
+``multihop`` (the chunks along shortest paths between the entities the question names: answers that
+need two documents), ``global`` (community summaries ranked by the question's words), ``hybrid``
+(reciprocal-rank fusion of ``local``/``multihop`` and the index's own hybrid retrieval).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DOTTED = re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+\b")
+_CALL = re.compile(r"\b([A-Za-z_]\w{2,})\(\)")
+_TICKS = re.compile(r"`([^`\n]{2,60})`")
+_PROPER = re.compile(r"\b[A-Z][a-z]+(?:[ \t]+[A-Z][a-z]+)+\b")
+_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
+_STOP = {"The", "This", "That", "These", "Those", "A", "An", "If", "When", "Use", "See", "Note", "Return", "Returns"}
+
+
+def entity_key(name: str) -> str:
+    """The resolution key: case, backticks and call parentheses, surrounding punctuation and (for words,
+    not identifiers) a plural "s" removed, so "Widgets", "`widget`" and "widget()" are one entity."""
+    key = name.strip().strip("`'\"").removesuffix("()").strip(" .,:;").lower()
+    key = re.sub(r"\s+", " ", key)
+    code = any(ch in key for ch in "._")  # identifiers keep their spelling: json.dumps is not json.dump
+    if not code and len(key) > 3 and key.endswith("s") and not key.endswith("ss") and " " not in key[-3:]:
+        key = key[:-1]
+    return key
+
+
+def rule_entities(text: str) -> list[str]:
+    """Entity names the deterministic extractor finds in a chunk."""
+    found = [m.group(1) for m in _HEADING.finditer(text)]
+    found += _DOTTED.findall(text) + _CALL.findall(text) + _TICKS.findall(text)
+    for phrase in _PROPER.findall(text):
+        words = phrase.split()
+        if words[0] in _STOP:
+            words = words[1:]
+        if len(words) >= 2:
+            found.append(" ".join(words))
+    return list(dict.fromkeys(f for f in found if len(entity_key(f)) >= 3))
+
+
+_PROMPT = ('List the named entities (APIs, modules, products, people, places, concepts) in this text as JSON: '
+           '["...", "..."]. Reply [] if there are none.\n\nText: ')
+
+
+def model_entities(generator: Any, text: str) -> list[str]:
+    """The generator's entity list, or [] when its reply is not a JSON list."""
+    from slmforge.generate import SamplingParams
+
+    try:
+        reply = generator.chat([{"role": "user", "content": _PROMPT + text[:1500]}],
+                               SamplingParams(max_new_tokens=96, temperature=0.0))[0].text
+        items = json.loads(reply[reply.index("["): reply.rindex("]") + 1])
+    except Exception:  # a small model's reply is often not JSON: the rule extractor stands alone
+        return []
+    return [str(x) for x in items if isinstance(x, str) and 3 <= len(x.strip()) <= 80]
+
+
+@dataclass
+class Graph:
+    graph: Any  # networkx.Graph: entity keys; nodes carry "names" and "chunks", edges "weight" and "chunks"
+    communities: list[dict[str, Any]] = field(default_factory=list)
+    extracted: int = 0  # chunks whose entities were extracted in this build (the rest came from the cache)
+
+    def entities_in(self, question: str) -> list[str]:
+        """Graph entities named in the question (by resolution key), longest first."""
+        words = " " + " ".join(entity_key(w) for w in re.findall(r"[\w.]+", question)) + " "
+        q = entity_key(question)
+        hits = [n for n in self.graph.nodes if f" {n} " in words or (" " in n and n in q)]
+        return sorted(hits, key=len, reverse=True)
+
+
+def build_graph(index: Any, folder: str | Path, generator: Any = None, progress: bool = True) -> Graph:
+    """Extract every chunk's entities (cached per chunk hash under ``folder``), link co-occurring ones,
+    find communities, and save ``graph.json`` and ``communities.json`` in ``folder``."""
+    import networkx as nx
+
+    from slmforge._progress import progress_bar
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cache_file = folder / "extraction_cache.json"
+    cache: dict[str, list[str]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    chunks = index.chunks(index.filtered_ids({}))
+    g = nx.Graph()
+    extracted = 0
+    with progress_bar(progress and len(chunks) > 200) as bar:
+        task = bar.add_task("extracting entities", total=len(chunks), info="")
+        for cid, chunk in chunks.items():
+            if chunk.hash not in cache:
+                names = rule_entities(chunk.text) + (model_entities(generator, chunk.text) if generator else [])
+                cache[chunk.hash] = names
+                extracted += 1
+            keys: dict[str, str] = {}
+            for name in cache[chunk.hash]:
+                keys.setdefault(entity_key(name), name)
+            for key, name in keys.items():
+                if key not in g:
+                    g.add_node(key, names=[], chunks=[])
+                if name not in g.nodes[key]["names"]:
+                    g.nodes[key]["names"].append(name)
+                g.nodes[key]["chunks"].append(cid)
+            ordered = sorted(keys)
+            for i, a in enumerate(ordered):
+                for b in ordered[i + 1:]:
+                    if g.has_edge(a, b):
+                        g[a][b]["weight"] += 1
+                        g[a][b]["chunks"].append(cid)
+                    else:
+                        g.add_edge(a, b, weight=1, chunks=[cid])
+            bar.update(task, advance=1)
+    cache_file.write_text(json.dumps(cache))
+    graph = Graph(g, _communities(g, chunks), extracted)
+    (folder / "graph.json").write_text(json.dumps(nx.node_link_data(g, edges="edges")))
+    (folder / "communities.json").write_text(json.dumps(graph.communities, indent=1))
+    return graph
+
+
+def _communities(g: Any, chunks: dict[str, Any]) -> list[dict[str, Any]]:
+    import networkx as nx
+
+    if g.number_of_nodes() == 0:
+        return []
+    out = []
+    for i, members in enumerate(nx.community.louvain_communities(g, weight="weight", seed=0)):
+        sub = g.subgraph(members)
+        top = sorted(members, key=lambda n: -sub.degree(n, weight="weight"))[:8]
+        central = g.nodes[top[0]]["chunks"][0]
+        first = re.split(r"(?<=[.!?])\s", chunks[central].text.strip(), maxsplit=1)[0][:300] if central in chunks else ""
+        out.append({"id": i, "size": len(members), "entities": top,
+                    "summary": f"About {', '.join(top[:5])}. {first}".strip()})
+    return sorted(out, key=lambda c: -c["size"])
+
+
+def load_graph(folder: str | Path) -> Graph:
+    """A graph saved by ``build_graph``.
+
+    Raises:
+        RagError: No graph in the folder.
+    """
+    import networkx as nx
+
+    from slmforge.errors import RagError
+
+    folder = Path(folder)
+    if not (folder / "graph.json").is_file():
+        raise RagError(f"No knowledge graph at {folder}: build it with `slmforge graph build`.")
+    g = nx.node_link_graph(json.loads((folder / "graph.json").read_text()), edges="edges")
+    return Graph(g, json.loads((folder / "communities.json").read_text()))
+
+
+def graph_retrieve(graph: Graph, index: Any, question: str, mode: str = "hybrid", k: int = 5) -> list[dict[str, Any]]:
+    """Chunks (or, for ``global``, community summaries) for the question, best first: dicts with
+    ``id``, ``text``, ``source`` (chunks) and ``why`` (the entities or path that found them)."""
+    import networkx as nx
+
+    from slmforge.errors import RagError
+    from slmforge.rag.retrieve import retrieve, rrf
+
+    if mode not in ("local", "multihop", "global", "hybrid"):
+        raise RagError(f"Unknown graph mode {mode!r}; choose local, multihop, global or hybrid.")
+    g = graph.graph
+    if mode == "global":
+        words = set(re.findall(r"\w+", question.lower()))
+        ranked = sorted(graph.communities, key=lambda c: -len(words & set(re.findall(r"\w+", c["summary"].lower()))))
+        return [{"id": f"community-{c['id']}", "text": c["summary"], "source": "", "why": c["entities"][:5]}
+                for c in ranked[:k]]
+    named = graph.entities_in(question)
+    found: dict[str, list[str]] = {}  # chunk id -> why
+    if len(named) >= 2:
+        for i, a in enumerate(named):
+            for b in named[i + 1:]:
+                if nx.has_path(g, a, b):
+                    path = nx.shortest_path(g, a, b)
+                    for u, v in zip(path, path[1:]):
+                        for cid in g[u][v]["chunks"]:
+                            found.setdefault(cid, path)
+    if mode in ("local", "hybrid") or not found:
+        for n in named:
+            for cid in g.nodes[n]["chunks"]:
+                found.setdefault(cid, [n])
+            if mode == "local":
+                for nb in sorted(g[n], key=lambda x: -g[n][x]["weight"])[:5]:
+                    for cid in g[n][nb]["chunks"]:
+                        found.setdefault(cid, [n, nb])
+    ranking = list(found)
+    if mode == "hybrid":
+        ranking = [c for c, _ in rrf([ranking, [h.id for h in retrieve(index, question, "hybrid", k * 2)]])]
+    chunks = index.chunks(ranking[: k * 3])
+    return [{"id": c, "text": chunks[c].text, "source": chunks[c].source, "why": found.get(c, ["vector"])}
+            for c in ranking if c in chunks][:k]

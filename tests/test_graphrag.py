@@ -1,0 +1,84 @@
+"""Graph RAG: the fallback extractor, entity resolution, multi-hop retrieval across documents, the
+per-chunk extraction cache, communities, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import slm
+from test_rag import Scripted, doc
+
+from slmforge.errors import RagError
+from slmforge.graphrag import build_graph, entity_key, graph_retrieve, load_graph, model_entities, rule_entities
+from slmforge.rag import ChunkSettings, HashingEmbedder, Index
+
+DOCS = {
+    "a": "The `Frobnicator` service stores its state in `ledger.db`.",
+    "b": "Backups of `ledger.db` are copied nightly to the Vault Cluster.",
+    "c": "Unrelated text about `teapots` and Earl Grey tea.",
+}
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Index:
+    ix = Index.open(tmp_path / "ix", HashingEmbedder(128), "faiss")
+    ix.update([doc(k, v) for k, v in DOCS.items()], ChunkSettings("sentence", 50, 0), progress=False)
+    return ix
+
+
+def test_entities_resolve_across_case_ticks_calls_and_plurals():
+    assert {entity_key(n) for n in ("Widgets", "`widget`", "widget()", "WIDGET")} == {"widget"}
+    assert entity_key("json.dumps()") == "json.dumps" and entity_key("class") == "class"
+    assert rule_entities("# Reading Files\n\nCall json.dumps() on it. The Python Software Foundation.") == [
+        "Reading Files", "json.dumps", "dumps", "Python Software Foundation"]
+
+
+def test_a_model_that_returns_nothing_still_gives_a_graph(tmp_path: Path, index):
+    assert model_entities(Scripted("I cannot help with that."), "text") == []
+    assert model_entities(Scripted('Sure: ["Frobnicator", "x"]'), "text") == ["Frobnicator"]
+    graph = build_graph(index, tmp_path / "g", Scripted("nothing useful"), progress=False)
+    assert {"frobnicator", "ledger.db", "vault cluster", "teapot"} <= set(graph.graph.nodes)
+
+
+def test_multihop_finds_both_documents_of_a_two_step_answer(tmp_path: Path, index):
+    graph = build_graph(index, tmp_path / "g", progress=False)
+    hits = graph_retrieve(graph, index, "Where do backups of the Frobnicator state go? The Vault Cluster?", "multihop")
+    assert {h["source"] for h in hits} == {"docs/a.md", "docs/b.md"}
+    assert all(h["why"] == ["vault cluster", "ledger.db", "frobnicator"] for h in hits)  # the path between them
+    local = graph_retrieve(graph, index, "What is the Frobnicator?", "local")
+    assert local[0]["source"] == "docs/a.md" and all(h["source"] != "docs/c.md" for h in local)
+    hybrid = graph_retrieve(graph, index, "What is the Frobnicator?", "hybrid", k=3)
+    assert hybrid[0]["source"] == "docs/a.md"
+    summaries = graph_retrieve(graph, index, "teapots and tea", "global", k=1)
+    assert "teapot" in summaries[0]["why"]
+
+
+def test_rebuilding_extracts_only_new_chunks_and_reloads(tmp_path: Path, index):
+    first = build_graph(index, tmp_path / "g", progress=False)
+    assert first.extracted == 3
+    index.update([doc(k, v) for k, v in {**DOCS, "d": "The Frobnicator logs to `audit.log`."}.items()],
+                 ChunkSettings("sentence", 50, 0), progress=False)
+    second = build_graph(index, tmp_path / "g", progress=False)
+    assert second.extracted == 1 and "audit.log" in second.graph.nodes
+    again = load_graph(tmp_path / "g")
+    assert set(again.graph.nodes) == set(second.graph.nodes) and again.communities == second.communities
+    with pytest.raises(RagError, match="No knowledge graph"):
+        load_graph(tmp_path / "none")
+    with pytest.raises(RagError, match="Unknown graph mode"):
+        graph_retrieve(again, index, "x", "fuzzy")
+
+
+def test_cli_build_and_query(tmp_path: Path):
+    (tmp_path / "docs").mkdir()
+    for k, v in DOCS.items():
+        (tmp_path / "docs" / f"{k}.md").write_text(v + "\n")
+    (tmp_path / "slmforge.yaml").write_text("project: {name: g}\ndata: {sources: [docs], filters: {min_chars: 1, languages: []}}\n"
+                                            "rag: {embedder: hashing-128}\n")
+    slm("rag", "index", cwd=tmp_path)
+    built = slm("graph", "build", cwd=tmp_path).stdout
+    assert "entities" in built and "communities" in built
+    rows = json.loads(slm("graph", "query", "Where are ledger.db backups copied?", "--mode", "local",
+                          cwd=tmp_path).stdout)
+    assert rows and any(r["source"].endswith("b.md") for r in rows)
