@@ -82,3 +82,14 @@ def test_cli_build_and_query(tmp_path: Path):
     rows = json.loads(slm("graph", "query", "Where are ledger.db backups copied?", "--mode", "local",
                           cwd=tmp_path).stdout)
     assert rows and any(r["source"].endswith("b.md") for r in rows)
+
+
+def test_multihop_questions_need_two_documents_and_graph_retrieval_finds_both(tmp_path: Path, index):
+    from slmforge.graphrag import compare_multihop, multihop_questions
+
+    graph = build_graph(index, tmp_path / "g", progress=False)
+    qs = multihop_questions(graph, index, 10)
+    assert qs and all(len(set(q["docs"])) == 2 and q["bridge"] == "ledger.db" for q in qs)
+    rows = {r["retrieval"]: r for r in compare_multihop(graph, index, qs, k=2)}
+    assert rows["graph (multihop)"]["both@2"] == 1.0
+    assert set(rows) == {"vector (hybrid)", "graph (multihop)", "graph + vector (hybrid)"}

@@ -53,3 +53,27 @@ def query_cmd(question: Annotated[str, typer.Argument(help="The question.")], co
     cfg = load_config(config, set_ or [])
     rows = graph_retrieve(load_graph(_folder(cfg)), open_index(cfg), question, mode, k)
     out.print(json.dumps(rows, indent=1, ensure_ascii=False))
+
+
+@graph_app.command("eval")
+def eval_cmd(config: ConfigOpt = None, set_: SetOpt = None,
+             questions: Annotated[int, typer.Option(min=1, help="Multi-hop questions built from the graph.")] = 100,
+             k: Annotated[int, typer.Option("--k", "-k", min=1)] = 5) -> None:
+    """Vector vs Graph vs hybrid retrieval on questions whose answer needs two documents."""
+    from rich.table import Table
+
+    from slmforge.config import load_config
+    from slmforge.graphrag import compare_multihop, load_graph, multihop_questions
+    from slmforge.rag import open_index
+
+    cfg = load_config(config, set_ or [])
+    graph, index = load_graph(_folder(cfg)), open_index(cfg)
+    qs = multihop_questions(graph, index, questions)
+    rows = compare_multihop(graph, index, qs, k) if qs else []
+    table = Table(title=f"{len(qs)} two-document questions")
+    for col in ("retrieval", f"both documents in top {k}", f"recall@{k} (documents)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["retrieval"], f"{r[f'both@{k}']:.3f}", f"{r[f'recall@{k}']:.3f}")
+    out.print(table)
+    (_folder(cfg) / "multihop.json").write_text(json.dumps({"questions": qs, "rows": rows}, indent=1))

@@ -31,6 +31,9 @@ _TICKS = re.compile(r"`([^`\n]{2,60})`")
 _PROPER = re.compile(r"\b[A-Z][a-z]+(?:[ \t]+[A-Z][a-z]+)+\b")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
 _STOP = {"The", "This", "That", "These", "Those", "A", "An", "If", "When", "Use", "See", "Note", "Return", "Returns"}
+_NAME = re.compile(r"^[\w.\- ]+(?:\(\))?$")  # an entity name: words, dots, dashes; no clause punctuation
+_COMMON = {"and", "or", "not", "the", "for", "with", "from", "that", "this", "none", "true", "false", "self", "str",
+           "int", "list", "dict", "object", "value", "name", "type", "data", "file", "string", "default"}
 
 
 def entity_key(name: str) -> str:
@@ -54,7 +57,9 @@ def rule_entities(text: str) -> list[str]:
             words = words[1:]
         if len(words) >= 2:
             found.append(" ".join(words))
-    return list(dict.fromkeys(f for f in found if len(entity_key(f)) >= 3))
+    keep = (f.strip() for f in found)
+    return list(dict.fromkeys(f for f in keep if _NAME.match(f) and len(entity_key(f)) >= 3
+                              and entity_key(f) not in _COMMON))
 
 
 _PROMPT = ('List the named entities (APIs, modules, products, people, places, concepts) in this text as JSON: '
@@ -207,3 +212,59 @@ def graph_retrieve(graph: Graph, index: Any, question: str, mode: str = "hybrid"
     chunks = index.chunks(ranking[: k * 3])
     return [{"id": c, "text": chunks[c].text, "source": chunks[c].source, "why": found.get(c, ["vector"])}
             for c in ranking if c in chunks][:k]
+
+
+def multihop_questions(graph: Graph, index: Any, n: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+    """Questions whose answer needs two documents: for a bridge entity found in two documents, name one
+    entity found only in the first and one found only in the second ("How is X connected to Y?")."""
+    import random
+
+    g = graph.graph
+    doc_of = {cid: c.doc_id for cid, c in index.chunks(index.filtered_ids({})).items()}
+
+    def docs(node: str) -> set[str]:
+        return {doc_of[c] for c in g.nodes[node]["chunks"] if c in doc_of}
+
+    rng = random.Random(seed)
+    bridges = sorted(n for n in g.nodes if len(docs(n)) >= 2)
+    rng.shuffle(bridges)
+    out, seen = [], set()
+    for b in bridges:
+        ds = sorted(docs(b))
+        d1, d2 = rng.sample(ds, 2)
+        only1 = sorted(x for x in g[b] if docs(x) == {d1})
+        only2 = sorted(x for x in g[b] if docs(x) == {d2})
+        if not only1 or not only2 or (d1, d2) in seen:
+            continue
+        seen.add((d1, d2))
+        x1, x2 = rng.choice(only1), rng.choice(only2)
+        name1, name2 = g.nodes[x1]["names"][0], g.nodes[x2]["names"][0]
+        out.append({"question": f"How is {name1} connected to {name2}?", "docs": [d1, d2], "bridge": b})
+        if len(out) == n:
+            break
+    return out
+
+
+def compare_multihop(graph: Graph, index: Any, questions: list[dict[str, Any]], k: int = 5) -> list[dict[str, Any]]:
+    """Per retrieval: the share of questions with both documents in the top ``k`` chunks, and the mean
+    share of the two documents found: vector (the index's hybrid), graph multihop, graph hybrid."""
+    from slmforge.rag.retrieve import retrieve
+
+    def doc_ids(chunk_ids: list[str]) -> set[str]:
+        return {c.doc_id for c in index.chunks(chunk_ids).values()}
+
+    runs = {
+        "vector (hybrid)": lambda q: doc_ids([h.id for h in retrieve(index, q, "hybrid", k)]),
+        "graph (multihop)": lambda q: doc_ids([h["id"] for h in graph_retrieve(graph, index, q, "multihop", k)]),
+        "graph + vector (hybrid)": lambda q: doc_ids([h["id"] for h in graph_retrieve(graph, index, q, "hybrid", k)]),
+    }
+    rows = []
+    for name, run in runs.items():
+        both, found = 0, 0.0
+        for q in questions:
+            got = run(q["question"]) & set(q["docs"])
+            both += len(got) == 2
+            found += len(got) / 2
+        rows.append({"retrieval": name, "questions": len(questions), f"both@{k}": round(both / len(questions), 4),
+                     f"recall@{k}": round(found / len(questions), 4)})
+    return rows
