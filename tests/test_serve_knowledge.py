@@ -60,8 +60,13 @@ def client(tmp_path_factory, index, scripted):
     workdir = tmp_path_factory.mktemp("tiny")
     gen = TorchGenerator.from_pretrained(build_peaky_model(build_tiny_tokenizer(workdir, 400), workdir / "m", TINY),
                                          device="cpu")
+    from slmforge.graphrag import build_graph
+    from slmforge.serve._knowledge import KnowledgeBase
+
     bot = ServedModel("docs-bot", "generate", generator=scripted, engine="Scripted", knowledge="docs")
-    app = create_app({"tiny": gen, "scripted": scripted, "docs-bot": bot}, knowledge={"docs": index})
+    graph = build_graph(index, index.folder / "graph", progress=False)
+    app = create_app({"tiny": gen, "scripted": scripted, "docs-bot": bot},
+                     knowledge={"docs": index, "docs-graph": KnowledgeBase(index, graph=graph)})
     with LiveServer(app) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -132,10 +137,23 @@ def test_serve_knowledge_opens_indexes_with_the_project_embedder(tmp_path: Path,
 
     cfg = ProjectConfig().rooted_at(tmp_path)
     cfg.rag.embedder = "hashing-256"
+    from slmforge.graphrag import build_graph
+
+    build_graph(index, index.folder / "graph", progress=False)
     kb = open_knowledge(cfg, {"docs": str(index.folder)})["docs"]
     assert kb.index.count() == index.count() and kb.mode == cfg.rag.mode
+    assert kb.graph is not None and "append" in kb.graph.graph.nodes  # `slmforge graph build` output is served
     cfg.rag.embedder = "hashing-64"
     with pytest.raises(RagError, match="built with the embedder"):
         open_knowledge(cfg, {"docs": str(index.folder)})
     with pytest.raises(RagError, match="no index at"):
         open_knowledge(cfg, {"empty": str(tmp_path / "none")})
+
+
+def test_graph_mode_answers_from_the_entity_graph(client, scripted):
+    r = _ask(client, "scripted", "What does append() do?",
+             extra_body={"knowledge": {"base": "docs-graph", "mode": "graph", "k": 1, "min_score": 0.0}})
+    cited = r.model_extra["citations"]
+    assert [c["text"] for c in cited] == ["# Lists\n\nUse append() to add an item to a list."]
+    with pytest.raises(openai.BadRequestError, match="has no graph.*slmforge graph build"):
+        _ask(client, "scripted", "x", extra_body={"knowledge": {"base": "docs", "mode": "graph"}})

@@ -271,6 +271,7 @@ def open_knowledge(cfg: ProjectConfig, folders: dict[str, str]) -> dict[str, Any
     if not folders:
         return {}
     from slmforge.errors import RagError
+    from slmforge.graphrag import load_graph
     from slmforge.rag import load_embedder
     from slmforge.rag.index import Index, recorded
     from slmforge.serve._knowledge import KnowledgeBase
@@ -283,7 +284,8 @@ def open_knowledge(cfg: ProjectConfig, folders: dict[str, str]) -> dict[str, Any
         if store is None:
             raise RagError(f"serve.knowledge {name}: no index at {path}; build it with `slmforge rag index`.")
         index = Index.open(path, embedder, store, cfg.rag.store_url)
-        out[name] = KnowledgeBase(index, cfg.rag.mode, cfg.rag.top_k, cfg.rag.min_score, cfg.rag.mmr)
+        graph = load_graph(path / "graph") if (path / "graph" / "graph.json").is_file() else None
+        out[name] = KnowledgeBase(index, cfg.rag.mode, cfg.rag.top_k, cfg.rag.min_score, cfg.rag.mmr, graph)
     return out
 
 

@@ -25,6 +25,7 @@ class KnowledgeBase:
     k: int = 5
     min_score: float = 0.25
     mmr: float | None = None
+    graph: Any = None  # slmforge.graphrag.Graph, when the index has one (`slmforge graph build`)
 
 
 @dataclass
@@ -52,9 +53,10 @@ def ground(bases: dict[str, KnowledgeBase], name: str, body: ChatRequest, raw: l
         raise ApiError(400, "A grounded chat needs a user message with the question as text.",
                        "invalid_request_error", "messages")
     question = raw[last]["content"]
+    mode, k = (opts and opts.mode) or kb.mode, (opts and opts.k) or kb.k
     try:
-        hits = retrieve(kb.index, question, (opts and opts.mode) or kb.mode, (opts and opts.k) or kb.k,
-                        opts.where if opts else None, kb.mmr)
+        hits = (_graph_hits(kb, name, question, k) if mode == "graph"
+                else retrieve(kb.index, question, mode, k, opts.where if opts else None, kb.mmr))
     except RagError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", "knowledge") from None
     floor = opts.min_score if opts and opts.min_score is not None else kb.min_score
@@ -67,6 +69,24 @@ def ground(bases: dict[str, KnowledgeBase], name: str, body: ChatRequest, raw: l
     messages = [{"role": "system", "content": SYSTEM + (f"\n\n{theirs}" if theirs else "")}, *history,
                 {"role": "user", "content": build_prompt(question, relevant)}]
     return Grounding(messages, sources)
+
+
+def _graph_hits(kb: KnowledgeBase, name: str, question: str, k: int) -> list[Any]:
+    """Graph RAG fused with vector retrieval (``graphrag.graph_retrieve``, hybrid), as ``Hit``s carrying
+    their cosine to the question (for ``min_score``)."""
+    from slmforge.graphrag import graph_retrieve
+    from slmforge.rag.retrieve import Hit
+
+    if kb.graph is None:
+        raise ApiError(400, f"The knowledge base {name!r} has no graph; build one with `slmforge graph build`.",
+                       "invalid_request_error", "knowledge")
+    rows = graph_retrieve(kb.graph, kb.index, question, "hybrid", k)
+    chunks = kb.index.chunks([r["id"] for r in rows])
+    ids = [r["id"] for r in rows if r["id"] in chunks]
+    if not ids:
+        return []
+    dense = kb.index.vectors(ids) @ kb.index.embedder.embed([question])[0]
+    return [Hit(i, chunks[i], float(d), float(d)) for i, d in zip(ids, dense)]
 
 
 def not_in_documents_choice() -> dict[str, Any]:

@@ -153,7 +153,7 @@ class Knowledge(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str
     k: int | None = Field(default=None, ge=1, le=50)
-    mode: Literal["dense", "bm25", "hybrid"] | None = None
+    mode: Literal["dense", "bm25", "hybrid", "graph"] | None = None  # graph: `slmforge graph build` + vectors
     where: dict[str, str | list[str]] | None = None
     min_score: float | None = Field(default=None, ge=-1, le=1)
 
