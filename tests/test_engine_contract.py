@@ -93,10 +93,10 @@ def test_the_capabilities_of_each_engine():
     """What the server and the runner did by class name and attribute probes before, now declared."""
     declared = {name: spec.capabilities.declared() for name, spec in ENGINES.items()}
     assert declared == {
-        "torch": ["batching", "loglikelihood", "adapters", "beams", "prompt_logprobs", "perplexity"],
+        "torch": ["batching", "loglikelihood", "grammar", "adapters", "beams", "prompt_logprobs", "perplexity"],
         "onnx": ["loglikelihood"],
         "llama.cpp": ["grammar"],
-        "openai": [],
+        "openai": ["tools"],
     }
 
 

@@ -9,6 +9,7 @@ byte soup whose prefixes do not decode to prefixes of the text.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -370,3 +371,40 @@ def test_ignore_eos_generates_exactly_max_new_tokens(gen):
 
     out = gen.complete("def f(", SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     assert out.tokens == 12 and out.finish_reason == "length"
+
+
+def test_torch_chat_keeps_to_a_json_schema_greedy_and_sampled(gen):
+    """The torch engine constrains chat replies by our decoding constraint (Capabilities.grammar): every
+    reply, greedy or sampled, streamed or not, parses and validates, closed within the token budget."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}}, "required": ["city", "n"],
+              "additionalProperties": False}
+    messages = [{"role": "user", "content": "Give a city as JSON."}]
+    free = gen.chat(messages, greedy(24))[0].text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)  # unconstrained, the peaky model writes words
+    for params in (greedy(24), SamplingParams(max_new_tokens=24, temperature=1.0, n=3, seed=1)):
+        for reply in gen.chat(messages, params, json_schema=schema):
+            jsonschema.validate(json.loads(reply.text), schema)
+    streamed = "".join(gen.stream(messages, greedy(24), json_schema=schema))
+    assert streamed == gen.chat(messages, greedy(24), json_schema=schema)[0].text
+    with pytest.raises(GenerateError, match="num_beams"):
+        gen.chat(messages, greedy(8, num_beams=2), json_schema=schema)
+
+
+def test_chat_with_tools_forces_a_valid_call_on_a_grammar_engine(gen):
+    from slmforge.generate import chat_with_tools
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two integers.",
+              "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                             "required": ["a", "b"]}}}]
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    forced = chat_with_tools(gen, messages, tools, "required", greedy(40))[0]
+    assert forced.tool_calls and forced.tool_calls[0]["name"] == "add"
+    assert set(forced.tool_calls[0]["arguments"]) == {"a", "b"}
+    free = chat_with_tools(gen, messages, tools, "auto", greedy(12))[0]
+    assert free.tool_calls is None and free.text  # the peaky model answers in words
+    with pytest.raises(GenerateError, match="tool_choice"):
+        chat_with_tools(gen, messages, tools, "sometimes", greedy(4))

@@ -551,6 +551,37 @@ class MemoryConfig(Section):
     extract: bool = Field(True, description="In the server: store the facts and preferences users state.")
 
 
+class AgentConfig(Section):
+    mode: Literal["native", "react"] = Field(
+        "native", description="native: every turn a schema-constrained tool call (the answer too); react: "
+        "thought + action JSON, observations as user turns."
+    )
+    tools: list[str] = Field(
+        ["calculator"], description="Built-in tools: calculator, python (sandbox), files (workspace), sql "
+        "(database), search (rag index), http (allow_hosts)."
+    )
+    workspace: str = Field("workspace", description="The folder the files tool is confined to.")
+    database: str | None = Field(None, description="The SQLite file the sql tool reads (read-only).")
+    knowledge: str | None = Field(None, description="The rag index the search tool searches (null = rag.out).")
+    allow_hosts: list[str] = Field([], description="Hosts the http tool may fetch from (empty: no http tool).")
+    max_steps: int = Field(8, ge=1, description="Model turns before the run stops without an answer.")
+    max_tokens: int = Field(4096, ge=1, description="Generated tokens, all turns together.")
+    max_seconds: float = Field(300.0, gt=0, description="Wall clock of a run, tools included.")
+    max_new_tokens: int = Field(256, ge=1, description="Tokens per turn.")
+
+
+class ReasonConfig(Section):
+    strategy: str = Field(
+        "auto", description="The default strategy (direct, cot, sc, bon, tot, refine, adaptive, auto); a "
+        "request's `strategy` field or a model-name prefix such as sc8- overrides it."
+    )
+    n: int = Field(5, ge=1, description="Samples for self-consistency and best-of-N.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the samples.")
+    max_tokens: int = Field(4096, ge=1, description="Generated tokens per request, all internal calls together.")
+    max_seconds: float = Field(120.0, gt=0, description="Wall clock per request.")
+    extract: str = Field("last_number", description="How an answer is read from a reply (eval extraction methods).")
+
+
 # --------------------------------------------------------------------------- serving
 
 
@@ -668,6 +699,8 @@ class ProjectConfig(Section):
     )
     rag: RagConfig = Field(default_factory=RagConfig, description="`slmforge rag`: index documents, cited answers.")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="`slmforge memory`: per-user memory.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="`slmforge agent`: tools, loop, budgets.")
+    reason: ReasonConfig = Field(default_factory=ReasonConfig, description="`slmforge reason` and `slmforge proxy`.")
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )

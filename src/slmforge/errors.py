@@ -63,3 +63,12 @@ class SandboxError(SlmForgeError):
 
 class RagError(SlmForgeError):
     """A knowledge index cannot be built or read as asked (another embedder, another store, a damaged index)."""
+
+
+class AgentError(SlmForgeError):
+    """An agent or tool is misdefined (a tool without types, an unknown tool, a workspace outside its
+    folder), or an agent run cannot start."""
+
+
+class ReasoningError(SlmForgeError):
+    """A reasoning strategy or the proxy got settings it cannot honour (unknown strategy, n < 1...)."""

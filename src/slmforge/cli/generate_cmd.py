@@ -63,7 +63,7 @@ def _prepare(config, set_, model, profile, **overrides):
     return model_ref, params, cfg.generate.endpoints
 
 
-def _load(model_ref: str, adapter: Path | None, device: str, endpoints=None):
+def load_model(model_ref: str, adapter: Path | None, device: str, endpoints=None):
     from transformers.utils import logging as hf_logging
 
     from slmforge.generate import engine_for, load_generator
@@ -119,7 +119,7 @@ def generate(
     )
     if stream and params.num_beams > 1:
         raise typer.BadParameter("beam search cannot stream; drop --stream or use --beams 1", param_hint="--stream")
-    gen = _load(model_ref, adapter, device, endpoints)
+    gen = load_model(model_ref, adapter, device, endpoints)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     t0 = time.perf_counter()
     if stream:
@@ -168,7 +168,7 @@ def chat(
         config, set_, model, profile, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, num_beams=beams, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
     )
-    gen = _load(model_ref, adapter, device, endpoints)
+    gen = load_model(model_ref, adapter, device, endpoints)
     gen.render_chat([{"role": "user", "content": "hi"}])  # no chat template: fail now, not after the first message
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from slmforge import __version__
-from slmforge.cli import bench_cmd, generate_cmd, graph_cmd, keys_cmd, memory_cmd, rag_cmd, serve_cmd
+from slmforge.cli import agent_cmd, bench_cmd, generate_cmd, graph_cmd, keys_cmd, memory_cmd, rag_cmd, serve_cmd
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
@@ -41,6 +41,7 @@ app.add_typer(bench_cmd.bench_app, name="bench")
 app.add_typer(rag_cmd.rag_app, name="rag")
 app.add_typer(memory_cmd.memory_app, name="memory")
 app.add_typer(graph_cmd.graph_app, name="graph")
+app.add_typer(agent_cmd.agent_app, name="agent")
 
 
 

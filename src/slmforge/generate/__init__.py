@@ -67,6 +67,7 @@ __all__ = [
     "parse_tool_calls",
     "tool_call_schema",
     "tool_constraint",
+    "chat_with_tools",
 ]
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -152,6 +153,8 @@ class Completion:
     text: str  # special tokens removed; cut before the first stop string
     tokens: int  # tokens generated (an end-of-sequence token counts)
     finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length" (max_new_tokens reached)
+    # The tool calls the reply is, [{"name", "arguments"}], when it came from ``chat_with_tools`` and is calls.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @runtime_checkable
@@ -224,6 +227,8 @@ _SHARED = {
     "parse_tool_calls": "slmforge.generate._constrain",
     "tool_call_schema": "slmforge.generate._constrain",
     "tool_constraint": "slmforge.generate._constrain",
+    # one tool-calling turn over any engine, for agents
+    "chat_with_tools": "slmforge.generate._toolchat",
 }
 
 

@@ -34,6 +34,7 @@ class Capabilities:
     beams: bool = False  # beam search (SamplingParams.num_beams > 1)
     prompt_logprobs: bool = False  # prompt_logprobs(ids, top, adapter): echo with logprobs
     perplexity: bool = False  # model and tokenizer: a transformers causal LM that evaluate.perplexity scores
+    tools: bool = False  # chat_tools(messages, params, tools, tool_choice): the endpoint's own function calling
 
     def declared(self) -> list[str]:
         """The names of the capabilities set, in declaration order."""
@@ -49,6 +50,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "beams": (),
     "prompt_logprobs": ("prompt_logprobs",),
     "perplexity": ("model", "tokenizer"),
+    "tools": ("chat_tools",),
 }
 
 # What every engine implements itself, and what every engine has (EngineBase gives the rest defaults).

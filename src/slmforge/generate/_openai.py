@@ -51,7 +51,7 @@ class OpenAIGenerator(EngineBase):
     """
 
     engine = "openai"
-    capabilities = Capabilities()
+    capabilities = Capabilities(tools=True)
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 600.0,
                  concurrency: int = 8, api_key_env: str | None = None, allow_insecure_http: bool = False) -> None:
@@ -98,6 +98,16 @@ class OpenAIGenerator(EngineBase):
     def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
         params.validate()
         return self._choices(self._post("/chat/completions", {"messages": messages, **self._body(params)}), chat=True)
+
+    def chat_tools(self, messages: list[dict[str, Any]], params: SamplingParams, tools: list[dict[str, Any]],
+                   tool_choice: Any = "auto") -> list[Completion]:
+        """``params.n`` replies from the endpoint's own function calling: ``messages`` are OpenAI messages
+        (assistant ``tool_calls``, ``tool`` results), ``tools`` OpenAI tools. A reply that calls tools
+        carries them in ``tool_calls`` as ``{"name", "arguments"}`` (arguments parsed from their JSON
+        string where they parse; the string itself where not, for the caller to reject)."""
+        params.validate()
+        body = {"messages": messages, **self._body(params), "tools": tools, "tool_choice": tool_choice}
+        return self._choices(self._post("/chat/completions", body), chat=True)
 
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -176,8 +186,9 @@ class OpenAIGenerator(EngineBase):
         out = []
         for c in choices:
             text = ((c.get("message") or {}).get("content") or "") if chat else c.get("text", "")
+            calls = _tool_calls((c.get("message") or {}).get("tool_calls")) if chat else None
             out.append(Completion(text=text, tokens=per, finish_reason="length" if c.get("finish_reason") == "length"
-                                  else "stop"))
+                                  else "stop", tool_calls=calls))
         return out
 
     def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
@@ -203,6 +214,23 @@ class OpenAIGenerator(EngineBase):
                             yield piece
         except httpx.HTTPError as exc:
             raise GenerateError(f"{self.base_url}{path} failed: {type(exc).__name__}: {exc}.") from None
+
+
+def _tool_calls(raw: Any) -> list[dict[str, Any]] | None:
+    """OpenAI ``message.tool_calls`` as ``[{"name", "arguments"}]`` (None when there are none)."""
+    if not raw:
+        return None
+    calls = []
+    for call in raw:
+        fn = call.get("function") or {} if isinstance(call, dict) else {}
+        args: Any = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass  # left a string: the caller reports the arguments as not JSON
+        calls.append({"name": fn.get("name", ""), "arguments": args})
+    return calls
 
 
 def _same_endpoint(a: str, b: str) -> bool:

@@ -33,7 +33,7 @@ class TorchGenerator(EngineBase):
     """
 
     engine = "torch"
-    capabilities = Capabilities(batching=True, loglikelihood=True, adapters=True, beams=True,
+    capabilities = Capabilities(batching=True, loglikelihood=True, grammar=True, adapters=True, beams=True,
                                 prompt_logprobs=True, perplexity=True)
     model: Any  # the causal LM (a peft model with adapters), on ``device``, in eval mode
     tokenizer: Any
@@ -145,13 +145,22 @@ class TorchGenerator(EngineBase):
         """``params.n`` completions of a plain-text prompt (the tokenizer adds BOS as in training)."""
         return self._run([self.encode(prompt)], params)[0]
 
-    def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
+    def chat(self, messages: list[Message], params: SamplingParams,
+             json_schema: dict[str, Any] | None = None) -> list[Completion]:
         """``params.n`` assistant replies to the conversation, rendered with the chat template.
 
+        Args:
+            messages: The conversation.
+            params: Sampling.
+            json_schema: Constrain each reply to compact JSON valid under this schema (our constrained
+                decoding, as the server's ``response_format``); the JSON closes within ``max_new_tokens``.
+
         Raises:
-            GenerateError: The tokenizer has no chat template, or the messages are malformed.
+            GenerateError: The tokenizer has no chat template, the messages are malformed, or the schema
+                uses a keyword constrained decoding cannot enforce (or beam search is asked with it).
         """
-        return self._run([self.encode(self.render_chat(messages), special=False)], params)[0]
+        ids = self.encode(self.render_chat(messages), special=False)
+        return self._run([ids], params, self._constraint(json_schema, params))[0]
 
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, from one left-padded batched ``generate`` call."""
@@ -228,10 +237,12 @@ class TorchGenerator(EngineBase):
             alternatives = [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
         return [None, *zip(chosen, alternatives)]
 
-    def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str | list[Message], params: SamplingParams,
+               json_schema: dict[str, Any] | None = None) -> Iterator[str]:
         """Text pieces of one completion (str) or one assistant reply (message list), as they are produced.
 
-        Generation runs in a background thread; stopping the iteration early stops it.
+        Generation runs in a background thread; stopping the iteration early stops it. ``json_schema``
+        constrains the text as in ``chat``.
 
         Raises:
             GenerateError: n > 1 or beam search (one sequence can be streamed), or no chat template.
@@ -243,7 +254,7 @@ class TorchGenerator(EngineBase):
                 f"(got n={params.n}, num_beams={params.num_beams}); use complete() or chat() for more."
             )
         ids = self.encode(prompt) if isinstance(prompt, str) else self.encode(self.render_chat(prompt), special=False)
-        return self._stream(ids, params)
+        return self._stream(ids, params, self._constraint(json_schema, params))
 
     # ------------------------------------------------------------------ helpers
 
@@ -285,8 +296,24 @@ class TorchGenerator(EngineBase):
             bos_token_id=self.tokenizer.bos_token_id,
         )
 
-    def _generate(self, id_lists: list[list[int]], params: SamplingParams, streamer=None, cancel=None):
-        """One ``generate`` call over left-padded prompts. Returns (sequences, prompt width)."""
+    def _constraint(self, json_schema: dict[str, Any] | None, params: SamplingParams):
+        """The compiled constraint for ``json_schema`` (None without one).
+
+        Raises:
+            GenerateError: Beam search with a schema, or a schema constrained decoding refuses.
+        """
+        if json_schema is None:
+            return None
+        if params.num_beams != 1:
+            raise GenerateError("A JSON schema constrains sampled or greedy decoding; set num_beams to 1 with it.")
+        from slmforge.generate._constrain import json_schema_constraint
+
+        return json_schema_constraint(self.tokenizer, json_schema, eos_ids=self.eos_token_ids)
+
+    def _generate(self, id_lists: list[list[int]], params: SamplingParams, streamer=None, cancel=None,
+                  constraint=None):
+        """One ``generate`` call over left-padded prompts (each of its rows walking ``constraint``, where
+        one is given). Returns (sequences, prompt width)."""
         width = max(len(ids) for ids in id_lists)
         pad = self.pad_token_id if self.pad_token_id is not None else 0  # masked out either way
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in id_lists], device=self.device)
@@ -298,6 +325,12 @@ class TorchGenerator(EngineBase):
             from transformers import StoppingCriteriaList
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        if constraint is not None:
+            from transformers import LogitsProcessorList
+
+            rows = len(id_lists) * params.n
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_Constrained(constraint, rows, params.max_new_tokens, self.eos_token_ids)])
         adapter_off = self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
         rng = contextlib.nullcontext()
         if params.seed is not None:
@@ -319,9 +352,9 @@ class TorchGenerator(EngineBase):
             raise GenerateError(f"Generation failed: {type(exc).__name__}: {str(exc)[:500]}") from None
         return out, width
 
-    def _run(self, id_lists: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _run(self, id_lists: list[list[int]], params: SamplingParams, constraint=None) -> list[list[Completion]]:
         params.validate()
-        out, width = self._generate(id_lists, params)
+        out, width = self._generate(id_lists, params, constraint=constraint)
         rows = [self._completion(row[width:].tolist(), params) for row in out]
         return [rows[i * params.n : (i + 1) * params.n] for i in range(len(id_lists))]
 
@@ -343,7 +376,7 @@ class TorchGenerator(EngineBase):
         stopped = hit or end < params.max_new_tokens or (bool(ids) and ids[-1] in eos)
         return Completion(text=text, tokens=len(ids), finish_reason="stop" if stopped else "length")
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+    def _stream(self, ids: list[int], params: SamplingParams, constraint=None) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -352,7 +385,7 @@ class TorchGenerator(EngineBase):
 
         def work() -> None:
             try:
-                self._generate([ids], params, streamer=streamer, cancel=cancel)
+                self._generate([ids], params, streamer=streamer, cancel=cancel, constraint=constraint)
             except BaseException as exc:  # handed to the consuming thread below
                 failure.append(exc)
                 streamer.end()
@@ -367,6 +400,28 @@ class TorchGenerator(EngineBase):
         yield from cut_stream(streamer, params.stop, close)
         if failure:
             raise failure[0]
+
+
+class _Constrained:
+    """A logits processor that keeps each row of a ``generate`` call inside a constraint: before every
+    step it moves each row's ``ConstraintState`` past the token the row took last, then masks the row's
+    logits to the ids the state allows. transformers applies it before temperature and top-k/top-p, so
+    sampling draws only among allowed tokens. The budget is ``max_new_tokens``: the text closes in time."""
+
+    def __init__(self, constraint, rows: int, budget: int, eos_ids: list[int]) -> None:
+        self.states = [constraint.start(budget) for _ in range(rows)]
+        self.eos_ids = eos_ids
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:
+            for state, token in zip(self.states, input_ids[:, -1].tolist()):
+                if not state.finished:
+                    state.advance(token)
+        self.started = True
+        for row, state in enumerate(self.states):
+            state.mask_logits_(scores[row], self.eos_ids)
+        return scores
 
 
 class _Cancelled:
