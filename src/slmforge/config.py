@@ -579,7 +579,10 @@ class ReasonConfig(Section):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the samples.")
     max_tokens: int = Field(4096, ge=1, description="Generated tokens per request, all internal calls together.")
     max_seconds: float = Field(120.0, gt=0, description="Wall clock per request.")
-    extract: str = Field("last_number", description="How an answer is read from a reply (eval extraction methods).")
+    extract: str = Field(
+        "auto", description="How an answer is read from a reply for voting: auto (the last number, else the first "
+        "line) or an eval extraction method (last_number, first_line, regex...)."
+    )
 
 
 # --------------------------------------------------------------------------- serving

@@ -12,7 +12,17 @@ from typing import Annotated
 import typer
 
 from slmforge import __version__
-from slmforge.cli import agent_cmd, bench_cmd, generate_cmd, graph_cmd, keys_cmd, memory_cmd, rag_cmd, serve_cmd
+from slmforge.cli import (
+    agent_cmd,
+    bench_cmd,
+    generate_cmd,
+    graph_cmd,
+    keys_cmd,
+    memory_cmd,
+    rag_cmd,
+    reason_cmd,
+    serve_cmd,
+)
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
 
@@ -36,12 +46,14 @@ app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 app.command("serve")(serve_cmd.serve)
+app.command("proxy")(serve_cmd.proxy)
 app.add_typer(keys_cmd.keys_app, name="keys")
 app.add_typer(bench_cmd.bench_app, name="bench")
 app.add_typer(rag_cmd.rag_app, name="rag")
 app.add_typer(memory_cmd.memory_app, name="memory")
 app.add_typer(graph_cmd.graph_app, name="graph")
 app.add_typer(agent_cmd.agent_app, name="agent")
+app.add_typer(reason_cmd.reason_app, name="reason")
 
 
 

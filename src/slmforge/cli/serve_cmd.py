@@ -113,3 +113,34 @@ def _keys_file(cfg: ProjectConfig, host: str | None, api_keys: Path | None) -> P
     if keys is None:
         err.print("serving without authentication (loopback only)", style="dim")
     return keys
+
+
+def proxy(
+    upstream: Annotated[str, typer.Option("--upstream", help="The upstream API root, e.g. http://127.0.0.1:8000/v1 "
+                                          "(slmforge serve, vLLM, llama.cpp's server, a hosted API).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The upstream model (default: its first).")] = None,
+    name: Annotated[str | None, typer.Option(help="The name clients use (default: the upstream model's).")] = None,
+    strategy: Annotated[str, typer.Option(help="Applied to requests that name none: direct, cot, sc, bon, tot, "
+                                          "refine, adaptive, auto or none.")] = "auto",
+    upstream_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the upstream's key.")
+                                ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default serve.host: 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="TCP port (default serve.port: 8000).")] = None,
+    api_keys: Annotated[Path | None, typer.Option("--api-keys", help="Keys file, as for `slmforge serve`.")] = None,
+) -> None:
+    """An OpenAI-compatible server in front of any endpoint that spends test-time compute per request.
+
+    A request picks a strategy by its "strategy" field or a model name such as sc8-NAME (self-consistency
+    over 8 samples), else gets --strategy. Its usage counts every internal call; the reply's
+    slmforge.trace_id fetches them from GET /v1/traces/ID. Settings: the reason section of the project file.
+    """
+    from slmforge.config import load_config
+    from slmforge.serve import proxy as run_proxy
+
+    cfg = load_config(config, set_ or [])
+    keys = _keys_file(cfg, host, api_keys)
+    err.print(f"proxy -> {upstream} (strategy {strategy})", style="dim")
+    run_proxy(upstream, model, name, strategy, cfg=cfg, api_key_env=upstream_key_env, host=host, port=port,
+              api_keys_file=keys)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from slmforge.config import ProjectConfig
 
 __all__ = ["create_app", "serve", "parse_model_ref", "read_api_keys", "hash_api_key", "ApiKey", "add_key",
-           "read_keys_file", "revoke_key", "usage_csv", "check_open_bind"]
+           "read_keys_file", "revoke_key", "usage_csv", "check_open_bind", "proxy"]
 
 
 def read_api_keys(path: str | Path) -> set[str]:
@@ -85,6 +85,7 @@ def create_app(
     public_metrics: bool = False,
     knowledge: dict[str, Any] | None = None,
     memory: Any = None,
+    reasoning: Any = None,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -110,6 +111,9 @@ def create_app(
             model whose ``ServedModel.knowledge`` names one answers every request from it.
         memory: A ``slmforge.memory.MemoryStore`` (or ``serve._memory.ServerMemory``): chat requests get the
             caller's memories (scoped by API key name) and what they state is remembered.
+        reasoning: A ``serve._reason.Reasoning`` (or ``slmforge.config.ReasonConfig``): the strategy settings
+            of chat requests that ask for one (``strategy`` field, ``sc8-model`` names), and its ``default``
+            strategy for those that do not (the proxy). None: strategies on request with the defaults.
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -141,7 +145,7 @@ def create_app(
                           f"the server's ({', '.join(sorted(bases)) or 'none'}): add it to serve.knowledge.")
     app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
                     metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics,
-                    knowledge=bases, memory=_server_memory(memory))
+                    knowledge=bases, memory=_server_memory(memory), reasoning=_reasoning(reasoning))
     app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
     return app
 
@@ -192,6 +196,7 @@ def serve(
     adapters: dict[str, str] | None = None,
     public_metrics: bool | None = None,
     knowledge: dict[str, str] | None = None,
+    strategy: str | None = None,
 ) -> None:
     """Load the models and serve them until interrupted (SIGTERM/Ctrl-C finish in-flight requests first).
 
@@ -215,6 +220,7 @@ def serve(
         public_metrics: With keys, serve ``/metrics`` and the OpenAPI schema/docs without a key
             (default ``serve.public_metrics``).
         knowledge: Knowledge bases (name -> ``slmforge rag index`` folder), added to ``serve.knowledge``.
+        strategy: A reasoning strategy for chat requests naming none (``slmforge proxy``; see ``cfg.reason``).
 
     Raises:
         ConfigError: Two models share a name, the keys file is unusable, or there are no keys and the
@@ -246,7 +252,8 @@ def serve(
                      max_batch_size=max_batch_size or sc.max_batch_size, closers=closers,
                      shutdown_timeout_s=sc.shutdown_timeout_s,
                      public_metrics=sc.public_metrics if public_metrics is None else public_metrics,
-                     knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}), memory=_open_memory(cfg))
+                     knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}), memory=_open_memory(cfg),
+                     reasoning=_reasoning(cfg.reason, strategy))
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())
@@ -254,6 +261,56 @@ def serve(
 
     uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
                 timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def _reasoning(settings: Any, default: str | None = None) -> Any:
+    """The server's strategy settings from a ``ReasonConfig`` (or as given); ``default`` for every request.
+
+    Raises:
+        ConfigError: An unknown default strategy.
+    """
+    from slmforge.config import ReasonConfig
+    from slmforge.reasoning import STRATEGIES
+    from slmforge.serve._reason import Reasoning
+
+    if default is not None and default not in (*STRATEGIES, "none"):
+        raise ConfigError(f"Unknown reasoning strategy {default!r}; choose one of {', '.join(STRATEGIES)} or none.")
+    if settings is None:
+        return Reasoning(default)
+    if isinstance(settings, ReasonConfig):
+        return Reasoning(default, settings.n, settings.temperature, settings.max_tokens, settings.max_seconds,
+                         settings.extract)
+    return settings
+
+
+def proxy(upstream: str, model: str | None = None, name: str | None = None, strategy: str = "auto",
+          cfg: ProjectConfig | None = None, api_key_env: str | None = None, **serve_args: Any) -> None:
+    """Serve an OpenAI-compatible endpoint in front of ``upstream`` that applies a reasoning strategy to
+    each chat request (``strategy`` by default; a request's ``strategy`` field or an ``sc8-NAME`` model
+    name picks another), with this server's keys, limits, usage and metrics.
+
+    Args:
+        upstream: The upstream API root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: The upstream model (default: its first).
+        name: The name clients use (default: the upstream model's).
+        api_key_env: The environment variable holding the upstream's key.
+        serve_args: ``serve``'s other arguments (host, port, api_keys_file...).
+
+    Raises:
+        ConfigError: An unknown strategy; GenerateError: the upstream cannot be reached to find its model.
+    """
+    from slmforge.config import ProjectConfig, ServeModelConfig
+
+    cfg = cfg or ProjectConfig()
+    _reasoning(None, strategy)  # an unknown strategy fails before anything is reached
+    if model is None:
+        from slmforge.generate import OpenAIGenerator
+
+        model = OpenAIGenerator(upstream, None, api_key_env=api_key_env).model
+    entry = ServeModelConfig(name=name or str(model), engine="openai", base_url=upstream, upstream_model=model,
+                             api_key_env=api_key_env)
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"models": [entry]})})
+    serve(None, cfg=cfg, strategy=strategy, **serve_args)
 
 
 def _server_memory(memory: Any) -> Any:

@@ -64,10 +64,10 @@ class _RequestMetrics:
 def build_app(models: dict[str, ServedModel], keys: list[ApiKey] | None, prompt_limits: PromptLimits,
               limiter: KeyLimiter, metrics: Metrics, closers: list[Any] | None = None,
               shutdown_timeout_s: float = 30.0, public_metrics: bool = False,
-              knowledge: dict[str, Any] | None = None, memory: Any = None) -> FastAPI:
+              knowledge: dict[str, Any] | None = None, memory: Any = None, reasoning: Any = None) -> FastAPI:
     """The app over ``models``; its shared state is ``app.state.server`` (a ``ServerState``)."""
     state = ServerState(models, keys, prompt_limits, limiter, metrics, guarded=keys is not None and not public_metrics,
-                        knowledge=dict(knowledge or {}), memory=memory)
+                        knowledge=dict(knowledge or {}), memory=memory, reasoning=reasoning)
     engines = state.batch_engines()
 
     @asynccontextmanager

@@ -25,7 +25,8 @@ from slmforge.serve._generation import (
 from slmforge.serve._knowledge import cite, ground, not_in_documents_choice
 from slmforge.serve._memory import with_memory
 from slmforge.serve._models import ServedModel
-from slmforge.serve._state import server, v1_router
+from slmforge.serve._reason import chosen_strategy, reasoned_chat, trace_for
+from slmforge.serve._state import ANONYMOUS, server, v1_router
 from slmforge.serve._streaming import batched_events, sse, stream_events, whole_stream
 from slmforge.serve._structured import assistant_message, constraint_for, grammar_schema, tool_setup
 from slmforge.serve.protocol import ApiError, ChatRequest, usage_body
@@ -40,12 +41,15 @@ router = v1_router()
 async def chat_completions(body: ChatRequest, request: Request):
     start = time.perf_counter()
     state = server(request)
-    served = state.pick(body.model, "generate")
+    strategy, strategy_n, name = chosen_strategy(state.reasoning, state.models, body)
+    served = state.pick(name, "generate")
     raw = [m.plain() for m in body.messages]
+    if strategy is not None:
+        return await _reasoned(request, state, body, served, raw, strategy, strategy_n, start)
     if served.kind == "upstream":
         return await state.proxy(served, "/chat/completions", body,
                                  state.admit(request, sum(len(m["content"] or "") for m in raw), body.user))
-    refuse_unknown(body.unknown_fields())
+    refuse_unknown([f for f in body.unknown_fields() if f != "strategy"])  # "strategy": "none" is ours
     params = body.params(CHAT_MAX_TOKENS, served.sampling_profile(body.profile))
     if body.max_completion_tokens is not None:
         params.max_new_tokens = body.max_completion_tokens
@@ -78,6 +82,23 @@ async def chat_completions(body: ChatRequest, request: Request):
     if served.batch is not None:
         return await _batched(call, body, served, raw, tools, choice)
     return await _locked(call, body, served, raw, tools, choice, grammar)
+
+
+async def _reasoned(request: Request, state, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]],
+                    strategy: str, n: int | None, start: float):
+    """A chat answered by a reasoning strategy (serve/_reason.py); a stream gets the finished reply."""
+    refuse_unknown([f for f in body.unknown_fields() if f != "strategy"])
+    params = body.params(CHAT_MAX_TOKENS, served.sampling_profile(body.profile) if served.kind != "upstream"
+                         else None)
+    if body.max_completion_tokens is not None:
+        params.max_new_tokens = body.max_completion_tokens
+    validate(params)
+    user = state.admit(request, sum(len(m["content"] or "") for m in raw), body.user)
+    call = Call(state, request, served.name, user, start, params, body.max_tokens is not None, "chat.completion.chunk")
+    reply = await reasoned_chat(call, body, served, raw, strategy, n, state.reasoning)
+    if body.stream:
+        return sse(whole_stream(call.chunk, reply["choices"][0], reply["usage"] if body.include_usage else None))
+    return reply
 
 
 async def _grounded(call: Call, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]], base: str):
@@ -176,3 +197,10 @@ async def _locked(call: Call, body: ChatRequest, served: ServedModel, raw: list[
         return sse(whole_stream(call.chunk, choices[0], usage_body(prompt_tokens, completion_tokens)
                                 if body.include_usage else None))
     return call.answer("chat.completion", choices, prompt_tokens, completion_tokens)
+
+
+@router.get("/traces/{trace_id}")
+async def get_trace(trace_id: str, request: Request):
+    """The internal calls of a request a reasoning strategy answered (its reply's ``slmforge.trace_id``)."""
+    key = request.state.api_key
+    return trace_for(server(request).reasoning, trace_id, key.name if key is not None else ANONYMOUS)

@@ -61,6 +61,7 @@ class ServerState:
     locks: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     knowledge: dict[str, Any] = field(default_factory=dict)  # name -> serve._knowledge.KnowledgeBase
     memory: Any = None  # serve._memory.ServerMemory when serve.memory is on
+    reasoning: Any = None  # serve._reason.Reasoning: strategies per request, their traces
 
     def pick(self, name: str, kind: str) -> ServedModel:
         """The model a request names, of the kind the endpoint serves (an upstream serves every kind).
