@@ -366,3 +366,24 @@ def test_cli_agent_run_denies_high_stakes_tools_without_a_terminal(tmp_path, mon
     r = CliRunner().invoke(app, ["agent", "tools", "-t", "calculator", "-t", "files"])
     names = [(t["function"]["name"], t["high_stakes"]) for t in json.loads(r.stdout)]
     assert names == [("calculator", False), ("list_files", False), ("read_file", False), ("write_file", True)]
+
+
+def test_cli_agent_run_plans_and_routes(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import slmforge.cli.generate_cmd as generate_cmd
+    from slmforge.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    script = ['{"steps": ["Compute 6 * 7", "Add 1"]}', call("calculator", expression="6 * 7"),
+              call("final_answer", answer="42"), call("calculator", expression="42 + 1"),
+              call("final_answer", answer="43")]
+    monkeypatch.setattr(generate_cmd, "load_model", lambda *a, **k: Scripted(list(script)))
+    r = CliRunner().invoke(app, ["agent", "run", "6 * 7 + 1?", "-m", "m", "--plan", "--trace", "t.jsonl"])
+    assert r.exit_code == 0 and r.stdout.strip() == "43" and "plan step 2: Add 1 -> 43" in r.stderr
+    (tmp_path / "slmforge.yaml").write_text(
+        "agent:\n  specialists:\n    math: {description: arithmetic, tools: [calculator]}\n"
+        "    files: {description: files in the workspace, tools: [files]}\n")
+    script[:] = ['{"agent": "files"}', call("list_files"), call("final_answer", answer="empty")]
+    r = CliRunner().invoke(app, ["agent", "run", "What files are there?", "-m", "m", "--route"])
+    assert r.exit_code == 0 and "routed to files (model)" in r.stderr and r.stdout.strip() == "empty"

@@ -551,6 +551,13 @@ class MemoryConfig(Section):
     extract: bool = Field(True, description="In the server: store the facts and preferences users state.")
 
 
+class SpecialistConfig(Section):
+    description: str = Field(description="What it is for (the router reads this to choose).")
+    tools: list[str] = Field([], description="Its built-in tools (as agent.tools).")
+    model: str | None = Field(None, description="Its model (folder, .gguf or URL#MODEL; null = the run's model).")
+    adapter: str | None = Field(None, description="A LoRA adapter folder over its model (torch engine).")
+
+
 class AgentConfig(Section):
     mode: Literal["native", "react"] = Field(
         "native", description="native: every turn a schema-constrained tool call (the answer too); react: "
@@ -568,6 +575,10 @@ class AgentConfig(Section):
     max_tokens: int = Field(4096, ge=1, description="Generated tokens, all turns together.")
     max_seconds: float = Field(300.0, gt=0, description="Wall clock of a run, tools included.")
     max_new_tokens: int = Field(256, ge=1, description="Tokens per turn.")
+    specialists: dict[str, SpecialistConfig] = Field(
+        {}, description="`slmforge agent run --route`: name -> a specialist agent with its own tools and model or "
+        "adapter; the run's model routes each task to one."
+    )
 
 
 class ReasonConfig(Section):

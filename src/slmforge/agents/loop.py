@@ -113,6 +113,8 @@ class Agent:
             tokens left.
         trace: A JSONL file each step is appended to.
         name: The agent's name in traces (multi-agent runs).
+        adapter: A LoRA adapter of the generator to turn with (engines with adapters: several specialists
+            share one base model in memory).
 
     Raises:
         AgentError: An unknown mode, duplicate tool names, or a tool named ``final_answer``.
@@ -120,7 +122,7 @@ class Agent:
 
     def __init__(self, generator: Any, tools: list[Any], mode: str = "native", system: str | None = None,
                  budget: Budget | None = None, approve: Approver | None = None, params: Any = None,
-                 trace: str | Path | None = None, name: str = "agent") -> None:
+                 trace: str | Path | None = None, name: str = "agent", adapter: str | None = None) -> None:
         from slmforge.generate import SamplingParams
 
         if mode not in MODES:
@@ -135,6 +137,13 @@ class Agent:
         self.params = params or SamplingParams(max_new_tokens=256)
         self.trace = Path(trace) if trace else None
         self._by_name = {t.name: t for t in self.tools}
+        self.adapter = adapter
+        if adapter is not None:
+            from slmforge.generate import as_engine
+
+            engine = as_engine(generator)
+            if not engine.capabilities.adapters or adapter not in engine.adapters:  # type: ignore[attr-defined]
+                raise AgentError(f"Agent {name}: the {engine.engine} engine has no adapter {adapter!r}.")
 
     def run(self, task: str) -> AgentResult:
         """Work on ``task`` until an answer or a budget; never raises for what the model does."""
@@ -175,6 +184,8 @@ class Agent:
         from dataclasses import replace
 
         params = replace(self.params, n=1, max_new_tokens=max(1, min(self.params.max_new_tokens, tokens_left)))
+        if self.adapter is not None:
+            self.generator.set_adapter(self.adapter)
         prompt = [dict(m) for m in messages]
         t0 = time.perf_counter()
         try:

@@ -73,13 +73,17 @@ def run_cmd(
     approve: Annotated[str, typer.Option(help="ask (a prompt on the terminal; deny without one), deny, or all.")
                        ] = "ask",
     trace: Annotated[Path | None, typer.Option(help="Append every step to this JSONL file.")] = None,
+    plan: Annotated[bool, typer.Option(help="Plan first (a JSON list of steps), then run the agent on each step.")
+                    ] = False,
+    route: Annotated[bool, typer.Option(help="Send the task to one of agent.specialists, chosen by the model.")
+                     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Run an agent on a task: the model calls tools until it answers or a budget runs out."""
     from dataclasses import asdict
 
-    from slmforge.agents import Agent, Budget, approve_all, deny_all
+    from slmforge.agents import Agent, Budget, Planner, Router, approve_all, deny_all
     from slmforge.cli.generate_cmd import load_model
     from slmforge.config import load_config
     from slmforge.errors import AgentError
@@ -88,14 +92,41 @@ def run_cmd(
     cfg = load_config(config, set_ or [])
     if approve not in ("ask", "deny", "all"):
         raise AgentError(f"--approve must be ask, deny or all; got {approve!r}.")
+    if plan and route:
+        raise AgentError("Choose one of --plan and --route.")
     a = cfg.agent
-    tools = build_tools(cfg, tool or a.tools)
-    gen = load_model(model or str(default_model_dir(cfg)), None, "auto", cfg.generate.endpoints)
-    agent = Agent(gen, tools, mode=mode or a.mode, trace=trace,
-                  budget=Budget(max_steps or a.max_steps, a.max_tokens, a.max_seconds),
-                  approve={"ask": _ask, "deny": deny_all, "all": approve_all}[approve],
-                  params=SamplingParams(max_new_tokens=a.max_new_tokens))
-    result = agent.run(task)
+    # tools first: a misconfigured tool fails before any model loads
+    toolsets = ({name: build_tools(cfg, spec.tools) for name, spec in a.specialists.items()} if route
+                else {"agent": build_tools(cfg, tool or a.tools)})
+    model_ref = model or str(default_model_dir(cfg))
+    gen = load_model(model_ref, None, "auto", cfg.generate.endpoints)
+
+    def make(name: str, generator) -> Agent:
+        return Agent(generator, toolsets["agent" if name == "executor" else name], mode=mode or a.mode, trace=trace,
+                     name=name,
+                     budget=Budget(max_steps or a.max_steps, a.max_tokens, a.max_seconds),
+                     approve={"ask": _ask, "deny": deny_all, "all": approve_all}[approve],
+                     params=SamplingParams(max_new_tokens=a.max_new_tokens))
+
+    if route:
+        if not a.specialists:
+            raise AgentError("--route needs agent.specialists in the project file (name: {description, tools, "
+                             "model, adapter}).")
+        specialists = {}
+        for name, spec in a.specialists.items():
+            own = gen if spec.model is None and spec.adapter is None else load_model(
+                spec.model or model_ref, Path(spec.adapter) if spec.adapter else None, "auto", cfg.generate.endpoints)
+            specialists[name] = (make(name, own), spec.description)
+        routed = Router(gen, specialists, trace=trace).run(task)
+        err.print(f"routed to {routed.agent} ({routed.reason})", style="dim")
+        result = routed.result
+    elif plan:
+        planned = Planner(gen, make("executor", gen), trace=trace).run(task)
+        for n, (step, r) in enumerate(zip(planned.plan, planned.results), 1):
+            err.print(f"plan step {n}: {step} -> {r.answer} ({r.stopped})", style="dim")
+        result = planned.results[-1]
+    else:
+        result = make("agent", gen).run(task)
     if as_json:
         out.print(json.dumps(asdict(result), default=str, ensure_ascii=False, indent=1))
         return
