@@ -108,7 +108,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=48)
     rows, shown = {}, None
     for mode in ("no tools", "agent, prompted", "agent, constrained"):
-        right, seconds, tokens, steps, valid, total = [], [], [], [], 0, 0
+        right, seconds, tokens, steps, calls, invalid = [], [], [], [], 0, 0
         for question, truth in tasks(args.tasks, args.seed):
             t0 = time.perf_counter()
             if mode == "no tools":
@@ -120,8 +120,8 @@ def main() -> None:
                                params=params).run(question)
                 answer = extract_answer(result.answer or "", "last_number")
                 used, n_steps = result.tokens, len(result.steps)
-                valid += sum(s.kind in ("call", "answer", "error") for s in result.steps)
-                total += len(result.steps)
+                calls += sum(s.kind in ("call", "error") for s in result.steps)  # the calculator ran
+                invalid += sum(s.kind == "invalid" for s in result.steps)
                 if mode == "agent, constrained" and shown is None:
                     shown = (question, result)
             seconds.append(time.perf_counter() - t0)
@@ -129,15 +129,19 @@ def main() -> None:
             tokens.append(used)
             steps.append(n_steps)
             print(f"{mode:20} {question:32} -> {answer} ({'right' if right[-1] else f'want {truth}'})", flush=True)
-        rows[mode] = {"accuracy": sum(right) / len(right), "valid_turns": valid / total if total else None,
+        tools = mode != "no tools"
+        rows[mode] = {"accuracy": sum(right) / len(right), "tool_calls_mean": calls / len(right) if tools else None,
+                      "invalid_turns_mean": invalid / len(right) if tools else None,
                       "steps_mean": statistics.fmean(steps), "tokens_mean": statistics.fmean(tokens),
                       "seconds_median": statistics.median(seconds)}
     print(f"\nGemma 3 270M (base), {args.tasks} arithmetic tasks, greedy, max {args.max_steps} steps")
-    print("| mode | accuracy | valid turns | steps / task | tokens / task | median s / task |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| mode | accuracy | calculator calls / task | invalid turns / task | turns / task | tokens / task | "
+          "median s / task |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
-        v = "-" if r["valid_turns"] is None else f"{r['valid_turns']:.2f}"
-        print(f"| {mode} | {r['accuracy']:.2f} | {v} | {r['steps_mean']:.1f} | {r['tokens_mean']:.0f} | "
+        c, v = (("-", "-") if r["tool_calls_mean"] is None else
+                (f"{r['tool_calls_mean']:.2f}", f"{r['invalid_turns_mean']:.2f}"))
+        print(f"| {mode} | {r['accuracy']:.2f} | {c} | {v} | {r['steps_mean']:.1f} | {r['tokens_mean']:.0f} | "
               f"{r['seconds_median']:.1f} |")
     trace = []
     if shown is not None:

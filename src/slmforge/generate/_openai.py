@@ -182,13 +182,14 @@ class OpenAIGenerator(EngineBase):
     def _choices(self, answer: dict[str, Any], chat: bool) -> list[Completion]:
         choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
         usage = answer.get("usage") or {}
-        per = int(usage.get("completion_tokens") or 0) // max(len(choices), 1)
+        # The endpoint counts the choices' tokens together: share them out whole, so that they sum back to it.
+        per, extra = divmod(int(usage.get("completion_tokens") or 0), max(len(choices), 1))
         out = []
-        for c in choices:
+        for i, c in enumerate(choices):
             text = ((c.get("message") or {}).get("content") or "") if chat else c.get("text", "")
             calls = _tool_calls((c.get("message") or {}).get("tool_calls")) if chat else None
-            out.append(Completion(text=text, tokens=per, finish_reason="length" if c.get("finish_reason") == "length"
-                                  else "stop", tool_calls=calls))
+            finish = "length" if c.get("finish_reason") == "length" else "stop"
+            out.append(Completion(text=text, tokens=per + (i < extra), finish_reason=finish, tool_calls=calls))
         return out
 
     def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
