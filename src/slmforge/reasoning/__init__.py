@@ -68,12 +68,13 @@ def split_model_prefix(model: str) -> tuple[str | None, int | None, str]:
 
 
 def run_strategy(name: str, gen: Any, prompt: Prompt, n: int = 5, params: Any = None, budget: Budget | None = None,
-                 extract: Extractor | None = None, verifier: Verifier | None = None, temperature: float = 0.7
-                 ) -> ReasonResult:
+                 extract: Extractor | None = None, verifier: Verifier | None = None, temperature: float = 0.7,
+                 cue: str | None = COT_CUE) -> ReasonResult:
     """Run the strategy ``name`` (see ``STRATEGIES``); ``n`` is the sample count of sc and bon, the most
     samples of adaptive, the breadth of tot and the rounds of refine.
 
-    best-of-N without a ``verifier`` scores by the model's log-likelihood where the engine can; where it
+    ``cue`` is the step-by-step instruction the reasoning strategies add (None: the prompt as it is, for a
+    model fine-tuned to reason, or one whose prompt already asks). best-of-N without a ``verifier`` scores by the model's log-likelihood where the engine can; where it
     cannot (an HTTP endpoint), the samples vote as in self-consistency.
 
     Raises:
@@ -85,24 +86,24 @@ def run_strategy(name: str, gen: Any, prompt: Prompt, n: int = 5, params: Any = 
     if name == "direct":
         return direct(gen, prompt, params, b, extract)
     if name == "cot":
-        return chain_of_thought(gen, prompt, params, b, extract)
+        return chain_of_thought(gen, prompt, params, b, extract, cue=cue or "")
     if name == "sc":
-        return self_consistency(gen, prompt, n, params, b, extract, temperature)
+        return self_consistency(gen, prompt, n, params, b, extract, temperature, cue=cue)
     if name == "bon":
         if verifier is None and not _scores_text(gen):  # nothing to verify with: the samples vote
-            r = self_consistency(gen, prompt, n, params, b, extract, temperature)
+            r = self_consistency(gen, prompt, n, params, b, extract, temperature, cue=cue)
             r.strategy = "bon"
             return r
         return best_of_n(gen, prompt, verifier or loglik_verifier(gen, prompt), n, params, b, extract,
-                         temperature, cue=COT_CUE)
+                         temperature, cue=cue)
     if name == "tot":
         return tree_search(gen, prompt, verifier, breadth=n, params=params, budget=b, extract=extract,
-                           temperature=temperature)
+                           temperature=temperature, cue=cue)
     if name == "refine":
-        return self_refine(gen, prompt, n if n < 5 else 2, params, b, extract)
+        return self_refine(gen, prompt, n if n < 5 else 2, params, b, extract, cue=cue)
     if name in ("adaptive", "auto"):
         r = adaptive(gen, prompt, first=min(3, n), max_n=max(n, 3), params=params, budget=b, extract=extract,
-                     temperature=temperature)
+                     temperature=temperature, cue=cue)
         r.strategy = name
         return r
     raise ReasoningError(f"Unknown reasoning strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")

@@ -14,50 +14,63 @@ from pathlib import Path
 from typing import Any
 
 from slmforge.errors import ReasoningError
-from slmforge.reasoning import STRATEGIES, Budget, extractor, run_strategy
+from slmforge.reasoning import COT_CUE, STRATEGIES, Budget, extractor, run_strategy
 
 
 def bench(gen: Any, suite: str, strategies: list[str], cfg: Any = None, n: int = 5, limit: int | None = None,
           budget: Budget | None = None, temperature: float = 0.7, seed: int = 0, progress: bool = True
           ) -> dict[str, Any]:
-    """Run each strategy on the suite's items.
-
-    Returns:
-        ``{"suite", "items", "rows": [{"strategy", "accuracy", "tokens_mean", "calls_mean", "latency_median_s",
-        "latency_p90_s", "p_vs_direct"}], "per_item": {strategy: [bool]}}``.
+    """Run each strategy on the items of a generate suite (its prompt, stop strings and extraction).
 
     Raises:
         ReasoningError: An unknown strategy, or a suite that is not a generate task.
     """
-    from slmforge._progress import progress_bar
-    from slmforge.evaluate.metrics import normalize_answer
-    from slmforge.evaluate.stats import mcnemar
     from slmforge.evaluate.suites import load_items, load_suite, render_prompt
     from slmforge.generate import SamplingParams
 
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ReasoningError(f"Unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}.")
     spec, base = load_suite(suite)
     if spec.task != "generate":
         raise ReasoningError(f"Suite {spec.name} is a {spec.task} task; strategies answer generate suites.")
     items = load_items(spec, base, cfg)[: limit or spec.limit or None]
-    extract = extractor(spec.extract.method, spec.extract.arg)
+    prompts = [render_prompt(spec, item) for item in items]
+    asked: list[Any] = [[{"role": "user", "content": p}] for p in prompts] if spec.chat else prompts
     params = SamplingParams(max_new_tokens=spec.max_new_tokens, stop=list(spec.stop), seed=seed)
+    return bench_items(gen, spec.name, asked, [str(i["target"]) for i in items], strategies,
+                       extractor(spec.extract.method, spec.extract.arg), params, n, budget, temperature, progress)
+
+
+def bench_items(gen: Any, name: str, prompts: list[Any], targets: list[str], strategies: list[str], extract: Any,
+                params: Any, n: int = 5, budget: Budget | None = None, temperature: float = 0.7,
+                progress: bool = True, cue: str | None = COT_CUE) -> dict[str, Any]:
+    """Run each strategy on prompts with known answers (``cue``: the step-by-step cue of the strategies
+    that add one; None for a model trained to reason without it).
+
+    Returns:
+        ``{"suite", "items", "n", "rows": [{"strategy", "accuracy", "tokens_mean", "calls_mean",
+        "latency_median_s", "latency_p90_s", "p_vs_direct"}], "per_item": {strategy: [bool]}}``.
+
+    Raises:
+        ReasoningError: An unknown strategy.
+    """
+    from slmforge._progress import progress_bar
+    from slmforge.evaluate.metrics import normalize_answer
+    from slmforge.evaluate.stats import mcnemar
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ReasoningError(f"Unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}.")
     per_item: dict[str, list[bool]] = {}
     rows = []
     with progress_bar(progress) as bar:
         for strategy in strategies:
-            task = bar.add_task(f"{spec.name} {strategy}", total=len(items), info="")
+            task = bar.add_task(f"{name} {strategy}", total=len(prompts), info="")
             right, tokens, calls, seconds = [], [], [], []
-            for item in items:
-                prompt = render_prompt(spec, item)
-                asked = [{"role": "user", "content": prompt}] if spec.chat else prompt
+            for asked, target in zip(prompts, targets):
                 t0 = time.perf_counter()
                 r = run_strategy(strategy, gen, asked, n=n, params=params, budget=budget, extract=extract,
-                                 temperature=temperature)
+                                 temperature=temperature, cue=cue)
                 seconds.append(time.perf_counter() - t0)
-                right.append(r.answer is not None and normalize_answer(r.answer) == normalize_answer(item["target"]))
+                right.append(r.answer is not None and normalize_answer(r.answer) == normalize_answer(target))
                 tokens.append(r.tokens)
                 calls.append(len(r.calls))
                 bar.update(task, advance=1, info=f"acc {sum(right) / len(right):.2f}")
@@ -71,7 +84,7 @@ def bench(gen: Any, suite: str, strategies: list[str], cfg: Any = None, n: int =
         for row in rows:
             if row["strategy"] != "direct":
                 row["p_vs_direct"] = mcnemar(per_item[row["strategy"]], per_item["direct"])["p_value"]
-    return {"suite": spec.name, "items": len(items), "n": n, "rows": rows, "per_item": per_item}
+    return {"suite": name, "items": len(prompts), "n": n, "rows": rows, "per_item": per_item}
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -206,12 +206,12 @@ def best_of_n(gen: Any, prompt: Prompt, verifier: Verifier, n: int = 5, params: 
 
 
 def self_refine(gen: Any, prompt: Prompt, rounds: int = 2, params: Any = None, budget: Budget | None = None,
-                extract: Extractor | None = None) -> ReasonResult:
+                extract: Extractor | None = None, cue: str | None = COT_CUE) -> ReasonResult:
     """Answer, then up to ``rounds`` times: critique the answer and, unless the critique finds it
     correct, revise it (Madaan et al., 2023)."""
     run = _Run(gen, params, budget or Budget(), "refine")
     question = _question(prompt)
-    texts = run.generate(with_cue(prompt), "answer", temperature=0.0)
+    texts = run.generate(with_cue(prompt, cue) if cue else prompt, "answer", temperature=0.0)
     answer = texts[0] if texts else ""
     for _ in range(rounds):
         critique = run.generate([{"role": "user", "content": f"Question: {question}\nProposed answer: {answer}\n\n"
@@ -256,7 +256,7 @@ def adaptive(gen: Any, prompt: Prompt, first: int = 3, max_n: int = 12, step: in
 
 def tree_search(gen: Any, prompt: Prompt, scorer: Verifier | None = None, breadth: int = 3, beam: int = 2,
                 depth: int = 4, params: Any = None, budget: Budget | None = None, extract: Extractor | None = None,
-                temperature: float = 0.8) -> ReasonResult:
+                temperature: float = 0.8, cue: str | None = COT_CUE) -> ReasonResult:
     """Tree-of-thought search over reasoning steps (lines): from each of the ``beam`` best partial solutions,
     sample ``breadth`` next steps, score every new partial (``scorer``; default: agreement of its answer
     with the other finished ones, then length), keep the best ``beam``; a partial whose step holds an
@@ -270,7 +270,7 @@ def tree_search(gen: Any, prompt: Prompt, scorer: Verifier | None = None, breadt
 
     extract = extract or extractor("auto")
     run = _Run(gen, params, budget or Budget(), "tot")
-    base = with_cue(prompt)
+    base = with_cue(prompt, cue) if cue else prompt
     text_prompt = base if isinstance(base, str) else as_engine(gen).render_chat(base)
     frontier, finished = [""], []
     for _ in range(depth):
