@@ -387,3 +387,50 @@ def test_cli_agent_run_plans_and_routes(tmp_path, monkeypatch):
     script[:] = ['{"agent": "files"}', call("list_files"), call("final_answer", answer="empty")]
     r = CliRunner().invoke(app, ["agent", "run", "What files are there?", "-m", "m", "--route"])
     assert r.exit_code == 0 and "routed to files (model)" in r.stderr and r.stdout.strip() == "empty"
+
+
+def test_knowledge_search_and_http_tools(tmp_path):
+    """search_documents cites passages of a rag index; http_get fetches only from allowed hosts (and not
+    through a redirect to another host)."""
+    import http.server
+    import threading
+
+    from slmforge.agents import http_fetch, knowledge_search
+    from slmforge.data import Document
+    from slmforge.rag import ChunkSettings, HashingEmbedder, Index
+
+    index = Index.open(tmp_path / "idx", HashingEmbedder(64), "lancedb")
+    index.update([Document("1", "The garden gets full sun. Tomatoes need water daily.", "src", "md",
+                           path="docs/garden.md", title="Garden"),
+                  Document("2", "Invoices are due in thirty days.", "src", "md", path="docs/billing.md", title="B")],
+                 ChunkSettings("sentence", size=8, overlap=0), progress=False)
+    found = knowledge_search(index, k=1, mode="bm25").fn(query="tomatoes water")
+    assert found.startswith("[1] docs/garden.md:") and "Tomatoes need water daily." in found
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "http://example.invalid/x")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello from the allowed host")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        get = http_fetch(["127.0.0.1"])
+        port = server.server_address[1]
+        assert get.high_stakes and get.fn(url=f"http://127.0.0.1:{port}/") == "HTTP 200\nhello from the allowed host"
+        assert get.fn(url=f"http://127.0.0.1:{port}/away").startswith("Refused: example.invalid")
+        assert get.fn(url="http://localhost:1/").startswith("Refused: localhost")
+        assert get.fn(url="file:///etc/passwd").startswith("Refused")
+    finally:
+        server.shutdown()
+    with pytest.raises(AgentError, match="HTTP fetch is off"):
+        http_fetch([])
