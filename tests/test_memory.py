@@ -130,6 +130,22 @@ def test_erasure_removes_the_user_from_the_file_and_export_has_everything(tmp_pa
     assert again.list(eve) == [] and again.export(eve)["sessions"] == {} and len(again.list(frank)) == 1
 
 
+def test_forget_removes_the_text_from_the_files_and_survives_reopening(tmp_path: Path, store):
+    """One forgotten memory leaves neither the database nor its write-ahead log (the privacy gap of a plain
+    DELETE, which leaves the bytes in a free page and the old page in the log), without a VACUUM; the
+    others stay, also after closing and reopening the file."""
+    eve = Scope.user("eve")
+    keep = store.remember(eve, "The user's editor is helix.", "preference", 0.5, "editor")
+    secret = store.remember(eve, "The user's locker code is zebraquux4417.", "fact", 0.9, "locker")
+    assert store.forget(eve, secret) and not store.forget(eve, secret)
+    assert not store.forget(Scope.user("mallory"), keep)  # another scope cannot forget it
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("m.sqlite*"))
+    assert b"zebraquux4417" not in raw and b"helix" in raw
+    store.close()
+    again = MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128))
+    assert [m.id for m in again.list(eve)] == [keep] and again.recall(eve, "editor", 1)[0].id == keep
+
+
 def test_another_embedder_is_refused(tmp_path: Path):
     MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128)).close()
     with pytest.raises(ConfigError, match="written with the embedder"):

@@ -111,6 +111,7 @@ class MemoryStore:
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # autocommit; BEGIN where needed
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=60000")
+            db.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten, not left in free pages
             self._local.db = db
         return db
 
@@ -182,8 +183,14 @@ class MemoryStore:
         return [m for m, _ in self._memories(scope, current=not history)]
 
     def forget(self, scope: Scope, memory_id: int) -> bool:
+        """Delete one memory of the scope: its bytes are overwritten (secure_delete) and the write-ahead log,
+        which still holds the page as it was, is checkpointed and truncated, so the text leaves both files."""
         where, args = self._where(scope)
-        return self._db().execute(f"DELETE FROM memories WHERE id = ? AND {where}", (memory_id, *args)).rowcount > 0
+        db = self._db()
+        gone = db.execute(f"DELETE FROM memories WHERE id = ? AND {where}", (memory_id, *args)).rowcount > 0
+        if gone:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return gone
 
     # ------------------------------------------------------------------ sessions
     def add_turn(self, scope: Scope, session: str, role: str, content: str) -> None:
