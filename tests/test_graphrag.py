@@ -11,7 +11,15 @@ from test_cli import slm
 from test_rag import Scripted, doc
 
 from slmforge.errors import RagError
-from slmforge.graphrag import build_graph, entity_key, graph_retrieve, load_graph, model_entities, rule_entities
+from slmforge.graphrag import (
+    build_graph,
+    entity_key,
+    graph_retrieve,
+    load_graph,
+    model_entities,
+    model_extract,
+    rule_entities,
+)
 from slmforge.rag import ChunkSettings, HashingEmbedder, Index
 
 DOCS = {
@@ -40,6 +48,63 @@ def test_a_model_that_returns_nothing_still_gives_a_graph(tmp_path: Path, index)
     assert model_entities(Scripted('Sure: ["Frobnicator", "x"]'), "text") == ["Frobnicator"]
     graph = build_graph(index, tmp_path / "g", Scripted("nothing useful"), progress=False)
     assert {"frobnicator", "ledger.db", "vault cluster", "teapot"} <= set(graph.graph.nodes)
+
+
+class Extractor:
+    """A model that names an entity and a typed relation for each chunk it reads, and writes summaries."""
+
+    def chat(self, messages, params):
+        from slmforge.generate import Completion
+
+        text = messages[-1]["content"]
+        if "In two sentences" in text:
+            return [Completion("This group is about the Frobnicator's storage and its backups.", 12, "stop")]
+        if "Frobnicator" in text:
+            reply = {"entities": ["Frobnicator"], "relations": [
+                {"source": "Frobnicator", "relation": "stores state in", "target": "ledger.db"}]}
+        elif "Vault" in text:
+            reply = {"entities": ["Vault Cluster"], "relations": [
+                {"source": "ledger.db", "relation": "is backed up to", "target": "Vault Cluster"}]}
+        else:
+            reply = {"entities": [], "relations": []}
+        return [Completion(json.dumps(reply), 20, "stop")]
+
+
+def test_typed_relations_label_edges_and_the_model_writes_summaries(tmp_path: Path, index):
+    assert model_extract(Extractor(), "The Frobnicator ...")[1] == [("Frobnicator", "stores state in", "ledger.db")]
+    graph = build_graph(index, tmp_path / "g", Extractor(), progress=False)
+    edge = graph.graph["frobnicator"]["ledger.db"]
+    assert edge["relations"] == ["frobnicator stores state in ledger.db"]
+    assert graph.graph["ledger.db"]["vault cluster"]["relations"] == ["ledger.db is backed up to vault cluster"]
+    biggest = graph.communities[0]
+    assert biggest["summary_by"] == "model" and "backups" in biggest["summary"]
+    assert "frobnicator stores state in ledger.db" in biggest["relations"]
+    again = load_graph(tmp_path / "g")  # the labels survive saving
+    assert again.graph["frobnicator"]["ledger.db"]["relations"] == edge["relations"]
+
+
+def test_constrained_extraction_on_a_tiny_torch_model_always_parses(tmp_path: Path, one_torch_thread):
+    """A random model knows no entities, but decoded under the extraction schema its replies always parse."""
+    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
+
+    from slmforge.generate import SamplingParams, TorchGenerator
+
+    gen = TorchGenerator.from_pretrained(build_peaky_model(build_tiny_tokenizer(tmp_path, 400), tmp_path / "m",
+                                                           TINY), device="cpu")
+    free = gen.chat([{"role": "user", "content": "List the entities."}], SamplingParams(max_new_tokens=20))[0].text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)
+    import jsonschema
+
+    from slmforge.graphrag import _PROMPT, EXTRACTION_SCHEMA
+
+    for text in DOCS.values():
+        reply = gen.chat([{"role": "user", "content": _PROMPT + text}], SamplingParams(max_new_tokens=160),
+                         json_schema=EXTRACTION_SCHEMA)[0].text
+        value = json.loads(reply)
+        jsonschema.validate(value, EXTRACTION_SCHEMA)
+        entities, _ = model_extract(gen, text)  # the same reply, through the extractor
+        assert entities == [e.strip() for e in value["entities"] if len(e.strip()) >= 3]
 
 
 def test_multihop_finds_both_documents_of_a_two_step_answer(tmp_path: Path, index):

@@ -5,11 +5,13 @@
 
 Entities come from a deterministic extractor (markdown headings, dotted code identifiers and calls,
 backticked terms, capitalised noun phrases), so a small model never yields an empty graph; with a
-generator, the model's own JSON list of entities is added (parsed leniently). Entities are resolved by a
-key (case, backticks, call parentheses and a plural "s" removed), relations are co-occurrence within a
-chunk, and extraction is cached per chunk hash, so a rebuild after the index changed extracts only new
-chunks. Communities are Louvain's (networkx), each summarised by its most connected entities and the
-first sentence of its most central chunk.
+generator, the model adds entities and typed relations (``{"source", "relation", "target"}``): decoded
+under a JSON schema on engines that constrain output (torch, llama.cpp), so even a small model's reply
+parses, and parsed leniently elsewhere. Entities are resolved by a key (case, backticks, call parentheses
+and a plural "s" removed); every pair in a chunk is linked by co-occurrence, and a model's relations label
+their edge (``relations``). Extraction is cached per chunk hash, so a rebuild after the index changed
+extracts only new chunks. Communities are Louvain's (networkx), each summarised by its most connected
+entities and the first sentence of its most central chunk, or, with a generator, by the model from those.
 
 Retrieval modes: ``local`` (the chunks of the entities the question names and of their neighbours),
 ``multihop`` (the chunks along shortest paths between the entities the question names: answers that
@@ -62,21 +64,55 @@ def rule_entities(text: str) -> list[str]:
                               and entity_key(f) not in _COMMON))
 
 
-_PROMPT = ('List the named entities (APIs, modules, products, people, places, concepts) in this text as JSON: '
-           '["...", "..."]. Reply [] if there are none.\n\nText: ')
+_PROMPT = ('List the named entities (APIs, modules, products, people, places, concepts) in this text and how '
+           'they are related, as JSON: {"entities": ["...", ...], "relations": [{"source": "...", "relation": '
+           '"uses", "target": "..."}, ...]}. Use empty lists if there are none.\n\nText: ')
+_NAME_SCHEMA = {"type": "string", "minLength": 3, "maxLength": 60}
+EXTRACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "entities": {"type": "array", "items": _NAME_SCHEMA, "maxItems": 12},
+        "relations": {"type": "array", "maxItems": 8, "items": {
+            "type": "object", "properties": {"source": _NAME_SCHEMA, "relation": {"type": "string", "minLength": 2,
+                                                                                  "maxLength": 30},
+                                             "target": _NAME_SCHEMA},
+            "required": ["source", "relation", "target"], "additionalProperties": False}},
+    },
+    "required": ["entities", "relations"],
+    "additionalProperties": False,
+}
+
+
+def model_extract(generator: Any, text: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The generator's entities and typed relations (source, relation, target); ([], []) when its reply does
+    not parse. On an engine that constrains output the reply is decoded under ``EXTRACTION_SCHEMA``."""
+    from slmforge.generate import SamplingParams, as_engine
+
+    messages = [{"role": "user", "content": _PROMPT + text[:1500]}]
+    params = SamplingParams(max_new_tokens=160, temperature=0.0)
+    try:
+        if as_engine(generator).capabilities.grammar:
+            reply = generator.chat(messages, params, json_schema=EXTRACTION_SCHEMA)[0].text
+        else:
+            reply = generator.chat(messages, params)[0].text
+        start = min((i for i in (reply.find("{"), reply.find("[")) if i >= 0), default=-1)
+        value = json.loads(reply[start: max(reply.rfind("}"), reply.rfind("]")) + 1]) if start >= 0 else None
+    except Exception:  # a small model's reply is often not JSON: the rule extractor stands alone
+        return [], []
+    if isinstance(value, list):  # a bare list of names
+        value = {"entities": value, "relations": []}
+    if not isinstance(value, dict):
+        return [], []
+    ok = [str(x).strip() for x in value.get("entities") or [] if isinstance(x, str) and 3 <= len(x.strip()) <= 80]
+    relations = [(str(r["source"]).strip(), str(r["relation"]).strip().lower(), str(r["target"]).strip())
+                 for r in value.get("relations") or [] if isinstance(r, dict)
+                 and all(isinstance(r.get(f), str) and r[f].strip() for f in ("source", "relation", "target"))]
+    return ok, [r for r in relations if entity_key(r[0]) != entity_key(r[2])]
 
 
 def model_entities(generator: Any, text: str) -> list[str]:
-    """The generator's entity list, or [] when its reply is not a JSON list."""
-    from slmforge.generate import SamplingParams
-
-    try:
-        reply = generator.chat([{"role": "user", "content": _PROMPT + text[:1500]}],
-                               SamplingParams(max_new_tokens=96, temperature=0.0))[0].text
-        items = json.loads(reply[reply.index("["): reply.rindex("]") + 1])
-    except Exception:  # a small model's reply is often not JSON: the rule extractor stands alone
-        return []
-    return [str(x) for x in items if isinstance(x, str) and 3 <= len(x.strip()) <= 80]
+    """The generator's entities (``model_extract`` without the relations)."""
+    return model_extract(generator, text)[0]
 
 
 @dataclass
@@ -103,19 +139,21 @@ def build_graph(index: Any, folder: str | Path, generator: Any = None, progress:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cache_file = folder / "extraction_cache.json"
-    cache: dict[str, list[str]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     chunks = index.chunks(index.filtered_ids({}))
     g = nx.Graph()
     extracted = 0
-    with progress_bar(progress and len(chunks) > 200) as bar:
+    with progress_bar(progress and (len(chunks) > 200 or generator is not None)) as bar:
         task = bar.add_task("extracting entities", total=len(chunks), info="")
         for cid, chunk in chunks.items():
             if chunk.hash not in cache:
-                names = rule_entities(chunk.text) + (model_entities(generator, chunk.text) if generator else [])
-                cache[chunk.hash] = names
+                found, relations = model_extract(generator, chunk.text) if generator else ([], [])
+                cache[chunk.hash] = {"names": rule_entities(chunk.text) + found, "relations": relations}
                 extracted += 1
+            entry = cache[chunk.hash]
+            names, relations = (entry, []) if isinstance(entry, list) else (entry["names"], entry["relations"])
             keys: dict[str, str] = {}
-            for name in cache[chunk.hash]:
+            for name in [*names, *(n for s, _, t in relations for n in (s, t))]:
                 keys.setdefault(entity_key(name), name)
             for key, name in keys.items():
                 if key not in g:
@@ -130,16 +168,24 @@ def build_graph(index: Any, folder: str | Path, generator: Any = None, progress:
                         g[a][b]["weight"] += 1
                         g[a][b]["chunks"].append(cid)
                     else:
-                        g.add_edge(a, b, weight=1, chunks=[cid])
+                        g.add_edge(a, b, weight=1, chunks=[cid], relations=[])
+            for source, relation, target in relations:  # the model's label on the co-occurrence edge
+                edge = g[entity_key(source)][entity_key(target)]
+                label = f"{entity_key(source)} {relation} {entity_key(target)}"
+                if label not in edge["relations"]:
+                    edge["relations"].append(label)
             bar.update(task, advance=1)
     cache_file.write_text(json.dumps(cache))
-    graph = Graph(g, _communities(g, chunks), extracted)
+    graph = Graph(g, _communities(g, chunks, generator), extracted)
     (folder / "graph.json").write_text(json.dumps(nx.node_link_data(g, edges="edges")))
     (folder / "communities.json").write_text(json.dumps(graph.communities, indent=1))
     return graph
 
 
-def _communities(g: Any, chunks: dict[str, Any]) -> list[dict[str, Any]]:
+SUMMARISED = 32  # communities (the largest) a generator summarises; the rest keep the rule summary
+
+
+def _communities(g: Any, chunks: dict[str, Any], generator: Any = None) -> list[dict[str, Any]]:
     import networkx as nx
 
     if g.number_of_nodes() == 0:
@@ -150,9 +196,32 @@ def _communities(g: Any, chunks: dict[str, Any]) -> list[dict[str, Any]]:
         top = sorted(members, key=lambda n: -sub.degree(n, weight="weight"))[:8]
         central = g.nodes[top[0]]["chunks"][0]
         first = re.split(r"(?<=[.!?])\s", chunks[central].text.strip(), maxsplit=1)[0][:300] if central in chunks else ""
-        out.append({"id": i, "size": len(members), "entities": top,
-                    "summary": f"About {', '.join(top[:5])}. {first}".strip()})
-    return sorted(out, key=lambda c: -c["size"])
+        labels = sorted({r for a, b in sub.edges for r in g[a][b].get("relations", [])})[:8]
+        out.append({"id": i, "size": len(members), "entities": top, "relations": labels,
+                    "summary": f"About {', '.join(top[:5])}. {first}".strip(), "summary_by": "rules"})
+    out.sort(key=lambda c: -c["size"])
+    if generator is not None:
+        for community in out[:SUMMARISED]:
+            written = _model_summary(generator, community)
+            if written:
+                community["summary"], community["summary_by"] = written, "model"
+    return out
+
+
+def _model_summary(generator: Any, community: dict[str, Any]) -> str:
+    """Two sentences by the model about a community, from its entities, relations and rule summary; "" when
+    the model writes nothing usable."""
+    from slmforge.generate import SamplingParams
+
+    facts = "\n".join(community["relations"]) or "(none)"
+    prompt = (f"Entities: {', '.join(community['entities'])}\nRelations:\n{facts}\nContext: {community['summary']}"
+              "\n\nIn two sentences, say what this group of entities is about.")
+    try:
+        text = generator.chat([{"role": "user", "content": prompt}], SamplingParams(max_new_tokens=80))[0].text
+    except Exception:  # a refusing engine leaves the rule summary
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) >= 20 else ""
 
 
 def load_graph(folder: str | Path) -> Graph:
