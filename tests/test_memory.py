@@ -44,6 +44,29 @@ def test_a_restatement_merges_and_a_contradiction_replaces(store):
     assert old.superseded_by == newer and old.importance == 0.8
 
 
+class FactModel:
+    """A model whose extraction names what each fact is about."""
+
+    def __init__(self, facts: list[dict]) -> None:
+        self.facts = facts
+
+    def chat(self, messages, params):
+        return [Completion(json.dumps(self.facts), 10, "stop")]
+
+
+def test_model_facts_carry_a_subject_so_a_newer_one_supersedes(store):
+    """Facts the rules cannot read (no "my X is") come from the model with a subject; a later one about the
+    same subject replaces the earlier, as rule facts do."""
+    ivy = Scope.user("ivy")
+    said = [{"role": "user", "content": "Around here we all drive to work; for me it is a blue bicycle."}]
+    remember_conversation(store, ivy, said, FactModel([{"text": "The user commutes by blue bicycle.",
+                                                        "kind": "fact", "subject": "Commute"}]))
+    remember_conversation(store, ivy, said, FactModel([{"text": "The user commutes by tram.", "kind": "fact",
+                                                        "subject": "commute "}]))
+    assert [m.text for m in store.list(ivy)] == ["The user commutes by tram."]
+    assert len(store.list(ivy, history=True)) == 2
+
+
 def test_recall_ranks_by_relevance_recency_and_importance(store):
     bob = Scope.user("bob")
     store.remember(bob, "The user deploys with docker compose.", "fact", 0.9)

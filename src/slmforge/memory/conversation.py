@@ -52,21 +52,34 @@ def rule_facts(text: str) -> list[dict[str, Any]]:
 
 
 _EXTRACT = ("List the lasting facts and preferences the user states about themselves in this message, as JSON: "
-            '[{"text": "...", "kind": "fact" or "preference"}]. Reply [] if there are none.\n\nMessage: ')
+            '[{"text": "...", "kind": "fact" or "preference", "subject": "what it is about, in one or two words"}]. '
+            "Reply [] if there are none.\n\nMessage: ")
+FACTS_SCHEMA = {"type": "array", "maxItems": 6, "items": {
+    "type": "object", "properties": {"text": {"type": "string", "minLength": 3, "maxLength": 160},
+                                     "kind": {"enum": ["fact", "preference"]},
+                                     "subject": {"type": "string", "minLength": 2, "maxLength": 40}},
+    "required": ["text", "kind", "subject"], "additionalProperties": False}}
 
 
 def model_facts(generator: Any, text: str) -> list[dict[str, Any]]:
-    """The generator's extraction (greedy, short), or [] when it returns nothing parseable."""
-    from slmforge.generate import SamplingParams
+    """The generator's extraction (greedy, short), each with a subject (so a newer fact about the same
+    subject supersedes the older, as the rules' do); [] when it returns nothing parseable. On an engine
+    that constrains output the reply is decoded under ``FACTS_SCHEMA``."""
+    from slmforge.generate import SamplingParams, as_engine
 
+    messages = [{"role": "user", "content": _EXTRACT + text}]
+    params = SamplingParams(max_new_tokens=160, temperature=0.0)
     try:
-        reply = generator.chat([{"role": "user", "content": _EXTRACT + text}],
-                               SamplingParams(max_new_tokens=96, temperature=0.0))[0].text
+        if as_engine(generator).capabilities.grammar:
+            reply = generator.chat(messages, params, json_schema=FACTS_SCHEMA)[0].text
+        else:
+            reply = generator.chat(messages, params)[0].text
         found = json.loads(reply[reply.index("["): reply.rindex("]") + 1])
     except Exception:  # a small model's reply is often not JSON at all: the rules stand alone
         return []
     return [{"text": str(f["text"]).strip(), "kind": f.get("kind") if f.get("kind") in ("fact", "preference")
-             else "fact", "subject": None, "importance": 0.5}
+             else "fact", "subject": " ".join(str(f["subject"]).lower().split()) or None
+             if isinstance(f.get("subject"), str) else None, "importance": 0.5}
             for f in found if isinstance(f, dict) and str(f.get("text", "")).strip()]
 
 
