@@ -110,6 +110,10 @@ def test_the_batching_engine_answers_grounded_and_streams(client):
     chunks = list(_ask(client, "tiny", "How do I read a file with open?", stream=True, **extra))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content  # greedy: the stream is the same finished reply
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2 and pieces[-1].startswith("\n\nSources:")  # sent as generated, the sources last
+    cited = [c.model_extra["citations"] for c in chunks if (c.model_extra or {}).get("citations")]
+    assert cited == [r.model_extra["citations"]]
 
 
 def test_bad_knowledge_requests_are_400s(client):

@@ -22,7 +22,7 @@ from slmforge.serve._generation import (
     submit_all,
     validate,
 )
-from slmforge.serve._knowledge import cite, ground, not_in_documents_choice
+from slmforge.serve._knowledge import cite, cited_events, ground, not_in_documents_choice
 from slmforge.serve._memory import with_memory
 from slmforge.serve._models import ServedModel
 from slmforge.serve._reason import chosen_strategy, reasoned_chat, trace_for
@@ -103,12 +103,16 @@ async def _reasoned(request: Request, state, body: ChatRequest, served: ServedMo
 
 async def _grounded(call: Call, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]], base: str):
     """Answer from a knowledge base: retrieve, answer from the numbered sources, cite them; or say that the
-    documents do not hold the answer without calling the model. A stream gets the finished reply."""
+    documents do not hold the answer without calling the model. A stream on the batching engine is sent as it
+    is generated, the sources last; on other engines it gets the finished reply."""
     grounding = await run_in_threadpool(ground, call.state.knowledge, base, body, raw)
     if not grounding.sources:
         call.meter(0, 0, 0.0)
         reply = call.answer("chat.completion", [not_in_documents_choice()], 0, 0)
         reply["citations"] = []
+    elif body.stream and served.batch is not None and call.params.n == 1:  # streamed as generated
+        response = await _batched(call, body, served, grounding.messages, None, "none")
+        return sse(cited_events(response.body_iterator, grounding.sources))
     else:
         whole = body.model_copy(update={"stream": False})
         if served.batch is not None:

@@ -96,17 +96,45 @@ def not_in_documents_choice() -> dict[str, Any]:
             "logprobs": None, "finish_reason": "stop"}
 
 
-def cite(reply: dict[str, Any], sources: list[Any]) -> dict[str, Any]:
-    """Add the citations of each choice to a finished chat reply (text and structured)."""
+def _listed(text: str, sources: list[Any]) -> tuple[str, list[Any]]:
+    """The sources footer of a reply and the sources it lists: those the text cites, else all of them (a
+    model that cites nothing still answered from these)."""
     from slmforge.rag.answer import parse_citations
 
+    cited = [s for s in sources if s.n in parse_citations(text, len(sources))]
+    listed = cited or sources
+    return "\n\nSources:\n" + "\n".join(f"[{s.n}] {s.path}:{s.start}-{s.end}" for s in listed), listed
+
+
+def cite(reply: dict[str, Any], sources: list[Any]) -> dict[str, Any]:
+    """Add the citations of each choice to a finished chat reply (text and structured)."""
     for choice in reply["choices"]:
         message = choice["message"]
-        text = message.get("content") or ""
-        cited = [s for s in sources if s.n in parse_citations(text, len(sources))]
-        listed = cited or sources  # a model that cites nothing still answered from these
-        message["content"] = text.rstrip() + "\n\nSources:\n" + "\n".join(
-            f"[{s.n}] {s.path}:{s.start}-{s.end}" for s in listed)
+        text = (message.get("content") or "").rstrip()
+        footer, listed = _listed(text, sources)
+        message["content"] = text + footer
         message["citations"] = [asdict(s) for s in listed]
     reply["citations"] = reply["choices"][0]["message"]["citations"] if reply["choices"] else []
     return reply
+
+
+async def cited_events(events: Any, sources: list[Any]) -> Any:
+    """A grounded reply streamed as it is generated: the batching engine's chunks pass through, and before
+    the finishing chunk come the sources footer (as content) and a chunk whose ``citations`` field lists
+    them, as ``cite`` adds them to a whole reply."""
+    import json
+
+    from slmforge.serve._streaming import event
+
+    said: list[str] = []
+    async for ev in events:
+        payload = json.loads(ev[6:]) if ev.startswith("data: {") else None
+        choices = (payload or {}).get("choices") or []
+        if choices and choices[0].get("finish_reason") is not None:
+            footer, listed = _listed("".join(said).rstrip(), sources)
+            head = {k: v for k, v in payload.items() if k != "choices"}
+            yield event({**head, "choices": [{"index": 0, "delta": {"content": footer}, "logprobs": None,
+                                              "finish_reason": None}], "citations": [asdict(s) for s in listed]})
+        elif choices:
+            said.append((choices[0].get("delta") or {}).get("content") or "")
+        yield ev
