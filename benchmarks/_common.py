@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,23 +29,10 @@ def machine() -> dict:
 
 
 def bandwidth_gbs(mb: int = 256, runs: int = 5) -> float:
-    """Memory bandwidth of one thread, GB/s: a STREAM-like triad ``a = b + s*c`` over three float64
-    arrays of ``mb`` MiB each (far larger than any cache), bytes moved / the fastest of ``runs``.
+    """Memory bandwidth of one thread, GB/s (``slmforge.sizing.bandwidth_gbs``, what `slmforge doctor` reports)."""
+    from slmforge.sizing import bandwidth_gbs as measure
 
-    What a batch-1 decoder that reads every weight once per token can at best approach: tokens/s
-    <= bandwidth / bytes of weights (for weights that do not fit in the CPU's caches)."""
-    import numpy as np
-
-    n = mb * 1024 * 1024 // 8
-    b, c = np.ones(n), np.full(n, 2.0)
-    a = np.empty(n)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        np.multiply(c, 3.0, out=a)
-        np.add(a, b, out=a)
-        times.append(time.perf_counter() - t0)
-    return 4 * n * 8 / min(times) / 1e9  # read c, write a, read a + b, write a
+    return measure(mb, runs)
 
 
 def median(values: list[float]) -> float:

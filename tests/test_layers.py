@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("agents",),
     ("graphrag",),  # reads a rag index
     ("rag", "memory"),
+    ("sizing",),  # doctor and roi: reads model presets, GGUF headers, runtimes
     ("export",),
     ("compress",),
     ("evaluate",),

@@ -596,6 +596,24 @@ class ReasonConfig(Section):
     )
 
 
+class RoiConfig(Section):
+    monthly_input_tokens: float = Field(200e6, ge=0, description="Prompt tokens a month today.")
+    monthly_output_tokens: float = Field(50e6, ge=0, description="Generated tokens a month today.")
+    growth_per_month: float = Field(0.05, ge=-0.5, description="Volume growth a month, compounded.")
+    tokens_per_s: float | None = Field(
+        None, gt=0, description="Output tokens/s one machine serves (null = from `slmforge roi --bench FILE`, the "
+        "JSON of `slmforge bench serve --json`)."
+    )
+    utilization: float = Field(0.5, gt=0, le=1, description="Share of a machine's capacity usable (traffic is not flat).")
+    prefill_speedup: float = Field(10.0, gt=0, description="A prompt token costs 1/this of an output token's time.")
+    hardware_usd: float = Field(2000.0, ge=0, description="One serving machine, bought.")
+    hardware_life_months: int = Field(36, ge=1, description="When a machine is replaced.")
+    power_watts: float = Field(150.0, ge=0, description="One machine under load.")
+    usd_per_kwh: float = Field(0.15, ge=0, description="Electricity price.")
+    ops_usd_per_month: float = Field(100.0, ge=0, description="Operations and hosting a month.")
+    years: int = Field(5, ge=1, le=10, description="Horizon of the projection.")
+
+
 # --------------------------------------------------------------------------- serving
 
 
@@ -715,6 +733,7 @@ class ProjectConfig(Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="`slmforge memory`: per-user memory.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="`slmforge agent`: tools, loop, budgets.")
     reason: ReasonConfig = Field(default_factory=ReasonConfig, description="`slmforge reason` and `slmforge proxy`.")
+    roi: RoiConfig = Field(default_factory=RoiConfig, description="`slmforge roi`: owned vs API (API prices: serve.cost).")
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )

@@ -22,6 +22,7 @@ from slmforge.cli import (
     rag_cmd,
     reason_cmd,
     serve_cmd,
+    sizing_cmd,
 )
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
@@ -47,6 +48,8 @@ app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 app.command("serve")(serve_cmd.serve)
 app.command("proxy")(serve_cmd.proxy)
+app.command("doctor")(sizing_cmd.doctor)
+app.command("roi")(sizing_cmd.roi)
 app.add_typer(keys_cmd.keys_app, name="keys")
 app.add_typer(bench_cmd.bench_app, name="bench")
 app.add_typer(rag_cmd.rag_app, name="rag")
