@@ -115,3 +115,39 @@ def test_roi_and_doctor_commands(tmp_path: Path, monkeypatch):
     doc = json.loads(r.stdout)
     assert doc["hardware"]["cores"] >= 1 and doc["hardware"]["ram_bytes"] > 0
     assert [f["model"] for f in doc["fits"]] == ["nano", "micro"] and doc["decode_check"] is None
+
+
+def test_edge_plans_pick_the_type_that_fits_and_estimate_speed():
+    from slmforge.sizing.edge import DEVICES, EFFICIENCY, GGUF_BYTES, plan
+
+    one_b = ModelShape("1b", 1_100_000_000, 22, 2048, 4, 64, 32000, "preset")
+    phone = plan(one_b, "iphone-15", context=2048)  # Q8_0: 1.2 GB + KV + runtime, under 80% of 3 GB
+    assert phone.gguf_type == "Q8_0" and phone.fits["Q4_0"]
+    per_token = 1.1e9 * GGUF_BYTES["Q8_0"] + one_b.kv_bytes(1024)
+    assert phone.decode_tokens_per_s == pytest.approx(EFFICIENCY * DEVICES["iphone-15"].bandwidth_gbs * 1e9 / per_token)
+    three_b = ModelShape("3b", 3_000_000_000, 28, 3072, 8, 128, 32000, "preset")
+    assert plan(three_b, "iphone-15").gguf_type == "Q4_0"  # Q8_0 (3.2 GB) does not fit; Q4_0 (1.7 GB) does
+    assert plan(three_b, "raspberry-pi-5").gguf_type == "Q8_0"
+    none = plan(SEVEN_B, "iphone-15", context=8192)
+    assert none.gguf_type is None and none.decode_tokens_per_s is None and "smaller model" in none.reason
+    assert "upper bound" in plan(preset_shape("nano"), "android-8gb").reason  # cache-resident weights
+    with pytest.raises(ConfigError, match="Unknown edge target 'toaster'"):
+        plan(one_b, "toaster")
+
+
+def test_export_edge_writes_a_bundle_llama_cpp_loads(tmp_path: Path, monkeypatch):
+    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
+
+    from slmforge.generate import LlamaCppGenerator, SamplingParams
+
+    folder = build_peaky_model(build_tiny_tokenizer(tmp_path, 400), tmp_path / "m", TINY)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["export", "edge", "--target", "raspberry-pi-5", "-m", str(folder), "--out", "pi"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "pi" / "edge.json").read_text())
+    assert record["gguf_type"] == "Q8_0" and (tmp_path / "pi" / record["gguf"]).stat().st_size == record["gguf_bytes"]
+    assert 'llama-cli -m "$MODEL" -c 2048 -t 4' in (tmp_path / "pi" / "run.sh").read_text()
+    gen = LlamaCppGenerator(tmp_path / "pi" / record["gguf"], n_threads=1)
+    assert gen.complete("The garden", SamplingParams(max_new_tokens=4))[0].tokens > 0
+    r = CliRunner().invoke(app, ["export", "edge", "-m", str(folder)])
+    assert isinstance(r.exception, ConfigError) and "--target" in str(r.exception)

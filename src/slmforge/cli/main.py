@@ -431,19 +431,48 @@ def quantize(
     out.print(f"  -> {result.path}")
 
 
+def _export_edge(config: Path | None, set_: list[str] | None, model: str | None, out_dir: Path | None,
+                 target: str | None, context: int) -> None:
+    from slmforge.errors import ConfigError
+    from slmforge.generate import default_model_dir
+    from slmforge.sizing import model_shape
+    from slmforge.sizing.edge import DEVICES, plan, write_bundle
+
+    if target is None:
+        raise ConfigError(f"export edge needs --target: one of {', '.join(DEVICES)}.")
+    cfg = _load(config, set_)
+    folder = Path(model) if model else (cfg.resolve(cfg.export.model) if cfg.export.model else default_model_dir(cfg))
+    p = plan(model_shape(folder), target, context)
+    gb = 1024**3
+    out.print(f"{p.device['name']}: {p.device['usable_gb']:g} GB for the app, {p.device['bandwidth_gbs']:g} GB/s")
+    for t, need in p.memory_bytes.items():
+        out.print(f"  {t:5} {need / gb:6.2f} GB at context {context}  {'fits' if p.fits[t] else 'does not fit'}")
+    out.print(f"choice: {p.gguf_type or 'none'} ({p.reason})")
+    record = write_bundle(folder, out_dir or cfg.stage_dir(f"export-edge-{target}", None), p)
+    out.print(f"estimated decode: {p.decode_tokens_per_s:.0f} tokens/s; bundle {record['gguf']} "
+              f"({record['gguf_bytes'] / 1e6:.1f} MB) + run.sh + edge.json")
+
+
 @app.command()
 def export(
-    fmt: Annotated[str, typer.Argument(help="onnx, gguf or ollama.")],
+    fmt: Annotated[str, typer.Argument(help="onnx, gguf, ollama or edge.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder (default: export.model, else sft, else train).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: <out_dir>/export-<format>).")] = None,
+    target: Annotated[str | None, typer.Option(help="edge: raspberry-pi-5, jetson-orin-nano, android-8gb or "
+                                               "iphone-15.")] = None,
+    context: Annotated[int, typer.Option(min=1, help="edge: the context length the memory must hold.")] = 2048,
 ) -> None:
-    """Export a model: ONNX (+ ONNX Runtime optimisation), GGUF for llama.cpp, or an Ollama Modelfile."""
+    """Export a model: ONNX (+ ONNX Runtime optimisation), GGUF for llama.cpp, an Ollama Modelfile, or an
+    edge bundle (GGUF type chosen for the device, memory checked, speed estimated, run script)."""
     from slmforge.export import FORMATS, run_export
 
+    if fmt == "edge":
+        _export_edge(config, set_, model, out_dir, target, context)
+        return
     if fmt not in FORMATS:
-        raise typer.BadParameter(f"choose one of: {', '.join(FORMATS)}")
+        raise typer.BadParameter(f"choose one of: {', '.join([*FORMATS, 'edge'])}")
     cfg = _load(config, set_)
     result = run_export(cfg, fmt, model=model, out=out_dir, command=sys.argv, log=err.print)
     out.print(f"export {fmt}: {result.metrics['bytes'] / 1e6:.1f} MB -> {result.path}")
