@@ -85,9 +85,9 @@ def test_typed_relations_label_edges_and_the_model_writes_summaries(tmp_path: Pa
 
 def test_constrained_extraction_on_a_tiny_torch_model_always_parses(tmp_path: Path, one_torch_thread):
     """A random model knows no entities, but decoded under the extraction schema its replies always parse."""
-    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
-
     from slmforge.generate import SamplingParams, TorchGenerator
+
+    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
     gen = TorchGenerator.from_pretrained(build_peaky_model(build_tiny_tokenizer(tmp_path, 400), tmp_path / "m",
                                                            TINY), device="cpu")

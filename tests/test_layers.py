@@ -46,6 +46,7 @@ TOP_LEVEL = {
     "__init__": "core",  # the version and a lazy name table (strings, no imports)
     "__main__": "cli",  # `python -m slmforge` runs the CLI
     "pipeline": "pipeline",
+    "sweep": "pipeline",  # many pipeline runs with content-addressed stage outputs
     "embed": "model",  # loads a sentence-transformers model folder; serve/ and rag/ sit above it
     "config": "core",
     "artifacts": "core",

@@ -136,9 +136,9 @@ def test_edge_plans_pick_the_type_that_fits_and_estimate_speed():
 
 
 def test_export_edge_writes_a_bundle_llama_cpp_loads(tmp_path: Path, monkeypatch):
-    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
-
     from slmforge.generate import LlamaCppGenerator, SamplingParams
+
+    from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
     folder = build_peaky_model(build_tiny_tokenizer(tmp_path, 400), tmp_path / "m", TINY)
     monkeypatch.chdir(tmp_path)

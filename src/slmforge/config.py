@@ -806,11 +806,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         source = str(file)
         base_dir = file.resolve().parent
     raw = _parse_yaml(text, source)
-    from_set = {}
-    for item in overrides:
-        key_path, value = _parse_override(item)
-        _set_path(raw, key_path, value, item)
-        from_set[key_path] = item
+    from_set = _apply_overrides(raw, overrides)
     try:
         cfg = ProjectConfig.model_validate(raw)
     except ValidationError as exc:
@@ -818,6 +814,33 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     cfg._base_dir = base_dir
     cfg._source = source
     return cfg
+
+
+def with_overrides(cfg: ProjectConfig, overrides: typing.Sequence[str]) -> ProjectConfig:
+    """A copy of ``cfg`` with ``"section.key=value"`` overrides applied (as ``--set`` does), validated, its
+    paths still resolving against the same folder.
+
+    Raises:
+        ConfigError: A bad key or value, named.
+    """
+    raw = cfg.model_dump(mode="json")
+    from_set = _apply_overrides(raw, overrides)
+    try:
+        out = ProjectConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "", cfg.source, from_set)) from None
+    out._base_dir, out._source = cfg.base_dir, cfg.source
+    return out
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[tuple[str, ...], str]:
+    """Set each ``"section.key=value"`` in ``raw``; returns key path -> the override (for error messages)."""
+    from_set = {}
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        _set_path(raw, key_path, value, item)
+        from_set[key_path] = item
+    return from_set
 
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
