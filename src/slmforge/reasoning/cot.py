@@ -459,7 +459,7 @@ def _score(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n": len(rows),
         "accuracy": {m: round(sum(v) / len(v), 4) for m, v in correct.items()},
         "tokens_mean": {m: round(sum(r[m]["tokens"] for r in rows) / len(rows), 1) for m in _METHODS},
-        "p_value": {k: round(t["p_value"], 6) for k, t in tests.items()},
+        "p_value": {k: t["p_value"] for k, t in tests.items()},
         "mcnemar": tests,
     }
 
@@ -472,8 +472,8 @@ def _table(results: dict[str, Any], sc_samples: int) -> str:
     for label, r in entries:
         a, t, p = r["accuracy"], r["tokens_mean"], r["p_value"]
         lines.append(f"| {label} | {r['n']} | {a['direct']:.2f} | {a['cot']:.2f} | {a['cot_sc']:.2f} | "
-                     f"{t['direct']:.1f} | {t['cot']:.1f} | {t['cot_sc']:.1f} | {p['direct_vs_cot']:.3g} | "
-                     f"{p['cot_vs_cot_sc']:.3g} |")
+                     f"{t['direct']:.1f} | {t['cot']:.1f} | {t['cot_sc']:.1f} | {p['direct_vs_cot']:.2g} | "
+                     f"{p['cot_vs_cot_sc']:.2g} |")
     return "\n".join(lines) + "\n"
 
 
