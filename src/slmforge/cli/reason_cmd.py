@@ -76,3 +76,34 @@ def bench_cmd(
     files = save(result, out_dir or cfg.stage_dir("reason-bench", None))
     out.print(table(result))
     err.print("wrote " + ", ".join(str(f) for f in files), style="dim")
+
+
+@reason_app.command("cot")
+def cot_cmd(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where the models and results go "
+                                                 "(default <project.out_dir>/cot).")] = None,
+    preset: Annotated[str, typer.Option(help="Model preset of both models.")] = "nano",
+    minutes: Annotated[float | None, typer.Option(min=0.1, help="Training time of both models together.")] = 16.0,
+    train_problems: Annotated[int, typer.Option(min=1)] = 4000,
+    eval_problems: Annotated[int, typer.Option(min=1, help="Held-out problems per difficulty.")] = 100,
+    sc: Annotated[int, typer.Option("--sc", min=1, help="Samples of self-consistency.")] = 5,
+    teacher: Annotated[str | None, typer.Option(help="A teacher (URL#MODEL or a model folder): its step-by-step "
+                                                "solutions, kept when their answer is right, replace the "
+                                                "computed scratchpads.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Chain-of-thought fine-tuning: train a direct-answer and a step-by-step model of one size on the same
+    verified arithmetic problems, then compare direct, CoT and CoT + self-consistency by difficulty
+    (McNemar's test), with a table and a plot."""
+    from slmforge.cli.generate_cmd import load_model
+    from slmforge.config import load_config
+    from slmforge.reasoning.cot import cot_experiment
+
+    cfg = load_config(config, set_ or [])
+    gen = load_model(teacher, None, "auto", cfg.generate.endpoints) if teacher else None
+    folder = out_dir or cfg.stage_dir("cot", None)
+    cot_experiment(folder, preset, train_problems, eval_problems=eval_problems, sc_samples=sc, minutes=minutes,
+                   seed=seed, teacher=gen, log=lambda m: err.print(m, style="dim"))
+    out.print((Path(folder) / "cot_table.md").read_text())
+    err.print(f"wrote {folder}/cot_results.json, cot_table.md, cot_accuracy.png, direct-model/, cot-model/", style="dim")
