@@ -50,6 +50,7 @@ app.command("serve")(serve_cmd.serve)
 app.command("proxy")(serve_cmd.proxy)
 app.command("doctor")(sizing_cmd.doctor)
 app.command("roi")(sizing_cmd.roi)
+app.command("sweep")(sizing_cmd.sweep)
 app.add_typer(keys_cmd.keys_app, name="keys")
 app.add_typer(bench_cmd.bench_app, name="bench")
 app.add_typer(rag_cmd.rag_app, name="rag")
@@ -431,79 +432,6 @@ def quantize(
     out.print(f"  -> {result.path}")
 
 
-def _export_edge(config: Path | None, set_: list[str] | None, model: str | None, out_dir: Path | None,
-                 target: str | None, context: int) -> None:
-    from slmforge.errors import ConfigError
-    from slmforge.generate import default_model_dir
-    from slmforge.sizing import model_shape
-    from slmforge.sizing.edge import DEVICES, plan, write_bundle
-
-    if target is None:
-        raise ConfigError(f"export edge needs --target: one of {', '.join(DEVICES)}.")
-    cfg = _load(config, set_)
-    folder = Path(model) if model else (cfg.resolve(cfg.export.model) if cfg.export.model else default_model_dir(cfg))
-    p = plan(model_shape(folder), target, context)
-    gb = 1024**3
-    out.print(f"{p.device['name']}: {p.device['usable_gb']:g} GB for the app, {p.device['bandwidth_gbs']:g} GB/s")
-    for t, need in p.memory_bytes.items():
-        out.print(f"  {t:5} {need / gb:6.2f} GB at context {context}  {'fits' if p.fits[t] else 'does not fit'}")
-    out.print(f"choice: {p.gguf_type or 'none'} ({p.reason})")
-    record = write_bundle(folder, out_dir or cfg.stage_dir(f"export-edge-{target}", None), p)
-    out.print(f"estimated decode: {p.decode_tokens_per_s:.0f} tokens/s; bundle {record['gguf']} "
-              f"({record['gguf_bytes'] / 1e6:.1f} MB) + run.sh + edge.json")
-
-
-def _number(value):
-    """YAML 1.1 reads 3e-3 (no dot) as a string; a sweep value that reads as a number is one."""
-    if isinstance(value, str):
-        try:
-            return int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            return value
-    return value
-
-
-@app.command()
-def sweep(
-    grid: Annotated[list[str], typer.Option("--grid", "-g", help="KEY=[v1, v2, ...]: a config key and its values "
-                                            "(repeatable; every combination runs).")],
-    metric: Annotated[str, typer.Option(help="<stage>.<key> of a manifest's metrics, e.g. train.val_ppl, "
-                                        "eval.arithmetic.exact_match.")] = "train.val_ppl",
-    goal: Annotated[str, typer.Option(help="min or max.")] = "min",
-    gate: Annotated[str | None, typer.Option(help="A quality gate, e.g. 'train.val_ppl<=200': the smallest "
-                                             "configuration that meets it is reported.")] = None,
-    random_points: Annotated[int | None, typer.Option("--random", min=1, help="Run this many random points "
-                                                      "of the grid instead of all.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default <project.out_dir>/sweep).")
-                       ] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Grid or random search over config keys, each point a pipeline run that reuses unchanged stages;
-    a table, sweep.json and sweep.png (metric vs size); resumable."""
-    import yaml
-
-    from slmforge.sweep import plot, run_sweep, table
-
-    space = {}
-    for item in grid:
-        key, sep, values = item.partition("=")
-        parsed = yaml.safe_load(values) if sep else None
-        if not isinstance(parsed, list):
-            raise typer.BadParameter(f"{item!r}: give KEY=[v1, v2, ...].", param_hint="--grid")
-        space[key.strip()] = [_number(v) for v in parsed]
-    cfg = _load(config, set_)
-    result = run_sweep(cfg, space, metric, goal, gate, "random" if random_points else "grid", random_points,
-                       out=out_dir, command=sys.argv, log=lambda m: err.print(m, style="dim"))
-    root = out_dir or cfg.stage_dir("sweep", None)
-    plot(result, Path(root) / "sweep.png")
-    out.print(table(result))
-    best, small = result["best"], result["smallest_passing"]
-    out.print(f"best {metric}: {best['overrides'] if best else 'none'}" + (
-        f"; smallest meeting {gate}: {small['overrides'] if small else 'none'}" if gate else ""))
-    err.print(f"wrote {Path(root) / 'sweep.json'} and sweep.png", style="dim")
-
-
 @app.command()
 def export(
     fmt: Annotated[str, typer.Argument(help="onnx, gguf, ollama or edge.")],
@@ -520,7 +448,7 @@ def export(
     from slmforge.export import FORMATS, run_export
 
     if fmt == "edge":
-        _export_edge(config, set_, model, out_dir, target, context)
+        sizing_cmd.export_edge(config, set_, model, out_dir, target, context)
         return
     if fmt not in FORMATS:
         raise typer.BadParameter(f"choose one of: {', '.join([*FORMATS, 'edge'])}")
