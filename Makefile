@@ -6,14 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint test test-slow bench clean
+.PHONY: install demo lint system-deps test test-slow bench clean
 
 # torch first, from the CPU wheel: asking for plain `torch` later would pull a CUDA build. Every extra
 # is installed (make test runs the tests of every feature).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,rag]"
+	$(BIN)/pip install --quiet -e ".[dev,rag,scale]"
 	$(BIN)/pip check
 	touch $(STAMP)
 
@@ -27,8 +27,15 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# Debian packages the tests run against: redis-server (replicas sharing limits). Installed when missing and
+# apt can (as root); otherwise the test that needs it says so and skips.
+system-deps:
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
+		echo "redis-server is not installed: tests/test_serve_shared.py will skip"
+
 # Tests in parallel (pytest-xdist): one worker per core, at most 4 (each loads torch).
-test: lint
+test: lint system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --maxprocesses 4
 
 # The slow tier needs a real pretrained model: Gemma 3 270M (GGUF) from an offline package.

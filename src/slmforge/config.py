@@ -670,6 +670,10 @@ class ServeCostConfig(Section):
 
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 for every interface; needs api_keys).")
+    shared_state: str | None = Field(
+        None, description="A Redis URL (redis://host:6379/0): replicas given the same one share keys' limits, "
+        "quotas and usage (pip install slmforge[scale]); null keeps them in this process."
+    )
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     models: list[ServeModelConfig] = Field(
         [], description="Models to serve (empty = the project's sft output, else its train output); each "

@@ -86,6 +86,7 @@ def create_app(
     knowledge: dict[str, Any] | None = None,
     memory: Any = None,
     reasoning: Any = None,
+    shared_state: str | None = None,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -111,6 +112,8 @@ def create_app(
             model whose ``ServedModel.knowledge`` names one answers every request from it.
         memory: A ``slmforge.memory.MemoryStore`` (or ``serve._memory.ServerMemory``): chat requests get the
             caller's memories (scoped by API key name) and what they state is remembered.
+        shared_state: A Redis URL (``redis://host:6379/0``): keys' limits, quotas and usage live there, shared
+            by every replica given the same URL (``pip install slmforge[scale]``); None keeps them in memory.
         reasoning: A ``serve._reason.Reasoning`` (or ``slmforge.config.ReasonConfig``): the strategy settings
             of chat requests that ask for one (``strategy`` field, ``sc8-model`` names), and its ``default``
             strategy for those that do not (the proxy). None: strategies on request with the defaults.
@@ -134,7 +137,13 @@ def create_app(
     if api_keys is not None:
         keys = [k if isinstance(k, ApiKey) else ApiKey(name=f"key-{i}", sha256=hash_api_key(k))
                 for i, k in enumerate(sorted(api_keys, key=str), start=1)]
-    limiter, metrics = KeyLimiter(), Metrics()
+    if shared_state:
+        from slmforge.serve._shared import RedisKeyLimiter
+
+        limiter: Any = RedisKeyLimiter(shared_state)
+    else:
+        limiter = KeyLimiter()
+    metrics = Metrics()
     served = wrap_models(dict(models), max_batch_size)
     from slmforge.serve._knowledge import KnowledgeBase
 
@@ -253,7 +262,7 @@ def serve(
                      shutdown_timeout_s=sc.shutdown_timeout_s,
                      public_metrics=sc.public_metrics if public_metrics is None else public_metrics,
                      knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}), memory=_open_memory(cfg),
-                     reasoning=_reasoning(cfg.reason, strategy))
+                     reasoning=_reasoning(cfg.reason, strategy), shared_state=sc.shared_state)
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())
