@@ -84,3 +84,14 @@ def test_cli_sweep(tmp_path: Path, monkeypatch, one_torch_thread):
     assert r.exit_code != 0 and "KEY=[v1, v2, ...]" in r.output
     r = CliRunner().invoke(app, ["sweep", "-g", "train.nope=[1, 2]"])
     assert isinstance(r.exception, ConfigError) and "nope" in str(r.exception)
+
+
+def test_a_sweep_uses_the_projects_own_current_outputs(tmp_path: Path, one_torch_thread):
+    """Stages `slmforge run` already made for the same settings are used where they are."""
+    from slmforge.pipeline import run_pipeline
+
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg, until="tokenizer")
+    result = run_sweep(cfg, {"train.lr": [3e-3]}, out=tmp_path / "sw")
+    assert result["points"][0]["stages"] == {"data": "project", "tokenizer": "project", "train": "ran"}
+    assert not any(p.name.startswith(("data-", "tokenizer-")) for p in (tmp_path / "sw" / "stages").iterdir())

@@ -80,10 +80,14 @@ def _with_out(cfg: ProjectConfig, stage: str, out: str | None) -> ProjectConfig:
 def run_point(cfg: ProjectConfig, root: Path, command: list[str] | None = None,
               log: Callable[[str], None] | None = None) -> tuple[ProjectConfig, dict[str, str]]:
     """Run the project's stages with content-addressed outputs under ``root/stages``; returns the config with
-    every stage's ``out`` set, and each stage's status ("ran" or "reused")."""
+    every stage's ``out`` set, and each stage's status ("ran", "reused", or "project": the project's own
+    output, ``slmforge run``'s, is current for this point and is used as it is)."""
     status = {}
     for name in [n for n in STAGES if n in cfg.project.stages]:
         stage = STAGES[name]
+        if getattr(cfg, name).out is None and is_current(cfg, name):
+            status[name] = "project"
+            continue
         key = stage.plan(_with_out(cfg, name, None)).fingerprint[:16]
         cfg = _with_out(cfg, name, str(root / "stages" / f"{name}-{key}"))
         if is_current(cfg, name):
@@ -112,7 +116,9 @@ def metric_value(cfg: ProjectConfig, metric: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _size(cfg: ProjectConfig) -> float | None:
+def _size(cfg: ProjectConfig, size: str | None = None) -> float | None:
+    if size:
+        return metric_value(cfg, size)
     for stage in ("sft", "train"):
         if stage in cfg.project.stages:
             params = metric_value(cfg, f"{stage}.params")
@@ -123,13 +129,16 @@ def _size(cfg: ProjectConfig) -> float | None:
 
 def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "train.val_ppl", goal: str = "min",
               gate: str | None = None, mode: str = "grid", samples: int | None = None, seed: int = 0,
-              out: str | Path | None = None, command: list[str] | None = None,
+              out: str | Path | None = None, command: list[str] | None = None, size: str | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every point of the sweep (resuming: finished stages are reused) and rank them.
 
+    ``size`` is the metric that measures a point's size (default: the parameters of its last model; e.g.
+    ``quantize.weights_bytes`` for a sweep over quantization).
+
     Returns:
         ``{"points": [{"id", "overrides", "metric", "size", "seconds", "stages"}], "best", "smallest_passing",
-        "metric", "goal", "gate"}`` (written to ``<out>/sweep.json`` too).
+        "metric", "goal", "gate", "size"}`` (written to ``<out>/sweep.json`` too).
 
     Raises:
         ConfigError: A bad space, mode, metric, gate or override value.
@@ -147,7 +156,8 @@ def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "tr
             log(f"point {pid}: {overrides}")
         t0 = time.monotonic()
         done_cfg, status = run_point(point_cfg, root, command, log)
-        row = {"id": pid, "overrides": overrides, "metric": metric_value(done_cfg, metric), "size": _size(done_cfg),
+        row = {"id": pid, "overrides": overrides, "metric": metric_value(done_cfg, metric),
+               "size": _size(done_cfg, size),
                "seconds": round(time.monotonic() - t0, 2), "stages": status}
         if check:
             row["passes"] = row["metric"] is not None and check[1](row["metric"], check[2])
@@ -159,7 +169,7 @@ def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "tr
     passing = [r for r in rows if r.get("passes") and r["size"] is not None]
     smallest = min(passing, key=lambda r: (r["size"], r["metric"] if goal == "min" else -r["metric"])) \
         if passing else None
-    result = {"metric": metric, "goal": goal, "gate": gate, "points": rows, "best": best,
+    result = {"metric": metric, "goal": goal, "gate": gate, "size": size or "params", "points": rows, "best": best,
               "smallest_passing": smallest}
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -169,13 +179,13 @@ def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "tr
 def table(result: dict[str, Any]) -> str:
     keys = list(result["points"][0]["overrides"]) if result["points"] else []
     head = " | ".join(keys)
-    lines = [f"| {head} | {result['metric']} | params | seconds | stages run | gate |",
+    lines = [f"| {head} | {result['metric']} | {result.get('size', 'params')} | seconds | stages run | gate |",
              "|" + "---|" * len(keys) + "---:|---:|---:|---|---|"]
     for r in result["points"]:
         values = " | ".join(str(r["overrides"][k]) for k in keys)
         ran = ", ".join(s for s, st in r["stages"].items() if st == "ran") or "none (all reused)"
         metric = f"{r['metric']:.4g}" if r["metric"] is not None else "-"
-        size = f"{r['size'] / 1e6:.2f}M" if r["size"] else "-"
+        size = f"{r['size'] / 1e6:.2f}M" if r["size"] else "-"  # parameters or bytes, in millions
         gate = {True: "pass", False: "fail"}.get(r.get("passes"), "")
         lines.append(f"| {values} | {metric} | {size} | {r['seconds']:.1f} | {ran} | {gate} |")
     return "\n".join(lines)
@@ -199,7 +209,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         _, _, threshold, _ = parse_gate(result["gate"])
         ax.axhline(threshold, color="grey", linestyle="--", label=f"gate {result['gate']}")
         ax.legend()
-    ax.set_xlabel("parameters (M)")
+    ax.set_xlabel(f"{result.get('size', 'params')} (millions)")
     ax.set_ylabel(result["metric"])
     ax.grid(alpha=0.3)
     fig.tight_layout()
