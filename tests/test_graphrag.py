@@ -158,3 +158,35 @@ def test_multihop_questions_need_two_documents_and_graph_retrieval_finds_both(tm
     rows = {r["retrieval"]: r for r in compare_multihop(graph, index, qs, k=2)}
     assert rows["graph (multihop)"]["both@2"] == 1.0
     assert set(rows) == {"vector (hybrid)", "graph (multihop)", "graph + vector (hybrid)"}
+
+
+class MapReduce:
+    """Map replies: helpful for the storage community, not for the tea one; the reduce step sees the notes."""
+
+    def __init__(self) -> None:
+        self.reduce_prompt = None
+
+    def chat(self, messages, params):
+        from slmforge.generate import Completion
+
+        text = messages[-1]["content"]
+        if text.startswith("Notes from summaries"):
+            self.reduce_prompt = text
+            return [Completion("The Frobnicator keeps its state in ledger.db, backed up to the Vault.", 12, "stop")]
+        helpful = "ledger" in text.split("Question:")[0].lower()
+        reply = {"points": "ledger.db holds the state" if helpful else "", "score": 80 if helpful else 0}
+        return [Completion(json.dumps(reply), 10, "stop")]
+
+
+def test_global_answer_maps_over_communities_and_reduces(tmp_path: Path, index):
+    from slmforge.graphrag import global_answer
+    from slmforge.rag import NOT_IN_DOCUMENTS
+
+    graph = build_graph(index, tmp_path / "g", progress=False)
+    model = MapReduce()
+    result = global_answer(graph, index, "Where does the Frobnicator keep its state?", model, k=4)
+    assert result["answer"].startswith("The Frobnicator keeps its state in ledger.db")
+    assert result["partials"] and all(p["score"] == 80 for p in result["partials"])
+    assert "(80) ledger.db holds the state" in model.reduce_prompt and len(result["communities"]) >= 2
+    nothing = global_answer(graph, index, "Who painted the Mona Lisa?", Scripted('{"points": "", "score": 0}'))
+    assert nothing["answer"] == NOT_IN_DOCUMENTS and nothing["partials"] == []

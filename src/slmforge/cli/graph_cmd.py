@@ -44,13 +44,24 @@ def build_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 def query_cmd(question: Annotated[str, typer.Argument(help="The question.")], config: ConfigOpt = None,
               set_: SetOpt = None,
               mode: Annotated[str, typer.Option(help="local, multihop, global or hybrid.")] = "hybrid",
-              k: Annotated[int, typer.Option("--k", "-k", min=1)] = 5) -> None:
-    """The chunks (or community summaries) the graph finds for a question, as JSON, with why."""
+              k: Annotated[int, typer.Option("--k", "-k", min=1)] = 5,
+              model: Annotated[str | None, typer.Option("--model", "-m", help="With --mode global: answer by "
+                                                        "map-reduce over community summaries with this model.")
+                               ] = None) -> None:
+    """The chunks (or community summaries) the graph finds for a question, as JSON, with why; with --mode
+    global and --model, the map-reduce answer and its partial answers."""
     from slmforge.config import load_config
-    from slmforge.graphrag import graph_retrieve, load_graph
+    from slmforge.graphrag import global_answer, graph_retrieve, load_graph
     from slmforge.rag import open_index
 
     cfg = load_config(config, set_ or [])
+    if mode == "global" and model:
+        from slmforge.cli.generate_cmd import load_model
+
+        gen = load_model(model, None, "auto", cfg.generate.endpoints)
+        result = global_answer(load_graph(_folder(cfg)), open_index(cfg), question, gen, k)
+        out.print(json.dumps(result, indent=1, ensure_ascii=False))
+        return
     rows = graph_retrieve(load_graph(_folder(cfg)), open_index(cfg), question, mode, k)
     out.print(json.dumps(rows, indent=1, ensure_ascii=False))
 

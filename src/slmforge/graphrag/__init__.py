@@ -283,6 +283,58 @@ def graph_retrieve(graph: Graph, index: Any, question: str, mode: str = "hybrid"
             for c in ranking if c in chunks][:k]
 
 
+_MAP_SCHEMA = {"type": "object", "properties": {"points": {"type": "string", "maxLength": 400},
+                                                "score": {"enum": list(range(0, 101, 10))}},
+               "required": ["points", "score"], "additionalProperties": False}
+
+
+def global_answer(graph: Graph, index: Any, question: str, generator: Any, k: int = 8) -> dict[str, Any]:
+    """Global search by map-reduce over community summaries (as Microsoft's GraphRAG does): the ``k``
+    communities closest to the question (by the index's embedder) each give the points they hold for it with
+    a helpfulness score (JSON, schema-constrained where the engine constrains); the helpful ones, best first,
+    are reduced into one answer.
+
+    Returns:
+        ``{"answer", "partials": [{"community", "points", "score"}], "communities": [ids]}``; the answer is
+        ``rag.NOT_IN_DOCUMENTS`` when no community helps (the reduce step is then skipped).
+    """
+    import numpy as np
+
+    from slmforge.generate import SamplingParams, as_engine
+    from slmforge.rag import NOT_IN_DOCUMENTS
+
+    if not graph.communities:
+        return {"answer": NOT_IN_DOCUMENTS, "partials": [], "communities": []}
+    vectors = index.embedder.embed([question] + [c["summary"] for c in graph.communities])
+    order = np.argsort(-(vectors[1:] @ vectors[0]))[:k]
+    chosen = [graph.communities[int(i)] for i in order]
+    grammar = as_engine(generator).capabilities.grammar
+    partials = []
+    for c in chosen:
+        messages = [{"role": "user", "content": f"Summary of a group of documents:\n{c['summary']}\nEntities: "
+                     f"{', '.join(c['entities'])}\n\nQuestion: {question}\n\nWrite the points of this summary that "
+                     'help answer the question, and how much they help (0-100), as JSON {"points": "...", "score": N}.'}]
+        params = SamplingParams(max_new_tokens=120)
+        try:
+            text = (generator.chat(messages, params, json_schema=_MAP_SCHEMA) if grammar
+                    else generator.chat(messages, params))[0].text
+            value = json.loads(text[text.index("{"): text.rindex("}") + 1])
+            score = int(value.get("score", 0))
+            points = str(value.get("points", "")).strip()
+        except Exception:  # an unparsable map reply counts as no help, as GraphRAG drops it
+            continue
+        if score > 0 and points:
+            partials.append({"community": c["id"], "points": points, "score": score})
+    partials.sort(key=lambda p: -p["score"])
+    if not partials:
+        return {"answer": NOT_IN_DOCUMENTS, "partials": [], "communities": [c["id"] for c in chosen]}
+    notes = "\n".join(f"- ({p['score']}) {p['points']}" for p in partials)
+    reduce = [{"role": "user", "content": f"Notes from summaries of the documents, most helpful first:\n{notes}\n\n"
+               f"Using only these notes, answer: {question}"}]
+    answer = generator.chat(reduce, SamplingParams(max_new_tokens=200))[0].text.strip()
+    return {"answer": answer, "partials": partials, "communities": [c["id"] for c in chosen]}
+
+
 def multihop_questions(graph: Graph, index: Any, n: int = 100, seed: int = 0) -> list[dict[str, Any]]:
     """Questions whose answer needs two documents: for a bridge entity found in two documents, name one
     entity found only in the first and one found only in the second ("How is X connected to Y?")."""
