@@ -183,8 +183,8 @@ def table(result: dict[str, Any]) -> str:
              "|" + "---|" * len(keys) + "---:|---:|---:|---|---|"]
     for r in result["points"]:
         values = " | ".join(str(r["overrides"][k]) for k in keys)
-        ran = ", ".join(s for s, st in r["stages"].items() if st == "ran") or "none (all reused)"
-        metric = f"{r['metric']:.4g}" if r["metric"] is not None else "-"
+        ran = ", ".join(s for s, st in r["stages"].items() if st == "ran") or "none"
+        metric = f"{r['metric']:.6g}" if r["metric"] is not None else "-"
         size = f"{r['size'] / 1e6:.2f}M" if r["size"] else "-"  # parameters or bytes, in millions
         gate = {True: "pass", False: "fail"}.get(r.get("passes"), "")
         lines.append(f"| {values} | {metric} | {size} | {r['seconds']:.1f} | {ran} | {gate} |")
