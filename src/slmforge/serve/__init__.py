@@ -137,13 +137,7 @@ def create_app(
     if api_keys is not None:
         keys = [k if isinstance(k, ApiKey) else ApiKey(name=f"key-{i}", sha256=hash_api_key(k))
                 for i, k in enumerate(sorted(api_keys, key=str), start=1)]
-    if shared_state:
-        from slmforge.serve._shared import RedisKeyLimiter
-
-        limiter: Any = RedisKeyLimiter(shared_state)
-    else:
-        limiter = KeyLimiter()
-    metrics = Metrics()
+    limiter, metrics = _limiter(shared_state, KeyLimiter), Metrics()
     served = wrap_models(dict(models), max_batch_size)
     from slmforge.serve._knowledge import KnowledgeBase
 
@@ -270,6 +264,15 @@ def serve(
 
     uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
                 timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def _limiter(shared_state: str | None, in_memory: Any) -> Any:
+    """Keys' limits and usage: in Redis, shared by replicas, given a URL; else in this process."""
+    if not shared_state:
+        return in_memory()
+    from slmforge.serve._shared import RedisKeyLimiter
+
+    return RedisKeyLimiter(shared_state)
 
 
 def _reasoning(settings: Any, default: str | None = None) -> Any:
