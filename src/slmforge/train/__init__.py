@@ -94,6 +94,8 @@ def _loop_metrics(res) -> dict[str, Any]:
         m["val_ppl"] = round(math.exp(min(res.val_loss, 50)), 3)
     if res.resumed_from is not None:
         m["resumed_from_step"] = res.resumed_from
+    if res.processes > 1:
+        m["processes"] = res.processes
     return m
 
 
@@ -137,10 +139,10 @@ def pretrain(
         TrainError: Too little text for one training sequence.
     """
     from slmforge.data import read_jsonl
-    from slmforge.model import build_model, estimate, save_model_folder
+    from slmforge.model import build_model, estimate, pick_device, save_model_folder
     from slmforge.tokenizer import load_tokenizer
     from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity
-    from slmforge.train._loop import run_loop
+    from slmforge.train._loop import run_loop, world
 
     tcfg = cfg.train
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
@@ -148,10 +150,15 @@ def pretrain(
     plan = pretrain_plan(cfg, data, tokenizer)
     tok = load_tokenizer(tok_dir)
     work = work_dir_for(out_dir)
+    team = world(pick_device(tcfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
+    if not team.main:
+        team.barrier()  # the first process tokenizes and fills the cache; the others read it
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
     val_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "val.jsonl")]
     train_stream = tokenize_documents(train_texts, tok, work / "cache")
     val_stream = tokenize_documents(val_texts, tok, work / "cache")
+    if team.main:
+        team.barrier()
     if len(train_stream) < tcfg.seq_len + 1:
         raise TrainError(
             f"The training text in {data_dir} has {len(train_stream)} tokens, fewer than one sequence of "
@@ -170,6 +177,8 @@ def pretrain(
     metrics["epochs"] = round(res.tokens / max(len(train_src) * tcfg.seq_len, 1), 3)
     if val_src is not None:
         metrics["unigram_val_ppl"] = round(unigram_perplexity(train_stream, val_stream[: len(val_src) * tcfg.seq_len], len(tok)), 3)
+    if not team.main:  # the replicas are identical: the first process writes the model
+        return TrainResult(out_dir.resolve(), "model", metrics)
     model.to("cpu")
     with plan.writer(out_dir, command) as w:
         save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)

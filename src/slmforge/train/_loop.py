@@ -49,6 +49,54 @@ class LoopResult:
     resumed_from: int | None
     stopped_early: bool
     log: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1  # data-parallel processes that trained it
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run launched by ``torchrun`` (or ``accelerate launch``):
+    ``rank`` of ``size`` processes; (0, 1) for a plain run."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the processes (itself in a plain run)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t[0]) / self.size
+
+    def total(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        return int(t[0])
+
+
+def world(device: str = "cpu") -> World:
+    """Join the process group the launcher describes (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``...: gloo on
+    CPU, nccl on CUDA) and say where this process stands; a plain run is ``World(0, 1)``."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -172,26 +220,28 @@ def run_loop(
     """
     from slmforge._progress import progress_bar
 
-    device, amp = _place(model, cfg, seed)
+    device, amp, team = _place(model, cfg, seed)
     trainable, optimizer = _adamw(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
     key = {"run": run_key, "loop": resume_key(cfg), "seed": seed}
     ckpt_root, log_file = work_dir / "checkpoints", work_dir / "log.jsonl"
     work_dir.mkdir(parents=True, exist_ok=True)
     start_step, tokens_seen, elapsed_before, resumed_from, history = _resume(
-        ckpt_root, log_file, key, model, optimizer, scheduler, describe, log)
+        ckpt_root, log_file, key, model, optimizer, scheduler, describe, log if team.main else None, team.main)
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = _forward(model, cfg, team)
     order = _EpochOrder(len(train), seed)
     t_start = time.monotonic()
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
     last_loss, val_loss, stopped_early = float("nan"), None, False
-    with progress_bar(progress) as bar, _SigintToCheckpoint() as sigint, open(log_file, "a") as logf:
+    logf_cm = open(log_file, "a") if team.main else contextlib.nullcontext(None)
+    with progress_bar(progress and team.main) as bar, _SigintToCheckpoint() as sigint, logf_cm as logf:
         task = bar.add_task(describe, total=cfg.max_steps, completed=start_step, info="")
         window_t, window_tokens = time.monotonic(), 0
         for step in range(start_step, cfg.max_steps):
             step_t0 = time.monotonic()
-            last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp)
+            last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp, team)
+            last_loss, n_tokens = team.mean(last_loss), team.total(n_tokens)
             tokens_seen, window_tokens = tokens_seen + n_tokens, window_tokens + n_tokens
             grad_norm = _optimizer_step(trainable, optimizer, scheduler, cfg.grad_clip)
             done = step + 1
@@ -202,8 +252,9 @@ def run_loop(
                       "step_s": round(now - step_t0, 4)}
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val_loss = _validate_into(record, model, val, cfg, device, amp)
-            logf.write(json.dumps(record) + "\n")
-            logf.flush()
+            if logf is not None:
+                logf.write(json.dumps(record) + "\n")
+                logf.flush()
             history.append(record)
             if done % 10 == 0:
                 window_t, window_tokens = now, 0
@@ -214,7 +265,7 @@ def run_loop(
             out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
             if done % cfg.save_every == 0 or interrupted or out_of_time:
                 extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
-                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+                _checkpoint(team, ckpt_root, done, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
             if interrupted:
                 raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved in {ckpt_root}")
             if out_of_time:
@@ -228,18 +279,44 @@ def run_loop(
     seconds = elapsed_before + time.monotonic() - t_start
     return LoopResult(steps=history[-1]["step"] if history else start_step, final_loss=last_loss, val_loss=val_loss,
                       tokens=tokens_seen, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
-                      resumed_from=resumed_from, stopped_early=stopped_early, log=history)
+                      resumed_from=resumed_from, stopped_early=stopped_early, log=history, processes=team.size)
 
 
-def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.device, torch.dtype | None]:
-    """Move the model to its device in training mode and seed torch; the device and the autocast dtype."""
+def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.device, torch.dtype | None, World]:
+    """Move the model to its device in training mode and seed torch; the device, the autocast dtype and
+    the process's place in a data-parallel run.
+
+    Raises:
+        TrainError: A batch that does not split evenly over the processes.
+    """
     device = torch.device(pick_device(cfg.device))
     amp = autocast_dtype(cfg.precision, device)
     if not getattr(model, "hf_device_map", None):  # 4-bit (QLoRA) models are placed when loaded
         model.to(device)
     model.train()
     torch.manual_seed(seed)
-    return device, amp
+    team = world(str(device))
+    if cfg.batch_size % team.size:
+        from slmforge.errors import TrainError
+
+        raise TrainError(f"batch_size {cfg.batch_size} must divide evenly over {team.size} processes: each "
+                         "takes an equal share of every batch (the global batch stays batch_size).")
+    return device, amp, team
+
+
+def _forward(model: torch.nn.Module, cfg: LoopConfig, team: World) -> Any:
+    """What the steps call. Data parallel: every process holds the whole model and takes its share of each
+    batch; DDP averages the gradients, so the update is the one-process update on the same global batch."""
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if team.size > 1 else model
+    return torch.compile(wrapped) if cfg.compile else wrapped
+
+
+def _checkpoint(team: World, root: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any],
+                keep: int) -> None:
+    """Save a checkpoint (the first process: the replicas are identical), the others waiting for it."""
+    if team.main:
+        save_checkpoint(root, step, model, optimizer, scheduler, extra, keep)
+    team.barrier()
 
 
 def _adamw(model: torch.nn.Module, cfg: LoopConfig) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
@@ -257,7 +334,8 @@ def _adamw(model: torch.nn.Module, cfg: LoopConfig) -> tuple[list[torch.nn.Param
 
 
 def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimizer, scheduler, describe: str,
-            log: Callable[[str], None] | None) -> tuple[int, int, float, int | None, list[dict[str, Any]]]:
+            log: Callable[[str], None] | None, main: bool = True
+            ) -> tuple[int, int, float, int | None, list[dict[str, Any]]]:
     """Load the latest checkpoint when its key matches, and rewrite the log up to its step.
 
     Returns:
@@ -279,12 +357,13 @@ def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimiz
             log(f"{describe}: checkpoints in {ckpt_root} are from a different configuration; starting over")
     if log_file.exists() and resumed_from is not None:
         history = [r for r in map(json.loads, log_file.read_text().splitlines()) if r["step"] <= start_step]
-    log_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+    if main:
+        log_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     return start_step, tokens_seen, elapsed_before, resumed_from, history
 
 
 def _accumulate(forward, train: BatchSource, order: _EpochOrder, step: int, cfg: LoopConfig, device: torch.device,
-                amp) -> tuple[float, int]:
+                amp, team: World = World()) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches (gradients add up in place).
 
     Returns:
@@ -293,7 +372,7 @@ def _accumulate(forward, train: BatchSource, order: _EpochOrder, step: int, cfg:
     per_step = cfg.batch_size * cfg.grad_accum
     loss_sum, tokens = 0.0, 0
     for micro in range(cfg.grad_accum):
-        idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)
+        idx = order.take(step * per_step + micro * cfg.batch_size, cfg.batch_size)[team.rank::team.size]
         batch = {k: v.to(device) for k, v in train.batch(idx).items()}
         n_tokens = train.tokens_in(batch)
         with _amp(device, amp):

@@ -1,0 +1,65 @@
+"""Data-parallel pretraining on CPU: two gloo processes (`slmforge train pretrain --nproc 2`, torchrun) follow
+the one-process loss curve on the same global batch, and write one model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmforge.config import ProjectConfig, dump_config
+
+TINY = {"preset": "custom", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+        "intermediate_size": 64}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    from slmforge.data import run_data_stage
+    from slmforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = ProjectConfig().rooted_at(root)
+    cfg.data.sources = ["python-docs"]
+    cfg.data.python_docs.max_modules = 8
+    cfg.data.split.val = 0.1
+    cfg.tokenizer.vocab_size = 400
+    cfg.tokenizer.domain_terms = []
+    for k, v in TINY.items():
+        setattr(cfg.model, k, v)
+    t = cfg.train
+    t.seq_len, t.batch_size, t.max_steps, t.eval_every, t.eval_batches, t.save_every = 64, 4, 12, 12, 4, 6
+    t.warmup_steps, t.precision, t.lr = 2, "fp32", 3e-3
+    run_data_stage(cfg, progress=False)
+    train_tokenizer(cfg, progress=False)
+    (root / "slmforge.yaml").write_text(dump_config(cfg))
+    return root
+
+
+def _train(root: Path, out: str, *extra: str) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLMFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "slmforge", "train", "pretrain", "-c", str(root / "slmforge.yaml"),
+                        "--out", str(root / out), *extra], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (root / f"{out}-work" / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_gloo_processes_follow_the_one_process_loss_curve(project):
+    one = _train(project, "one")
+    two = _train(project, "two", "--nproc", "2")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
+    for a, b in zip(one, two):
+        # the same global batch, split in two; DDP averages the halves' gradients: float error only
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-4), (a, b)
+        assert b["tokens"] == a["tokens"]
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+    manifest = json.loads((project / "two" / "manifest.json").read_text())
+    assert manifest["kind"] == "model" and manifest["metrics"]["steps"] == 12
+    assert manifest["metrics"]["processes"] == 2  # and the one-process run records none:
+    assert "processes" not in json.loads((project / "one" / "manifest.json").read_text())["metrics"]
+    ckpts = sorted(p.name for p in (project / "two-work" / "checkpoints").iterdir())
+    assert ckpts and all(name.startswith("step-") for name in ckpts)  # one writer: no partial duplicates
