@@ -75,6 +75,7 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/edge_estimate.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cot_finetune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reasoning_tradeoff.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ddp_cpu.py --steps 40 --preset micro
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache .mypy_cache
