@@ -246,3 +246,23 @@ def test_cli_add_search_list_forget_export_erase(tmp_path: Path):
     assert "erased 1 rows" in slm("memory", "erase", "--user", "hana", cwd=tmp_path).stdout
     bad = slm("memory", "list", cwd=tmp_path, ok=False)
     assert bad.returncode == 2 and "exactly one scope" in bad.stderr
+
+
+def test_the_offline_minilm_recalls_by_meaning_across_a_reopen(tmp_path: Path):
+    """With the real default embedder (all-MiniLM-L6-v2, offline): a question that shares no content word
+    with a memory still recalls it first, for its user only, and the file reopens with the same embedder."""
+    from slmforge.config import ProjectConfig
+    from slmforge.memory import open_store
+
+    cfg = ProjectConfig().rooted_at(tmp_path)
+    store = open_store(cfg)
+    ada, bo = Scope.user("ada"), Scope.user("bo")
+    store.remember(ada, "The user's dog is a beagle called Pepper.", "fact", 0.6, "pet")
+    store.remember(ada, "The user prefers tea to coffee in the morning.", "preference", 0.6, "drink")
+    store.remember(ada, "The user works on compilers at Acme.", "fact", 0.6, "work")
+    store.remember(bo, "The user's cat is a grey tabby.", "fact", 0.6, "pet")
+    store.close()
+    again = open_store(cfg)
+    assert again.recall(ada, "What animal lives with me?", 1)[0].text == "The user's dog is a beagle called Pepper."
+    assert again.recall(ada, "Which hot drink should I offer?", 1)[0].text.startswith("The user prefers tea")
+    assert all("tabby" not in m.text for m in again.recall(ada, "What animal lives with me?", 5))
