@@ -83,6 +83,35 @@ def test_recall_ranks_by_relevance_recency_and_importance(store):
     assert later[0].score == pytest.approx(top[0].score / 8, rel=1e-3)  # three half-lives of 30 days
 
 
+def test_recalling_a_memory_keeps_it_fresh(store, tmp_path: Path):
+    """Recency counts from the last update or recall: a memory recalled 60 days in has decayed for 30 days at
+    day 90, one never recalled for 90."""
+    cy = Scope.user("cy")
+    used = store.remember(cy, "The user's laptop runs Debian.", "fact", 0.5, "laptop")
+    idle = store.remember(cy, "The user's phone runs Android.", "fact", 0.5, "phone")
+    t0 = next(m for m in store.list(cy) if m.id == used).updated
+    assert store.recall(cy, "laptop operating system", 1, now=t0 + 60 * 86400)[0].id == used
+    emb, query = store.embedder, "what the user's devices run"
+    day90 = {m.id: m for m in store.recall(cy, query, 2, now=t0 + 90 * 86400)}
+    for mid, text, half_lives in ((used, "The user's laptop runs Debian.", 1), (idle, "The user's phone runs Android.", 3)):
+        relevance = max(0.0, float(emb.embed([text])[0] @ emb.embed([query])[0]))
+        assert relevance > 0 and day90[mid].score == pytest.approx(relevance * 0.5 * 0.5**half_lives, rel=1e-3)
+        assert day90[mid].used == pytest.approx(t0 + 90 * 86400)  # both recalled now
+
+
+def test_a_file_from_before_the_used_column_opens(tmp_path: Path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:
+        db.executescript("""CREATE TABLE memories (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, owner TEXT NOT NULL, kind TEXT NOT NULL,
+            subject TEXT, text TEXT NOT NULL, importance REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+            superseded_by INTEGER, session TEXT, vector BLOB NOT NULL);""")
+    store = MemoryStore(tmp_path / "old.sqlite", HashingEmbedder(128))
+    store.remember(Scope.user("d"), "The user's name is Dee.", "fact", 0.9, "name")
+    assert store.recall(Scope.user("d"), "The user's name", 1)[0].used is not None
+
+
 def test_the_organisation_scope_is_shared_and_separate(store):
     store.remember(Scope.org(), "The company's VPN is vpn.example.com.", "fact", 0.8)
     store.remember(Scope.user("carol"), "The user's VPN client is WireGuard.", "fact", 0.8)

@@ -79,6 +79,7 @@ class Memory:
     created: float
     updated: float
     superseded_by: int | None = None
+    used: float | None = None  # when a recall last returned it (None: never)
     score: float = 0.0
     scope: str = "user"
 
@@ -89,7 +90,7 @@ class Memory:
 class MemoryStore:
     """One SQLite file of memories; safe to share between threads (one connection per thread)."""
 
-    HALF_LIFE_DAYS = 30.0  # recency halves every this many days since a memory was last updated
+    HALF_LIFE_DAYS = 30.0  # recency halves every this many days since a memory was last updated or recalled
 
     def __init__(self, path: str | Path, embedder: TextEmbedder) -> None:
         self.path, self.embedder = Path(path), embedder
@@ -97,6 +98,8 @@ class MemoryStore:
         self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
+            if "used" not in {row[1] for row in db.execute("PRAGMA table_info(memories)")}:
+                db.execute("ALTER TABLE memories ADD COLUMN used REAL")  # files written before it existed
             row = db.execute("SELECT value FROM meta WHERE key = 'embedder'").fetchone()
             mine = {"name": embedder.name, "dimensions": embedder.dimensions}
             if row is None:
@@ -156,27 +159,34 @@ class MemoryStore:
 
     def _memories(self, scope: Scope, current: bool = True) -> list[tuple[Memory, np.ndarray]]:
         where, args = self._where(scope)
-        sql = (f"SELECT id, kind, text, subject, importance, created, updated, superseded_by, vector FROM memories "
-               f"WHERE {where}" + (" AND superseded_by IS NULL" if current else "") + " ORDER BY id")
-        return [(Memory(*row[:8], scope=scope.kind), np.frombuffer(row[8], np.float32))
+        sql = (f"SELECT id, kind, text, subject, importance, created, updated, superseded_by, used, vector FROM "
+               f"memories WHERE {where}" + (" AND superseded_by IS NULL" if current else "") + " ORDER BY id")
+        return [(Memory(*row[:9], scope=scope.kind), np.frombuffer(row[9], np.float32))
                 for row in self._db().execute(sql, args)]
 
     def recall(self, scope: Scope, query: str, k: int = 5, include_org: bool = True,
                now: float | None = None) -> list[Memory]:
         """The ``k`` current memories scoring highest by relevance x recency x importance.
 
-        relevance = max(0, cosine(query, memory)); recency = 0.5 ** (days since updated / HALF_LIFE_DAYS);
-        importance in [0, 1] as stored. A user's recall also reads the organisation's memories."""
+        relevance = max(0, cosine(query, memory)); recency = 0.5 ** (days since updated or last recalled /
+        HALF_LIFE_DAYS); importance in [0, 1] as stored. A user's recall also reads the organisation's memories.
+        The memories returned (with a score above 0) are marked used now: what keeps being useful stays fresh."""
         q = np.asarray(self.embedder.embed([query])[0], np.float32)
         now = time.time() if now is None else now
         scopes = [scope] + ([Scope.org()] if include_org and scope.kind == "user" else [])
         out = []
         for s in scopes:
             for m, v in self._memories(s):
-                days = max(0.0, now - m.updated) / 86400
+                days = max(0.0, now - max(m.updated, m.used or 0.0)) / 86400
                 m.score = max(0.0, float(v @ q)) * math.pow(0.5, days / self.HALF_LIFE_DAYS) * m.importance
                 out.append(m)
-        return sorted(out, key=lambda m: -m.score)[:k]
+        found = sorted(out, key=lambda m: -m.score)[:k]
+        used = [m for m in found if m.score > 0]
+        for m in used:
+            m.used = now
+        if used:
+            self._db().executemany("UPDATE memories SET used = ? WHERE id = ?", [(now, m.id) for m in used])
+        return found
 
     def list(self, scope: Scope, history: bool = False) -> list[Memory]:
         """The scope's memories (with ``history``, superseded ones too)."""
