@@ -60,7 +60,8 @@ def test_sweep_finds_the_planted_best_and_reuses_stages(tmp_path: Path, one_torc
     assert [r["stages"]["data"] for r in rows] == ["ran", "reused", "reused", "reused"]
     assert [r["stages"]["tokenizer"] for r in rows] == ["ran", "reused", "reused", "reused"]
     assert all(r["stages"]["train"] == "ran" for r in rows)
-    made = [p.name.split("-")[0] for p in (tmp_path / "sw" / "stages").iterdir() if not p.name.endswith("-work")]
+    made = [p.name.split("-")[0] for p in (tmp_path / "sw" / "stages").iterdir()
+            if not p.name.endswith(("-work", ".lock"))]
     assert sorted(made) == ["data", "tokenizer", "train", "train", "train", "train"]
     # the smallest passing: one layer has fewer parameters; among those, the better metric
     small = result["smallest_passing"]
@@ -95,3 +96,17 @@ def test_a_sweep_uses_the_projects_own_current_outputs(tmp_path: Path, one_torch
     result = run_sweep(cfg, {"train.lr": [3e-3]}, out=tmp_path / "sw")
     assert result["points"][0]["stages"] == {"data": "project", "tokenizer": "project", "train": "ran"}
     assert not any(p.name.startswith(("data-", "tokenizer-")) for p in (tmp_path / "sw" / "stages").iterdir())
+
+
+def test_points_in_parallel_share_their_common_stages(tmp_path: Path):
+    """Two points at once (two worker processes): the data and the tokenizer are made once, under a lock,
+    and both points train."""
+    cfg = _cfg(tmp_path)
+    result = run_sweep(cfg, {"train.lr": [1e-3, 3e-3]}, out=tmp_path / "sw", jobs=2)
+    stages = [r["stages"] for r in result["points"]]
+    assert sorted(s["data"] for s in stages) == ["ran", "reused"]
+    assert sorted(s["tokenizer"] for s in stages) == ["ran", "reused"]
+    assert all(s["train"] == "ran" for s in stages) and all(r["metric"] is not None for r in result["points"])
+    made = [p.name.split("-")[0] for p in (tmp_path / "sw" / "stages").iterdir()
+            if not p.name.endswith(("-work", ".lock"))]
+    assert sorted(made) == ["data", "tokenizer", "train", "train"]

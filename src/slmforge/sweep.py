@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from slmforge.artifacts import read_manifest
 from slmforge.config import ProjectConfig, with_overrides
 from slmforge.errors import ArtifactError, ConfigError
@@ -89,13 +91,18 @@ def run_point(cfg: ProjectConfig, root: Path, command: list[str] | None = None,
             status[name] = "project"
             continue
         key = stage.plan(_with_out(cfg, name, None)).fingerprint[:16]
-        cfg = _with_out(cfg, name, str(root / "stages" / f"{name}-{key}"))
-        if is_current(cfg, name):
-            status[name] = "reused"
-            continue
-        if log:
-            log(f"{name}: running")
-        stage.run(cfg, command, log)
+        folder = root / "stages" / f"{name}-{key}"
+        cfg = _with_out(cfg, name, str(folder))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # A point running in parallel may be making the same stage: the first to hold the lock makes it,
+        # the others then find it current.
+        with FileLock(str(folder) + ".lock"):
+            if is_current(cfg, name):
+                status[name] = "reused"
+                continue
+            if log:
+                log(f"{name}: running")
+            stage.run(cfg, command, log)
         status[name] = "ran"
     return cfg, status
 
@@ -130,8 +137,11 @@ def _size(cfg: ProjectConfig, size: str | None = None) -> float | None:
 def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "train.val_ppl", goal: str = "min",
               gate: str | None = None, mode: str = "grid", samples: int | None = None, seed: int = 0,
               out: str | Path | None = None, command: list[str] | None = None, size: str | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
     """Run every point of the sweep (resuming: finished stages are reused) and rank them.
+
+    ``jobs`` > 1 runs that many points at once, in separate processes (stages they share are made once,
+    under a lock); worth it where a point leaves cores or a GPU idle.
 
     ``size`` is the metric that measures a point's size (default: the parameters of its last model; e.g.
     ``quantize.weights_bytes`` for a sweep over quantization).
@@ -149,21 +159,21 @@ def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "tr
     root = Path(out) if out else cfg.stage_dir("sweep", None)
     todo = points(space, mode, samples, seed)
     configs = [with_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in p.items()]) for p in todo]  # all checked first
-    rows = []
-    for overrides, point_cfg in zip(todo, configs):
-        pid = _point_id(overrides)
-        if log:
-            log(f"point {pid}: {overrides}")
-        t0 = time.monotonic()
-        done_cfg, status = run_point(point_cfg, root, command, log)
-        row = {"id": pid, "overrides": overrides, "metric": metric_value(done_cfg, metric),
-               "size": _size(done_cfg, size),
-               "seconds": round(time.monotonic() - t0, 2), "stages": status}
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_point, c.model_dump(mode="json"), str(c.base_dir), o, root, command, metric, size)
+                       for o, c in zip(todo, configs)]
+            rows = [f.result() for f in futures]
+    else:
+        rows = [_point(c, None, o, root, command, metric, size, log) for o, c in zip(todo, configs)]
+    for row in rows:
         if check:
             row["passes"] = row["metric"] is not None and check[1](row["metric"], check[2])
         (root / "points").mkdir(parents=True, exist_ok=True)
-        (root / "points" / f"{pid}.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
-        rows.append(row)
+        (root / "points" / f"{row['id']}.json").write_text(json.dumps(row, indent=1, default=str) + "\n")
     scored = [r for r in rows if r["metric"] is not None]
     best = (min if goal == "min" else max)(scored, key=lambda r: r["metric"]) if scored else None
     passing = [r for r in rows if r.get("passes") and r["size"] is not None]
@@ -174,6 +184,21 @@ def run_sweep(cfg: ProjectConfig, space: dict[str, list[Any]], metric: str = "tr
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
+
+
+def _point(cfg: ProjectConfig | dict[str, Any], base_dir: str | None, overrides: dict[str, Any], root: Path,
+           command: list[str] | None, metric: str, size: str | None,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one point (in this process, or in a worker given the config as a dict) and read its results."""
+    if isinstance(cfg, dict):  # a worker process: rebuild the config, rooted where the project is
+        cfg = ProjectConfig.model_validate(cfg).rooted_at(base_dir or ".")
+    pid = _point_id(overrides)
+    if log:
+        log(f"point {pid}: {overrides}")
+    t0 = time.monotonic()
+    done_cfg, status = run_point(cfg, root, command, log)
+    return {"id": pid, "overrides": overrides, "metric": metric_value(done_cfg, metric),
+            "size": _size(done_cfg, size), "seconds": round(time.monotonic() - t0, 2), "stages": status}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -151,6 +151,8 @@ def sweep(
                                              "configuration that meets it is reported.")] = None,
     size: Annotated[str | None, typer.Option(help="The metric of a point's size (default: its model's "
                                              "parameters; e.g. quantize.weights_bytes).")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Points run at once (processes); shared stages are made "
+                                      "once.")] = 1,
     random_points: Annotated[int | None, typer.Option("--random", min=1, help="Run this many random points "
                                                       "of the grid instead of all.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Sweep folder (default <project.out_dir>/sweep).")
@@ -175,7 +177,7 @@ def sweep(
 
     cfg = load_config(config, set_ or [])
     result = run_sweep(cfg, space, metric, goal, gate, "random" if random_points else "grid", random_points,
-                       out=out_dir, command=sys.argv, size=size, log=lambda m: err.print(m, style="dim"))
+                       out=out_dir, command=sys.argv, size=size, log=lambda m: err.print(m, style="dim"), jobs=jobs)
     root = out_dir or cfg.stage_dir("sweep", None)
     plot(result, Path(root) / "sweep.png")
     out.print(table(result))
