@@ -295,3 +295,61 @@ def test_the_offline_minilm_recalls_by_meaning_across_a_reopen(tmp_path: Path):
     assert again.recall(ada, "What animal lives with me?", 1)[0].text == "The user's dog is a beagle called Pepper."
     assert again.recall(ada, "Which hot drink should I offer?", 1)[0].text.startswith("The user prefers tea")
     assert all("tabby" not in m.text for m in again.recall(ada, "What animal lives with me?", 5))
+
+
+class Recorder:
+    """Records each conversation it is given; replies "reply N"."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[dict]] = []
+
+    def chat(self, messages, params):
+        self.seen.append([dict(m) for m in messages])
+        return [Completion(f"reply {len(self.seen)}", 2, "stop")]
+
+    def stream(self, prompt, params):
+        yield from ("re", "ply ", "streamed")
+
+    def complete(self, prompt, params):
+        return [Completion("x", 1, "stop")]
+
+    def complete_batch(self, prompts, params):
+        return [self.complete(p, params) for p in prompts]
+
+
+def test_the_server_keeps_a_session_and_windows_it(tmp_path: Path):
+    """With `session`, a client sends only its new message: the server adds the session's earlier turns (its
+    own replies too, streamed or not), summarises those past memory.window_tokens, and keeps sessions per key."""
+    from slmforge.serve import create_app
+    from slmforge.serve._memory import ServerMemory
+
+    store = MemoryStore(tmp_path / "m.sqlite", HashingEmbedder(128))
+    engine = Recorder()
+    app = create_app({"rec": engine}, api_keys=["key-a", "key-b"],
+                     memory=ServerMemory(store, extract=False, window_tokens=40))
+    with LiveServer(app) as url:
+        a = openai.OpenAI(base_url=f"{url}/v1", api_key="key-a", max_retries=0)
+        b = openai.OpenAI(base_url=f"{url}/v1", api_key="key-b", max_retries=0)
+
+        def say(client, text, **extra):
+            return client.chat.completions.create(model="rec", messages=[{"role": "user", "content": text}],
+                                                  extra_body={"session": "s1"}, **extra)
+
+        say(a, "My locker is number 17.")
+        say(a, "And my desk is by the window.")
+        assert [m["content"] for m in engine.seen[-1] if m["role"] != "system"] == [
+            "My locker is number 17.", "reply 1", "And my desk is by the window."]
+        text = "".join(c.choices[0].delta.content or "" for c in say(a, "Stream this.", stream=True) if c.choices)
+        assert text == "reply streamed"
+        say(b, "Hello from b.")
+        assert [m["content"] for m in engine.seen[-1] if m["role"] != "system"] == ["Hello from b."]  # per key
+        for n in range(6):  # past 40 tokens: the oldest turns become a summary
+            say(a, f"Filler message number {n} with several words in it.")
+        last = engine.seen[-1]
+        assert any(m["role"] == "system" and m["content"].startswith("Earlier in this conversation:") for m in last)
+        assert "My locker is number 17." not in [m["content"] for m in last]
+        with pytest.raises(openai.BadRequestError, match="session"):
+            a.chat.completions.create(model="rec", messages=[{"role": "user", "content": "x"}],
+                                      extra_body={"session": ""})
+    turns = store.turns(Scope.user("key-1"), "s1")
+    assert turns[1] == {"role": "assistant", "content": "reply 1"} and turns[5]["content"] == "reply streamed"

@@ -549,6 +549,10 @@ class MemoryConfig(Section):
     )
     recall_k: int = Field(5, ge=1, description="Memories given to the model per request.")
     extract: bool = Field(True, description="In the server: store the facts and preferences users state.")
+    window_tokens: int = Field(
+        1024, ge=16, description="In the server, for a request naming a session: its newest turns kept whole up to "
+        "this many tokens; older ones are summarised."
+    )
 
 
 class SpecialistConfig(Section):

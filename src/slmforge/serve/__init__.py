@@ -364,7 +364,7 @@ def _open_memory(cfg: ProjectConfig) -> Any:
     from slmforge.memory import open_store
     from slmforge.serve._memory import ServerMemory
 
-    return ServerMemory(open_store(cfg), cfg.memory.recall_k, cfg.memory.extract)
+    return ServerMemory(open_store(cfg), cfg.memory.recall_k, cfg.memory.extract, cfg.memory.window_tokens)
 
 
 def _quiet_thread_pools() -> None:

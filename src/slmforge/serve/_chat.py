@@ -23,7 +23,7 @@ from slmforge.serve._generation import (
     validate,
 )
 from slmforge.serve._knowledge import cite, cited_events, ground, not_in_documents_choice
-from slmforge.serve._memory import with_memory
+from slmforge.serve._memory import remember_reply, with_memory, with_session
 from slmforge.serve._models import ServedModel
 from slmforge.serve._reason import chosen_strategy, reasoned_chat, trace_for
 from slmforge.serve._state import ANONYMOUS, server, v1_router
@@ -71,17 +71,29 @@ async def chat_completions(body: ChatRequest, request: Request):
     user = state.admit(request, sum(len(m["content"] or "") for m in raw), body.user)
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
     call = Call(state, request, body.model, user, start, params, explicit, "chat.completion.chunk")
+    if body.session is not None and state.memory is None:
+        raise ApiError(400, "session needs the server's memory (serve.memory: true).", "invalid_request_error",
+                       "session")
     if state.memory is not None:  # the caller's scope is its API key's name, never a request field
         raw = await run_in_threadpool(with_memory, state.memory, user.key, raw)
+        if body.session is not None:
+            def count(text: str) -> int:
+                return served.count_tokens(text, special=False) or len(text) // 4
+
+            raw = await run_in_threadpool(with_session, state.memory, user.key, body.session, raw, count)
     base = body.knowledge.base if body.knowledge else served.knowledge
     if base is not None:
         if tools or structured:
             raise ApiError(400, "A grounded chat (knowledge) cannot also use tools or response_format.",
                            "invalid_request_error", "knowledge")
-        return await _grounded(call, body, served, raw, base)
-    if served.batch is not None:
-        return await _batched(call, body, served, raw, tools, choice)
-    return await _locked(call, body, served, raw, tools, choice, grammar)
+        reply = await _grounded(call, body, served, raw, base)
+    elif served.batch is not None:
+        reply = await _batched(call, body, served, raw, tools, choice)
+    else:
+        reply = await _locked(call, body, served, raw, tools, choice, grammar)
+    if body.session is not None:
+        reply = await run_in_threadpool(remember_reply, state.memory, user.key, body.session, reply)
+    return reply
 
 
 async def _reasoned(request: Request, state, body: ChatRequest, served: ServedModel, raw: list[dict[str, Any]],

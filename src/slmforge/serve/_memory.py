@@ -17,6 +17,7 @@ class ServerMemory:
     store: Any  # slmforge.memory.MemoryStore
     k: int = 5
     extract: bool = True
+    window_tokens: int = 1024  # a session's turns kept whole; older ones are summarised
 
 
 def with_memory(memory: ServerMemory, key: str, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -32,3 +33,48 @@ def with_memory(memory: ServerMemory, key: str, raw: list[dict[str, Any]]) -> li
     if memory.extract:
         remember_conversation(memory.store, scope, [last])
     return raw if context is None else [{"role": "system", "content": context}, *raw]
+
+
+def with_session(memory: ServerMemory, key: str, session: str, raw: list[dict[str, Any]],
+                 count: Any) -> list[dict[str, Any]]:
+    """A request in a server-kept session: its user messages join the session's turns, and the model gets
+    the request's system messages, a summary of turns older than ``memory.window_tokens`` (counted by
+    ``count``), and the newest turns in full. The client sends only what is new."""
+    from slmforge.memory import Scope, window
+
+    scope = Scope.user(key)
+    for m in raw:
+        if m["role"] == "user" and isinstance(m["content"], str):
+            memory.store.add_turn(scope, session, "user", m["content"])
+    kept, summary = window(memory.store, scope, session, memory.window_tokens, count)
+    system = [m for m in raw if m["role"] == "system"]
+    earlier = [{"role": "system", "content": f"Earlier in this conversation: {summary}"}] if summary else []
+    return [*system, *earlier, *({"role": t["role"], "content": t["content"]} for t in kept)]
+
+
+def remember_reply(memory: ServerMemory, key: str, session: str, reply: Any) -> Any:
+    """Keep the assistant's reply as the session's next turn: from a whole reply, or collected from a
+    stream as it passes (the response is returned, its stream wrapped)."""
+    from slmforge.memory import Scope
+
+    scope = Scope.user(key)
+    if isinstance(reply, dict):
+        text = ((reply.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+        memory.store.add_turn(scope, session, "assistant", text)
+        return reply
+    inner = reply.body_iterator
+
+    async def collecting():
+        import json
+
+        said = []
+        async for ev in inner:
+            if isinstance(ev, str) and ev.startswith("data: {"):
+                choices = json.loads(ev[6:]).get("choices") or []
+                if choices:
+                    said.append((choices[0].get("delta") or {}).get("content") or "")
+            yield ev
+        memory.store.add_turn(scope, session, "assistant", "".join(said))
+
+    reply.body_iterator = collecting()
+    return reply

@@ -168,6 +168,7 @@ class ChatRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # None = true, OpenAI's default: a reply may hold several calls
     knowledge: Knowledge | None = None  # extension: ground the answer in a knowledge base
+    session: str | None = Field(default=None, min_length=1, max_length=200)  # extension: a server-kept session
 
 
 class EmbeddingRequest(BaseModel):
