@@ -215,12 +215,9 @@ class Agent:
         return name, arguments, None, reply.text, reply.tokens
 
     def _react(self, messages: list[dict[str, Any]], params: Any) -> tuple[str | None, Any, str | None, str, int]:
-        from slmforge.generate import as_engine
+        from slmforge.generate import chat_json
 
-        if as_engine(self.generator).capabilities.grammar:
-            reply = self.generator.chat(messages, params, json_schema=_react_schema(self.tools))[0]
-        else:
-            reply = self.generator.chat(messages, params)[0]
+        reply = chat_json(self.generator, messages, params, _react_schema(self.tools))[0]
         try:
             obj = json.loads(reply.text.strip())
         except json.JSONDecodeError:

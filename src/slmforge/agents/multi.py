@@ -17,13 +17,9 @@ from slmforge.errors import AgentError
 def _choose(generator: Any, messages: list[dict[str, str]], schema: dict[str, Any], max_tokens: int) -> tuple[Any, str]:
     """A JSON reply under ``schema`` (constrained where the engine constrains; parsed where not):
     (the parsed value or None, the raw text)."""
-    from slmforge.generate import SamplingParams, as_engine
+    from slmforge.generate import SamplingParams, chat_json
 
-    params = SamplingParams(max_new_tokens=max_tokens)
-    if as_engine(generator).capabilities.grammar:
-        text = generator.chat(messages, params, json_schema=schema)[0].text
-    else:
-        text = generator.chat(messages, params)[0].text
+    text = chat_json(generator, messages, SamplingParams(max_new_tokens=max_tokens), schema)[0].text
     try:
         return json.loads(text.strip()), text
     except json.JSONDecodeError:

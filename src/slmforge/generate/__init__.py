@@ -68,6 +68,7 @@ __all__ = [
     "tool_call_schema",
     "tool_constraint",
     "chat_with_tools",
+    "chat_json",
 ]
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -229,6 +230,7 @@ _SHARED = {
     "tool_constraint": "slmforge.generate._constrain",
     # one tool-calling turn over any engine, for agents
     "chat_with_tools": "slmforge.generate._toolchat",
+    "chat_json": "slmforge.generate._toolchat",
 }
 
 

@@ -1,4 +1,4 @@
-"""One tool-calling turn over any engine, in the server's tool-call format.
+"""One tool-calling turn, or one JSON reply, over any engine; tool calls in the server's format.
 
 An endpoint with its own function calling (``Capabilities.tools``: ``OpenAIGenerator``, so our server,
 vLLM or a hosted API) gets the OpenAI messages and tools as they are. Every other engine gets the
@@ -50,11 +50,18 @@ def chat_with_tools(gen: Any, messages: list[dict[str, Any]], tools: list[dict[s
     choice = _effective_choice(tools, tool_choice)
     plain = chat_messages_for_template(messages, tools, choice, parallel=False)
     forced = choice not in ("auto", "none")
-    if engine.capabilities.grammar and forced:
-        replies = gen.chat(plain, params, json_schema=tool_call_schema(tools, choice))
-    else:
-        replies = gen.chat(plain, params)
+    replies = chat_json(gen, plain, params, tool_call_schema(tools, choice) if forced else None)
     for reply in replies:
         if choice != "none":
             reply.tool_calls = parse_tool_calls(reply.text, tools)
     return replies
+
+
+def chat_json(gen: Any, messages: list[dict[str, Any]], params: SamplingParams,
+              schema: dict[str, Any] | None) -> list[Completion]:
+    """``params.n`` replies that are JSON valid under ``schema`` on an engine that constrains output
+    (``Capabilities.grammar``: torch, llama.cpp); elsewhere (or without a schema) plain replies, for the
+    caller to parse leniently."""
+    if schema is not None and as_engine(gen).capabilities.grammar:
+        return gen.chat(messages, params, json_schema=schema)
+    return gen.chat(messages, params)

@@ -86,15 +86,12 @@ EXTRACTION_SCHEMA = {
 def model_extract(generator: Any, text: str) -> tuple[list[str], list[tuple[str, str, str]]]:
     """The generator's entities and typed relations (source, relation, target); ([], []) when its reply does
     not parse. On an engine that constrains output the reply is decoded under ``EXTRACTION_SCHEMA``."""
-    from slmforge.generate import SamplingParams, as_engine
+    from slmforge.generate import SamplingParams, chat_json
 
     messages = [{"role": "user", "content": _PROMPT + text[:1500]}]
     params = SamplingParams(max_new_tokens=160, temperature=0.0)
     try:
-        if as_engine(generator).capabilities.grammar:
-            reply = generator.chat(messages, params, json_schema=EXTRACTION_SCHEMA)[0].text
-        else:
-            reply = generator.chat(messages, params)[0].text
+        reply = chat_json(generator, messages, params, EXTRACTION_SCHEMA)[0].text
         start = min((i for i in (reply.find("{"), reply.find("[")) if i >= 0), default=-1)
         value = json.loads(reply[start: max(reply.rfind("}"), reply.rfind("]")) + 1]) if start >= 0 else None
     except Exception:  # a small model's reply is often not JSON: the rule extractor stands alone
@@ -300,7 +297,7 @@ def global_answer(graph: Graph, index: Any, question: str, generator: Any, k: in
     """
     import numpy as np
 
-    from slmforge.generate import SamplingParams, as_engine
+    from slmforge.generate import SamplingParams, chat_json
     from slmforge.rag import NOT_IN_DOCUMENTS
 
     if not graph.communities:
@@ -308,7 +305,6 @@ def global_answer(graph: Graph, index: Any, question: str, generator: Any, k: in
     vectors = index.embedder.embed([question] + [c["summary"] for c in graph.communities])
     order = np.argsort(-(vectors[1:] @ vectors[0]))[:k]
     chosen = [graph.communities[int(i)] for i in order]
-    grammar = as_engine(generator).capabilities.grammar
     partials = []
     for c in chosen:
         messages = [{"role": "user", "content": f"Summary of a group of documents:\n{c['summary']}\nEntities: "
@@ -316,8 +312,7 @@ def global_answer(graph: Graph, index: Any, question: str, generator: Any, k: in
                      'help answer the question, and how much they help (0-100), as JSON {"points": "...", "score": N}.'}]
         params = SamplingParams(max_new_tokens=120)
         try:
-            text = (generator.chat(messages, params, json_schema=_MAP_SCHEMA) if grammar
-                    else generator.chat(messages, params))[0].text
+            text = chat_json(generator, messages, params, _MAP_SCHEMA)[0].text
             value = json.loads(text[text.index("{"): text.rindex("}") + 1])
             score = int(value.get("score", 0))
             points = str(value.get("points", "")).strip()

@@ -65,15 +65,12 @@ def model_facts(generator: Any, text: str) -> list[dict[str, Any]]:
     """The generator's extraction (greedy, short), each with a subject (so a newer fact about the same
     subject supersedes the older, as the rules' do); [] when it returns nothing parseable. On an engine
     that constrains output the reply is decoded under ``FACTS_SCHEMA``."""
-    from slmforge.generate import SamplingParams, as_engine
+    from slmforge.generate import SamplingParams, chat_json
 
     messages = [{"role": "user", "content": _EXTRACT + text}]
     params = SamplingParams(max_new_tokens=160, temperature=0.0)
     try:
-        if as_engine(generator).capabilities.grammar:
-            reply = generator.chat(messages, params, json_schema=FACTS_SCHEMA)[0].text
-        else:
-            reply = generator.chat(messages, params)[0].text
+        reply = chat_json(generator, messages, params, FACTS_SCHEMA)[0].text
         found = json.loads(reply[reply.index("["): reply.rindex("]") + 1])
     except Exception:  # a small model's reply is often not JSON at all: the rules stand alone
         return []
