@@ -40,6 +40,17 @@ class Reasoning:
     extract: str = "auto"
     traces: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    endpoints: dict[str, Any] = field(default_factory=dict)  # served name -> its _CountingEndpoint
+
+    def endpoint(self, served: ServedModel) -> _CountingEndpoint:
+        """The client of an upstream model, made once (it asks the upstream for its models, and holds a
+        connection pool): a request must not pay for either."""
+        with self.lock:
+            if served.name not in self.endpoints:
+                up = served.upstream
+                self.endpoints[served.name] = _CountingEndpoint(up.base_url, up.upstream_model, api_key=up._api_key,
+                                                                timeout_s=up.timeout_s)
+            return self.endpoints[served.name]
 
     def keep(self, trace: dict[str, Any]) -> str:
         trace_id = f"trace-{uuid.uuid4().hex}"
@@ -72,22 +83,29 @@ def chosen_strategy(reasoning: Reasoning | None, models: dict[str, ServedModel],
 
 
 class _Metered:
-    """A ``Generator`` over the served model that counts prompt and completion tokens of every call."""
+    """A ``Generator`` over the served model that counts the prompt tokens of every call made in the thread
+    that calls ``begin`` (the strategy's): an upstream's by the usage it answers, a local engine's by its
+    tokenizer. Completion tokens are in the completions."""
 
-    def __init__(self, served: ServedModel) -> None:
-        self.prompt_tokens = 0
-        if served.kind == "upstream":
-            up = served.upstream
-            self.inner: Any = _CountingEndpoint(up.base_url, up.upstream_model, api_key=up._api_key,
-                                                timeout_s=up.timeout_s, meter=self)
-        else:
-            self.inner = served.generator
+    def __init__(self, served: ServedModel, reasoning: Reasoning) -> None:
+        self.endpoint = reasoning.endpoint(served) if served.kind == "upstream" else None
+        self.inner: Any = self.endpoint if self.endpoint is not None else served.generator
         self.engine = as_engine(self.inner)
+        self.counted = 0
+
+    def begin(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.local.prompt_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Counted so far (read it in the thread that called ``begin``)."""
+        return self.endpoint.local.prompt_tokens if self.endpoint is not None else self.counted
 
     def _count(self, prompt: Any) -> None:
-        if not isinstance(self.inner, _CountingEndpoint):
+        if self.endpoint is None:
             text = prompt if isinstance(prompt, str) else self.engine.render_chat(prompt)
-            self.prompt_tokens += self.engine.count_tokens(text, special=isinstance(prompt, str))
+            self.counted += self.engine.count_tokens(text, special=isinstance(prompt, str))
 
     def complete(self, prompt: str, params: Any) -> Any:
         self._count(prompt)
@@ -109,15 +127,17 @@ class _Metered:
 
 
 class _CountingEndpoint(OpenAIGenerator):
-    """``OpenAIGenerator`` that adds each answer's ``usage.prompt_tokens`` to its meter."""
+    """``OpenAIGenerator`` shared by the requests to one upstream model, adding each answer's
+    ``usage.prompt_tokens`` to the calling thread's count (each request's strategy runs in one thread)."""
 
-    def __init__(self, *args: Any, meter: _Metered, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.meter = meter
+        self.local = threading.local()
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         answer = super()._post(path, body)
-        self.meter.prompt_tokens += int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        self.local.prompt_tokens = getattr(self.local, "prompt_tokens", 0) + int(
+            (answer.get("usage") or {}).get("prompt_tokens") or 0)
         return answer
 
 
@@ -136,24 +156,26 @@ async def reasoned_chat(call: Any, body: ChatRequest, served: ServedModel, raw: 
     if served.kind == "upstream" and not isinstance(getattr(served.upstream, "base_url", None), str):
         raise ApiError(400, f"The model {served.name!r} cannot run strategies.", "invalid_request_error", "model")
     messages = [{"role": m["role"], "content": m["content"] or ""} for m in raw]
-    gen = _Metered(served)
     params = call.params
     budget = Budget(reasoning.max_tokens, reasoning.max_seconds)
     temperature = body.temperature if body.temperature else reasoning.temperature
 
-    def work() -> Any:
-        return run_strategy(strategy, gen, messages, n=n or reasoning.n, params=params, budget=budget,
-                            extract=extractor(reasoning.extract), temperature=temperature)
+    def work() -> tuple[Any, int]:  # in one worker thread: the strategy's calls and their count
+        gen = _Metered(served, reasoning)
+        gen.begin()
+        result = run_strategy(strategy, gen, messages, n=n or reasoning.n, params=params, budget=budget,
+                              extract=extractor(reasoning.extract), temperature=temperature)
+        return result, gen.prompt_tokens
 
     start = time.perf_counter()
     try:
-        result = await run_in_threadpool(work)
+        result, prompt_tokens = await run_in_threadpool(work)
     except SlmForgeError as e:
         raise ApiError(502 if served.kind == "upstream" else 400, f"The strategy {strategy} failed: {e}",
                        "server_error" if served.kind == "upstream" else "invalid_request_error") from None
     seconds = time.perf_counter() - start
     completion_tokens = result.tokens
-    call.meter(gen.prompt_tokens, completion_tokens, seconds)
+    call.meter(prompt_tokens, completion_tokens, seconds)
     trace_id = reasoning.keep({"key": call.user.key, "model": served.name, "strategy": strategy,
                                "answer": result.answer, "votes": result.votes, "stopped": result.stopped,
                                "calls": [asdict(c) for c in result.calls]})
@@ -161,7 +183,7 @@ async def reasoned_chat(call: Any, body: ChatRequest, served: ServedModel, raw: 
         else "stop"
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
               "finish_reason": finish}
-    reply = call.answer("chat.completion", [choice], gen.prompt_tokens, completion_tokens)
+    reply = call.answer("chat.completion", [choice], prompt_tokens, completion_tokens)
     reply["slmforge"] = {"trace_id": trace_id, "strategy": strategy, "answer": result.answer,
                          "calls": len(result.calls), "votes": result.votes, "stopped": result.stopped}
     return reply
