@@ -217,16 +217,9 @@ class _AnswerExamples:
         return len(self.examples)
 
     def batch(self, indices: list[int]) -> dict[str, Any]:
-        import torch
+        from slmforge.train import right_padded
 
-        items = [self.examples[i] for i in indices]
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.full((len(items), width), self.pad, dtype=torch.long)  # (B, T), right-padded
-        labels = torch.full((len(items), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (x, y) in enumerate(items):
-            ids[row, : len(x)], labels[row, : len(y)], attn[row, : len(x)] = x, y, 1
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        return right_padded([self.examples[i] for i in indices], self.pad)
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
         return int(batch["attention_mask"].sum())

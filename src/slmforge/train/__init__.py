@@ -24,19 +24,21 @@ from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError, TrainError
 
 __all__ = ["TrainResult", "pretrain", "pretrain_plan", "finetune", "finetune_plan", "merge_adapter", "work_dir_for",
-           "plot_losses", "run_loop", "LoopResult"]
+           "plot_losses", "run_loop", "LoopResult", "right_padded"]
 
-# The training loop imports torch, so it is served on first use: `import slmforge.train` stays
-# cheap, and compress/ (the ternary fine-tune) runs the same loop through this public name.
-_LOOP = {"run_loop", "LoopResult"}
+# The training loop and batching import torch, so they are served on first use: `import slmforge.train`
+# stays cheap, and compress/ (the ternary fine-tune) and reasoning/ (CoT fine-tuning) use them through
+# these public names.
+_LAZY = {"run_loop": "slmforge.train._loop", "LoopResult": "slmforge.train._loop",
+         "right_padded": "slmforge.train._data"}
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LOOP:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module("slmforge.train._loop"), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 @dataclass

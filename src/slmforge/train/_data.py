@@ -56,16 +56,21 @@ class ChatExamples:
         return len(self.examples)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        items = [self.examples[i] for i in indices]
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.full((len(items), width), self.pad, dtype=torch.long)  # (B, T), right-padded
-        labels = torch.full((len(items), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (x, y) in enumerate(items):
-            ids[row, : len(x)] = x
-            labels[row, : len(y)] = y
-            attn[row, : len(x)] = 1
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        return right_padded([self.examples[i] for i in indices], self.pad)
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
+
+
+def right_padded(items: list[tuple[torch.Tensor, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
+    """(ids, labels) examples as one batch, right-padded: ``input_ids`` with ``pad``, ``labels`` with -100,
+    and the ``attention_mask``."""
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (x, y) in enumerate(items):
+        ids[row, : len(x)] = x
+        labels[row, : len(y)] = y
+        attn[row, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
