@@ -193,6 +193,23 @@ def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
     return train_tokenizer(cfg, command=["test"], progress=False).path
 
 
+def tiny_pretrain_config(root: Path, **train):
+    """A project rooted at ``root``: 8 python-docs modules, a 400-token BPE, the TINY model, pretraining in
+    fp32 on 64-token windows, batches of 4; ``train`` sets more train keys."""
+    from slmforge.config import ProjectConfig
+
+    cfg = ProjectConfig().rooted_at(root)
+    cfg.data.sources = ["python-docs"]
+    cfg.data.python_docs.max_modules = 8
+    cfg.data.split.val = 0.1
+    cfg.tokenizer.vocab_size = 400
+    cfg.tokenizer.domain_terms = []
+    cfg.model = TINY.model_copy()
+    for key, value in {"seq_len": 64, "batch_size": 4, "eval_batches": 4, "precision": "fp32", **train}.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
 def build_peaky_model(tokenizer_dir: Path, folder: Path, model_cfg) -> Path:
     """A tiny random Llama on the tokenizer, saved as a model folder, with a sharpened output
     layer (x30) that never picks a special or single-byte token: greedy output is then

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.config import ProjectConfig, dump_config
+from slmforge.config import dump_config
 
-TINY = {"preset": "custom", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-        "intermediate_size": 64}
+from conftest import tiny_pretrain_config
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,7 @@ def project(tmp_path_factory) -> Path:
     from slmforge.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("ddp")
-    cfg = ProjectConfig().rooted_at(root)
-    cfg.data.sources = ["python-docs"]
-    cfg.data.python_docs.max_modules = 8
-    cfg.data.split.val = 0.1
-    cfg.tokenizer.vocab_size = 400
-    cfg.tokenizer.domain_terms = []
-    for k, v in TINY.items():
-        setattr(cfg.model, k, v)
-    t = cfg.train
-    t.seq_len, t.batch_size, t.max_steps, t.eval_every, t.eval_batches, t.save_every = 64, 4, 12, 12, 4, 6
-    t.warmup_steps, t.precision, t.lr = 2, "fp32", 3e-3
+    cfg = tiny_pretrain_config(root, max_steps=12, eval_every=12, save_every=6, warmup_steps=2, lr=3e-3)
     run_data_stage(cfg, progress=False)
     train_tokenizer(cfg, progress=False)
     (root / "slmforge.yaml").write_text(dump_config(cfg))

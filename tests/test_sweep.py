@@ -14,23 +14,12 @@ from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError
 from slmforge.sweep import parse_gate, points, run_sweep
 
-TINY = {"preset": "custom", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-        "intermediate_size": 64}
+from conftest import tiny_pretrain_config
 
 
 def _cfg(root: Path) -> ProjectConfig:
-    cfg = ProjectConfig().rooted_at(root)
+    cfg = tiny_pretrain_config(root, eval_every=15, save_every=15, warmup_steps=2, max_steps=15)
     cfg.project.stages = ["data", "tokenizer", "train"]
-    cfg.data.sources = ["python-docs"]
-    cfg.data.python_docs.max_modules = 8
-    cfg.data.split.val = 0.1
-    cfg.tokenizer.vocab_size = 400
-    cfg.tokenizer.domain_terms = []
-    for k, v in TINY.items():
-        setattr(cfg.model, k, v)
-    t = cfg.train
-    t.seq_len, t.batch_size, t.eval_every, t.eval_batches, t.save_every = 64, 4, 15, 4, 15
-    t.warmup_steps, t.precision, t.max_steps = 2, "fp32", 15
     return cfg
 
 
