@@ -193,6 +193,20 @@ def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
     return train_tokenizer(cfg, command=["test"], progress=False).path
 
 
+class CompleteOnly:
+    """A scripted Generator written as ``complete`` alone: ``chat`` completes the last message, ``stream``
+    yields the whole completion, ``complete_batch`` loops."""
+
+    def chat(self, messages, params):
+        return self.complete(messages[-1]["content"], params)
+
+    def stream(self, prompt, params):
+        yield self.complete(prompt, params)[0].text
+
+    def complete_batch(self, prompts, params):
+        return [self.complete(p, params) for p in prompts]
+
+
 def tiny_pretrain_config(root: Path, **train):
     """A project rooted at ``root``: 8 python-docs modules, a 400-token BPE, the TINY model, pretraining in
     fp32 on 64-token windows, batches of 4; ``train`` sets more train keys."""

@@ -13,6 +13,8 @@ from slmforge.errors import ReasoningError
 from slmforge.generate import Completion, SamplingParams
 from slmforge.reasoning.cot import char_tokenizer, cot_experiment, make_problems, teacher_rationales
 
+from conftest import CompleteOnly
+
 LINE = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")
 
 
@@ -63,7 +65,7 @@ def test_bad_problem_settings_raise(kwargs, needle):
         make_problems(**kwargs)
 
 
-class Teacher:
+class Teacher(CompleteOnly):
     """A scripted teacher: ``reply(problem, i)`` writes the i-th sample for the problem asked about."""
 
     def __init__(self, problems, reply) -> None:
@@ -74,15 +76,6 @@ class Teacher:
         self.prompts.append(prompt)
         problem = next(p for q, p in self.by_question.items() if q in prompt)
         return [Completion(text=self.reply(problem, i), tokens=10, finish_reason="stop") for i in range(params.n)]
-
-    def chat(self, messages, params):
-        return self.complete(messages[-1]["content"], params)
-
-    def stream(self, prompt, params):
-        yield self.complete(prompt, params)[0].text
-
-    def complete_batch(self, prompts, params):
-        return [self.complete(p, params) for p in prompts]
 
 
 def test_teacher_rationales_keep_only_right_answers():

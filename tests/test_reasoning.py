@@ -23,10 +23,10 @@ from slmforge.reasoning import (
     tree_search,
 )
 
-from conftest import TINY, LiveServer, build_peaky_model, build_tiny_tokenizer
+from conftest import TINY, CompleteOnly, LiveServer, build_peaky_model, build_tiny_tokenizer
 
 
-class Sampler:
+class Sampler(CompleteOnly):
     """A Generator whose replies come from ``reply(prompt, i)`` (i counts every sample so far); it keeps
     the n of each call."""
 
@@ -41,15 +41,6 @@ class Sampler:
             self.count += 1
             out.append(Completion(text=text, tokens=len(text.split()), finish_reason="stop"))
         return out
-
-    def chat(self, messages, params):
-        return self.complete(messages[-1]["content"], params)
-
-    def stream(self, prompt, params):
-        yield self.complete(prompt, params)[0].text
-
-    def complete_batch(self, prompts, params):
-        return [self.complete(p, params) for p in prompts]
 
 
 def cycle(*answers):
