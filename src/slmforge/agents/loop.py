@@ -137,6 +137,9 @@ class Agent:
         self.params = params or SamplingParams(max_new_tokens=256)
         self.trace = Path(trace) if trace else None
         self._by_name = {t.name: t for t in self.tools}
+        # what every turn sends: the native loop's tools, the ReAct loop's schema
+        self._specs = [t.openai() for t in self.tools] + [_final_answer.openai()]
+        self._react_schema = _react_schema(self.tools) if mode == "react" else None
         self.adapter = adapter
         if adapter is not None:
             from slmforge.generate import as_engine
@@ -203,8 +206,7 @@ class Agent:
     def _native(self, messages: list[dict[str, Any]], params: Any) -> tuple[str | None, Any, None, str, int]:
         from slmforge.generate import chat_with_tools
 
-        specs = [t.openai() for t in self.tools] + [_final_answer.openai()]
-        reply = chat_with_tools(self.generator, messages, specs, "required", params)[0]
+        reply = chat_with_tools(self.generator, messages, self._specs, "required", params)[0]
         if reply.tool_calls:
             call = reply.tool_calls[0]
             return call.get("name"), call.get("arguments"), None, reply.text or json.dumps(call), reply.tokens
@@ -217,7 +219,7 @@ class Agent:
     def _react(self, messages: list[dict[str, Any]], params: Any) -> tuple[str | None, Any, str | None, str, int]:
         from slmforge.generate import chat_json
 
-        reply = chat_json(self.generator, messages, params, _react_schema(self.tools))[0]
+        reply = chat_json(self.generator, messages, params, self._react_schema)[0]
         try:
             obj = json.loads(reply.text.strip())
         except json.JSONDecodeError:
