@@ -6,14 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint system-deps test test-slow bench clean
+.PHONY: install demo lint system-deps test test-slow bench screenshots clean
 
 # torch first, from the CPU wheel: asking for plain `torch` later would pull a CUDA build. Every extra
 # is installed (make test runs the tests of every feature).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,rag,scale]"
+	$(BIN)/pip install --quiet -e ".[dev,rag,scale,ui]"
 	$(BIN)/pip check
 	touch $(STAMP)
 
@@ -27,12 +27,12 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-# Debian packages the tests run against: redis-server (replicas sharing limits). Installed when missing and
-# apt can (as root); otherwise the test that needs it says so and skips.
+# Debian packages the tests run against: redis-server (replicas sharing limits) and chromium (the dashboard's
+# browser tests). Installed when missing and apt can (as root); otherwise the tests that need them skip.
 system-deps:
-	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } || \
-		echo "redis-server is not installed: tests/test_serve_shared.py will skip"
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		[ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq redis-server chromium >/dev/null; } || \
+		echo "redis-server or chromium is not installed: tests/test_serve_shared.py or tests/test_ui.py will skip"
 
 # Tests in parallel (pytest-xdist): one worker per core, at most 4 (each loads torch).
 test: lint system-deps
@@ -76,6 +76,10 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cot_finetune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reasoning_tradeoff.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ddp_cpu.py --steps 40 --preset micro
+
+# The README's dashboard screenshots, taken by the dashboard's own browser tests.
+screenshots: install system-deps
+	SLMFORGE_UI_SCREENSHOTS=docs/img HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_ui.py -p no:xdist -q
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache .ruff_cache .mypy_cache

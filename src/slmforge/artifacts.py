@@ -239,7 +239,8 @@ def parent_ref(path: str | Path, kind: str | None = None) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "kind": m.kind, "fingerprint": m.fingerprint}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie too: its parent must reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -336,7 +337,7 @@ class ArtifactWriter:
         """Temp folders left by writers of this target that were killed (kill -9, power loss)."""
         for p in self.target.parent.glob(f".{self.target.name}{_TMP_MARK}*"):
             pid = p.name[len(f".{self.target.name}{_TMP_MARK}") :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
 
     def _finish(self) -> None:

@@ -23,6 +23,7 @@ from slmforge.cli import (
     reason_cmd,
     serve_cmd,
     sizing_cmd,
+    ui_cmd,
 )
 from slmforge.cli._options import ConfigOpt, SetOpt, err, out
 from slmforge.errors import SlmForgeError
@@ -48,6 +49,7 @@ app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
 app.command("serve")(serve_cmd.serve)
 app.command("proxy")(serve_cmd.proxy)
+app.command("ui")(ui_cmd.ui)
 app.command("doctor")(sizing_cmd.doctor)
 app.command("roi")(sizing_cmd.roi)
 app.command("sweep")(sizing_cmd.sweep)
@@ -313,7 +315,12 @@ def run(
     from slmforge.pipeline import run_pipeline
 
     cfg = _load(config, set_)
-    _print_outcomes(run_pipeline(cfg, until=until, start=start, force=force, command=sys.argv, log=err.print))
+    try:
+        outcomes = run_pipeline(cfg, until=until, start=start, force=force, command=sys.argv, log=err.print)
+    except KeyboardInterrupt as exc:  # training checkpointed; finished stages keep their output
+        err.print(f"stopped: {exc or 'interrupted'}. Run the same command again to resume.", style="yellow")
+        raise typer.Exit(130) from None
+    _print_outcomes(outcomes)
 
 
 def _print_outcomes(outcomes) -> None:

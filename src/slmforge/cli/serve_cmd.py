@@ -67,6 +67,7 @@ def serve(
         typer.Option("--knowledge", help="NAME=FOLDER: a `slmforge rag index` folder chat requests may name as "
                      '{"knowledge": {"base": NAME}} for grounded, cited answers (repeatable; adds to serve.knowledge).'),
     ] = None,
+    ui: Annotated[bool, typer.Option("--ui", help="Also serve the project's dashboard (`slmforge ui`) under /ui.")] = False,
 ) -> None:
     """Serve models with OpenAI's API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
@@ -83,22 +84,21 @@ def serve(
     """
     from slmforge.config import load_config
     from slmforge.serve import parse_model_ref, serve as run_server
+    from slmforge.ui import project
 
     cfg = load_config(config, set_ or [])
     adapters = dict(parse_model_ref(a) for a in adapter or [])
-    for ref in models or []:
-        name, path = parse_model_ref(ref)
-        err.print(f"model {name} <- {path}", style="dim")
-    for name, path in adapters.items():
-        err.print(f"adapter {name} <- {path}", style="dim")
-    keys = _keys_file(cfg, host, api_keys)
-    run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys, device=device,
-               max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, usage_file=usage_file,
-               request_timeout_s=request_timeout, max_batch_size=max_batch_size, adapters=adapters,
-               public_metrics=public_metrics, knowledge=dict(parse_model_ref(k) for k in knowledge or []))
+    for what, name, path in [("model", *parse_model_ref(r)) for r in models or []] + [("adapter", *a) for a in adapters.items()]:
+        err.print(f"{what} {name} <- {path}", style="dim")
+    run_server(models or None, cfg=cfg, host=host, port=port, apikeys_file=keys_file(cfg, host, api_keys),
+               device=device, max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens,
+               usage_file=usage_file, request_timeout_s=request_timeout, max_batch_size=max_batch_size,
+               adapters=adapters, public_metrics=public_metrics,
+               knowledge=dict(parse_model_ref(k) for k in knowledge or []),
+               ui=[project(config, set_ or [])] if ui else None)
 
 
-def _keys_file(cfg: ProjectConfig, host: str | None, api_keys: Path | None) -> Path | None:
+def keys_file(cfg: ProjectConfig, host: str | None, api_keys: Path | None) -> Path | None:
     """--api-keys, else serve.api_keys; a BadParameter when there is none and the host is not loopback."""
     from slmforge.errors import ConfigError
     from slmforge.serve import check_open_bind
@@ -140,7 +140,7 @@ def proxy(
     from slmforge.serve import proxy as run_proxy
 
     cfg = load_config(config, set_ or [])
-    keys = _keys_file(cfg, host, api_keys)
+    keys = keys_file(cfg, host, api_keys)
     err.print(f"proxy -> {upstream} (strategy {strategy})", style="dim")
     run_proxy(upstream, model, name, strategy, cfg=cfg, api_key_env=upstream_key_env, host=host, port=port,
-              api_keys_file=keys)
+              apikeys_file=keys)

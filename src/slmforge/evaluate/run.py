@@ -248,6 +248,7 @@ def compare_models(
     ra = evaluate_suites(load_generator(a, endpoints=endpoints), a, suites, cfg, use_cache, limit, progress)
     rb = evaluate_suites(load_generator(b, endpoints=endpoints), b, suites, cfg, use_cache, limit, progress)
     report: dict[str, dict[str, Any]] = {}
+    pairs: list[dict[str, Any]] = []
     for name in ra:
         if not ra[name].items:
             continue  # perplexity has no per-item scores to pair
@@ -256,14 +257,36 @@ def compare_models(
         xa, xb = [sa[i] for i in ids], [sb[i] for i in ids]
         binary = all(v in (0.0, 1.0) for v in xa + xb)
         report[name] = {"metric": ra[name].primary, "n": len(ids), **compare(xa, xb, binary=binary)}
+        pairs += _paired_items(name, ra[name], rb[name], ids)
     target = Path(out) if out else (cfg.stage_dir("compare") if cfg else Path("compare"))
     with ArtifactWriter(target, kind="comparison", config={"a": str(a), "b": str(b), "suites": suites},
-                        command=command) as w:
+                        command=command, parents=_artifact_parents(a, b)) as w:
         (w.path / "compare.json").write_text(json.dumps({"a": str(a), "b": str(b), "suites": report}, indent=2) + "\n")
+        (w.path / "items.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         _plot_compare(w.path / "difference.png", report)
         _write_compare_report(w.path, str(a), str(b), report)
         w.metrics.update({f"{s}.verdict": r["verdict"] for s, r in report.items()})
     return CompareResult(target.resolve(), report)
+
+
+def _artifact_parents(*models: str | Path) -> list[dict[str, str]]:
+    """Lineage entries of the models that are slmforge artifacts (a GGUF file or an endpoint is not)."""
+    refs = []
+    for m in models:
+        try:
+            refs.append(parent_ref(m))
+        except ArtifactError:
+            continue
+    return refs
+
+
+def _paired_items(suite: str, ra: SuiteResult, rb: SuiteResult, ids: list[str]) -> list[dict[str, Any]]:
+    """One row per paired item: both outputs and primary scores, and B - A (the comparison's items.jsonl)."""
+    items_a, items_b = {it["id"]: it for it in ra.items}, {it["id"]: it for it in rb.items}
+    sa, sb = ra.scores(), rb.scores()
+    return [{"suite": suite, "id": i, "prompt": items_a[i].get("prompt", ""), "output_a": items_a[i].get("output", ""),
+             "output_b": items_b[i].get("output", ""), "score_a": sa[i], "score_b": sb[i], "diff": sb[i] - sa[i]}
+            for i in ids if i in items_a and i in items_b]
 
 
 # --------------------------------------------------------------------------- reports

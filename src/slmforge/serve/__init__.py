@@ -87,6 +87,7 @@ def create_app(
     memory: Any = None,
     reasoning: Any = None,
     shared_state: str | None = None,
+    ui: list[Any] | None = None,
 ) -> fastapi.FastAPI:
     """A FastAPI app serving the models under OpenAI's API.
 
@@ -117,6 +118,8 @@ def create_app(
         reasoning: A ``serve._reason.Reasoning`` (or ``slmforge.config.ReasonConfig``): the strategy settings
             of chat requests that ask for one (``strategy`` field, ``sc8-model`` names), and its ``default``
             strategy for those that do not (the proxy). None: strategies on request with the defaults.
+        ui: Projects (``slmforge.ui.project(path)`` each) for the dashboard under ``/ui``, behind the same keys
+            (``pip install slmforge[ui]``); the server may then start with no model (the dashboard trains one).
 
     Returns:
         The app; run it with uvicorn. ``app.state.limiter.usage_rows()`` is the usage per key.
@@ -124,7 +127,7 @@ def create_app(
     Raises:
         ConfigError: No models, or an empty key set.
     """
-    if not models:
+    if not models and not ui:
         raise ConfigError("The server needs at least one model.")
     if api_keys is not None and not api_keys:
         raise ConfigError("api_keys is empty: pass None for no authentication, or at least one key.")
@@ -139,18 +142,29 @@ def create_app(
                 for i, k in enumerate(sorted(api_keys, key=str), start=1)]
     limiter, metrics = _limiter(shared_state, KeyLimiter), Metrics()
     served = wrap_models(dict(models), max_batch_size)
-    from slmforge.serve._knowledge import KnowledgeBase
-
-    bases = {n: kb if isinstance(kb, KnowledgeBase) else KnowledgeBase(kb) for n, kb in (knowledge or {}).items()}
-    unknown = sorted({m.knowledge for m in served.values() if m.knowledge and m.knowledge not in bases})
-    if unknown:
-        raise ConfigError(f"A served model answers from the knowledge base {', '.join(unknown)}, which is not among "
-                          f"the server's ({', '.join(sorted(bases)) or 'none'}): add it to serve.knowledge.")
+    bases = _knowledge_bases(knowledge or {}, served)
     app = build_app(served, keys, PromptLimits(max_prompt_chars, max_prompt_tokens, request_timeout_s), limiter,
                     metrics, closers=closers, shutdown_timeout_s=shutdown_timeout_s, public_metrics=public_metrics,
                     knowledge=bases, memory=_server_memory(memory), reasoning=_reasoning(reasoning))
     app.state.limiter, app.state.metrics, app.state.models = limiter, metrics, served
+    if ui:
+        from slmforge.serve._ui import mount_ui
+
+        mount_ui(app, app.state.server, ui)
     return app
+
+
+def _knowledge_bases(knowledge: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
+    """Knowledge bases by name (an Index becomes a KnowledgeBase with its defaults); every one a served
+    model answers from must be among them."""
+    from slmforge.serve._knowledge import KnowledgeBase
+
+    bases = {n: kb if isinstance(kb, KnowledgeBase) else KnowledgeBase(kb) for n, kb in knowledge.items()}
+    unknown = sorted({m.knowledge for m in served.values() if m.knowledge and m.knowledge not in bases})
+    if unknown:
+        raise ConfigError(f"A served model answers from the knowledge base {', '.join(unknown)}, which is not among "
+                          f"the server's ({', '.join(sorted(bases)) or 'none'}): add it to serve.knowledge.")
+    return bases
 
 
 def check_open_bind(host: str, keys_file: str | Path | None) -> None:
@@ -200,6 +214,7 @@ def serve(
     public_metrics: bool | None = None,
     knowledge: dict[str, str] | None = None,
     strategy: str | None = None,
+    ui: list[Any] | None = None,
 ) -> None:
     """Load the models and serve them until interrupted (SIGTERM/Ctrl-C finish in-flight requests first).
 
@@ -224,6 +239,8 @@ def serve(
             (default ``serve.public_metrics``).
         knowledge: Knowledge bases (name -> ``slmforge rag index`` folder), added to ``serve.knowledge``.
         strategy: A reasoning strategy for chat requests naming none (``slmforge proxy``; see ``cfg.reason``).
+        ui: Projects for the dashboard under ``/ui`` (``slmforge ui``); with it, a project that has no model
+            yet is served with none.
 
     Raises:
         ConfigError: Two models share a name, the keys file is unusable, or there are no keys and the
@@ -231,16 +248,11 @@ def serve(
         ModelError: A model cannot be loaded.
     """
     from slmforge.config import ProjectConfig
-    from slmforge.serve._models import describe, load_models, model_configs
+    from slmforge.serve._models import describe, load_models
 
     cfg = cfg or ProjectConfig()
     sc = cfg.serve
-    refs = [parse_model_ref(r) for r in model_paths or []]
-    names = [n for n, _ in refs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"Two models are named {', '.join(dupes)}; name them apart with NAME=PATH.")
-    table = model_configs(cfg, refs, dict(adapters or {}))
+    table = _served_table(cfg, [parse_model_ref(r) for r in model_paths or []], dict(adapters or {}), bool(ui))
     keys_file = api_keys_file if api_keys_file is not None else (cfg.resolve(sc.api_keys) if sc.api_keys else None)
     check_open_bind(host or sc.host, keys_file)
     keys = read_keys_file(keys_file) if keys_file is not None else None
@@ -256,7 +268,7 @@ def serve(
                      shutdown_timeout_s=sc.shutdown_timeout_s,
                      public_metrics=sc.public_metrics if public_metrics is None else public_metrics,
                      knowledge=open_knowledge(cfg, {**sc.knowledge, **(knowledge or {})}), memory=_open_memory(cfg),
-                     reasoning=_reasoning(cfg.reason, strategy), shared_state=sc.shared_state)
+                     reasoning=_reasoning(cfg.reason, strategy), shared_state=sc.shared_state, ui=ui)
     usage = usage_file if usage_file is not None else (cfg.resolve(sc.usage_file) if sc.usage_file else None)
     if usage is not None:
         _write_usage_on_shutdown(app, Path(usage).expanduser())
@@ -264,6 +276,26 @@ def serve(
 
     uvicorn.run(app, host=host or sc.host, port=port or sc.port, log_level="info",
                 timeout_graceful_shutdown=sc.shutdown_timeout_s)
+
+
+def _served_table(cfg: ProjectConfig, refs: list[tuple[str, str]], adapters: dict[str, str], ui: bool) -> list[Any]:
+    """``model_configs``; with the dashboard, a project with no model yet is served with none (it can train one).
+
+    Raises:
+        ConfigError: Two models share a name, or there is no model to serve (and no dashboard).
+    """
+    from slmforge.serve._models import model_configs
+
+    names = [n for n, _ in refs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"Two models are named {', '.join(dupes)}; name them apart with NAME=PATH.")
+    try:
+        return model_configs(cfg, refs, adapters)
+    except ConfigError:
+        if not ui or refs:
+            raise
+        return []
 
 
 def _limiter(shared_state: str | None, in_memory: Any) -> Any:

@@ -1,0 +1,67 @@
+"""Issue 17: the dashboard's parts without a browser: recorded progress, artifact scanning, lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slmforge._progress import PROGRESS_FILE, progress_bar
+from slmforge.artifacts import ArtifactWriter, parent_ref
+from slmforge.ui._lineage import lineage_svg
+from slmforge.ui._scan import Project, artifacts, find, integrity, lineage, metric_deltas
+
+
+def test_progress_bars_are_recorded_for_the_dashboard(tmp_path: Path, monkeypatch):
+    record = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(PROGRESS_FILE, str(record))
+    with progress_bar(False) as bar:  # recorded even where the terminal shows nothing
+        task = bar.add_task("tokenize", total=5, info="")
+        for _ in range(5):
+            bar.advance(task)
+        bar.update(task, info="done")
+    rows = [json.loads(x) for x in record.read_text().splitlines()]
+    assert rows[0] == {**rows[0], "task": "tokenize", "completed": 0, "total": 5, "done": False}
+    assert rows[-1]["completed"] == 5 and rows[-1]["done"] and rows[-1]["info"] == "done"
+    assert len(rows) < 8  # throttled: not one line per update
+    monkeypatch.delenv(PROGRESS_FILE)
+    with progress_bar(False) as bar:
+        bar.add_task("quiet", total=1)
+    assert len(record.read_text().splitlines()) == len(rows)
+
+
+def _artifact(folder: Path, kind: str, parents: list[Path], metrics: dict) -> Path:
+    with ArtifactWriter(folder, kind=kind, config={}, parents=[parent_ref(p) for p in parents]) as w:
+        (w.path / "x.txt").write_text(kind)
+        w.metrics.update(metrics)
+    return folder
+
+
+def test_scan_lineage_integrity_and_deltas(tmp_path: Path):
+    (tmp_path / "slmforge.yaml").write_text("project:\n  name: demo\n")
+    runs = tmp_path / "runs"
+    data = _artifact(runs / "data", "dataset", [], {"documents_out": 10})
+    model = _artifact(runs / "train", "model", [data], {"val_ppl": 50.0, "steps": 10})
+    model_b = _artifact(runs / "sweep" / "points" / "p1" / "train", "model", [data], {"val_ppl": 40.0, "steps": 20})
+    _artifact(runs / "eval", "evaluation", [model], {"passing": False})
+    (runs / "half-done").mkdir()  # no manifest: not an artifact
+    p = Project("p0", tmp_path / "slmforge.yaml")
+    items = {a.id: a for a in artifacts(p)}
+    assert set(items) == {"data", "train", "sweep/points/p1/train", "eval"}
+    assert items["eval"].status == "failing" and items["train"].status == "done"
+    assert items["train"].headline() == {"val_ppl": 50.0, "steps": 10}
+    nodes, edges = lineage(p, list(items.values()))
+    assert ("data", "train") in edges and ("train", "eval") in edges and ("data", "sweep/points/p1/train") in edges
+    svg = lineage_svg(nodes, edges, "/ui/p/p0/a/")
+    assert svg.count('class="node"') == 4 and 'href="/ui/p/p0/a/sweep/points/p1/train"' in svg
+    assert integrity(items["train"]) == []
+    (model / "x.txt").write_text("changed")
+    assert integrity(find(p, "train")) == ["changed: x.txt (size or sha256 differs from the manifest)"]
+    deltas = {r["metric"]: r for r in metric_deltas(items["train"], find(p, "sweep/points/p1/train"))}
+    assert deltas["val_ppl"]["delta"] == pytest.approx(-10.0) and deltas["steps"]["delta"] == 10
+    from slmforge.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="not inside"):
+        find(p, "../../etc")
+    assert model_b.exists()
