@@ -195,6 +195,9 @@ def test_playground_streams_a_reply(server, page):
 def test_keyboard_labels_and_narrow_window(server, browser):
     context = browser.new_context(viewport={"width": 420, "height": 800})
     pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
     for path in ("/ui/", "/ui/compare", "/ui/playground", "/ui/p/p0/a/train", "/ui/p/p0/a/data"):
         pg.goto(f"{server}{path}")
         pg.wait_for_load_state("networkidle")
@@ -208,6 +211,7 @@ def test_keyboard_labels_and_narrow_window(server, browser):
         pg.keyboard.press("Enter")
         assert pg.evaluate("document.activeElement.id") == "main"
     context.close()
+    assert not errors, f"console errors: {errors}"
 
 
 def test_the_dashboard_is_behind_the_servers_keys(project):

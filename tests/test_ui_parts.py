@@ -65,3 +65,19 @@ def test_scan_lineage_integrity_and_deltas(tmp_path: Path):
     with pytest.raises(ArtifactError, match="not inside"):
         find(p, "../../etc")
     assert model_b.exists()
+
+
+def test_evaluation_rows_wrong_first_and_filtered(tmp_path: Path):
+    from slmforge.ui._detail import evaluation_rows
+
+    (tmp_path / "items").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps({"suites": {"qa": {"primary": "f1"}, "perplexity": {}}}))
+    items = [{"id": f"q{i}", "prompt": f"question {i}", "output": "x", "target": "y", "scores": {"f1": s}}
+             for i, s in enumerate([0.9, 0.0, 0.5, 0.0])]
+    (tmp_path / "items" / "qa.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "items" / "perplexity.jsonl").write_text("")  # no rows: not offered
+    view = evaluation_rows(tmp_path, None, "wrong", "")
+    assert view["suites"] == ["qa"] and view["primary"] == "f1"
+    assert [r["score"] for r in view["rows"]] == [0.0, 0.0, 0.5, 0.9]
+    assert [r["id"] for r in evaluation_rows(tmp_path, "qa", "file", "")["rows"]] == ["q0", "q1", "q2", "q3"]
+    assert [r["id"] for r in evaluation_rows(tmp_path, "qa", "wrong", "question 2")["rows"]] == ["q2"]
