@@ -109,6 +109,9 @@ def _forward_feeds(session, seq_len: int, rng, layout=None) -> dict[str, Any]:
 
     outputs = {o.name: o for o in session.get_outputs()}
     vocab = outputs["logits"].shape[-1] if "logits" in outputs and isinstance(outputs["logits"].shape[-1], int) else 2
+    # A windowed layer's past is never empty: ONNX Runtime wants room for the whole window (see Decoder).
+    windowed = {past: layout.sliding_window for i, (past, _) in enumerate(layout.cache_names())
+                if i // 2 in layout.sliding_layers} if layout is not None else {}
     feeds: dict[str, Any] = {}
     for inp in session.get_inputs():
         if inp.name == "input_ids":
@@ -125,7 +128,7 @@ def _forward_feeds(session, seq_len: int, rng, layout=None) -> dict[str, Any]:
                                      "beside it says what it is.")
                 head_size = layout.head_size
             dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-            feeds[inp.name] = np.zeros((1, heads, 0, head_size), dtype)
+            feeds[inp.name] = np.zeros((1, heads, windowed.get(inp.name, 0), head_size), dtype)
         else:
             raise ModelError(f"optimization_table does not know how to feed the graph input {inp.name!r}.")
     return feeds

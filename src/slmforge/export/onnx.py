@@ -9,7 +9,9 @@ The graph comes from onnxruntime-genai's model builder (run as a subprocess on t
 local model folder): GroupQueryAttention with rotary embeddings inside, fused
 skip-RMSNorm, and for int8/int4 ``MatMulNBits`` block-quantized weights (block 32,
 symmetric). optimum cannot export with transformers 5, and the builder's graph is
-what onnxruntime-genai expects (``genai_config.json``).
+what onnxruntime-genai expects (``genai_config.json``). Where the builder cannot read
+a config transformers 5 writes (Gemma 3's RoPE per layer type), it is handed a copy
+of the folder whose config.json it can read (``_builder_input``); the weights are linked.
 
 After building, the chosen ONNX Runtime optimization level is applied offline and
 the graph is made standard where it is not: the builder writes ONNX Runtime's
@@ -139,7 +141,9 @@ def export_onnx(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="slmforge-onnx-") as tmp:
-        built = _run_builder(model_dir, Path(tmp) / "build", precision, execution_provider, Path(tmp) / "cache")
+        source = _builder_input(model_dir, Path(tmp) / "input")
+        built = _run_builder(source, Path(tmp) / "build", precision, execution_provider, Path(tmp) / "cache",
+                             name=model_dir)
         source = built / MODEL_FILE
         if optimization != "disabled":
             source = _bake_optimization(source, Path(tmp) / "optimized", optimization, execution_provider)
@@ -185,8 +189,46 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ModelError(f"ONNX export: {name} {value!r} is not one of {', '.join(allowed)}.")
 
 
-def _run_builder(model_dir: Path, out: Path, precision: str, target: str, cache: Path) -> Path:
-    """Run onnxruntime-genai's model builder on a local folder; returns its output folder."""
+def _builder_input(model_dir: Path, scratch: Path) -> Path:
+    """The folder to hand the builder: ``model_dir`` itself, or a copy it can read.
+
+    transformers 5 writes Gemma 3's RoPE per layer type, ``rope_parameters: {"full_attention":
+    {...}, "sliding_attention": {...}}``; onnxruntime-genai 0.18's builder reads the flat form of
+    transformers 4 (``rope_parameters["rope_type"]``, then ``rope_theta`` for the full-attention
+    layers and ``rope_local_base_freq`` for the sliding ones) and fails with ``KeyError: 'rope_type'``.
+    The copy's config.json has the flat keys (the builder lifts each key of ``rope_parameters``
+    onto the config; transformers, loading the weights for it, rebuilds the nested form beside
+    them); every other file is a link to the original.
+
+    Raises:
+        ModelError: A RoPE scaling the builder would apply to both kinds of layer (it has one
+            scaling for both, e.g. Gemma 3 4B's linear scaling of the global layers).
+    """
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    nested = isinstance(rope, dict) and set(rope) == {"full_attention", "sliding_attention"}
+    if config.get("architectures", [None])[0] != "Gemma3ForCausalLM" or not nested:
+        return model_dir
+    full, sliding = rope["full_attention"], rope["sliding_attention"]
+    if {full.get("rope_type"), sliding.get("rope_type")} != {"default"}:
+        raise ModelError(
+            f"{model_dir}: RoPE types {full.get('rope_type')!r} (full attention) and {sliding.get('rope_type')!r} "
+            "(sliding attention); onnxruntime-genai 0.18's builder applies one RoPE scaling to both kinds of layer, "
+            "so it can export Gemma 3 only with unscaled RoPE (270M, 1B) without changing the model."
+        )
+    config["rope_parameters"] = {**full, "rope_local_base_freq": sliding["rope_theta"]}
+    scratch.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.name != "config.json":
+            (scratch / item.name).symlink_to(item.resolve())
+    (scratch / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return scratch
+
+
+def _run_builder(model_dir: Path, out: Path, precision: str, target: str, cache: Path, name: Path) -> Path:
+    """Run onnxruntime-genai's model builder on a local folder (``name`` in messages); returns its output folder."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
            "-p", precision, "-e", target, "-c", str(cache)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # -i is a local folder: nothing to download
@@ -194,7 +236,7 @@ def _run_builder(model_dir: Path, out: Path, precision: str, target: str, cache:
     if proc.returncode != 0 or not (out / MODEL_FILE).is_file() or not (out / "genai_config.json").is_file():
         log = (proc.stdout + proc.stderr).strip()[-1500:]
         raise ModelError(
-            f"onnxruntime-genai's model builder could not export {model_dir} ({precision}, {target}); "
+            f"onnxruntime-genai's model builder could not export {name} ({precision}, {target}); "
             f"exit code {proc.returncode}. Its output ends:\n{log}"
         )
     return out

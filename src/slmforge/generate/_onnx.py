@@ -15,6 +15,12 @@ encoded with the folder's Hugging Face tokenizer, which adds BOS as in training
 The graph is the builder's: GroupQueryAttention takes the past key/values
 ``(rows, kv_heads, past, head_size)`` and an attention mask as long as the whole
 sequence; it derives positions from the mask (no ``position_ids`` input).
+
+Sliding-window layers (Gemma 3's: ``sliding_window`` in genai_config.json) have a
+windowed cache (the builder's default on CPU and CUDA): the kernel keeps only the latest
+positions, compacted at the start of a buffer of its own capacity, which must hold at
+least the window whatever the sequence length (ONNX Runtime rejects a smaller one).
+Their buffers are sized apart from the full-attention layers' (see ``cache_capacity``).
 """
 
 from __future__ import annotations
@@ -148,6 +154,8 @@ class DecoderLayout:
     pad_token_id: int | None
     share_buffer: bool = False  # past and present may be one buffer (GroupQueryAttention graphs)
     target: str = "cpu"  # the device the builder shaped the graph for: cpu, cuda, dml
+    sliding_window: int = 0  # positions a sliding layer attends to (0: none has a windowed cache)
+    sliding_layers: tuple[int, ...] = ()  # the layers whose cache is windowed
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
     past_key: str = "past_key_values.%d.key"
@@ -176,6 +184,7 @@ class DecoderLayout:
             dec = model["decoder"]
             inputs, outputs = dec.get("inputs", {}), dec.get("outputs", {})
             eos = model.get("eos_token_id")
+            window = dec.get("sliding_window") or {}
             return cls(
                 onnx_file=folder / dec.get("filename", "model.onnx"),
                 num_layers=int(dec["num_hidden_layers"]),
@@ -187,6 +196,8 @@ class DecoderLayout:
                 pad_token_id=model.get("pad_token_id"),
                 share_buffer=bool(config.get("search", {}).get("past_present_share_buffer", False)),
                 target=_target_of(dec.get("session_options", {}).get("provider_options", [])),
+                sliding_window=int(window.get("window_size", 0)) if window.get("layers") else 0,
+                sliding_layers=tuple(int(i) for i in window.get("layers", [])),
                 input_ids=inputs.get("input_ids", "input_ids"),
                 attention_mask=inputs.get("attention_mask", "attention_mask"),
                 past_key=inputs.get("past_key_names", "past_key_values.%d.key"),
@@ -203,6 +214,21 @@ class DecoderLayout:
         """The providers to run the graph on when none are named: the one it was built for, then the CPU."""
         return {"cuda": ["CUDAExecutionProvider"], "dml": ["DmlExecutionProvider"]}.get(self.target, []) + [
             "CPUExecutionProvider"]
+
+    def cache_capacity(self, layer: int, max_len: int) -> int:
+        """Positions to allocate for ``layer``'s cache when a sequence may reach ``max_len``.
+
+        A full-attention layer holds the whole sequence. A windowed layer holds between the
+        window (ONNX Runtime's minimum, even for a shorter sequence) and twice the window:
+        past that, the kernel drops the positions that left the window, a window's worth at a
+        time, instead of compacting the buffer at every step. ONNX Runtime's CUDA kernel takes
+        exactly the window (a graph built for CUDA).
+        """
+        if layer not in self.sliding_layers:
+            return max_len
+        if self.target == "cuda":
+            return self.sliding_window
+        return min(max(max_len, self.sliding_window), 2 * self.sliding_window)
 
     def cache_names(self) -> list[tuple[str, str]]:
         """(past input, present output) name pairs, keys then values of each layer."""
@@ -253,13 +279,19 @@ class Decoder:
         self.kv_dtype = _NUMPY_OF_ORT_TYPE.get(types[layout.cache_names()[0][0]], np.float32)
         out_types = {o.name: o.type for o in session.get_outputs()}
         self.logits_dtype = _NUMPY_OF_ORT_TYPE.get(out_types.get(layout.logits, ""), np.float32)
-        kv_shape = (rows, layout.num_kv_heads, max_len if self.in_place else 0, layout.head_size)
+        # (rows, kv_heads, capacity, head_size) per cache name, keys then values of each layer. Out of place,
+        # a full-attention past starts empty and each step's present is one position longer; a windowed
+        # layer's past and present always have its fixed capacity.
+        shapes = [(rows, layout.num_kv_heads, capacity, layout.head_size)
+                  for layer in range(layout.num_layers)
+                  for capacity in [layout.cache_capacity(layer, max_len)
+                                   if self.in_place or layer in layout.sliding_layers else 0] * 2]
         if io_binding:
             self.binding = session.io_binding()
-            self.cache = [self._device_array(np.zeros(kv_shape, self.kv_dtype)) for _ in layout.cache_names()]
+            self.cache = [self._device_array(np.zeros(shape, self.kv_dtype)) for shape in shapes]
             self.step_logits = self._device_array(np.zeros((rows, 1, layout.vocab_size), self.logits_dtype))
         else:
-            self.cache = [np.zeros(kv_shape, self.kv_dtype) for _ in layout.cache_names()]
+            self.cache = [np.zeros(shape, self.kv_dtype) for shape in shapes]
 
     def _device_array(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
