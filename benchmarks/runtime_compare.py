@@ -1,10 +1,15 @@
 """One model, every runtime: tokens/s at batch 1, size, and held-out perplexity.
 
     python benchmarks/runtime_compare.py --model quickstart/runs/sft --data quickstart/runs/data
+    python benchmarks/runtime_compare.py --model benchmarks/results/gemma-3-270m-torch \
+        --runtimes transformers,onnx-fp32,onnx-int4 --rounds 1 --json runtime_compare_gemma
 
-Rows: PyTorch fp32 eager, PyTorch int8 (slmforge int8_dynamic), ONNX Runtime
-fp32/int8/int4 (slmforge export onnx), llama.cpp F16/Q8_0/Q4_0 (slmforge export
-gguf, run by xllamacpp). Each engine greedily continues the same prompts for
+Rows: PyTorch fp32 eager (slmforge's torch engine), PyTorch int8 (slmforge
+int8_dynamic), ONNX Runtime fp32/int8/int4 (slmforge export onnx), llama.cpp
+F16/Q8_0/Q4_0 (slmforge export gguf, run by xllamacpp); on request (--runtimes)
+transformers' own ``model.generate``, the baseline other tools quote. --model is
+any Hugging Face model folder, or a .gguf file (then its one llama.cpp row).
+Each engine greedily continues the same prompts for
 exactly 128 new tokens (``ignore_eos``), batch 1, median tokens/s over the
 prompts (prompt processing and per-call overhead included); perplexity is
 from each engine's own log-likelihoods on the same held-out documents (n/a
@@ -16,7 +21,7 @@ GGUF; the int8 row is the folder ``slmforge quantize`` would write), so a tied
 embedding counts once where the format stores it once. The last column relates
 the speed to the memory-bandwidth bound: bytes of weights read per token vs.
 the machine's measured bandwidth (a STREAM-like numpy triad, one thread).
-Writes benchmarks/results/runtime_compare.json.
+Writes benchmarks/results/runtime_compare.json (--json names another file).
 """
 
 from __future__ import annotations
@@ -29,6 +34,20 @@ import time
 from pathlib import Path
 
 from _common import bandwidth_gbs, machine, median, save
+
+# --runtimes names: what each row runs. ONNX and GGUF rows export the model first (slmforge's own exporters).
+RUNTIMES = {
+    "torch": ("PyTorch fp32 eager", "torch", None),
+    "torch-int8": ("PyTorch int8 (dynamic)", "torch-int8", None),
+    "transformers": ("transformers generate fp32", "transformers", None),
+    "onnx-fp32": ("ONNX Runtime fp32", "onnx", "fp32"),
+    "onnx-int8": ("ONNX Runtime int8", "onnx", "int8"),
+    "onnx-int4": ("ONNX Runtime int4", "onnx", "int4"),
+    "gguf-F16": ("llama.cpp F16", "gguf", "F16"),
+    "gguf-Q8_0": ("llama.cpp Q8_0", "gguf", "Q8_0"),
+    "gguf-Q4_0": ("llama.cpp Q4_0", "gguf", "Q4_0"),
+}
+DEFAULT_RUNTIMES = "torch,torch-int8,onnx-fp32,onnx-int8,onnx-int4,gguf-F16,gguf-Q8_0,gguf-Q4_0"
 
 # Plain-text continuations: this domain model writes docstring prose after them until it emits <|eos|>.
 PROMPTS = ["def fibonacci(n):", "The json module", "Return the number of", "class Queue:"]
@@ -48,8 +67,29 @@ def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float]:
     return median(rates), sum(counts) / len(counts)
 
 
+class TransformersGenerate:
+    """``model.generate`` itself, greedy, exactly ``max_new_tokens`` (the ``complete`` that decode_speed calls)."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def complete(self, prompt, params):
+        from types import SimpleNamespace
+
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt")
+        n = params.max_new_tokens
+        with torch.inference_mode():
+            out = self.model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return [SimpleNamespace(tokens=out.shape[1] - ids["input_ids"].shape[1])]
+
+
 def held_out_ppl(gen, texts: list[str]) -> float | None:
-    if not hasattr(gen, "loglikelihood"):
+    if not hasattr(gen, "loglikelihood") or not texts:
         return None
     lls = gen.loglikelihood([("", t) for t in texts], batch_size=4)
     tokens = sum(len(gen.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -61,7 +101,7 @@ def folder_bytes(path: Path, suffixes=(".safetensors", ".onnx", ".data", ".gguf"
     return sum(f.stat().st_size for f in files)
 
 
-def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
+def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, rounds: int) -> dict:
     """One runtime, measured in its own process (engines keep thread pools spinning after
     they are done, which would slow whichever engine is measured next in the same process)."""
     import torch
@@ -69,8 +109,11 @@ def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
     from slmforge.generate import LlamaCppGenerator, OnnxGenerator, SamplingParams, TorchGenerator
 
     torch.set_num_threads(threads)
-    texts = [json.loads(line)["text"][:2000] for line in (data / "text" / "test.jsonl").read_text().splitlines()][:docs]
-    if kind == "torch":
+    lines = (data / "text" / "test.jsonl").read_text().splitlines() if data else []
+    texts = [json.loads(line)["text"][:2000] for line in lines][:docs]
+    if kind == "transformers":
+        gen, size = TransformersGenerate(path), folder_bytes(path)
+    elif kind == "torch":
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
     elif kind == "torch-int8":
         from slmforge.compress import quantize_model, save_quantized
@@ -86,44 +129,63 @@ def measure(kind: str, path: Path, data: Path, docs: int, threads: int) -> dict:
     else:
         gen, size = LlamaCppGenerator(path, n_threads=threads), path.stat().st_size
     gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
-    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True))
+    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True), rounds)
     ppl = held_out_ppl(gen, texts)
     return {"bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
             "ppl": round(ppl, 3) if ppl else None}
 
 
+def plan(model: Path, names: list[str], tmp: Path) -> list[tuple[str, str, Path]]:
+    """(row name, worker kind, path) per runtime asked for, exporting ONNX/GGUF files into ``tmp``."""
+    from slmforge.export.gguf import export_gguf
+    from slmforge.export.onnx import export_onnx
+
+    if model.suffix == ".gguf":
+        return [(f"llama.cpp {model.name}", "gguf", model)]
+    runs = []
+    for key in names:
+        name, kind, variant = RUNTIMES[key]
+        if kind == "onnx":
+            path = export_onnx(model, tmp / f"onnx-{variant}", precision=variant).parent
+        elif kind == "gguf":
+            path = export_gguf(model, tmp / f"model-{variant}.gguf", type=variant)
+        else:
+            path = model
+        runs.append((name, kind, path))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="a model folder (e.g. quickstart/runs/sft)")
-    parser.add_argument("--data", required=True, type=Path, help="its data artifact (held-out text/test.jsonl)")
+    parser.add_argument("--model", required=True, type=Path, help="a model folder (e.g. quickstart/runs/sft) or a .gguf")
+    parser.add_argument("--data", type=Path, help="its data artifact (held-out text/test.jsonl); none: no perplexity")
     parser.add_argument("--docs", type=int, default=40, help="held-out documents for perplexity")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtimes", default=DEFAULT_RUNTIMES, help=f"comma-separated, of: {', '.join(RUNTIMES)}")
+    parser.add_argument("--rounds", type=int, default=3, help="times each prompt is decoded (the median is reported)")
+    parser.add_argument("--json", default="runtime_compare", help="results file name under benchmarks/results/")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.data, args.docs, args.threads)))
+        print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.data, args.docs, args.threads,
+                                 args.rounds)))
         return
+    names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise SystemExit(f"unknown --runtimes {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
 
     import subprocess
     import sys
 
-    from slmforge.export.gguf import export_gguf
-    from slmforge.export.onnx import export_onnx
-
     bw = bandwidth_gbs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        runs = [("PyTorch fp32 eager", "torch", args.model), ("PyTorch int8 (dynamic)", "torch-int8", args.model)]
-        for precision in ("fp32", "int8", "int4"):
-            out = tmp / f"onnx-{precision}"
-            export_onnx(args.model, out, precision=precision)
-            runs.append((f"ONNX Runtime {precision}", "onnx", out))
-        for gtype in ("F16", "Q8_0", "Q4_0"):
-            runs.append((f"llama.cpp {gtype}", "gguf", export_gguf(args.model, tmp / f"model-{gtype}.gguf", type=gtype)))
-        for name, kind, path in runs:
-            cmd = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data), "--docs",
-                   str(args.docs), "--threads", str(args.threads), "--worker", kind, str(path)]
+        for name, kind, path in plan(args.model, names, Path(tmp)):
+            cmd = [sys.executable, __file__, "--model", str(args.model), "--docs", str(args.docs), "--threads",
+                   str(args.threads), "--rounds", str(args.rounds), "--worker", kind, str(path)]
+            if args.data:
+                cmd += ["--data", str(args.data)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
@@ -133,12 +195,12 @@ def main() -> None:
                          "share_of_bound": round(r["tokens_per_s"] / bound, 3)})
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
           f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad); each runtime in its own process")
-    print(f"{'runtime':<26}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
+    print(f"{'runtime':<28}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
-        print(f"{r['runtime']:<26}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
+        print(f"{r['runtime']:<28}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
               f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%")
-    path = save("runtime_compare", {"model": str(args.model), "bandwidth_gbs": bw, "rows": rows})
+    path = save(args.json, {"model": str(args.model), "bandwidth_gbs": bw, "rounds": args.rounds, "rows": rows})
     print(f"wrote {path}")
 
 
