@@ -19,6 +19,7 @@ from slmforge.cli import (
     graph_cmd,
     keys_cmd,
     memory_cmd,
+    model_cmd,
     rag_cmd,
     reason_cmd,
     serve_cmd,
@@ -38,12 +39,14 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 config_app = typer.Typer(help="Show the resolved project config.", no_args_is_help=True)
-model_app = typer.Typer(help="Size models; merge a LoRA adapter into its base.", no_args_is_help=True)
+model_app = typer.Typer(help="Size models; merge a LoRA adapter into its base; trim a vocabulary to a domain.",
+                        no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models on suites, check gates, compare A/B.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train (or extend: tokenizer.method) and analyze tokenizers.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(model_app, name="model")
+model_app.command("trim-vocab")(model_cmd.trim_vocab)
 app.add_typer(eval_app, name="eval")
 app.command("generate")(generate_cmd.generate)
 app.command("chat")(generate_cmd.chat)
