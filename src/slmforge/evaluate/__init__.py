@@ -26,20 +26,20 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_siz
     """Perplexity of a causal LM on texts, packed into windows of ``seq_len`` tokens.
 
     Each document is ``bos + text + eos``; windows do not overlap, so early tokens of
-    a window see less context (the usual, slightly pessimistic, packed estimate).
+    a window see less context (the usual, slightly pessimistic, packed estimate). Models that need
+    BOS at the start of every sequence (Gemma) get it at the start of every window (``window_bos_id``).
     """
-    import numpy as np
     import torch
 
-    from slmforge.tokenizer.packing import tokenize_documents
+    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, window_bos_id
 
     stream = tokenize_documents(texts, tokenizer)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    n = len(stream) // seq_len
+    windows = PackedTokens(stream, seq_len, window_bos_id(model, tokenizer)).chunks  # (N, T)
+    n = len(windows)
     if n == 0:
         raise ValueError(f"held-out text has {len(stream)} tokens, fewer than one window of {seq_len}")
-    windows = torch.from_numpy(stream[: n * seq_len].astype(np.int64)).view(n, seq_len)  # (N, T)
     device = next(model.parameters()).device
     model.eval()
     total_nll, count = 0.0, 0

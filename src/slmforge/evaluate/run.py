@@ -71,12 +71,18 @@ def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult
     texts = [r["text"] for r in read_jsonl(output_dir(cfg, "data") / "text" / f"{split}.jsonl")]
     if not texts:
         raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
-    if not as_engine(generator).capabilities.perplexity:
+    if as_engine(generator).capabilities.perplexity:
+        lm, tokenizer = generator.model, generator.tokenizer
+    elif str(model).endswith(".gguf"):  # llama.cpp here scores no tokens; transformers reads the file dequantised
+        from slmforge.model import load_causal_lm
+
+        lm, tokenizer = load_causal_lm(model)
+    else:
         raise EvalError(
             f"The perplexity suite scores every token with the in-process PyTorch engine; {model} runs on "
             "another engine. Measure the PyTorch model it was exported from, or use generation suites."
         )
-    p = perplexity(generator.model, generator.tokenizer, texts, seq_len=min(cfg.train.seq_len, 512))
+    p = perplexity(lm, tokenizer, texts, seq_len=min(cfg.train.seq_len, 512))
     metrics = {"ppl": round(p.ppl, 4), "bits_per_byte": round(p.bits_per_byte, 5)}
     return SuiteResult(PERPLEXITY, "perplexity", model, metrics, [], "ppl", 0.0, {"tokens": p.tokens})
 

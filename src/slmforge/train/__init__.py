@@ -117,12 +117,40 @@ def _pretrain_inputs(cfg: ProjectConfig, data, tokenizer) -> tuple[Path, Path]:
     return data_dir, tok_dir
 
 
+def _continued_base(cfg: ProjectConfig) -> str | None:
+    """``model.base`` as a path when it is a local one (resolved against the project file), else as given."""
+    if not cfg.model.base:
+        return None
+    resolved = cfg.resolve(cfg.model.base)
+    return str(resolved) if resolved.exists() else cfg.model.base
+
+
 def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
-    """What ``pretrain`` would write: what decides whether an existing model is current."""
+    """What ``pretrain`` would write: what decides whether an existing model is current. With ``model.base``
+    (continued pretraining) the base model and its own tokenizer take the tokenizer artifact's place."""
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
               "seed": cfg.project.seed}
-    return Plan("model", config, [parent_ref(data_dir, "dataset"), parent_ref(tok_dir, "tokenizer")])
+    base = _continued_base(cfg)
+    start = model_ref(base) if base else parent_ref(tok_dir, "tokenizer")
+    return Plan("model", config, [parent_ref(data_dir, "dataset"), start])
+
+
+def _starting_model(cfg: ProjectConfig, tok_dir: Path) -> tuple[Any, Any, int]:
+    """(model, tokenizer, parameters): ``model.base`` with its own tokenizer (continued pretraining), else
+    a fresh ``cfg.model`` on the project's tokenizer."""
+    from slmforge.model import build_model, estimate, load_causal_lm
+    from slmforge.tokenizer import load_tokenizer
+
+    base = _continued_base(cfg)
+    if base:
+        model, tok = load_causal_lm(base)
+        model.train()
+        return model, tok, sum(p.numel() for p in model.parameters())
+    tok = load_tokenizer(tok_dir)
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
+    return model, tok, estimate(cfg.model, len(tok), cfg.train.seq_len, cfg.train.batch_size).params
 
 
 def pretrain(
@@ -134,23 +162,24 @@ def pretrain(
     progress: bool = True,
     log=None,
 ) -> TrainResult:
-    """Pretrain a fresh model (``cfg.model``) as a causal LM on the data stage's ``text`` output.
+    """Pretrain a fresh model (``cfg.model``) as a causal LM on the data stage's ``text`` output, or continue
+    pretraining ``model.base`` (a folder, .gguf or hub id) with its own tokenizer.
 
     Raises:
         ArtifactError: The data or tokenizer artifact is missing.
+        ModelError: ``model.base`` cannot be loaded.
         TrainError: Too little text for one training sequence.
     """
     from slmforge.data import read_jsonl
-    from slmforge.model import build_model, estimate, pick_device, save_model_folder
-    from slmforge.tokenizer import load_tokenizer
-    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity
+    from slmforge.model import pick_device, save_model_folder
+    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity, window_bos_id
     from slmforge.train._loop import run_loop, world
 
     tcfg = cfg.train
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     out_dir = Path(out) if out else output_dir(cfg, "train")
     plan = pretrain_plan(cfg, data, tokenizer)
-    tok = load_tokenizer(tok_dir)
+    model, tok, params = _starting_model(cfg, tok_dir)
     work = work_dir_for(out_dir)
     team = world(pick_device(tcfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
     if not team.main:
@@ -166,15 +195,13 @@ def pretrain(
             f"The training text in {data_dir} has {len(train_stream)} tokens, fewer than one sequence of "
             f"train.seq_len={tcfg.seq_len}. Add data or lower train.seq_len."
         )
-    train_src = PackedTokens(train_stream, tcfg.seq_len)
-    val_src = PackedTokens(val_stream, tcfg.seq_len) if len(val_stream) >= tcfg.seq_len else None
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-    model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
-    est = estimate(cfg.model, len(tok), tcfg.seq_len, tcfg.batch_size)
+    bos = window_bos_id(model, tok)
+    train_src = PackedTokens(train_stream, tcfg.seq_len, bos)
+    val_src = PackedTokens(val_stream, tcfg.seq_len, bos) if len(val_stream) >= tcfg.seq_len else None
     run_key = {"config": plan.config, "parents": [p["fingerprint"] for p in plan.parents]}
     res = run_loop(model, train_src, val_src, tcfg, work, cfg.project.seed, run_key, "pretraining", progress, log)
     metrics = _loop_metrics(res)
-    metrics["params"] = est.params
+    metrics["params"] = params
     metrics["train_tokens_available"] = int(len(train_stream))
     metrics["epochs"] = round(res.tokens / max(len(train_src) * tcfg.seq_len, 1), 3)
     if val_src is not None:
@@ -184,7 +211,7 @@ def pretrain(
     model.to("cpu")
     with plan.writer(out_dir, command) as w:
         save_model_folder(model, tok, w.path, cfg.generate.profiles, cfg.generate.default_profile)
-        _write_log(w.path, res.log, f"pretraining {est.params / 1e6:.1f}M parameters")
+        _write_log(w.path, res.log, f"{'continued ' if cfg.model.base else ''}pretraining {params / 1e6:.1f}M parameters")
         w.metrics.update(metrics)
     return TrainResult(out_dir.resolve(), "model", metrics)
 

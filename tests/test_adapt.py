@@ -1,0 +1,78 @@
+"""Issue 14: adapting a pretrained base. Continued pretraining of ``model.base`` with its own tokenizer
+(no tokenizer artifact), a BOS at the start of every packed window for the models that need one (Gemma),
+and the perplexity suite on a .gguf file (read through transformers)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from slmforge.artifacts import read_manifest
+from slmforge.tokenizer.packing import PackedTokens, window_bos_id
+from slmforge.train import pretrain
+
+from conftest import tiny_pretrain_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, object]:
+    from slmforge.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("adapt")
+    cfg = tiny_pretrain_config(root, max_steps=40, eval_every=20, lr=3e-3)
+    cfg.project.stages = ["data", "tokenizer", "train"]
+    run_pipeline(cfg)
+    return root, cfg
+
+
+def test_continued_pretraining_starts_from_the_base_with_its_tokenizer(trained):
+    root, cfg = trained
+    base = root / "runs" / "train"
+    base_log = [json.loads(x) for x in (base / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(root / "runs" / "tokenizer")  # the base brings its own tokenizer
+    cont = cfg.model_copy(deep=True)
+    cont.model.base = "runs/train"
+    cont.train.out, cont.train.max_steps, cont.train.lr = "runs/continued", 10, 1e-3
+    result = pretrain(cont, progress=False)
+    manifest = read_manifest(result.path)
+    assert [p["kind"] for p in manifest.parents] == ["dataset", "model"]
+    assert manifest.parents[1]["path"] == str(base.resolve())
+    assert (result.path / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    log = [json.loads(x) for x in (result.path / "log.jsonl").read_text().splitlines()]
+    fresh_loss = base_log[0]["loss"]  # a random model's first step: about ln(vocab)
+    assert log[0]["loss"] < fresh_loss - 0.5, (log[0]["loss"], fresh_loss)  # it starts where the base was
+    assert manifest.metrics["params"] == read_manifest(base).metrics["params"]
+
+
+def test_packed_windows_can_start_with_bos():
+    stream = np.arange(1, 12, dtype=np.int32)
+    plain = PackedTokens(stream, 4)
+    assert plain.chunks.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with_bos = PackedTokens(stream, 4, window_bos=0)
+    assert with_bos.chunks.tolist() == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7, 8, 9]]
+    tok = SimpleNamespace(bos_token_id=2)
+    assert window_bos_id(SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text")), tok) == 2
+    assert window_bos_id(SimpleNamespace(config=SimpleNamespace(model_type="llama")), tok) is None
+
+
+def test_perplexity_suite_reads_a_gguf_through_transformers(trained, tmp_path):
+    from slmforge.evaluate.run import evaluate_suites
+    from slmforge.export.gguf import export_gguf
+    from slmforge.generate import load_generator
+
+    root, cfg = trained
+    model = root / "runs" / "train"
+    gguf = export_gguf(model, tmp_path / "m.gguf", type="F32")
+    ours = evaluate_suites(load_generator(str(model)), str(model), ["perplexity"], cfg, use_cache=False)
+    theirs = evaluate_suites(load_generator(str(gguf)), str(gguf), ["perplexity"], cfg, use_cache=False)
+    assert theirs["perplexity"].metrics["ppl"] == pytest.approx(ours["perplexity"].metrics["ppl"], rel=1e-3)
