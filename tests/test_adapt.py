@@ -76,3 +76,59 @@ def test_perplexity_suite_reads_a_gguf_through_transformers(trained, tmp_path):
     ours = evaluate_suites(load_generator(str(model)), str(model), ["perplexity"], cfg, use_cache=False)
     theirs = evaluate_suites(load_generator(str(gguf)), str(gguf), ["perplexity"], cfg, use_cache=False)
     assert theirs["perplexity"].metrics["ppl"] == pytest.approx(ours["perplexity"].metrics["ppl"], rel=1e-3)
+
+
+def test_continued_pretraining_can_trim_the_vocabulary_first(trained):
+    from slmforge.tokenizer import load_tokenizer
+
+    from slmforge.artifacts import ArtifactWriter
+
+    from conftest import PROSE
+
+    root, cfg = trained
+    with ArtifactWriter(root / "runs" / "prose", kind="dataset", command=["test"]) as w:  # another domain
+        (w.path / "text").mkdir()
+        for split, n in (("train", 40), ("val", 8)):
+            lines = [json.dumps({"id": f"{split}-{i}", "text": PROSE[i % 3]}) for i in range(n)]
+            (w.path / "text" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cont = cfg.model_copy(deep=True)
+    cont.model.base, cont.model.trim_vocab = "runs/train", True
+    cont.train.data, cont.train.out, cont.train.max_steps, cont.train.lr = "runs/prose", "runs/continued-trimmed", 5, 1e-3
+    result = pretrain(cont, progress=False)
+    assert len(load_tokenizer(result.path)) < len(load_tokenizer(root / "runs" / "train"))
+    work = [p for p in (root / "runs" / "continued-trimmed-work").iterdir() if p.name.startswith("trimmed-base-")]
+    assert len(work) == 1 and read_manifest(work[0]).metrics["vocab_after"] == len(load_tokenizer(result.path))
+    again = pretrain(cont, progress=False)  # the trimmed base is found, not made again
+    assert again.path == result.path
+    assert len([p for p in work[0].parent.iterdir() if p.name.startswith("trimmed-base-")]) == 1
+
+
+def test_the_adapt_recipe_runs_end_to_end_on_a_small_base(trained, tmp_path, monkeypatch):
+    """`slmforge quickstart --recipe adapt`, with a tiny base in Gemma's place: trims, continues pretraining,
+    and evaluates against the untrimmed base."""
+    from typer.testing import CliRunner
+
+    from slmforge.cli.main import app
+    from slmforge.config import load_config
+
+    root, _ = trained
+    base = str(root / "runs" / "train")
+    sets = [f"model.base={base}", f"eval.regression_vs={base}", "data.python_docs.max_modules=8", "train.max_steps=3",
+            "train.max_minutes=null", "train.seq_len=64", "train.eval_every=3", "eval.limit=3", "train.precision=fp32"]
+    monkeypatch.setenv("SLMFORGE_NO_PROGRESS", "1")
+    r = CliRunner().invoke(app, ["quickstart", "--recipe", "adapt", "--out", str(tmp_path / "p"),
+                                 *[x for s in sets for x in ("--set", s)]])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(tmp_path / "p" / "slmforge.yaml")
+    assert cfg.project.stages == ["data", "train", "eval"] and cfg.model.trim_vocab and cfg.model.base
+    results = json.loads((tmp_path / "p" / "runs" / "eval" / "results.json").read_text())
+    assert results["baseline"] is not None and "perplexity.ppl" in results["baseline"]
+    assert "perplexity.ppl" in results["metrics"] and "report.md" in r.stdout
+
+
+def test_an_unknown_offline_base_says_which_exist(tmp_path):
+    from slmforge.errors import ModelError
+    from slmforge.model.offline import offline_base
+
+    with pytest.raises(ModelError, match="gemma-3-270m"):
+        offline_base(tmp_path / "x", "llama-9000")

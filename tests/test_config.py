@@ -12,7 +12,7 @@ from slmforge.config import PROJECT_FILE, ProjectConfig, init_project, load_conf
 from slmforge.errors import ConfigError
 
 
-@pytest.mark.parametrize("template", ["quickstart", "blank"])
+@pytest.mark.parametrize("template", ["quickstart", "adapt", "blank"])
 def test_template_is_valid_and_documents_every_key(tmp_path, template):
     path = init_project(tmp_path, template)
     text = path.read_text()
@@ -114,5 +114,5 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_render_template_unknown():
-    with pytest.raises(ConfigError, match="quickstart, blank"):
+    with pytest.raises(ConfigError, match="quickstart, adapt, blank"):
         render_template("fancy")

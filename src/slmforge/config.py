@@ -259,7 +259,13 @@ class ModelConfig(Section):
     base: str | None = Field(
         None,
         description="Start from an existing causal LM instead of a fresh one: a local Hugging Face folder, "
-        "a hub id (online only), or a .gguf file (architectures transformers can read).",
+        "a hub id (online only), or a .gguf file (architectures transformers can read). Training then continues "
+        "its pretraining with its own tokenizer (no tokenizer stage needed), and the architecture keys above "
+        "are ignored.",
+    )
+    trim_vocab: bool = Field(
+        False, description="With base: first keep only the tokens the training text uses (as `slmforge model "
+        "trim-vocab`): a smaller, faster model that splits the domain text exactly as the base did.",
     )
 
 
@@ -978,7 +984,7 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
 
 # --------------------------------------------------------------------------- templates
 
-TEMPLATES = ("quickstart", "blank")
+TEMPLATES = ("quickstart", "adapt", "blank")
 
 
 def _template_values(template: str) -> ProjectConfig:
@@ -1008,16 +1014,40 @@ def _template_values(template: str) -> ProjectConfig:
         cfg.report.questions = ["What does `json.dumps` do?", "What is the `asyncio` module for?"]
         cfg.eval.limit = 48
         return cfg
+    if template == "adapt":
+        return _adapt_values()
     if template == "blank":
         return ProjectConfig()
     raise ConfigError(f"Unknown template {template!r}; choose one of: {', '.join(TEMPLATES)}.")
+
+
+def _adapt_values() -> ProjectConfig:
+    """A pretrained base (Gemma 3 270M, offline) specialised on the python-docs domain: its vocabulary
+    trimmed to the domain, continued pretraining on the domain text, then evaluated against the base."""
+    cfg = ProjectConfig()
+    cfg.project.name = "python-docs-adapt"
+    cfg.project.stages = ["data", "train", "eval"]
+    cfg.data.sources = ["python-docs"]
+    cfg.data.formats = ["text", "chat"]
+    cfg.model.base = "base/gemma-3-270m"  # `slmforge quickstart --recipe adapt` writes it from the offline package
+    cfg.model.trim_vocab = True
+    t = cfg.train
+    t.seq_len, t.batch_size, t.grad_accum = 256, 4, 2
+    t.lr, t.warmup_steps, t.weight_decay, t.min_lr_ratio = 5e-5, 20, 0.0, 0.2
+    t.max_steps, t.max_minutes = 400, 25.0  # 2 cores: ~25 minutes; a faster machine stops at max_steps
+    t.eval_every, t.eval_batches, t.save_every = 50, 10, 50
+    cfg.eval.suites = ["perplexity", "python-docs-qa"]
+    cfg.eval.regression_vs = "base/gemma-3-270m"  # the untrimmed base: the comparison the recipe is about
+    cfg.eval.limit = 48
+    return cfg
 
 
 def render_template(template: str = "quickstart") -> str:
     """The text of a project file with every section and key commented.
 
     Args:
-        template: ``quickstart`` (the built-in python-docs domain) or ``blank`` (bring your own sources).
+        template: ``quickstart`` (the built-in python-docs domain), ``adapt`` (Gemma 3 270M specialised on it)
+            or ``blank`` (bring your own sources).
     """
     cfg = _template_values(template)
     head = [

@@ -93,7 +93,8 @@ def _root(
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the project (created if missing).")] = Path("."),
-    template: Annotated[str, typer.Option(help="quickstart (python-docs domain) or blank.")] = "quickstart",
+    template: Annotated[str, typer.Option(help="quickstart (python-docs domain), adapt (a pretrained base "
+                                          "specialised on it) or blank.")] = "quickstart",
     force: Annotated[bool, typer.Option(help="Overwrite an existing slmforge.yaml.")] = False,
 ) -> None:
     """Write DIR/slmforge.yaml from a template, every key documented."""
@@ -529,6 +530,8 @@ def quickstart(
     out_dir: Annotated[Path, typer.Option("--out", help="Project folder to create and run in.")] = Path("quickstart"),
     force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
     set_: SetOpt = None,
+    recipe: Annotated[str, typer.Option(help="quickstart: a small model from scratch; adapt: Gemma 3 270M (offline "
+                                        "package) specialised on the domain and compared with its base.")] = "quickstart",
 ) -> None:
     """Init + run on the built-in python-docs domain: data, tokenizer, pretraining, fine-tuning, report."""
     from slmforge.config import PROJECT_FILE, init_project, load_config
@@ -536,9 +539,14 @@ def quickstart(
 
     project_file = out_dir / PROJECT_FILE
     if not project_file.exists():
-        init_project(out_dir, "quickstart")
+        init_project(out_dir, recipe)
         out.print(f"Wrote {project_file}")
     cfg = load_config(project_file, set_ or [])
+    if recipe == "adapt" and cfg.model.base and not cfg.resolve(cfg.model.base).exists():
+        from slmforge.model.offline import offline_base
+
+        err.print(f"writing the offline base to {cfg.resolve(cfg.model.base)} (once)", style="dim")
+        offline_base(cfg.resolve(cfg.model.base))
     outcomes = run_pipeline(cfg, force=force, command=sys.argv, log=err.print)
     _print_outcomes(outcomes)
     paths = {o.stage: o.path for o in outcomes}
@@ -554,8 +562,9 @@ def quickstart(
     # Plain print: these lines are meant to be copied, so no wrapping.
     print(
         "\nNext:\n"
-        f"  open {paths.get('report', '')}/report.html\n"
-        f"  slmforge chat --model {model}\n"
+        + (f"  open {paths['report']}/report.html\n" if "report" in paths else "")
+        + (f"  open {paths['eval']}/report.md   (the model against its base)\n" if "report" not in paths and "eval" in paths else "")
+        + f"  slmforge chat --model {model}\n"
         f"  slmforge generate 'What does json.dumps do?' --chat --model {model} --profile creative\n"
         f"  slmforge inspect {model}\n"
         f"  slmforge serve {model}   (OpenAI-compatible API on http://127.0.0.1:8000/v1)\n"

@@ -136,14 +136,33 @@ def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
     return Plan("model", config, [parent_ref(data_dir, "dataset"), start])
 
 
-def _starting_model(cfg: ProjectConfig, tok_dir: Path) -> tuple[Any, Any, int]:
-    """(model, tokenizer, parameters): ``model.base`` with its own tokenizer (continued pretraining), else
-    a fresh ``cfg.model`` on the project's tokenizer."""
+def _trimmed_base(base: str, texts: list[str], work: Path) -> str:
+    """The base trimmed to ``texts``, kept in the work folder under a name made of the base's identity and
+    the texts (a resumed run, or another process of the same run, finds it made)."""
+    import hashlib
+
+    from slmforge.model.trim import trim_vocab
+
+    h = hashlib.sha256(model_ref(base)["fingerprint"].encode())
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    folder = work / f"trimmed-base-{h.hexdigest()[:12]}"
+    if not (folder / "manifest.json").is_file():
+        trim_vocab(base, texts, folder, progress=False)
+    return str(folder)
+
+
+def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: list[str], work: Path) -> tuple[Any, Any, int]:
+    """(model, tokenizer, parameters): ``model.base`` with its own tokenizer (continued pretraining; its
+    vocabulary first trimmed to ``texts`` with ``model.trim_vocab``), else a fresh ``cfg.model`` on the
+    project's tokenizer."""
     from slmforge.model import build_model, estimate, load_causal_lm
     from slmforge.tokenizer import load_tokenizer
 
     base = _continued_base(cfg)
     if base:
+        if cfg.model.trim_vocab:
+            base = _trimmed_base(base, texts, work)
         model, tok = load_causal_lm(base)
         model.train()
         return model, tok, sum(p.numel() for p in model.parameters())
@@ -179,13 +198,13 @@ def pretrain(
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     out_dir = Path(out) if out else output_dir(cfg, "train")
     plan = pretrain_plan(cfg, data, tokenizer)
-    model, tok, params = _starting_model(cfg, tok_dir)
     work = work_dir_for(out_dir)
     team = world(pick_device(tcfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
     if not team.main:
         team.barrier()  # the first process tokenizes and fills the cache; the others read it
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
     val_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "val.jsonl")]
+    model, tok, params = _starting_model(cfg, tok_dir, train_texts, work)
     train_stream = tokenize_documents(train_texts, tok, work / "cache")
     val_stream = tokenize_documents(val_texts, tok, work / "cache")
     if team.main:
