@@ -15,7 +15,7 @@ from slmforge.errors import ArtifactError, ConfigError, GateFailed, ModelError
 
 TINY = {"preset": "custom", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 PTQ = ["int8_weight_only", "int8_dynamic", "int4_weight_only", "smoothquant"]
-LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); the tied output head stays float
+LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); the tied embedding and head follow quantize.embeddings
 
 
 def _cfg(root: Path) -> ProjectConfig:
@@ -137,11 +137,12 @@ def test_quantize_records_size_and_perplexity_and_reloads(project, quantized, me
     mt = m.metrics
     assert mt["weights_bytes"] == m.files["quantized.safetensors"]["size"]
     assert mt["compression_ratio"] == pytest.approx(mt["parent_fp32_bytes"] / mt["weights_bytes"], rel=1e-3)
-    # int8 stores a quarter of the linears' fp32 bytes, int4 an eighth (plus scales); the embedding stays fp32
+    # int8 stores a quarter of the fp32 bytes, int4 an eighth (plus scales), the tied embedding and head included
     low, high = (6.5, 8.0) if method == "int4_weight_only" else (3.5, 4.0)
     assert low < mt["quantized_layers_ratio"] <= high
-    assert mt["compression_ratio"] > (2.1 if method == "int4_weight_only" else 1.8)
+    assert mt["compression_ratio"] > (6.0 if method == "int4_weight_only" else 3.3)
     assert mt["layers"] == {method: LINEARS}
+    assert mt["embeddings"] == ("int4_weight_only" if method == "int4_weight_only" else "int8_weight_only")
     limit = {"int4_weight_only": 5.0}.get(method, 1.0)
     assert abs(mt["ppl_delta_pct"]) < limit
     assert mt["ppl_delta_pct"] == pytest.approx(100 * (mt["ppl"] - mt["ppl_parent"]) / mt["ppl_parent"], abs=1e-3)
@@ -149,7 +150,7 @@ def test_quantize_records_size_and_perplexity_and_reloads(project, quantized, me
     model, tok = load_quantized(res.path)
     kinds = {type(mod).__name__ for mod in model.modules()}
     assert LAYER_FORMATS["int8_dynamic" if method == "smoothquant" else method].__name__ in kinds
-    assert "Linear" in kinds  # only the output head
+    assert {"Linear", "Embedding"}.isdisjoint(kinds) and "QuantizedEmbedding" in kinds  # nothing left in float
     assert _heldout_ppl(project, model, tok) == pytest.approx(mt["ppl"], abs=1e-3)
 
 
@@ -283,7 +284,7 @@ def test_sensitivity_ranks_every_linear_and_its_plan_is_applied(project):
     [
         ({"plan": {"model.layers.7": "int8_weight_only"}}, ConfigError, "matches no quantizable layer"),
         ({"plan": {"model.layers.0": "int3"}}, ConfigError, "is not a method"),
-        ({"plan": {"lm_head": "int8_weight_only"}}, ConfigError, "output head is never quantized"),
+        ({"plan": {"lm_head": "int8_weight_only"}}, ConfigError, "output head follow quantize.embeddings"),
         ({"method": "int4_weight_only", "group_size": 48}, ConfigError, "use a divisor of 64"),
         ({"model": "runs/quantize-int8_weight_only"}, ArtifactError, "already quantized"),
         ({"model": "runs/nothing-here"}, ModelError, "nothing-here"),

@@ -29,7 +29,7 @@ PINNED = {
     "train": ("runs/train", "model", "d0749764239a8e794846c922d377d91c1d03193ac5e317fbde56c5a7bc5823d2"),
     "sft": ("runs/sft", "adapter", "531859b9f7a605aec5515d9f0a6b9a52aa6e0f6f95102f80632e7068435670d8"),
     "encoder": ("runs/encoder-classification", "encoder", "0f0a9448b674d729511443fd7658de84d2a1bbc8db85f438c9a80d1b4ecc1f06"),
-    "quantize": ("runs/quantize-int8_weight_only", "quantized-model", "29cc18eb453f185c142686694ada1299dd3c7750b373b7447e9380761eb04f36"),
+    "quantize": ("runs/quantize-int8_weight_only", "quantized-model", "2496b276a231f8546e4fd862eca200c91b152c0e67fa15fc6c995fd011f79fe8"),
     "eval": ("runs/eval", "evaluation", "d84d86c10576d887220a3716ce2d15743e8adc234c86cfeee57b695cabf7706c"),
     "report": ("runs/report", "report", "d69a04bddb9d65606cfa46a11f397934f92d5dd94bdbe1949058f18d75e5e283"),
 }

@@ -46,6 +46,16 @@ def test_each_method_makes_a_known_layer_and_says_whether_it_is_grouped():
         assert method.one_shot == (method.prepare is None), f"{name}: a model-wide step makes a method not one-shot"
 
 
+def test_embedding_choices_are_weight_only_methods_whose_layers_gather_rows():
+    from slmforge.compress import METHODS
+    from slmforge.model.quant_layers import LAYER_FORMATS, _QuantLinear
+
+    named = [c for c in _choices(QuantizeConfig, "embeddings") if c not in ("auto", "none")]
+    tables = {m.embedding for m in METHODS.values()} - {None} | {METHODS[c].layer for c in named}
+    for fmt in tables:
+        assert fmt in LAYER_FORMATS and LAYER_FORMATS[fmt].rows is not _QuantLinear.rows, fmt
+
+
 def test_a_methods_plan_settings_reach_the_artifact_config(tmp_path, monkeypatch):
     import slmforge.compress as compress
     from slmforge.compress import quantize_plan

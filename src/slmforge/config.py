@@ -438,6 +438,12 @@ class QuantizeConfig(Section):
         "calibrated), ternary (BitNet b1.58-style quantization-aware fine-tune; experimental).",
     )
     group_size: int = Field(64, ge=8, description="Weights per scale for int4 (and ternary).")
+    embeddings: Literal["auto", "int8_weight_only", "int4_weight_only", "none"] = Field(
+        "auto",
+        description="The token embedding and the output head (one table when tied): auto = int8 rows for the int8 "
+        "methods and smoothquant, int4 groups for int4_weight_only, float for ternary; or a weight-only format; "
+        "none = keep them float (as folders written before this setting).",
+    )
     smoothquant_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength.")
     calibration_samples: int = Field(32, ge=1, description="Domain sequences used to calibrate activations.")
     ternary_steps: int = Field(100, ge=1, description="Fine-tuning steps of the ternary method.")

@@ -112,30 +112,30 @@ def _heldout(cfg: ProjectConfig) -> list[str]:
 
 def _fp32_bytes(model) -> int:
     """Bytes of the model's parameters at 4 bytes each, tied tensors counted once."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * 4
-    return total
+    return _tensor_bytes(model.parameters(), fp32=True)
 
 
-def _tensor_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+def _tensor_bytes(tensors, fp32: bool = False) -> int:
+    """Bytes of ``tensors``, each stored tensor once (a tied embedding and head share theirs);
+    ``fp32``: at 4 bytes an element, whatever their dtype."""
+    unique = {(t.data_ptr(), t.numel()): t for t in tensors}
+    return sum(t.numel() * (4 if fp32 else t.element_size()) for t in unique.values())
 
 
 # --------------------------------------------------------------------------- quantize
 
 
 def quantize_model(model, method: str = "int8_weight_only", group_size: int = 64,
-                   plan: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Quantize a model's linears in place with a one-shot method (no data needed).
+                   plan: dict[str, str] | None = None, embeddings: str = "auto") -> dict[str, dict[str, Any]]:
+    """Quantize a model's linears, token embedding and output head in place with a one-shot method (no data needed).
 
     Args:
         model: A causal LM (float).
         method: ``int8_weight_only``, ``int8_dynamic`` or ``int4_weight_only``.
         group_size: Weights per scale for int4.
         plan: Module name or prefix -> method or ``none`` (see ``quantize``).
+        embeddings: As ``quantize.embeddings``: ``auto`` (the method's weight-only format),
+            ``int8_weight_only``, ``int4_weight_only`` or ``none`` (keep them float).
 
     Returns:
         Module name -> the layer's description, as ``save_quantized`` wants it.
@@ -143,13 +143,15 @@ def quantize_model(model, method: str = "int8_weight_only", group_size: int = 64
     Raises:
         ConfigError: A method that needs data (smoothquant, ternary: use ``quantize``), or a bad plan.
     """
-    from slmforge.compress._methods import assign_methods, convert
+    from slmforge.compress._methods import assign_methods, convert, convert_embeddings, embedding_format
 
     methods = assign_methods(model, method, plan or {}, group_size)
+    table = embedding_format(model, method, embeddings, group_size)
     needy = sorted({m for m in methods.values() if m != NONE and not METHODS[m].one_shot})
     if needy:
         raise ConfigError(f"{', '.join(needy)} needs calibration or training data; use slmforge.compress.quantize(cfg).")
-    return convert(model, methods, group_size)
+    layers = convert(model, methods, group_size)
+    return {**layers, **convert_embeddings(model, table, group_size)} if table else layers
 
 
 def quantize(
@@ -186,7 +188,7 @@ def quantize(
     """
     import time
 
-    from slmforge.compress._methods import assign_methods
+    from slmforge.compress._methods import assign_methods, embedding_format
     from slmforge.evaluate import perplexity
     from slmforge.evaluate.gates import check_gates, enforce
     from slmforge.model import pick_device
@@ -199,13 +201,14 @@ def quantize(
     heldout = _heldout(cfg)
     net, tok = _load_float_model(spec)
     methods = assign_methods(net, qcfg.method, qcfg.plan, qcfg.group_size)
+    table = embedding_format(net, qcfg.method, qcfg.embeddings, qcfg.group_size)
     net.to(pick_device(cfg.train.device)).eval()
     seq_len = planned.config["eval_seq_len"]
     parent_bytes = _fp32_bytes(net)
     if log:
         log(f"quantize: held-out perplexity of {spec}")
     base = perplexity(net, tok, heldout, seq_len=seq_len)
-    converted = _convert(cfg, planned, net, tok, methods, out_dir, progress, log)
+    converted = _convert(cfg, planned, net, tok, (methods, table), out_dir, progress, log)
     if log:
         log(f"quantize: held-out perplexity after {qcfg.method} ({len(converted.layers)} of {len(methods)} layers)")
     quant = perplexity(net, tok, heldout, seq_len=seq_len)
@@ -228,19 +231,22 @@ class _Converted:
     """A model after ``_convert``: its quantized layers and what the methods' model-wide steps left."""
 
     layers: dict[str, dict[str, Any]]  # module name -> layer description, for save_quantized
+    embeddings: str  # the embedding's (and head's) layer format, or "none"
     extra: dict[str, Any]  # metrics of the model-wide steps (SmoothQuant calibration, ternary fine-tune)
     loop_log: list[dict[str, Any]]  # the ternary fine-tune's losses, if it ran
     float_layer_bytes: int  # the converted linears' weights at fp32
     stored_layer_bytes: int  # the same layers as stored
 
 
-def _convert(cfg: ProjectConfig, planned: Plan, net, tok, methods: dict[str, str], out_dir: Path, progress: bool,
-             log: Callable[[str], None] | None) -> _Converted:
+def _convert(cfg: ProjectConfig, planned: Plan, net, tok, choice: tuple[dict[str, str], str | None], out_dir: Path,
+             progress: bool, log: Callable[[str], None] | None) -> _Converted:
     """Run the methods' model-wide steps (in METHODS order), then swap every chosen linear for its
-    quantized layer, in place."""
-    from slmforge.compress._methods import Inputs, convert
+    quantized layer, and the embedding and head for theirs (``choice``: the methods per linear and
+    the embedding's format or None), in place."""
+    from slmforge.compress._methods import Inputs, convert, convert_embeddings
     from slmforge.train import work_dir_for
 
+    methods, table = choice
     qcfg = cfg.quantize
     inputs = Inputs(cfg, tok, output_dir(cfg, "data"), work_dir_for(out_dir),
                     {"config": planned.config, "parents": [p["fingerprint"] for p in planned.parents]}, progress, log)
@@ -249,10 +255,15 @@ def _convert(cfg: ProjectConfig, planned: Plan, net, tok, methods: dict[str, str
         chosen = [n for n, m in methods.items() if m == name]
         if chosen and method.prepare is not None:
             extra.update(method.prepare(net, chosen, inputs))
-    float_layer_bytes = sum(4 * net.get_submodule(n).weight.numel() for n, m in methods.items() if m != NONE)
+    chosen = [net.get_submodule(n).weight for n, m in methods.items() if m != NONE]
+    if table:
+        chosen += [net.get_input_embeddings().weight, net.get_output_embeddings().weight]
+    float_layer_bytes = _tensor_bytes(chosen, fp32=True)
     layers = convert(net, methods, qcfg.group_size)
-    stored_layer_bytes = sum(_tensor_bytes(net.get_submodule(n)) for n in layers)
-    return _Converted(layers, extra, inputs.loop_log, float_layer_bytes, stored_layer_bytes)
+    if table:
+        layers.update(convert_embeddings(net, table, qcfg.group_size))
+    stored = [t for n in layers for t in net.get_submodule(n).state_dict().values()]
+    return _Converted(layers, table or NONE, extra, inputs.loop_log, float_layer_bytes, _tensor_bytes(stored))
 
 
 def _write_quantized(cfg: ProjectConfig, net, tok, spec: str, converted: _Converted, folder: Path) -> int:
@@ -285,6 +296,7 @@ def _quantize_metrics(cfg: ProjectConfig, methods: dict[str, str], converted: _C
         "weights_bytes": weights_bytes,
         "parent_fp32_bytes": parent_bytes,
         "compression_ratio": round(parent_bytes / weights_bytes, 4),
+        "embeddings": converted.embeddings,
         "quantized_layers_ratio": round(converted.float_layer_bytes / max(converted.stored_layer_bytes, 1), 4),
         "heldout_split": cfg.report.heldout_split,
         "heldout_tokens": quant.tokens,

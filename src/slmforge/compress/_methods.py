@@ -34,6 +34,10 @@ class Method:
     """How a method is done. Built with keyword arguments in ``METHODS``, so an entry reads as what it is."""
 
     layer: str  # key of model.quant_layers.LAYER_FORMATS: what each chosen Linear becomes
+    # the LAYER_FORMATS key of the token embedding's table and the output head under quantize.embeddings=auto;
+    # None keeps them float. Always weight-only: an embedding is a lookup, and the head's logits are the
+    # model's most sensitive output.
+    embedding: str | None
     one_shot: bool  # converts a layer on its own, from its weights alone (usable for per-layer sensitivity)
     prepare: Callable[[Any, list[str], Inputs], dict[str, Any]] | None = None  # runs once, before any layer is converted
     grouped: bool = False  # the layer format keeps a scale per quantize.group_size inputs (which must divide them)
@@ -145,19 +149,22 @@ def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
 # Model-wide steps run in this order. quantize.method's Literal in config.py lists the same names
 # (tests/test_tables.py keeps them equal).
 METHODS: dict[str, Method] = {
-    "int8_weight_only": Method(layer="int8_weight_only", one_shot=True),
-    "int8_dynamic": Method(layer="int8_dynamic", one_shot=True),
-    "int4_weight_only": Method(layer="int4_weight_only", one_shot=True, grouped=True),
-    "smoothquant": Method(layer="int8_dynamic", one_shot=False, prepare=_prepare_smoothquant),
-    "ternary": Method(layer="ternary", one_shot=False, prepare=_prepare_ternary, grouped=True, plan=_plan_ternary),
+    "int8_weight_only": Method(layer="int8_weight_only", embedding="int8_weight_only", one_shot=True),
+    "int8_dynamic": Method(layer="int8_dynamic", embedding="int8_weight_only", one_shot=True),
+    "int4_weight_only": Method(layer="int4_weight_only", embedding="int4_weight_only", one_shot=True, grouped=True),
+    "smoothquant": Method(layer="int8_dynamic", embedding="int8_weight_only", one_shot=False,
+                          prepare=_prepare_smoothquant),
+    # ternary embeddings without training them would wreck the model; they stay float unless asked for
+    "ternary": Method(layer="ternary", embedding=None, one_shot=False, prepare=_prepare_ternary, grouped=True,
+                      plan=_plan_ternary),
 }
 
 
 def quantizable_linears(model) -> list[str]:
     """Every ``nn.Linear`` except the output head, in module order.
 
-    The head stays float: in our models it is tied to the input embedding (one tensor for
-    both), and it is the layer small models are most sensitive to.
+    The head is not a plan entry: in our models it is tied to the input embedding (one tensor
+    for both), so it follows ``quantize.embeddings`` with the embedding (``convert_embeddings``).
     """
     from torch import nn
 
@@ -183,7 +190,7 @@ def assign_methods(model, default: str, plan: dict[str, str], group_size: int) -
         if not any(n == key or n.startswith(key + ".") for n in names):
             raise ConfigError(
                 f"quantize.plan key {key!r} matches no quantizable layer; layers are named like {names[0]!r} "
-                f"({len(names)} in all; the output head is never quantized)."
+                f"({len(names)} in all; the embedding and output head follow quantize.embeddings)."
             )
     out = {}
     for n in names:
@@ -212,4 +219,52 @@ def convert(model, methods: dict[str, str], group_size: int) -> dict[str, dict[s
         layer = cls.from_linear(model.get_submodule(name), group_size=group_size)
         model.set_submodule(name, layer)
         layers[name] = {"method": method, **layer.describe()}
+    return layers
+
+
+def embedding_format(model, method: str, setting: str, group_size: int) -> str | None:
+    """The layer format of the token embedding and output head (``None``: float) for ``quantize.embeddings``.
+
+    Raises:
+        ConfigError: A group size that does not divide the embedding width, or an embedding that is
+            not a plain ``nn.Embedding``.
+    """
+    from torch import nn
+
+    fmt = METHODS[method].embedding if setting == "auto" else None if setting == NONE else METHODS[setting].layer
+    if fmt is None:
+        return None
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise ConfigError(f"The model's input embedding is a {type(emb).__name__}, not an nn.Embedding; set "
+                          "quantize.embeddings=none to keep it float.")
+    if any(m.grouped and m.layer == fmt for m in METHODS.values()) and emb.embedding_dim % group_size:
+        raise ConfigError(
+            f"quantize.group_size={group_size} does not divide the embedding width {emb.embedding_dim}; use a divisor "
+            f"of it, or quantize.embeddings=int8_weight_only (one scale per token, no groups)."
+        )
+    return fmt
+
+
+def convert_embeddings(model, fmt: str, group_size: int) -> dict[str, dict[str, Any]]:
+    """Quantize the token embedding and the output head to ``fmt``, in place; returns their quantize.json entries.
+
+    A head tied to the embedding (the same weight tensor) becomes the embedding's quantized table
+    itself: quantized once, stored once, so lookups and logits use the same numbers. An untied
+    head is quantized as a linear of the same format.
+    """
+    from slmforge.model.quant_layers import LAYER_FORMATS, QuantizedEmbedding
+    from slmforge.model.quantized import TIED
+
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.bias is None and head.weight is emb.weight
+    quantized = QuantizedEmbedding.from_embedding(emb, fmt, group_size)
+    model.set_submodule(names[id(emb)], quantized)
+    layers = {names[id(emb)]: {"method": fmt, **quantized.describe()}}
+    if head is None:
+        return layers
+    layer = quantized.table if tied else LAYER_FORMATS[fmt].from_linear(head, group_size=group_size)
+    model.set_submodule(names[id(head)], layer)
+    layers[names[id(head)]] = {"method": fmt, **({"format": TIED, "tied_to": names[id(emb)]} if tied else layer.describe())}
     return layers

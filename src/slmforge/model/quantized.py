@@ -12,6 +12,13 @@ layer may not import the stages above it; compress/ writes these folders and re-
     quantize.json                                          {"format": "slmforge.quantized/1",
                                                             "layers": {name: {format, shapes, ...}}}
 
+A layer entry is a quantized linear (``format`` a key of ``LAYER_FORMATS``), a quantized token
+embedding (``format: embedding`` with its ``table``, a linear description), or an output head
+tied to that embedding (``format: tied``, ``tied_to``: the embedding's name), which shares the
+embedding's table and has no tensors of its own. Folders written before embeddings were
+quantized have linear entries only; their embedding and head are float tensors, loaded and
+tied as in any Hugging Face folder.
+
 ``load_quantized`` builds the architecture from config.json, swaps in an empty
 layer of the recorded format for each quantized linear, and loads the tensors
 strictly: any missing or unexpected tensor is an error, never a silent default.
@@ -28,6 +35,7 @@ from slmforge.errors import ModelError
 FORMAT = "slmforge.quantized/1"
 WEIGHTS_FILE = "quantized.safetensors"
 META_FILE = "quantize.json"
+TIED = "tied"  # quantize.json format of an output head that is its quantized embedding's table
 
 
 def save_quantized(model, tokenizer, folder: Path, layers: dict[str, dict[str, Any]], extra: dict | None = None) -> Path:
@@ -74,9 +82,9 @@ def load_quantized(path: str | Path, device: str = "cpu"):
     """
     import torch
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from slmforge.model.quant_layers import LAYER_FORMATS
+    from slmforge.model.quant_layers import QuantizedEmbedding
 
     folder = Path(path).expanduser()
     meta_file = folder / META_FILE
@@ -92,22 +100,47 @@ def load_quantized(path: str | Path, device: str = "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"Could not build the architecture of {folder}: {type(exc).__name__}: {exc}") from None
-    for name, info in meta["layers"].items():
-        cls = LAYER_FORMATS.get(info.get("format"))
-        if cls is None:
-            raise ModelError(
-                f"{meta_file}: layer {name} has format {info.get('format')!r}; known formats: {', '.join(LAYER_FORMATS)}."
-            )
-        options = {"group_size": info["group_size"]} if "group_size" in info else {}
+    layers = meta["layers"]
+    for name in sorted(layers, key=lambda n: layers[n].get("format") == TIED):  # tied heads after their embedding
         try:
             model.get_submodule(name)
         except AttributeError:
             raise ModelError(f"{meta_file} names layer {name}, which the architecture in config.json lacks.") from None
-        model.set_submodule(name, cls(info["in_features"], info["out_features"], info["bias"], **options))
+        model.set_submodule(name, _empty_layer(model, name, layers[name], meta_file))
     try:
         load_model(model, str(folder / meta.get("weights", WEIGHTS_FILE)), strict=True)
     except (RuntimeError, OSError) as exc:
         raise ModelError(f"The tensors in {folder} do not fit the model it describes: {str(exc)[:400]}") from None
-    model.tie_weights()
+    if not any(info.get("format") == QuantizedEmbedding.format for info in layers.values()):
+        model.tie_weights()  # a float embedding and head (folders of every version); a quantized pair shares its table
+    if (folder / "generation_config.json").is_file():  # as from_pretrained does: `generate` keeps the folder's defaults
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
+
+
+def _empty_layer(model, name: str, info: dict[str, Any], meta_file: Path):
+    """The module to load ``name``'s tensors into: a quantized linear, a quantized embedding, or, for
+    a head tied to a quantized embedding, that embedding's table itself (already built)."""
+    from slmforge.model.quant_layers import LAYER_FORMATS, QuantizedEmbedding
+
+    fmt = info.get("format")
+    known = f"known formats: {', '.join([*LAYER_FORMATS, QuantizedEmbedding.format, TIED])}"
+    if fmt == TIED:
+        try:
+            source = model.get_submodule(info.get("tied_to", ""))
+        except AttributeError:
+            source = None
+        if not isinstance(source, QuantizedEmbedding):
+            raise ModelError(f"{meta_file}: layer {name} is tied to {info['tied_to']!r}, which is not a quantized embedding.")
+        return source.table
+    if fmt == QuantizedEmbedding.format:
+        try:
+            return QuantizedEmbedding.empty(info)
+        except KeyError as exc:
+            raise ModelError(f"{meta_file}: embedding {name} has an unknown or incomplete table ({exc}); {known}.") from None
+    cls = LAYER_FORMATS.get(fmt)  # type: ignore[arg-type]
+    if cls is None:
+        raise ModelError(f"{meta_file}: layer {name} has format {fmt!r}; {known}.")
+    options = {"group_size": info["group_size"]} if "group_size" in info else {}
+    return cls(info["in_features"], info["out_features"], info["bias"], **options)

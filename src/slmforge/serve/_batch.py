@@ -229,7 +229,7 @@ class BatchEngine:
             raise GenerateError(f"No adapter named {request.adapter!r}; loaded: {', '.join(self.adapters) or 'none'}.")
         if not request.prompt_ids:
             raise GenerateError("The prompt is empty; give some text.")
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = self.vocab_size  # a quantized head has no float .weight to read the width from
         bad = [t for t in (request.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
             raise GenerateError(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}.")
