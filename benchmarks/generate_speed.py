@@ -1,6 +1,8 @@
 """Decode speed of the torch engine versus plain ``model.generate``, per model preset.
 
     python benchmarks/generate_speed.py [--runs 3] [--new-tokens 128] [--presets nano,micro,small,base]
+    python benchmarks/generate_speed.py --models quickstart/runs/sft,quickstart/runs/quantize-int8_weight_only
+
 
 For each preset: a randomly initialised model (vocabulary 8192), a 32-token
 prompt, greedy decoding of exactly ``--new-tokens`` tokens at batch 1 (the
@@ -16,6 +18,14 @@ It also measures this machine's memory bandwidth (one thread, numpy triad:
 implies: a batch-1 decoder reads every fp32 weight once per token, so tokens/s
 <= bandwidth / weight bytes (for weights larger than the CPU's caches). Prints
 a table and writes benchmarks/results/generate_speed.json.
+
+With ``--models`` it measures model folders instead of presets (a float folder
+and the quantized folders made from it, say): each loaded as `slmforge generate`
+loads it, a fixed English prompt, ``ignore_eos`` so that exactly
+``--new-tokens`` come out, weights = the bytes of the folder's safetensors
+files, and one more column: how many leading greedy tokens agree with the
+first folder's (the float parent's, when it is listed first). Writes
+benchmarks/results/generate_speed_models.json (``--json NAME``: NAME.json).
 """
 
 from __future__ import annotations
@@ -41,8 +51,6 @@ def word_tokenizer():
 
 
 def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: float) -> dict:
-    import torch
-
     from slmforge.config import ModelConfig
     from slmforge.generate import SamplingParams, TorchGenerator
     from slmforge.model import build_model
@@ -55,6 +63,19 @@ def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: 
     enc = tokenizer(prompt, return_tensors="pt")
     assert enc["input_ids"].shape[1] == PROMPT_TOKENS
 
+    timed = time_decode(gen, prompt, params, enc, runs)
+    return {"preset": preset, "params": params_count, **speed_row(timed, 4 * params_count, new_tokens, bandwidth)}
+
+
+def time_decode(gen, prompt: str, params, enc, runs: int) -> dict:
+    """Median-able times of the engine and of plain ``model.generate`` on the same input, alternating,
+    after one warm-up of each; also the plain greedy token ids and whether both wrote the same text."""
+    import torch
+
+    model, tokenizer, new_tokens = gen.model, gen.tokenizer, params.max_new_tokens
+    prompt_len = enc["input_ids"].shape[1]
+    plain_ids: list[int] = []
+
     def engine():
         c = gen.complete(prompt, params)[0]
         assert c.tokens == new_tokens and c.finish_reason == "length", c
@@ -62,24 +83,30 @@ def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: 
 
     def plain():
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False)
-        assert out.shape[1] == PROMPT_TOKENS + new_tokens
-        return tokenizer.decode(out[0, PROMPT_TOKENS:], skip_special_tokens=True)
+            # greedy as the engine decodes it: no repetition penalty from the folder's generation_config.json
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 repetition_penalty=1.0)
+        assert out.shape[1] == prompt_len + new_tokens
+        plain_ids[:] = out[0, prompt_len:].tolist()
+        return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
 
     same = engine() == plain()  # also the warm-up
-    times = {"engine": [], "plain": []}
+    times: dict[str, list[float]] = {"engine": [], "plain": []}
     for _ in range(runs):  # alternate, so both see the same machine load
         for name, fn in (("engine", engine), ("plain", plain)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    return {"times": times, "same": same, "ids": plain_ids}
+
+
+def speed_row(timed: dict, weight_bytes: int, new_tokens: int, bandwidth: float) -> dict:
+    """Tokens/s of both, their ratio, and the share of the bandwidth bound ``weight_bytes`` implies."""
+    times = timed["times"]
     engine_tps = new_tokens / median(times["engine"])
     plain_tps = new_tokens / median(times["plain"])
-    weight_bytes = 4 * params_count  # fp32; parameters() yields a tied embedding once
     bound = bandwidth * 1e9 / weight_bytes
     return {
-        "preset": preset,
-        "params": params_count,
         "weight_bytes": weight_bytes,
         "bandwidth_bound_tokens_per_s": round(bound, 1),
         "engine_share_of_bound": round(engine_tps / bound, 3),
@@ -88,9 +115,60 @@ def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: 
         "engine_tokens_per_s": round(engine_tps, 1),
         "plain_generate_tokens_per_s": round(plain_tps, 1),
         "engine_over_plain": round(engine_tps / plain_tps, 3),
-        "same_greedy_output": same,
+        "same_greedy_output": timed["same"],
         "seconds": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
     }
+
+
+MODEL_PROMPT = "The built-in function len returns the number of items in a container. For example,"
+
+
+def bench_model(folder: str, runs: int, new_tokens: int, bandwidth: float) -> dict:
+    """One model folder (float or quantized) through the torch engine, as `slmforge generate` loads it."""
+    from pathlib import Path
+
+    from slmforge.generate import SamplingParams, load_generator
+
+    gen = load_generator(folder, device="cpu")
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    enc = gen.tokenizer(MODEL_PROMPT, return_tensors="pt")
+    weight_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    timed = time_decode(gen, MODEL_PROMPT, params, enc, runs)
+    return {"model": folder, "prompt_tokens": enc["input_ids"].shape[1],
+            **speed_row(timed, weight_bytes, new_tokens, bandwidth), "greedy_ids": timed["ids"]}
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def models_table(rows: list[dict], args, bandwidth: float) -> None:
+    import torch
+
+    first = rows[0]["greedy_ids"]
+    for r in rows:
+        r["agreeing_prefix_with_first"] = agreeing_prefix(first, r.pop("greedy_ids"))
+    head = (f"{'model':<48}{'weights MB':>11}{'engine tok/s':>14}{'generate tok/s':>16}{'same':>6}"
+            f"{'= first (tokens)':>18}{'GB/s read':>11}")
+    print(f"\nGreedy decode, batch 1, {rows[0]['prompt_tokens']}-token prompt, {args.new_tokens} new tokens "
+          f"(ignore_eos), median of {args.runs} (torch threads {torch.get_num_threads()}, load avg "
+          f"{os.getloadavg()[0]:.2f}); memory bandwidth {bandwidth:.1f} GB/s")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<48}{r['weight_bytes'] / 1e6:>11.2f}{r['engine_tokens_per_s']:>14.1f}"
+              f"{r['plain_generate_tokens_per_s']:>16.1f}{'yes' if r['same_greedy_output'] else 'NO':>6}"
+              f"{r['agreeing_prefix_with_first']:>12} / {args.new_tokens:<3}{r['engine_weight_gbs']:>11.2f}")
+    path = save(args.json or "generate_speed_models", {
+        "settings": {"runs": args.runs, "new_tokens": args.new_tokens, "prompt": MODEL_PROMPT,
+                     "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
+                     "bandwidth_gbs": round(bandwidth, 2)},
+        "results": rows,
+    })
+    print(f"\nwrote {path}  (machine: {machine()['cpu']}, {machine()['cores']} cores)")
 
 
 def main() -> None:
@@ -98,6 +176,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--presets", default="nano,micro,small,base")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model folders (float or quantized) to measure instead of the presets; "
+                        "list the float parent first: the others' greedy tokens are compared with its")
+    parser.add_argument("--json", default=None, help="name of the results file under benchmarks/results/ (--models)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0 = torch's choice). 1 by default: on a small shared machine "
                         "two spinning OpenMP threads made timings swing 3x from run to run")
@@ -109,9 +191,16 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = word_tokenizer()
     bandwidth = bandwidth_gbs()
     print(f"  memory bandwidth {bandwidth:.1f} GB/s (one thread, numpy triad)", flush=True)
+    if args.models:
+        rows = []
+        for folder in args.models.split(","):
+            rows.append(bench_model(folder, args.runs, args.new_tokens, bandwidth))
+            print(f"  {folder}: engine {rows[-1]['engine_tokens_per_s']} tok/s", flush=True)
+        models_table(rows, args, bandwidth)
+        return
+    tokenizer = word_tokenizer()
     rows = []
     for preset in args.presets.split(","):
         if preset not in PRESETS:
