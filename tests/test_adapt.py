@@ -132,3 +132,25 @@ def test_an_unknown_offline_base_says_which_exist(tmp_path):
 
     with pytest.raises(ModelError, match="gemma-3-270m"):
         offline_base(tmp_path / "x", "llama-9000")
+
+
+def test_compare_gives_a_template_less_base_its_fine_tunes_template(trained, tmp_path):
+    """A GGUF of a pretrained base has no chat template: `eval compare BASE.gguf FINETUNE` evaluates it with
+    the fine-tune's, and says so in the report."""
+    from slmforge.evaluate.run import compare_models
+    from slmforge.export.gguf import export_gguf
+
+    root, cfg = trained
+    model = root / "runs" / "train"
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    gguf = export_gguf(bare, tmp_path / "base.gguf", type="F32")
+    result = compare_models(cfg, gguf, model, ["arithmetic"], tmp_path / "cmp", limit=3, progress=False)
+    assert result.suites["arithmetic"]["n"] == 3
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert data["note"] and "no chat template" in data["note"] and str(gguf) in data["note"]
+    assert "no chat template" in (tmp_path / "cmp" / "report.md").read_text()

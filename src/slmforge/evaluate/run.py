@@ -251,8 +251,10 @@ def compare_models(
     from slmforge.generate import load_generator
 
     endpoints = cfg.generate.endpoints if cfg is not None else None  # which key each endpoint gets
-    ra = evaluate_suites(load_generator(a, endpoints=endpoints), a, suites, cfg, use_cache, limit, progress)
-    rb = evaluate_suites(load_generator(b, endpoints=endpoints), b, suites, cfg, use_cache, limit, progress)
+    ga, gb = load_generator(a, endpoints=endpoints), load_generator(b, endpoints=endpoints)
+    ga, gb, borrowed = _shared_template(ga, gb, a, b)
+    ra = evaluate_suites(ga, a, suites, cfg, use_cache and not borrowed, limit, progress)
+    rb = evaluate_suites(gb, b, suites, cfg, use_cache and not borrowed, limit, progress)
     report: dict[str, dict[str, Any]] = {}
     pairs: list[dict[str, Any]] = []
     for name in ra:
@@ -267,12 +269,41 @@ def compare_models(
     target = Path(out) if out else (cfg.stage_dir("compare") if cfg else Path("compare"))
     with ArtifactWriter(target, kind="comparison", config={"a": str(a), "b": str(b), "suites": suites},
                         command=command, parents=_artifact_parents(a, b)) as w:
-        (w.path / "compare.json").write_text(json.dumps({"a": str(a), "b": str(b), "suites": report}, indent=2) + "\n")
+        (w.path / "compare.json").write_text(json.dumps({"a": str(a), "b": str(b), "suites": report,
+                                                         "note": borrowed}, indent=2) + "\n")
         (w.path / "items.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         _plot_compare(w.path / "difference.png", report)
-        _write_compare_report(w.path, str(a), str(b), report)
+        _write_compare_report(w.path, str(a), str(b), report, borrowed)
         w.metrics.update({f"{s}.verdict": r["verdict"] for s, r in report.items()})
     return CompareResult(target.resolve(), report)
+
+
+def _chat_template(gen: Any) -> str | None:
+    """The Jinja chat template a generator renders with (llama.cpp: the file's; others: the tokenizer's)."""
+    template = getattr(gen, "chat_template", None) or getattr(getattr(gen, "tokenizer", None), "chat_template", None)
+    return template if isinstance(template, str) and template else None
+
+
+def _shared_template(ga: Any, gb: Any, a: str | Path, b: str | Path) -> tuple[Any, Any, str | None]:
+    """Two generators of which at most one lacks a chat template: a base model (a GGUF of a pretrained
+    base has none) is given its fine-tune's, so both answer the same rendered prompts. Returns the
+    generators and a note for the report when a template was borrowed."""
+    ta, tb = _chat_template(ga), _chat_template(gb)
+    if (ta is None) == (tb is None):
+        return ga, gb, None
+    lacking, template, name, other = (ga, tb, a, b) if ta is None else (gb, ta, b, a)
+    from slmforge.generate import LlamaCppGenerator
+
+    if isinstance(lacking, LlamaCppGenerator):  # the template is fixed when llama.cpp loads the file
+        file = lacking.gguf_file
+        lacking.close()
+        lacking = LlamaCppGenerator(file, chat_template=template)
+    elif getattr(lacking, "tokenizer", None) is not None:
+        lacking.tokenizer.chat_template = template
+    else:
+        return ga, gb, None
+    note = f"{name} has no chat template; it was evaluated with the one of {other}."
+    return (lacking, gb, note) if ta is None else (ga, lacking, note)
 
 
 def _artifact_parents(*models: str | Path) -> list[dict[str, str]]:
@@ -382,8 +413,9 @@ def _sandbox_lines(results: dict[str, SuiteResult]) -> list[str]:
     return lines
 
 
-def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[str, Any]]) -> None:
-    lines = ["# A/B comparison", "", f"A: `{a}`  ", f"B: `{b}`", "",
+def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[str, Any]],
+                          note: str | None = None) -> None:
+    lines = ["# A/B comparison", "", f"A: `{a}`  ", f"B: `{b}`", "", *([note, ""] if note else []),
              "| suite | metric | n | A | B | B - A | 95% CI | p | verdict |", "|---|---|---:|---:|---:|---:|---|---:|---|"]
     for s, r in report.items():
         lines.append(f"| {s} | {r['metric']} | {r['n']} | {r['mean_a']:.4f} | {r['mean_b']:.4f} | {r['diff']:+.4f} | "
@@ -395,7 +427,8 @@ def _write_compare_report(folder: Path, a: str, b: str, report: dict[str, dict[s
         f"<td>{r['p_value']:.4g}</td><td>{html.escape(r['verdict'])}</td></tr>" for s, r in report.items())
     (folder / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>slmforge A/B</title></head><body>"
-        f"<h1>A/B comparison</h1><p>A: {html.escape(a)}<br>B: {html.escape(b)}</p><table border=1>"
+        f"<h1>A/B comparison</h1><p>A: {html.escape(a)}<br>B: {html.escape(b)}</p>"
+        f"{'<p>' + html.escape(note) + '</p>' if note else ''}<table border=1>"
         f"<tr><th>suite</th><th>B - A</th><th>95% CI</th><th>p</th><th>verdict</th></tr>{rows}</table>"
         "<img src='difference.png' alt='difference'></body></html>\n"
     )

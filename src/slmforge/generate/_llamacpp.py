@@ -65,7 +65,10 @@ class LlamaCppGenerator(EngineBase):
         cache_prompt: bool = False,
         verbose: bool = False,
         parallel: int = 1,
+        chat_template: str | None = None,
     ) -> None:
+        """``chat_template`` (Jinja) replaces the file's own, or gives one to a file that has none (a base
+        model evaluated with its fine-tune's template)."""
         import xllamacpp
 
         from slmforge.model.gguf import read_gguf_info
@@ -80,7 +83,7 @@ class LlamaCppGenerator(EngineBase):
         arch = info.architecture
         self.gguf_file = path
         self.context_length = int(info.metadata.get(f"{arch}.context_length", 4096))
-        self.chat_template = info.chat_template
+        self.chat_template = chat_template or info.chat_template
         self.cache_prompt = cache_prompt
         self.n_ctx = int(n_ctx or min(self.context_length, 4096))
 
@@ -95,6 +98,8 @@ class LlamaCppGenerator(EngineBase):
         p.n_parallel = parallel
         p.kv_unified = False
         p.use_jinja = True  # the file's own chat template, through llama.cpp's Jinja engine
+        if chat_template:
+            p.chat_template = chat_template
         p.verbosity = 3 if verbose else -1
         p.flash_attn_type = (
             xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
