@@ -79,9 +79,8 @@ def test_perplexity_suite_reads_a_gguf_through_transformers(trained, tmp_path):
 
 
 def test_continued_pretraining_can_trim_the_vocabulary_first(trained):
-    from slmforge.tokenizer import load_tokenizer
-
     from slmforge.artifacts import ArtifactWriter
+    from slmforge.tokenizer import load_tokenizer
 
     from conftest import PROSE
 

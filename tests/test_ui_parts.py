@@ -81,3 +81,27 @@ def test_evaluation_rows_wrong_first_and_filtered(tmp_path: Path):
     assert [r["score"] for r in view["rows"]] == [0.0, 0.0, 0.5, 0.9]
     assert [r["id"] for r in evaluation_rows(tmp_path, "qa", "file", "")["rows"]] == ["q0", "q1", "q2", "q3"]
     assert [r["id"] for r in evaluation_rows(tmp_path, "qa", "wrong", "question 2")["rows"]] == ["q2"]
+
+
+def test_the_cli_hands_the_server_its_keys_and_the_dashboard(tmp_path: Path, monkeypatch):
+    """`slmforge serve --ui`, `slmforge ui` and `slmforge proxy` reach the library's servers with the keys file
+    and (for the first two) the dashboard's project; the server itself is not started here."""
+    from typer.testing import CliRunner
+
+    import slmforge.serve as serve_lib
+    from slmforge.cli.main import app
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(serve_lib, "serve", lambda *a, **kw: calls.append(("serve", kw)))
+    monkeypatch.setattr(serve_lib, "proxy", lambda *a, **kw: calls.append(("proxy", kw)))
+    (tmp_path / "slmforge.yaml").write_text("project:\n  name: demo\n")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-test\n")
+    project = ["-c", str(tmp_path / "slmforge.yaml"), "--api-keys", str(keys)]
+    for argv in (["serve", "m", "--ui", *project], ["ui", *project],
+                 ["proxy", "--upstream", "http://127.0.0.1:9/v1", *project]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 0, (argv, r.output, r.exception)
+    (_, s), (_, u), (_, p) = calls
+    assert s["api_keys_file"] == u["api_keys_file"] == p["api_keys_file"] == keys
+    assert [x.config_path for x in s["ui"]] == [x.config_path for x in u["ui"]] == [(tmp_path / "slmforge.yaml").resolve()]

@@ -90,7 +90,7 @@ def serve(
     adapters = dict(parse_model_ref(a) for a in adapter or [])
     for what, name, path in [("model", *parse_model_ref(r)) for r in models or []] + [("adapter", *a) for a in adapters.items()]:
         err.print(f"{what} {name} <- {path}", style="dim")
-    run_server(models or None, cfg=cfg, host=host, port=port, apikeys_file=keys_file(cfg, host, api_keys),
+    run_server(models or None, cfg=cfg, host=host, port=port, api_keys_file=keys_file(cfg, host, api_keys),
                device=device, max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens,
                usage_file=usage_file, request_timeout_s=request_timeout, max_batch_size=max_batch_size,
                adapters=adapters, public_metrics=public_metrics,
@@ -143,4 +143,4 @@ def proxy(
     keys = keys_file(cfg, host, api_keys)
     err.print(f"proxy -> {upstream} (strategy {strategy})", style="dim")
     run_proxy(upstream, model, name, strategy, cfg=cfg, api_key_env=upstream_key_env, host=host, port=port,
-              apikeys_file=keys)
+              api_keys_file=keys)

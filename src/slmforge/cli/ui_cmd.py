@@ -51,4 +51,4 @@ def ui(
     keys = keys_file(cfg, host, api_keys)
     bind, at = host or cfg.serve.host, port or cfg.serve.port
     err.print(f"dashboard: http://{bind}:{at}/ui/", style="bold")
-    run_server(model or None, cfg=cfg, host=host, port=port, apikeys_file=keys, ui=projects)
+    run_server(model or None, cfg=cfg, host=host, port=port, api_keys_file=keys, ui=projects)
