@@ -3,7 +3,6 @@
     python benchmarks/generate_speed.py [--runs 3] [--new-tokens 128] [--presets nano,micro,small,base]
     python benchmarks/generate_speed.py --models quickstart/runs/sft,quickstart/runs/quantize-int8_weight_only
 
-
 For each preset: a randomly initialised model (vocabulary 8192), a 32-token
 prompt, greedy decoding of exactly ``--new-tokens`` tokens at batch 1 (the
 tokenizer has no end-of-sequence token, so nothing stops early), timed through
@@ -21,10 +20,11 @@ a table and writes benchmarks/results/generate_speed.json.
 
 With ``--models`` it measures model folders instead of presets (a float folder
 and the quantized folders made from it, say): each loaded as `slmforge generate`
-loads it, a fixed English prompt, ``ignore_eos`` so that exactly
-``--new-tokens`` come out, weights = the bytes of the folder's safetensors
-files, and one more column: how many leading greedy tokens agree with the
-first folder's (the float parent's, when it is listed first). Writes
+loads it, all loaded first and then timed in rounds (each folder once a round),
+a fixed English prompt, ``ignore_eos`` so that exactly ``--new-tokens`` come
+out, weights = the bytes of the folder's safetensors files, and one more
+column: how many leading greedy tokens agree with the first folder's (the
+float parent's, when it is listed first). Writes
 benchmarks/results/generate_speed_models.json (``--json NAME``: NAME.json).
 """
 
@@ -67,9 +67,9 @@ def bench_preset(preset: str, tokenizer, runs: int, new_tokens: int, bandwidth: 
     return {"preset": preset, "params": params_count, **speed_row(timed, 4 * params_count, new_tokens, bandwidth)}
 
 
-def time_decode(gen, prompt: str, params, enc, runs: int) -> dict:
-    """Median-able times of the engine and of plain ``model.generate`` on the same input, alternating,
-    after one warm-up of each; also the plain greedy token ids and whether both wrote the same text."""
+def decoders(gen, prompt: str, params, enc) -> tuple:
+    """``(engine, plain, plain_ids)``: decode with the engine and with plain ``model.generate`` on the same
+    input (each returns its text); ``plain_ids`` holds the last plain call's new token ids."""
     import torch
 
     model, tokenizer, new_tokens = gen.model, gen.tokenizer, params.max_new_tokens
@@ -90,14 +90,26 @@ def time_decode(gen, prompt: str, params, enc, runs: int) -> dict:
         plain_ids[:] = out[0, prompt_len:].tolist()
         return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
 
-    same = engine() == plain()  # also the warm-up
-    times: dict[str, list[float]] = {"engine": [], "plain": []}
-    for _ in range(runs):  # alternate, so both see the same machine load
-        for name, fn in (("engine", engine), ("plain", plain)):
+    return engine, plain, plain_ids
+
+
+def time_rounds(fns: dict, runs: int) -> dict[str, list[float]]:
+    """Seconds of each function per round, all of them once a round, so all see the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {"times": times, "same": same, "ids": plain_ids}
+    return times
+
+
+def time_decode(gen, prompt: str, params, enc, runs: int) -> dict:
+    """Times of the engine and of plain ``model.generate`` on the same input, alternating, after one
+    warm-up of each; also the plain greedy token ids and whether both wrote the same text."""
+    engine, plain, ids = decoders(gen, prompt, params, enc)
+    same = engine() == plain()  # also the warm-up
+    return {"times": time_rounds({"engine": engine, "plain": plain}, runs), "same": same, "ids": ids}
 
 
 def speed_row(timed: dict, weight_bytes: int, new_tokens: int, bandwidth: float) -> dict:
@@ -123,19 +135,31 @@ def speed_row(timed: dict, weight_bytes: int, new_tokens: int, bandwidth: float)
 MODEL_PROMPT = "The built-in function len returns the number of items in a container. For example,"
 
 
-def bench_model(folder: str, runs: int, new_tokens: int, bandwidth: float) -> dict:
-    """One model folder (float or quantized) through the torch engine, as `slmforge generate` loads it."""
+def bench_models(folders: list[str], runs: int, new_tokens: int, bandwidth: float) -> list[dict]:
+    """Model folders (float or quantized) through the torch engine, as `slmforge generate` loads them; all
+    loaded first, then timed in rounds (every folder once a round), so a busy spell slows them alike."""
     from pathlib import Path
 
     from slmforge.generate import SamplingParams, load_generator
 
-    gen = load_generator(folder, device="cpu")
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    enc = gen.tokenizer(MODEL_PROMPT, return_tensors="pt")
-    weight_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    timed = time_decode(gen, MODEL_PROMPT, params, enc, runs)
-    return {"model": folder, "prompt_tokens": enc["input_ids"].shape[1],
-            **speed_row(timed, weight_bytes, new_tokens, bandwidth), "greedy_ids": timed["ids"]}
+    fns, found = {}, []
+    for folder in folders:
+        gen = load_generator(folder, device="cpu")
+        enc = gen.tokenizer(MODEL_PROMPT, return_tensors="pt")
+        engine, plain, ids = decoders(gen, MODEL_PROMPT, params, enc)
+        fns.update({(folder, "engine"): engine, (folder, "plain"): plain})
+        same = engine() == plain()  # also the warm-up
+        weight_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        found.append((folder, enc["input_ids"].shape[1], same, ids, weight_bytes))
+    times = time_rounds(fns, runs)
+    rows = []
+    for folder, prompt_tokens, same, ids, weight_bytes in found:
+        timed = {"times": {k: times[(folder, k)] for k in ("engine", "plain")}, "same": same}
+        rows.append({"model": folder, "prompt_tokens": prompt_tokens,
+                     **speed_row(timed, weight_bytes, new_tokens, bandwidth), "greedy_ids": ids})
+        print(f"  {folder}: engine {rows[-1]['engine_tokens_per_s']} tok/s", flush=True)
+    return rows
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
@@ -194,11 +218,7 @@ def main() -> None:
     bandwidth = bandwidth_gbs()
     print(f"  memory bandwidth {bandwidth:.1f} GB/s (one thread, numpy triad)", flush=True)
     if args.models:
-        rows = []
-        for folder in args.models.split(","):
-            rows.append(bench_model(folder, args.runs, args.new_tokens, bandwidth))
-            print(f"  {folder}: engine {rows[-1]['engine_tokens_per_s']} tok/s", flush=True)
-        models_table(rows, args, bandwidth)
+        models_table(bench_models(args.models.split(","), args.runs, args.new_tokens, bandwidth), args, bandwidth)
         return
     tokenizer = word_tokenizer()
     rows = []
