@@ -14,7 +14,9 @@ safetensors (int8 / packed int4 / packed ternary tensors plus scales), not
 torchao, CPU-only, and its packed parameters cannot be written without pickle.
 Hand-written layers also run unchanged on CUDA, and one W8A8 layer serves both
 int8_dynamic and SmoothQuant. torchao would bring faster kernels but a new
-dependency; the formats here are simple enough to port to it later.
+dependency; the formats here are simple enough to port to it later. The token
+embedding and the output head follow ``quantize.embeddings`` (one quantized table
+when they are tied).
 """
 
 from __future__ import annotations
