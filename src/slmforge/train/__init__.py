@@ -129,8 +129,9 @@ def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
     """What ``pretrain`` would write: what decides whether an existing model is current. With ``model.base``
     (continued pretraining) the base model and its own tokenizer take the tokenizer artifact's place."""
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
-    config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-              "seed": cfg.project.seed}
+    # model.trim_vocab came later: while off it is left out, so the models of existing projects stay current
+    model = cfg.model.model_dump(mode="json", exclude=None if cfg.model.trim_vocab else {"trim_vocab"})
+    config = {"model": model, "train": cfg.train.model_dump(mode="json"), "seed": cfg.project.seed}
     base = _continued_base(cfg)
     start = model_ref(base) if base else parent_ref(tok_dir, "tokenizer")
     return Plan("model", config, [parent_ref(data_dir, "dataset"), start])
