@@ -76,6 +76,8 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cot_finetune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reasoning_tradeoff.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ddp_cpu.py --steps 40 --preset micro
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/trim_vocab.py --rounds 3
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/domain_adapt.py --minutes 25 --qa 48
 
 # The README's dashboard screenshots, taken by the dashboard's own browser tests.
 screenshots: install system-deps
