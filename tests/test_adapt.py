@@ -113,13 +113,14 @@ def test_the_adapt_recipe_runs_end_to_end_on_a_small_base(trained, tmp_path, mon
     root, _ = trained
     base = str(root / "runs" / "train")
     sets = [f"model.base={base}", f"eval.regression_vs={base}", "data.python_docs.max_modules=8", "train.max_steps=3",
-            "train.max_minutes=null", "train.seq_len=64", "train.eval_every=3", "eval.limit=3", "train.precision=fp32"]
+            "train.max_minutes=null", "train.seq_len=64", "train.eval_every=3", "eval.limit=3", "train.precision=fp32",
+            "sft.max_steps=2", "sft.max_minutes=null", "sft.seq_len=64", "sft.batch_size=2", "sft.precision=fp32"]
     monkeypatch.setenv("SLMFORGE_NO_PROGRESS", "1")
     r = CliRunner().invoke(app, ["quickstart", "--recipe", "adapt", "--out", str(tmp_path / "p"),
                                  *[x for s in sets for x in ("--set", s)]])
     assert r.exit_code == 0, r.output
     cfg = load_config(tmp_path / "p" / "slmforge.yaml")
-    assert cfg.project.stages == ["data", "train", "eval"] and cfg.model.trim_vocab and cfg.model.base
+    assert cfg.project.stages == ["data", "train", "sft", "eval"] and cfg.model.trim_vocab and cfg.model.base
     results = json.loads((tmp_path / "p" / "runs" / "eval" / "results.json").read_text())
     assert results["baseline"] is not None and "perplexity.ppl" in results["baseline"]
     assert "perplexity.ppl" in results["metrics"] and "report.md" in r.stdout

@@ -253,6 +253,29 @@ def test_sft_masks_everything_but_assistant_tokens(project):
     assert batch["labels"].shape == batch["input_ids"].shape == (2, len(ids))
 
 
+def test_sft_finds_assistant_tokens_without_generation_blocks(project):
+    """Published templates (Gemma's turns, say) have no {% generation %} blocks: the assistant turns are
+    found from the conversation rendered up to and through each one, and match the marked way."""
+    from slmforge.tokenizer import load_tokenizer
+    from slmforge.train._data import ChatExamples
+
+    tok = load_tokenizer(project / "runs" / "tokenizer")
+    record = {"messages": [
+        {"role": "user", "content": "What does len do?"}, {"role": "assistant", "content": "Return the size."},
+        {"role": "user", "content": "And abs?"}, {"role": "assistant", "content": "The absolute value."},
+    ]}
+    marked = ChatExamples([record], tok, seq_len=512).examples[0]
+    tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{%- generation %}", "") \
+        .replace("{% endgeneration %}", "").replace("{%- endgeneration %}", "")
+    assert "generation %}" not in tok.chat_template
+    plain = ChatExamples([record], tok, seq_len=512).examples[0]
+    trained = [tok.decode(ids[labels != -100]).strip() for ids, labels in (marked, plain)]
+    assert trained[0] == "Return the size.<|im_end|>The absolute value.<|im_end|>"
+    assert "".join(trained[1].split()) == "".join(trained[0].split())  # the tags' whitespace control aside
+    untrained = tok.decode(plain[0][plain[1] == -100])
+    assert "What does len do?" in untrained and "And abs?" in untrained and "Return" not in untrained
+
+
 @pytest.fixture(scope="module")
 def lora_adapters(project, pretrained):
     from slmforge.train import finetune

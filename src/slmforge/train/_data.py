@@ -24,28 +24,23 @@ FALLBACK_CHAT_TEMPLATE = (
 class ChatExamples:
     """Conversations tokenized with the chat template; loss only on assistant tokens.
 
-    Uses ``return_assistant_tokens_mask``, which needs ``{% generation %}`` blocks in the
-    template (slmforge's templates have them).
+    Templates with ``{% generation %}`` blocks (slmforge's) mark the assistant tokens themselves
+    (``return_assistant_tokens_mask``). Most published templates have none; for those, each assistant turn
+    is the tokens between the conversation rendered up to it (with the generation prompt) and rendered
+    through it, which is checked to be a prefix of the whole conversation's tokens.
     """
 
     def __init__(self, records: list[dict], tokenizer, seq_len: int) -> None:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        marks = any(tag in tokenizer.chat_template for tag in ("{% generation %}", "{%- generation %}"))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skipped = 0
         for record in records:
-            enc = tokenizer.apply_chat_template(
-                record["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            ids = list(enc["input_ids"])[:seq_len]
-            mask = list(enc["assistant_masks"])[:seq_len]
+            ids, mask = (_marked(tokenizer, record["messages"]) if marks else _by_prefixes(tokenizer, record["messages"]))
+            ids, mask = ids[:seq_len], mask[:seq_len]
             if not any(mask):
-                if "{% generation %}" not in tokenizer.chat_template and "{%- generation %}" not in tokenizer.chat_template:
-                    raise TrainError(
-                        "The tokenizer's chat template has no {% generation %} block, so assistant tokens "
-                        "cannot be told apart from the prompt. Use a slmforge tokenizer or add the block."
-                    )
                 self.skipped += 1  # the answer was cut off entirely by seq_len
                 continue
             ids_t = torch.tensor(ids, dtype=torch.long)
@@ -60,6 +55,38 @@ class ChatExamples:
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
+
+
+def _marked(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(enc["input_ids"]), list(enc["assistant_masks"])
+
+
+def _tokens(tokenizer, messages: list[dict], prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=prompt)
+    return list(enc["input_ids"])
+
+
+def _by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Assistant tokens of a template without generation blocks (see ``ChatExamples``).
+
+    Raises:
+        TrainError: A rendered prefix is not a prefix of the whole conversation's tokens (a template that
+            rewrites earlier turns), so the assistant's tokens cannot be located.
+    """
+    ids = _tokens(tokenizer, messages, False)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start, through = _tokens(tokenizer, messages[:i], True), _tokens(tokenizer, messages[: i + 1], False)
+        if ids[: len(through)] != through or through[: len(start)] != start:
+            raise TrainError("The chat template renders earlier turns differently once later ones follow, so the "
+                             "assistant's tokens cannot be located; add {% generation %} blocks to the template.")
+        mask[len(start) : len(through)] = [1] * (len(through) - len(start))
+    return ids, mask
 
 
 def right_padded(items: list[tuple[torch.Tensor, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
