@@ -76,8 +76,10 @@ bench: install $(QUICKSTART_SFT)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cot_finetune.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reasoning_tradeoff.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ddp_cpu.py --steps 40 --preset micro
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/runtime_compare.py --model benchmarks/results/gemma-3-270m-torch \
+		--runtimes transformers,onnx-fp32,onnx-int4 --rounds 1 --json runtime_compare_gemma
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/trim_vocab.py --rounds 3
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/domain_adapt.py --minutes 25 --qa 48
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/domain_adapt.py --minutes 25 --sft-minutes 4 --qa 48
 
 # The README's dashboard screenshots, taken by the dashboard's own browser tests.
 screenshots: install system-deps
