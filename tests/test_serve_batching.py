@@ -366,6 +366,13 @@ def test_gguf_models_serve_concurrent_requests_in_llama_cpp_slots(work, tmp_path
     gguf = export_gguf(work["model"], tmp_path / "m.gguf", type="F32")
     with LlamaCppGenerator(gguf, n_threads=1, n_ctx=256, parallel=4) as gen, \
             LiveServer(create_app({"q": gen})) as url:
+        from slmforge.serve._models import describe, wrap_models
+
+        hf = json.loads((Path(work["model"]) / "config.json").read_text())  # the KV cache the log states
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        want_kv = hf["num_hidden_layers"] * hf["num_key_value_heads"] * 2 * head_dim * 256 * 4 * 4  # f32, 4 slots
+        assert gen.kv_cache_bytes == want_kv
+        assert f"4 llama.cpp slots, KV cache {want_kv / 2**20:,.0f} MiB" in describe(wrap_models({"q": gen}, 4))[0]
         params = SamplingParams(max_new_tokens=20, ignore_eos=True)
         want = [gen.complete(p, params)[0].text for p in PROMPTS]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -94,6 +94,7 @@ class EngineBase:
     capabilities: Capabilities = Capabilities()
     context_length: int | None = None  # the context window in tokens, where the engine knows one
     parallel: int = 1  # requests the engine takes at once (the server's semaphore for it)
+    kv_cache_bytes: int | None = None  # memory its slots reserve for KV caches up front (llama.cpp), where known
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

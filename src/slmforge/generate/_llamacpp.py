@@ -28,6 +28,7 @@ from slmforge.generate import Capabilities, Completion, EngineBase, Message, Sam
 from slmforge.generate._text import cut_at_stop, cut_stream
 
 _KV_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0"}
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # per element; Q8_0: 32 int8 values + an f16 scale
 _END = object()  # marks the end of a stream in the queue
 
 
@@ -84,6 +85,7 @@ class LlamaCppGenerator(EngineBase):
         self.gguf_file = path
         self.context_length = int(info.metadata.get(f"{arch}.context_length", 4096))
         self.chat_template = chat_template or info.chat_template
+        self._info, self._kv_type = info, kv_cache_type
         self.cache_prompt = cache_prompt
         self.n_ctx = int(n_ctx or min(self.context_length, 4096))
 
@@ -114,6 +116,20 @@ class LlamaCppGenerator(EngineBase):
         except RuntimeError as exc:
             raise GenerateError(f"llama.cpp could not load {path}: {exc}") from None
         self._address = self.server.listening_address
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory of the KV cache of all slots: each slot holds a whole context (``n_ctx``) for every layer.
+        An upper bound for models whose sliding-window layers llama.cpp keeps shorter (Gemma 3)."""
+        meta, arch = self._info.metadata, self._info.architecture
+        layers = int(meta.get(f"{arch}.block_count", 0))
+        heads = int(meta.get(f"{arch}.attention.head_count", 1) or 1)
+        kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+        kv_heads = int(max(kv_heads) if isinstance(kv_heads, (list, tuple)) else kv_heads)
+        width = int(meta.get(f"{arch}.embedding_length", 0)) // heads
+        per_token = kv_heads * (int(meta.get(f"{arch}.attention.key_length", width))
+                                + int(meta.get(f"{arch}.attention.value_length", width)))
+        return int(layers * per_token * self.n_ctx * self.parallel * _KV_BYTES[self._kv_type])
 
     # ------------------------------------------------------------------ Generator
 

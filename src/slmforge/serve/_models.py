@@ -205,7 +205,7 @@ def load_models(cfg: ProjectConfig, models: list[ServeModelConfig], device: str,
         if adapters and not ENGINES[kind].capabilities.adapters:
             raise ConfigError(f"{where}: LoRA adapters need the torch engine (got engine {kind}).")
         gen = load_generator(path, adapters=adapters or None, device=device, endpoints=cfg.generate.endpoints,
-                             engine=kind, parallel=min(max_batch_size, LLAMACPP_MAX_SLOTS))
+                             engine=kind, parallel=max_batch_size)
         if adapters:
             gen.set_adapter(None)  # the base name serves the bare base; each adapter name its adapter
         profiles = _profiles(cfg, path)
@@ -236,6 +236,9 @@ def describe(served: dict[str, ServedModel]) -> list[str]:
         bits = [m.engine]
         if m.slots > 1:
             bits.append(f"{m.slots} {m.engine} slots")
+        kv = as_engine(m.generator).kv_cache_bytes if m.generator is not None else None
+        if kv is not None:  # llama.cpp: every slot holds a whole context; say what that costs
+            bits.append(f"KV cache {kv / 2**20:,.0f} MiB")
         if m.batch is not None:
             bits.append(f"continuous batching up to {m.batch.max_batch_size}")
         if m.adapter:
@@ -251,9 +254,6 @@ def _resolve(cfg: ProjectConfig, path: str) -> str:
     resolved = cfg.resolve(path)
     return str(resolved) if resolved.exists() or Path(path).expanduser().is_absolute() else path
 
-
-# llama.cpp slots each hold a whole context's KV cache, so the server opens at most this many.
-LLAMACPP_MAX_SLOTS = 8
 
 
 def _profiles(cfg: ProjectConfig, path: str) -> dict[str, SamplingProfile]:
