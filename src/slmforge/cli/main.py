@@ -273,8 +273,8 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the section's out).")] = None,
-    nproc: Annotated[int, typer.Option(min=1, help="pretrain: data-parallel processes on this machine (torchrun; "
-                                       "gloo on CPU, nccl on GPUs); the global batch stays train.batch_size.")] = 1,
+    nproc: Annotated[int, typer.Option(min=1, help="pretrain, sft: data-parallel processes on this machine (torchrun; "
+                                       "gloo on CPU, nccl on GPUs); the global batch stays the section's batch_size.")] = 1,
 ) -> None:
     """Train: interrupted runs (Ctrl-C, kill -9) resume from their last checkpoint when re-run."""
     import os
@@ -282,8 +282,8 @@ def train(
     from slmforge import train as training
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if what != "pretrain":
-            raise typer.BadParameter("data-parallel training (--nproc > 1) covers pretrain so far.")
+        if what not in ("pretrain", "sft"):
+            raise typer.BadParameter("data-parallel training (--nproc > 1) covers pretrain and sft so far.")
         args = [a for i, a in enumerate(sys.argv[1:]) if a != "--nproc" and sys.argv[i] != "--nproc"
                 and not a.startswith("--nproc=")]
         torchrun = str(Path(sys.executable).parent / "torchrun")

@@ -297,9 +297,9 @@ def finetune(
             generation markers.
     """
     from slmforge.data import read_jsonl
-    from slmforge.model import save_model_folder
+    from slmforge.model import pick_device, save_model_folder
     from slmforge.train._data import ChatExamples
-    from slmforge.train._loop import run_loop
+    from slmforge.train._loop import run_loop, world
 
     scfg = cfg.sft
     if scfg.method == "qlora":
@@ -309,6 +309,7 @@ def finetune(
     data_dir = _dataset_dir(cfg, scfg.data, data)
     out_dir = Path(out) if out else output_dir(cfg, "sft")
     plan = finetune_plan(cfg, base, data)
+    team = world(pick_device(scfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
     base_spec = plan.config["base"]
     model, tok = load_causal_lm(base_spec, four_bit=scfg.method == "qlora")
     if scfg.tokenizer:
@@ -334,6 +335,8 @@ def finetune(
     metrics["examples_cut_off"] = train_src.skipped
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["trainable_params"] = trainable
+    if not team.main:  # the replicas are identical: the first process writes the model or adapter
+        return TrainResult(out_dir.resolve(), plan.kind, metrics)
     if not getattr(model, "is_loaded_in_4bit", False):
         model.to("cpu")
     with plan.writer(out_dir, command) as w:
