@@ -79,3 +79,42 @@ def test_sft_runs_data_parallel_too(project):
     manifest = json.loads((project / "sft-two" / "manifest.json").read_text())
     assert manifest["kind"] == "adapter" and manifest["metrics"]["processes"] == 2
     assert (project / "sft-two" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_data_parallel_run_resumes_to_the_same_weights(project):
+    """kill -9 of both processes after a checkpoint; the same command resumes from it and ends with the
+    weights of an uninterrupted two-process run."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLMFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    sets = ["--set", "train.max_steps=24", "--set", "train.save_every=6", "--set", "train.eval_every=24"]
+
+    def start(out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "slmforge", "train", "pretrain", "-c",
+                                 str(project / "slmforge.yaml"), "--out", str(project / out), "--nproc", "2", *sets],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    reference = start("ddp-whole")
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:] if reference.stderr else ""
+    run = start("ddp-killed")
+    checkpoints = project / "ddp-killed-work" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):
+        assert run.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert not (project / "ddp-killed").exists()
+    again = start("ddp-killed")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    manifest = json.loads((project / "ddp-killed" / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] >= 6 and manifest["metrics"]["processes"] == 2
+    whole, resumed = (load_file(str(project / o / "model.safetensors")) for o in ("ddp-whole", "ddp-killed"))
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6)
