@@ -312,3 +312,31 @@ def test_one_label_and_empty_train_split_are_clear_errors(tmp_path):
     (data / "classification" / "train.jsonl").write_text("")
     with pytest.raises(TrainError, match="has no examples"):
         train_encoder(_cfg(tmp_path, "classification"), progress=False)
+
+
+def test_the_encoder_trains_data_parallel_too(project):
+    """`slmforge train encoder --nproc 2`: two gloo processes learn the task as one does, and one of them scores
+    and writes the encoder. (Not the same curve: each process draws its own dropout masks.)"""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    from slmforge.config import dump_config
+
+    (project / "ddp.yaml").write_text(dump_config(_cfg(project, "classification")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLMFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(out: str, *extra: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-m", "slmforge", "train", "encoder", "-c", str(project / "ddp.yaml"),
+                            "--out", str(project / out), "--set", "encoder.batch_size=8", *extra], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [_json.loads(x) for x in (project / f"{out}-work" / "log.jsonl").read_text().splitlines()]
+
+    one, two = run("enc-one"), run("enc-two", "--nproc", "2")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=0.02)  # the same start
+    assert two[-1]["val_loss"] < 0.25 * two[0]["loss"] and one[-1]["val_loss"] < 0.25 * one[0]["loss"]
+    m, m1 = read_manifest(project / "enc-two", "encoder"), read_manifest(project / "enc-one", "encoder")
+    assert m.metrics["processes"] == 2 and m.metrics["accuracy"] >= m1.metrics["accuracy"] - 0.1

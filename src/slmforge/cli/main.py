@@ -273,7 +273,7 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the section's out).")] = None,
-    nproc: Annotated[int, typer.Option(min=1, help="pretrain, sft: data-parallel processes on this machine (torchrun; "
+    nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (torchrun; "
                                        "gloo on CPU, nccl on GPUs); the global batch stays the section's batch_size.")] = 1,
 ) -> None:
     """Train: interrupted runs (Ctrl-C, kill -9) resume from their last checkpoint when re-run."""
@@ -281,9 +281,9 @@ def train(
 
     from slmforge import train as training
 
+    if what not in ("pretrain", "sft", "encoder"):
+        raise typer.BadParameter(f"choose one of: pretrain, sft, encoder (got {what!r})")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if what not in ("pretrain", "sft"):
-            raise typer.BadParameter("data-parallel training (--nproc > 1) covers pretrain and sft so far.")
         args = [a for i, a in enumerate(sys.argv[1:]) if a != "--nproc" and sys.argv[i] != "--nproc"
                 and not a.startswith("--nproc=")]
         torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -294,8 +294,6 @@ def train(
         from slmforge.train.encoder import train_encoder
 
         runners["encoder"] = train_encoder
-    if what not in runners:
-        raise typer.BadParameter(f"choose one of: pretrain, sft, encoder (got {what!r})")
     try:
         result = runners[what](cfg, out=out_dir, command=sys.argv, log=err.print)
     except KeyboardInterrupt as exc:

@@ -384,10 +384,12 @@ def train_encoder(
         ModelError: ``encoder.base`` is not a loadable encoder folder.
         ConfigError: A fresh encoder's hidden_size is not divisible by num_heads.
     """
-    from slmforge.train._loop import run_loop
+    from slmforge.model import pick_device
+    from slmforge.train._loop import run_loop, world
 
     ecfg = cfg.encoder
     task = ecfg.task
+    team = world(pick_device(ecfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
     data_dir = _dataset_dir(cfg, ecfg.data, data)
     out_dir = Path(out) if out else cfg.stage_dir(f"encoder-{task}", ecfg.out)
     read_manifest(data_dir, "dataset")  # a missing dataset is reported as such, not as a missing format
@@ -407,6 +409,8 @@ def train_encoder(
 
     metrics = _loop_metrics(res)
     metrics.pop("val_ppl", None)  # exp(cross-entropy over labels) is no perplexity
+    if not team.main:  # the replicas are identical: the first process scores and writes the encoder
+        return TrainResult(out_dir.resolve(), kind, metrics)
     built_from = str(cfg.resolve(ecfg.base)) if ecfg.base else "fresh"
     metrics.update(task=task, labels=labels, base=built_from, examples=len(splits["train"]))
     metrics["params"] = sum(p.numel() for p in model.parameters())
