@@ -352,6 +352,17 @@ def _plot_confusion(confusion: list[list[int]], labels: list[str], path: Path, t
 # --------------------------------------------------------------------------- the stage
 
 
+def _describe_run(metrics: dict[str, Any], cfg: ProjectConfig, model: Any, labels: list[str], examples: int,
+                  cut_off: int) -> None:
+    """What the run was, into its metrics: task, labels, starting point, size, examples cut or split."""
+    ecfg = cfg.encoder
+    built_from = str(cfg.resolve(ecfg.base)) if ecfg.base else "fresh"
+    metrics.update(task=ecfg.task, labels=labels, base=built_from, examples=examples)
+    metrics["params"] = sum(p.numel() for p in model.parameters())
+    # classification cuts a long example at seq_len; NER trains it as several windows
+    metrics["examples_cut_off" if ecfg.task == "classification" else "examples_split"] = cut_off
+
+
 def train_encoder(
     cfg: ProjectConfig,
     data: str | Path | None = None,
@@ -411,13 +422,7 @@ def train_encoder(
     metrics.pop("val_ppl", None)  # exp(cross-entropy over labels) is no perplexity
     if not team.main:  # the replicas are identical: the first process scores and writes the encoder
         return TrainResult(out_dir.resolve(), kind, metrics)
-    built_from = str(cfg.resolve(ecfg.base)) if ecfg.base else "fresh"
-    metrics.update(task=task, labels=labels, base=built_from, examples=len(splits["train"]))
-    metrics["params"] = sum(p.numel() for p in model.parameters())
-    if task == "classification":
-        metrics["examples_cut_off"] = encoded["train"].cut_off
-    else:
-        metrics["examples_split"] = encoded["train"].cut_off  # longer than seq_len: trained as several windows
+    _describe_run(metrics, cfg, model, labels, len(splits["train"]), encoded["train"].cut_off)
     report = _score_into(metrics, model, task, splits, encoded, labels, ecfg.batch_size, pad, log)
     eval_split = report["split"]
 
