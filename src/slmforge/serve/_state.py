@@ -201,6 +201,17 @@ def server(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def match_key(keys: list[ApiKey], key: str) -> ApiKey | None:
+    """The record of a plain key among ``keys`` (None: empty or unknown). Compares against every digest, so
+    timing does not tell which (or whether any) matched first. The one check for /v1 and the dashboard."""
+    digest = hash_api_key(key) if key else ""
+    found = None
+    for known in keys:
+        if hmac.compare_digest(digest, known.sha256):
+            found = found or known
+    return found
+
+
 # A dependency rather than an http middleware: starlette's BaseHTTPMiddleware wraps streamed
 # bodies and hides a client's disconnect from them, so an abandoned stream would run to its end.
 async def require_key(request: Request) -> None:
@@ -214,15 +225,11 @@ async def require_key(request: Request) -> None:
     if keys is None:
         return
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    digest = hash_api_key(key.strip()) if scheme.lower() == "bearer" and key.strip() else ""
-    # Compare against every digest, so timing does not tell which (or whether any) matched first.
-    found = None
-    for known in keys:
-        if hmac.compare_digest(digest, known.sha256):
-            found = found or known
+    given = key.strip() if scheme.lower() == "bearer" else ""
+    found = match_key(keys, given)
     request.state.api_key = found
     if found is None:
-        what = "Invalid API key" if digest else "Missing API key"
+        what = "Invalid API key" if given else "Missing API key"
         raise ApiError(401, f"{what}: send 'Authorization: Bearer <key>'.", "invalid_request_error",
                        code="invalid_api_key")
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from slmforge.serve._hash import hash_api_key
-from slmforge.serve._state import ServerState
+from slmforge.serve._state import ServerState, match_key
 
 
 def mount_ui(app: FastAPI, state: ServerState, projects: list[Any]) -> None:
@@ -17,11 +15,7 @@ def mount_ui(app: FastAPI, state: ServerState, projects: list[Any]) -> None:
     from slmforge.ui import UiSettings, ui_router
 
     def authenticate(key: str) -> bool:
-        digest = hash_api_key(key)
-        found = False
-        for known in state.keys or []:  # every digest, as require_key does: timing tells nothing
-            found = hmac.compare_digest(digest, known.sha256) or found
-        return found
+        return match_key(state.keys or [], key) is not None
 
     def render_prompt(model: str, messages: list[dict[str, Any]]) -> str | None:
         served = state.models.get(model)

@@ -17,15 +17,12 @@ same tokens. Text the corpus never had falls back to shorter pieces and, through
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 from typing import Any
 
 from slmforge.errors import TokenizerError
-from slmforge.tokenizer._analyze import _byte_level_alphabet
+from slmforge.tokenizer._analyze import _SP_BYTE, _byte_level_alphabet
 from slmforge.tokenizer._bpe import has_component, read_merges
-
-_SP_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def fallback_tokens(tok_json: dict[str, Any]) -> set[str]:

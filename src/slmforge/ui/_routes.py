@@ -204,8 +204,9 @@ def _job_argv(p: Project, form: dict[str, str]) -> tuple[list[str], str, str, st
     stage = form.get("stage", "")
     force = ["--force"] if form.get("force") else []
     if stage:
-        if stage not in p.config().project.stages:
-            raise SlmForgeError(f"{stage!r} is not a stage of this project ({', '.join(p.config().project.stages)}).")
+        stages = p.config().project.stages
+        if stage not in stages:
+            raise SlmForgeError(f"{stage!r} is not a stage of this project ({', '.join(stages)}).")
         return ["run", "--from", stage, "--until", stage, *force, *config, *sets], f"stage {stage}", "run", stage
     return ["run", *force, *config, *sets], "all stages", "run", None
 
@@ -256,7 +257,7 @@ async def _events(request: Request, job: _jobs.Job, log_at: int):
     (the status, and the artifact the job made)."""
     progress_at = 0
     while True:
-        ended = job.exit() is not None or job.status != "running"
+        ended = job.status != "running"  # read before the files: what follows the end is sent too
         for name, attr in (("progress", "progress.jsonl"), ("log", "log.txt")):
             path = job.folder / attr
             start = progress_at if name == "progress" else log_at

@@ -43,7 +43,8 @@ class Project:
 
     @property
     def root(self) -> Path:
-        return self.config().resolve(self.config().project.out_dir).resolve()
+        cfg = self.config()
+        return cfg.resolve(cfg.project.out_dir).resolve()
 
 
 @dataclass
@@ -108,20 +109,17 @@ def find(project: Project, artifact_id: str) -> Artifact:
     return Artifact(path.relative_to(root).as_posix(), path, read_manifest(path))
 
 
-_INTEGRITY: dict[tuple, list[str]] = {}
+_INTEGRITY: dict[Path, tuple[tuple, list[str]]] = {}  # folder -> (files' stamp, problems): the latest only
 
 
 def integrity(artifact: Artifact) -> list[str]:
     """``slmforge inspect``'s check (files against their sizes and sha256), cached while no file changes."""
-    stamp = []
-    for f in sorted(artifact.path.rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            stamp.append((f.name, st.st_size, st.st_mtime_ns))
-    key = (str(artifact.path), artifact.manifest.fingerprint, tuple(stamp))
-    if key not in _INTEGRITY:
-        _INTEGRITY[key] = verify_artifact(artifact.path)
-    return _INTEGRITY[key]
+    stamp = tuple((f.relative_to(artifact.path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in sorted(artifact.path.rglob("*")) if f.is_file())
+    cached = _INTEGRITY.get(artifact.path)
+    if cached is None or cached[0] != stamp:
+        _INTEGRITY[artifact.path] = cached = (stamp, verify_artifact(artifact.path))
+    return cached[1]
 
 
 def lineage(project: Project, items: list[Artifact]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
