@@ -19,3 +19,10 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: section.key=value (repeatable; value parsed as YAML)."),
 ]
+
+
+def load_project(config: Path | None, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+    """The project config from ``-c`` (or ./slmforge.yaml) with ``--set`` overrides."""
+    from slmforge.config import load_config
+
+    return load_config(config, overrides or [])

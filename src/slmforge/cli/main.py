@@ -20,13 +20,14 @@ from slmforge.cli import (
     keys_cmd,
     memory_cmd,
     model_cmd,
+    pipeline_cmd,
     rag_cmd,
     reason_cmd,
     serve_cmd,
     sizing_cmd,
     ui_cmd,
 )
-from slmforge.cli._options import ConfigOpt, SetOpt, err, out
+from slmforge.cli._options import ConfigOpt, SetOpt, err, load_project, out
 from slmforge.errors import SlmForgeError
 
 app = typer.Typer(
@@ -63,13 +64,6 @@ app.add_typer(memory_cmd.memory_app, name="memory")
 app.add_typer(graph_cmd.graph_app, name="graph")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(reason_cmd.reason_app, name="reason")
-
-
-
-def _load(config: Path | None, overrides: list[str] | None):
-    from slmforge.config import load_config
-
-    return load_config(config, overrides or [])
 
 
 def _version(value: bool) -> None:
@@ -109,7 +103,7 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults -> project file -> --set) as YAML."""
     from slmforge.config import dump_config
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     out.print(f"# resolved from: {cfg.source}")
     print(dump_config(cfg), end="")
 
@@ -158,7 +152,7 @@ def data(
     """Ingest, clean, dedup, filter and scrub documents; write text/chat/classification/NER sets."""
     from slmforge.data import run_data_stage
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     result = run_data_stage(cfg, out=out_dir, command=sys.argv)
     s = result.stats
     out.print(
@@ -185,7 +179,7 @@ def tokenizer_train(
     """Train a byte-level BPE tokenizer on the data stage's text (or extend one: tokenizer.method=extend)."""
     from slmforge.tokenizer import train_tokenizer
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     result = train_tokenizer(cfg, data=data_dir, out=out_dir, command=sys.argv)
     out.print(f"tokenizer vocab {result.vocab_size}, {len(result.domain_terms)} domain terms -> {result.path}")
     held = result.metrics.get("heldout")
@@ -237,7 +231,7 @@ def model_estimate(
     from slmforge.artifacts import output_dir
     from slmforge.model import estimate, format_estimate
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     if vocab_size is None:
         tok_json = output_dir(cfg, "tokenizer") / "tokenizer.json"
         if tok_json.exists():
@@ -288,7 +282,7 @@ def train(
                 and not a.startswith("--nproc=")]
         torchrun = str(Path(sys.executable).parent / "torchrun")
         os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "slmforge", *args])
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     runners = {"pretrain": training.pretrain, "sft": training.finetune}
     if what == "encoder":
         from slmforge.train.encoder import train_encoder
@@ -303,32 +297,6 @@ def train(
     parts = [f"{k} {m[k]}" for k in ("steps", "train_loss", "val_loss", "val_ppl", "unigram_val_ppl", "accuracy", "f1", "tokens_per_s") if k in m]
     out.print(f"{what}: {', '.join(parts)}")
     out.print(f"  -> {result.path} ({result.kind})")
-
-
-@app.command()
-def run(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
-    start: Annotated[str | None, typer.Option("--from", help="Start at this stage (earlier ones must exist).")] = None,
-    force: Annotated[bool, typer.Option(help="Re-run stages even when they are up to date.")] = False,
-) -> None:
-    """Run the project's stages in order, skipping those whose inputs and config are unchanged."""
-    from slmforge.pipeline import run_pipeline
-
-    cfg = _load(config, set_)
-    try:
-        outcomes = run_pipeline(cfg, until=until, start=start, force=force, command=sys.argv, log=err.print)
-    except KeyboardInterrupt as exc:  # training checkpointed; finished stages keep their output
-        err.print(f"stopped: {exc or 'interrupted'}. Run the same command again to resume.", style="yellow")
-        raise typer.Exit(130) from None
-    _print_outcomes(outcomes)
-
-
-def _print_outcomes(outcomes) -> None:
-    for o in outcomes:
-        verb = "ran" if o.status == "ran" else "up to date"
-        out.print(f"  {o.stage:<10} {verb} {o.path} ({o.seconds:.1f} s)")
 
 
 @eval_app.command("list")
@@ -362,7 +330,7 @@ def eval_run(
     from slmforge.errors import GateFailed
     from slmforge.evaluate.run import run_eval
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     if allow_weak_sandbox:
         cfg.eval.allow_weak_sandbox = True
     try:
@@ -390,7 +358,7 @@ def eval_lm_eval_task(
     """Write a suite as an lm-evaluation-harness task, to score the same items with lm-eval."""
     from slmforge.evaluate.suites import export_lm_eval_task, load_suite
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     spec, base = load_suite(suite)
     path = export_lm_eval_task(spec, base, cfg, out_dir)
     out.print(f"wrote {path}")
@@ -419,7 +387,7 @@ def eval_compare(
     """Paired A/B comparison: B - A with a 95% bootstrap CI, a p-value and a verdict."""
     from slmforge.evaluate.run import compare_models
 
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     result = compare_models(cfg, model_a, model_b, suite, out_dir, limit=limit, command=sys.argv)
     for name, r in result.suites.items():
         out.print(f"{name} ({r['metric']}, n={r['n']}): A {r['mean_a']:.4f}, B {r['mean_b']:.4f}, "
@@ -436,7 +404,7 @@ def quantize(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: quantize.out).")] = None,
 ) -> None:
     """Quantize a model (int8, int4, SmoothQuant, ternary); exit 3 if perplexity rises past the gate."""
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     if sensitivity:
         from slmforge.compress import sensitivity as measure
 
@@ -472,7 +440,7 @@ def export(
         return
     if fmt not in FORMATS:
         raise typer.BadParameter(f"choose one of: {', '.join([*FORMATS, 'edge'])}")
-    cfg = _load(config, set_)
+    cfg = load_project(config, set_)
     result = run_export(cfg, fmt, model=model, out=out_dir, command=sys.argv, log=err.print)
     out.print(f"export {fmt}: {result.metrics['bytes'] / 1e6:.1f} MB -> {result.path}")
     parity = result.metrics.get("parity")
@@ -503,71 +471,9 @@ def profile(
         print(format_optimization_table(optimization_table(onnx_file)))
 
 
-@app.command()
-def report(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: report.out).")] = None,
-) -> None:
-    """Held-out perplexity vs a unigram baseline, loss curves, data stats and sample answers (MD + HTML)."""
-    from slmforge.evaluate.report import write_report
-
-    cfg = _load(config, set_)
-    result = write_report(cfg, out=out_dir, command=sys.argv, log=err.print)
-    _print_report(result.path, result.metrics)
-
-
-def _print_report(path: Path, m: dict) -> None:
-    verdict = "beats" if m["beats_unigram"] else "does NOT beat"
-    out.print(f"held-out perplexity {m['ppl']} ({m['bits_per_byte']} bits/byte): {verdict} the unigram baseline {m['unigram_ppl']}")
-    out.print(f"  -> {path / 'report.html'}")
-
-
-@app.command()
-def quickstart(
-    out_dir: Annotated[Path, typer.Option("--out", help="Project folder to create and run in.")] = Path("quickstart"),
-    force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
-    set_: SetOpt = None,
-    recipe: Annotated[str, typer.Option(help="quickstart: a small model from scratch; adapt: Gemma 3 270M (offline "
-                                        "package) specialised on the domain and compared with its base.")] = "quickstart",
-) -> None:
-    """Init + run on the built-in python-docs domain: data, tokenizer, pretraining, fine-tuning, report."""
-    from slmforge.config import PROJECT_FILE, init_project, load_config
-    from slmforge.pipeline import run_pipeline
-
-    project_file = out_dir / PROJECT_FILE
-    if not project_file.exists():
-        init_project(out_dir, recipe)
-        out.print(f"Wrote {project_file}")
-    cfg = load_config(project_file, set_ or [])
-    if recipe == "adapt" and cfg.model.base and not cfg.resolve(cfg.model.base).exists():
-        from slmforge.model.offline import offline_base
-
-        err.print(f"writing the offline base to {cfg.resolve(cfg.model.base)} (once)", style="dim")
-        offline_base(cfg.resolve(cfg.model.base))
-    outcomes = run_pipeline(cfg, force=force, command=sys.argv, log=err.print)
-    _print_outcomes(outcomes)
-    paths = {o.stage: o.path for o in outcomes}
-    if "report" in paths:
-        report_json = json.loads((paths["report"] / "report.json").read_text())
-        out.print("")
-        _print_report(paths["report"], report_json["metrics"])
-        for sample in report_json["samples"][:2]:
-            out.print(f"\nQ: {sample['question']}")
-            for name, answer in sample["answers"].items():
-                out.print(f"  [{name}] {answer[:300]}")
-    model = paths.get("sft") or paths.get("train")
-    # Plain print: these lines are meant to be copied, so no wrapping.
-    print(
-        "\nNext:\n"
-        + (f"  open {paths['report']}/report.html\n" if "report" in paths else "")
-        + (f"  open {paths['eval']}/report.md   (the model against its base)\n" if "report" not in paths and "eval" in paths else "")
-        + f"  slmforge chat --model {model}\n"
-        f"  slmforge generate 'What does json.dumps do?' --chat --model {model} --profile creative\n"
-        f"  slmforge inspect {model}\n"
-        f"  slmforge serve {model}   (OpenAI-compatible API on http://127.0.0.1:8000/v1)\n"
-        f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)"
-    )
+app.command("run")(pipeline_cmd.run)
+app.command("quickstart")(pipeline_cmd.quickstart)
+app.command("report")(pipeline_cmd.report)
 
 
 def main() -> None:
