@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("graphrag",),  # reads a rag index
     ("rag", "memory"),
     ("sizing",),  # doctor and roi: reads model presets, GGUF headers, runtimes
+    ("bio",),  # the smiles and protein recipes: RDKit data, tokenizers, train's loop, their own metrics
     ("export",),
     ("compress",),
     ("evaluate",),

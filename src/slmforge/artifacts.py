@@ -87,6 +87,11 @@ _OUTPUTS: dict[str, Callable[[ProjectConfig], tuple[str, str | None]]] = {
     "quantize": lambda cfg: (f"quantize-{cfg.quantize.method}", cfg.quantize.out),
     "eval": lambda cfg: ("eval", cfg.eval.out),
     "report": lambda cfg: ("report", cfg.report.out),
+    "bio-data": lambda cfg: ("bio-data", cfg.bio.data.out),
+    "bio-tokenizer": lambda cfg: ("bio-tokenizer", cfg.bio.tokenizer_out),
+    "bio-sample": lambda cfg: ("bio-sample", cfg.bio.sample.out),
+    "bio-mlm": lambda cfg: ("bio-mlm", cfg.bio.mlm.out),
+    "bio-property": lambda cfg: ("bio-property", cfg.bio.property.out),
 }
 
 

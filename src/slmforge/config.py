@@ -36,9 +36,11 @@ class ProjectSection(Section):
         description="Folder (relative to this file) where every stage writes its artifact folder.",
     )
     seed: int = Field(0, description="Seed for everything random (splits, sampling, initialisation).")
-    stages: list[Literal["data", "tokenizer", "train", "sft", "encoder", "quantize", "eval", "report"]] = Field(
+    stages: list[Literal["data", "tokenizer", "bio-data", "bio-tokenizer", "train", "sft", "bio-sample", "bio-mlm",
+                         "bio-property", "encoder", "quantize", "eval", "report"]] = Field(
         ["data", "tokenizer", "train", "sft", "eval", "report"],
-        description="Stages `slmforge run` runs, in this order (encoder and quantize are optional).",
+        description="Stages `slmforge run` runs, in this order (encoder and quantize are optional; the bio-* "
+        "stages are the smiles and protein recipes').",
     )
 
 
@@ -721,6 +723,92 @@ class ServeConfig(Section):
     cost: ServeCostConfig = Field(default_factory=ServeCostConfig, description="Prices for `slmforge bench serve`.")
 
 
+# --------------------------------------------------------------------------- biomolecules (smiles, protein)
+
+
+class BioDataConfig(Section):
+    sources: list[str] = Field(
+        ["rdkit-nci"],
+        description="Molecules: built-in rdkit-nci (4,999 NCI SMILES in the rdkit wheel), rdkit-wehi (10,000), "
+        "rdkit-chembl-activity, or .smi/.csv/.sdf files; proteins: .fasta/.fa/.faa files or folders of them.",
+    )
+    max_records: int | None = Field(None, ge=1, description="Keep at most this many molecules or sequences (null = all).")
+    max_length: int = Field(
+        120, ge=8, description="Drop SMILES of more tokens than this; proteins longer than this are cut into pieces."
+    )
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="Held-out shares: molecules split by Bemis-Murcko scaffold (no scaffold in two splits), "
+        "proteins by sequence.",
+    )
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/bio-data).")
+
+
+class BioSampleConfig(Section):
+    model: str | None = Field(None, description="The SMILES model to sample (null = the train stage's output).")
+    n: int = Field(1000, ge=1, description="Molecules to sample.")
+    temperature: float = Field(1.0, gt=0, le=5, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens (null = off).")
+    max_new_tokens: int = Field(120, ge=4, description="Longest SMILES sampled, in tokens.")
+    batch_size: int = Field(250, ge=1, description="Molecules sampled together.")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/bio-sample).")
+
+
+class BioEncoderShape(LoopConfig):
+    """A small ESM-style encoder (rotary positions) trained on the one loop."""
+
+    hidden_size: int = Field(128, ge=8, description="Width of a fresh encoder.")
+    num_layers: int = Field(4, ge=1, description="Layers of a fresh encoder.")
+    num_heads: int = Field(4, ge=1, description="Attention heads of a fresh encoder.")
+    seq_len: int = Field(128, ge=8, description="Tokens per example (longer ones are cut).")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer micro-step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(400, ge=1, description="Optimizer steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    eval_every: int = Field(100, ge=1, description="Validation every N steps.")
+
+
+class BioMlmConfig(BioEncoderShape):
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked (BERT's 80/10/10 rule).")
+    masks_per_sequence: int = Field(
+        4, ge=1, description="Different seeded maskings of each training sequence (dynamic masking, resumable)."
+    )
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/bio-mlm).")
+
+
+class BioPropertyConfig(BioEncoderShape):
+    source: str = Field(
+        "rdkit-chembl-activity",
+        description="Molecules with a measured value: rdkit-chembl-activity (1,017 pIC50s in the rdkit wheel), "
+        "rdkit-tpsa (computed TPSA), or a .csv (smiles + value columns) or .sdf (value field) file.",
+    )
+    value_field: str | None = Field(
+        None, description="The CSV column or SDF field holding the value (null = the source's own, else the first numeric one)."
+    )
+    base: str | None = Field(
+        None, description="Start the encoder from a bio-mlm folder (a SMILES MLM) instead of fresh weights."
+    )
+    ridge_alphas: list[float] = Field(
+        [0.1, 1.0, 10.0, 100.0], description="Ridge strengths of the fingerprint baseline (picked on validation)."
+    )
+    fingerprint_bits: int = Field(2048, ge=64, description="Morgan fingerprint length (radius 2).")
+    out: str | None = Field(None, description="Output folder (null = <project.out_dir>/bio-property).")
+
+
+class BioConfig(Section):
+    kind: Literal["smiles", "protein"] = Field(
+        "smiles", description="smiles: molecules (SMILES GPT, property head); protein: sequences (masked protein LM)."
+    )
+    data: BioDataConfig = Field(default_factory=BioDataConfig, description="`slmforge bio data`.")
+    tokenizer_out: str | None = Field(
+        None, description="`slmforge bio tokenizer` output folder (null = <project.out_dir>/bio-tokenizer)."
+    )
+    sample: BioSampleConfig = Field(default_factory=BioSampleConfig, description="`slmforge bio sample`.")
+    mlm: BioMlmConfig = Field(default_factory=BioMlmConfig, description="`slmforge bio mlm`: a masked LM.")
+    property: BioPropertyConfig = Field(
+        default_factory=BioPropertyConfig, description="`slmforge bio property`: a regression head vs baselines."
+    )
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -754,6 +842,9 @@ class ProjectConfig(Section):
     agent: AgentConfig = Field(default_factory=AgentConfig, description="`slmforge agent`: tools, loop, budgets.")
     reason: ReasonConfig = Field(default_factory=ReasonConfig, description="`slmforge reason` and `slmforge proxy`.")
     roi: RoiConfig = Field(default_factory=RoiConfig, description="`slmforge roi`: owned vs API (API prices: serve.cost).")
+    bio: BioConfig = Field(
+        default_factory=BioConfig, description="`slmforge bio`: the smiles and protein recipes' stages."
+    )
     serve: ServeConfig = Field(
         default_factory=ServeConfig, description="`slmforge serve` and `slmforge bench serve`: the OpenAI-compatible server."
     )
@@ -990,7 +1081,7 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
 
 # --------------------------------------------------------------------------- templates
 
-TEMPLATES = ("quickstart", "adapt", "blank")
+TEMPLATES = ("quickstart", "adapt", "smiles", "protein", "blank")
 
 
 def _template_values(template: str) -> ProjectConfig:
@@ -1022,6 +1113,8 @@ def _template_values(template: str) -> ProjectConfig:
         return cfg
     if template == "adapt":
         return _adapt_values()
+    if template in ("smiles", "protein"):
+        return _bio_values(template)
     if template == "blank":
         return ProjectConfig()
     raise ConfigError(f"Unknown template {template!r}; choose one of: {', '.join(TEMPLATES)}.")
@@ -1052,12 +1145,38 @@ def _adapt_values() -> ProjectConfig:
     return cfg
 
 
+def _bio_values(template: str) -> ProjectConfig:
+    """The biomolecular recipes, each a few minutes on 2 cores. smiles: the 4,999 NCI molecules of the rdkit
+    wheel split by scaffold, a SMILES GPT (the train stage on the bio-data and bio-tokenizer artifacts) sampled
+    and scored, and a property head on measured ChEMBL pIC50s against fingerprint + ridge. protein: a masked
+    protein LM on the ~220 protein sequences among Biopython's test files (downloaded once from PyPI)."""
+    cfg = ProjectConfig()
+    cfg.bio.kind = "smiles" if template == "smiles" else "protein"
+    cfg.project.name = f"{template}-slm"
+    if template == "smiles":
+        cfg.project.stages = ["bio-data", "bio-tokenizer", "train", "bio-sample", "bio-property"]
+        cfg.train.data, cfg.train.tokenizer = "runs/bio-data", "runs/bio-tokenizer"  # the SMILES GPT's inputs
+        cfg.model.preset, cfg.model.max_position_embeddings = "micro", 256
+        t = cfg.train
+        t.seq_len, t.batch_size, t.lr, t.warmup_steps = 128, 16, 2e-3, 30
+        t.max_steps, t.max_minutes, t.eval_every, t.save_every = 600, 5.0, 100, 100
+        cfg.bio.property.max_steps, cfg.bio.property.max_minutes = 400, 3.0
+        return cfg
+    cfg.project.stages = ["bio-data", "bio-tokenizer", "bio-mlm"]
+    cfg.bio.data.sources = ["biopython-tests"]
+    cfg.bio.data.max_length = 254  # proteins are cut into pieces that fit bio.mlm.seq_len with BOS and EOS
+    cfg.bio.data.split.val, cfg.bio.data.split.test = 0.1, 0.1
+    m = cfg.bio.mlm
+    m.seq_len, m.batch_size, m.max_steps, m.max_minutes, m.eval_every, m.save_every = 256, 16, 600, 5.0, 100, 100
+    return cfg
+
+
 def render_template(template: str = "quickstart") -> str:
     """The text of a project file with every section and key commented.
 
     Args:
-        template: ``quickstart`` (the built-in python-docs domain), ``adapt`` (Gemma 3 270M specialised on it)
-            or ``blank`` (bring your own sources).
+        template: ``quickstart`` (the built-in python-docs domain), ``adapt`` (Gemma 3 270M specialised on it),
+            ``smiles`` or ``protein`` (the biomolecular recipes) or ``blank`` (bring your own sources).
     """
     cfg = _template_values(template)
     head = [

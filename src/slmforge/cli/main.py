@@ -15,6 +15,7 @@ from slmforge import __version__
 from slmforge.cli import (
     agent_cmd,
     bench_cmd,
+    bio_cmd,
     generate_cmd,
     graph_cmd,
     keys_cmd,
@@ -64,6 +65,7 @@ app.add_typer(memory_cmd.memory_app, name="memory")
 app.add_typer(graph_cmd.graph_app, name="graph")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(reason_cmd.reason_app, name="reason")
+app.add_typer(bio_cmd.bio_app, name="bio")
 
 
 def _version(value: bool) -> None:
