@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,rag,scale,ui]"
+	$(BIN)/pip install --quiet -e ".[dev,rag,scale,ui,bio]"
 	$(BIN)/pip check
 	touch $(STAMP)
 
@@ -80,6 +80,7 @@ bench: install $(QUICKSTART_SFT)
 		--runtimes transformers,onnx-fp32,onnx-int4 --rounds 1 --json runtime_compare_gemma
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/trim_vocab.py --rounds 3
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/domain_adapt.py --minutes 25 --sft-minutes 4 --qa 48
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bio_recipes.py
 
 # The README's dashboard screenshots, taken by the dashboard's own browser tests.
 screenshots: install system-deps

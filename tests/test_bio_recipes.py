@@ -124,6 +124,24 @@ def test_protein_recipe_first_steps_through_the_cli(tmp_path, monkeypatch, one_t
     assert again.exit_code == 0 and "up to date" in again.output
 
 
+@pytest.mark.integration
+def test_quickstart_protein_recipe_prints_its_table(tmp_path, monkeypatch, one_torch_thread):
+    from typer.testing import CliRunner
+
+    from slmforge.cli.main import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "seqs.fasta").write_text(FASTA)
+    tiny = ["bio.data.sources=[seqs.fasta]", "bio.mlm.hidden_size=16", "bio.mlm.num_layers=1", "bio.mlm.num_heads=2",
+            "bio.mlm.max_steps=4", "bio.mlm.batch_size=4", "bio.mlm.seq_len=48", "bio.data.max_length=40",
+            "bio.data.split.val=0.2", "bio.data.split.test=0.2"]
+    done = CliRunner().invoke(app, ["quickstart", "--recipe", "protein", "--out", str(tmp_path)]
+                              + [a for s in tiny for a in ("--set", s)])
+    assert done.exit_code == 0, done.output
+    assert "bio-mlm" in done.output and "unigram baseline" in done.output and "slmforge bio eval" in done.output
+    assert not (tmp_path / "runs" / "downloads").exists()  # a FASTA source needs no download
+
+
 def test_a_missing_extra_says_how_to_install(monkeypatch):
     from slmforge.bio.chem import require
     from slmforge.errors import ConfigError

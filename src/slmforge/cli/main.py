@@ -90,7 +90,8 @@ def _root(
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the project (created if missing).")] = Path("."),
     template: Annotated[str, typer.Option(help="quickstart (python-docs domain), adapt (a pretrained base "
-                                          "specialised on it) or blank.")] = "quickstart",
+                                          "specialised on it), smiles or protein (molecules, proteins: slmforge "
+                                          "bio) or blank.")] = "quickstart",
     force: Annotated[bool, typer.Option(help="Overwrite an existing slmforge.yaml.")] = False,
 ) -> None:
     """Write DIR/slmforge.yaml from a template, every key documented."""

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from slmforge.cli import bio_cmd
 from slmforge.cli._options import ConfigOpt, SetOpt, err, load_project, out
 
 
@@ -61,7 +62,9 @@ def quickstart(
     force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
     set_: SetOpt = None,
     recipe: Annotated[str, typer.Option(help="quickstart: a small model from scratch; adapt: Gemma 3 270M (offline "
-                                        "package) specialised on the domain and compared with its base.")] = "quickstart",
+                                        "package) specialised on the domain and compared with its base; smiles: a "
+                                        "SMILES GPT and a property head on molecules; protein: a masked protein "
+                                        "LM.")] = "quickstart",
 ) -> None:
     """Init + run on the built-in python-docs domain: data, tokenizer, pretraining, fine-tuning, report."""
     from slmforge.config import PROJECT_FILE, init_project, load_config
@@ -77,8 +80,12 @@ def quickstart(
 
         err.print(f"writing the offline base to {cfg.resolve(cfg.model.base)} (once)", style="dim")
         offline_base(cfg.resolve(cfg.model.base))
+    if recipe in ("smiles", "protein"):
+        bio_cmd.prepare_recipe(cfg)
     outcomes = run_pipeline(cfg, force=force, command=sys.argv, log=err.print)
     _print_outcomes(outcomes)
+    if recipe in ("smiles", "protein"):
+        return bio_cmd.print_recipe({o.stage: o.path for o in outcomes}, project_file)
     paths = {o.stage: o.path for o in outcomes}
     if "report" in paths:
         report_json = json.loads((paths["report"] / "report.json").read_text())
