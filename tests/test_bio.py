@@ -123,6 +123,44 @@ def test_read_fasta_keeps_proteins_only(tmp_path):
     assert clean_protein("ACGTTGCA") is None
 
 
+GENBANK = """LOCUS       X1                        15 bp    DNA              UNK 01-JAN-1980
+DEFINITION  .
+ACCESSION   X1
+VERSION     X1
+KEYWORDS    .
+SOURCE      .
+  ORGANISM  .
+            .
+FEATURES             Location/Qualifiers
+     CDS             1..15
+                     /translation="MKVLU"
+                     /protein_id="P_1"
+ORIGIN
+        1 atgaaagtgc tgtaa
+//
+"""
+
+
+def test_biopython_tests_source_reads_fasta_and_genbank_translations(tmp_path):
+    """The protein set of Biopython's sources, on a made-up tarball of the same layout."""
+    import io
+    import tarfile
+
+    from slmforge.bio.sources import BIOPYTHON_SDIST, read_proteins
+
+    with tarfile.open(tmp_path / BIOPYTHON_SDIST, "w:gz") as tar:
+        for name, text in (("biopython-1.88/Tests/Fasta/a.fasta", FASTA), ("biopython-1.88/Tests/GenBank/x.gb", GENBANK),
+                           ("biopython-1.88/Tests/GenBank/bad.gb", "LOCUS broken\n"), ("biopython-1.88/README", ">x\nMK\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    proteins = read_proteins("biopython-tests", tmp_path, tmp_path)
+    assert [p.sequence for p in proteins] == ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MKVLAAGKX", "MKVLX"]
+    with pytest.raises(DataError, match="pip download"):
+        read_proteins("biopython-tests", tmp_path, tmp_path / "elsewhere")
+
+
 def test_alphabet_report_flags_letters_outside_20_plus_x():
     report = alphabet_report(["MKV", "MKX", "MKB1"])
     assert report["sequences_in_alphabet"] == 2 and report["outside"] == ["1", "B"]

@@ -220,26 +220,52 @@ def read_proteins(source: str, base_dir: Path, cache: Path) -> list[Protein]:
     return read_fasta(path)
 
 
+def _genbank_translations(text: str) -> list[Protein]:
+    """The proteins a GenBank file annotates: each CDS feature's ``/translation``."""
+    seqio = require("Bio.SeqIO")
+    out = []
+    for record in seqio.parse(io.StringIO(text), "genbank"):
+        for feature in record.features:
+            if feature.type == "CDS" and (seq := clean_protein(feature.qualifiers.get("translation", [""])[0])):
+                name = feature.qualifiers.get("protein_id", feature.qualifiers.get("locus_tag", [record.id]))[0]
+                out.append(Protein(str(name), seq))
+    return out
+
+
+def _test_file_format(name: str) -> str | None:
+    """How to read one file of Biopython's ``Tests/`` for proteins (None: not a sequence file we read)."""
+    lower = name.lower()
+    if "/Tests/" not in name:
+        return None
+    if lower.endswith(FASTA_SUFFIXES):
+        return "fasta"
+    if "/SwissProt/" in name and lower.endswith(".txt"):
+        return "swiss"
+    return "genbank" if "/GenBank/" in name and lower.endswith((".gb", ".gbk")) else None
+
+
 def _biopython_tests(sdist: Path) -> list[Protein]:
-    """Protein records of the FASTA and SwissProt test files inside Biopython's source distribution."""
+    """Protein records of the FASTA and SwissProt test files inside Biopython's source distribution, and the
+    CDS translations of its GenBank files (duplicates are removed later, by sequence)."""
     import tarfile
+    import warnings
 
     if not sdist.is_file():
         raise DataError(f"{sdist} is missing: run `pip download --no-deps --no-binary :all: biopython==1.88 -d "
                         f"{sdist.parent}` (or `slmforge quickstart --recipe protein`, which does it once).")
     out = []
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(sdist) as tar, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test files include deliberately malformed records
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = member.name
-            fmt = "fasta" if name.lower().endswith(FASTA_SUFFIXES) else "swiss" if "/SwissProt/" in name and \
-                name.endswith(".txt") else None
-            if not member.isfile() or "/Tests/" not in name or fmt is None:
+            fmt = _test_file_format(member.name)
+            file = tar.extractfile(member) if member.isfile() and fmt else None
+            if file is None:
                 continue
-            file = tar.extractfile(member)
+            text = file.read().decode("utf-8", "replace")
             try:
-                out += _parse_proteins(file.read().decode("utf-8", "replace"), fmt) if file else []
-            except DataError:
-                continue  # a deliberately malformed test file
+                out += _genbank_translations(text) if fmt == "genbank" else _parse_proteins(text, fmt)
+            except Exception:  # a deliberately malformed test file (Biopython raises many kinds)
+                continue
     return out
 
 
