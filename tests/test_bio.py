@@ -200,3 +200,36 @@ def test_property_head_beats_the_constant_predictor(tmp_path, one_torch_thread):
     encoder, constant = regression_scores(gold, preds["test"]), regression_scores(gold, [mean] * len(gold))
     assert constant["r2"] <= 0.05
     assert encoder["rmse"] < 0.6 * constant["rmse"] and encoder["r2"] > 0.5, (encoder, constant)
+
+
+def test_masked_lm_learns_a_planted_motif(tmp_path, one_torch_thread):
+    """Sequences that repeat one of four motifs: a masked LM that reads its context fills them far better than
+    the unigram baseline, and fills only residues."""
+    import random
+
+    import torch
+    from transformers import EsmForMaskedLM
+
+    from slmforge.bio.mlm import MaskedExamples, encode, encoder_config, masked_scores, unigram_frequencies
+    from slmforge.config import ProjectConfig
+    from slmforge.train import run_loop
+
+    rng = random.Random(0)
+    motifs = ["MKVLAG", "PQRSTW", "DEFHIK", "CYNAGL"]
+
+    def sequence() -> str:
+        return (rng.choice(motifs) * 12)[: rng.randint(40, 60)]
+
+    tok = protein_tokenizer()
+    train, test = encode([sequence() for _ in range(200)], tok, 64), encode([sequence() for _ in range(30)], tok, 64)
+    m = ProjectConfig().bio.mlm
+    m.hidden_size, m.num_layers, m.num_heads, m.seq_len, m.batch_size, m.max_steps = 32, 2, 2, 64, 16, 150
+    m.lr, m.warmup_steps, m.eval_every, m.save_every, m.precision = 3e-3, 10, 1000, 1000, "fp32"
+    torch.manual_seed(0)
+    model = EsmForMaskedLM(encoder_config(m, tok))
+    source = MaskedExamples(train, tok, 0.15, 0, 4)
+    run_loop(model, source, None, m, tmp_path / "work", 0, {"test": 1}, "masked LM", False, None)
+    scores = masked_scores(model, MaskedExamples(test, tok, 0.15, 2, 3, bert_mix=False),
+                           unigram_frequencies(train, len(tok), source.residue_ids))
+    assert scores["masked_ppl"] < 0.5 * scores["unigram_masked_ppl"], scores
+    assert scores["fill_accuracy"] > scores["unigram_fill_accuracy"] + 0.3 and scores["fills_in_alphabet"] == 1.0

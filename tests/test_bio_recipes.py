@@ -96,6 +96,19 @@ def test_smiles_recipe_runs_end_to_end_and_resumes(tmp_path, one_torch_thread):
     again = run_pipeline(cfg)  # everything current: nothing re-runs
     assert {o.status for o in again} == {"up to date"}
 
+    # A SMILES masked LM as the property encoder's starting point (bio.property.base).
+    from slmforge.bio import train_mlm, train_property
+    from slmforge.config import with_overrides
+
+    warm = with_overrides(cfg, ["bio.mlm.hidden_size=32", "bio.mlm.num_layers=1", "bio.mlm.num_heads=2",
+                                "bio.mlm.max_steps=6", "bio.mlm.seq_len=32", "bio.mlm.precision=fp32",
+                                "bio.property.base=runs/bio-mlm"])
+    mlm = train_mlm(warm, progress=False)
+    assert "generated" not in mlm.metrics and mlm.metrics["masked_targets"] > 0  # no amino-acid check for SMILES
+    assert not is_current(warm, "bio-property")  # a new parent
+    tuned = train_property(warm, progress=False)
+    assert set(tuned.metrics["scores"]) == {"encoder", "fingerprint_ridge", "mean"}
+
 
 @pytest.mark.integration
 def test_protein_recipe_first_steps_through_the_cli(tmp_path, monkeypatch, one_torch_thread):

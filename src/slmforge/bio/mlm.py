@@ -186,6 +186,7 @@ def train_mlm(cfg: ProjectConfig, command: list[str] | None = None, progress: bo
         TrainError: No held-out sequences to measure on.
     """
     from transformers import EsmForMaskedLM
+    from transformers.utils import logging as hf_logging
 
     from slmforge.tokenizer import load_tokenizer
     from slmforge.train import plot_losses, run_loop, work_dir_for
@@ -209,6 +210,7 @@ def train_mlm(cfg: ProjectConfig, command: list[str] | None = None, progress: bo
     model.to("cpu")
     metrics = _mlm_metrics(model, tok, train_src, heldout_ids, cfg, res)
     with plan.writer(out, command) as w:
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would interleave with our log
         model.save_pretrained(str(w.path))
         tok.save_pretrained(str(w.path))
         (w.path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.log))

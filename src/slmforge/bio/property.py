@@ -154,6 +154,8 @@ def train_property(cfg: ProjectConfig, command: list[str] | None = None, progres
         ConfigError: bio.kind is not smiles, or rdkit / scikit-learn is missing.
         DataError: Too few molecules with values.
     """
+    from transformers.utils import logging as hf_logging
+
     from slmforge.tokenizer import load_tokenizer
     from slmforge.train import plot_losses, work_dir_for
 
@@ -173,6 +175,7 @@ def train_property(cfg: ProjectConfig, command: list[str] | None = None, progres
     scores = {name: {s: regression_scores([r["value"] for r in splits[s]], pred[s]) for s in ("val", "test") if splits[s]}
               for name, pred in predictions.items()}
     with plan.writer(out, command) as w:
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would interleave with our log
         model.save_pretrained(str(w.path))
         tok.save_pretrained(str(w.path))
         rows = [{"smiles": r["smiles"], "scaffold": r["scaffold"], "value": r["value"],
