@@ -114,5 +114,5 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_render_template_unknown():
-    with pytest.raises(ConfigError, match=r"choose one of: quickstart, adapt, .*blank"):
+    with pytest.raises(ConfigError, match=r"choose one of: quickstart, adapt, code, .*blank"):
         render_template("fancy")

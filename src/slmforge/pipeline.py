@@ -77,7 +77,7 @@ class Stage:
 def _data_plan(cfg: ProjectConfig) -> Plan:
     from slmforge.data import source_refs
 
-    return Plan("dataset", cfg.data.model_dump(mode="json"), source_refs(cfg))
+    return Plan("dataset", cfg.data.fingerprint_config(), source_refs(cfg))
 
 
 def _encoder_plan(cfg: ProjectConfig) -> Plan:

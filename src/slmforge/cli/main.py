@@ -90,8 +90,8 @@ def _root(
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder for the project (created if missing).")] = Path("."),
     template: Annotated[str, typer.Option(help="quickstart (python-docs domain), adapt (a pretrained base "
-                                          "specialised on it), smiles or protein (molecules, proteins: slmforge "
-                                          "bio) or blank.")] = "quickstart",
+                                          "specialised on it), code (a code model with fill-in-the-middle), "
+                                          "smiles or protein (molecules, proteins: slmforge bio) or blank.")] = "quickstart",
     force: Annotated[bool, typer.Option(help="Overwrite an existing slmforge.yaml.")] = False,
 ) -> None:
     """Write DIR/slmforge.yaml from a template, every key documented."""
@@ -169,6 +169,8 @@ def data(
         out.print("  skipped: " + ", ".join(f"{k} {v}" for k, v in s["inputs_skipped"].items()))
     if any(s["pii"].values()):
         out.print("  PII replaced: " + ", ".join(f"{k} {v}" for k, v in s["pii"].items() if v))
+    if code := {k: v for k, v in s["cleaning"].items() if k.endswith(("headers_removed", "functions_removed")) and v}:
+        out.print("  code: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in code.items()))
     out.print(f"  -> {result.path} (report: {result.path / 'report.md'})")
 
 

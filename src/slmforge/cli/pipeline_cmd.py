@@ -62,7 +62,8 @@ def quickstart(
     force: Annotated[bool, typer.Option(help="Re-run every stage even when up to date.")] = False,
     set_: SetOpt = None,
     recipe: Annotated[str, typer.Option(help="quickstart: a small model from scratch; adapt: Gemma 3 270M (offline "
-                                        "package) specialised on the domain and compared with its base; smiles: a "
+                                        "package) specialised on the domain and compared with its base; code: "
+                                        "Gemma 3 270M adapted to Python code with fill-in-the-middle; smiles: a "
                                         "SMILES GPT and a property head on molecules; protein: a masked protein "
                                         "LM.")] = "quickstart",
 ) -> None:
@@ -75,7 +76,7 @@ def quickstart(
         init_project(out_dir, recipe)
         out.print(f"Wrote {project_file}")
     cfg = load_config(project_file, set_ or [])
-    if recipe == "adapt" and cfg.model.base and not cfg.resolve(cfg.model.base).exists():
+    if recipe in ("adapt", "code") and cfg.model.base and not cfg.resolve(cfg.model.base).exists():
         from slmforge.model.offline import offline_base
 
         err.print(f"writing the offline base to {cfg.resolve(cfg.model.base)} (once)", style="dim")

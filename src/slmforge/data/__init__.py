@@ -28,6 +28,7 @@ from typing import Any
 
 from slmforge.artifacts import ArtifactWriter
 from slmforge.config import ProjectConfig
+from slmforge.data.code import CodeCurator
 from slmforge.data.sources import BUILTIN_SOURCES, Document, Skipped
 
 __all__ = ["DataResult", "run_data_stage", "source_refs", "read_jsonl", "SPLITS"]
@@ -162,10 +163,11 @@ def run_data_stage(
     parents = source_refs(cfg)  # before reading: a source edited mid-run makes the next run re-read it
     t0 = time.monotonic()
 
-    read = _read_and_clean(cfg, entries, progress)
+    curator = CodeCurator(dcfg.code, cfg.base_dir)
+    read = _read_and_clean(cfg, entries, progress, curator)
     documents_in = len(read.docs)
     boiler_removed = _strip_boilerplate(read.docs, dcfg) if dcfg.clean.strip_boilerplate else 0
-    kept, dropped, dropped_rows, pii_counts = _scrub_filter_dedup(read.docs, dcfg, progress)
+    kept, dropped, dropped_rows, pii_counts = _scrub_filter_dedup(read.docs, dcfg, progress, curator)
     if not kept:
         raise DataError(
             f"No documents left: {documents_in} read, {sum(dropped.values())} dropped "
@@ -185,7 +187,8 @@ def run_data_stage(
         "documents_out": len(kept),
         "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in read.skipped).most_common()),
         "dropped": dict(dropped.most_common()),
-        "cleaning": {"long_lines_removed": read.long_lines, "boilerplate_lines_removed": boiler_removed},
+        "cleaning": {"long_lines_removed": read.long_lines, "boilerplate_lines_removed": boiler_removed,
+                     **curator.counts},
         "pii": {t: pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
         "splits": {},
         "formats": {},
@@ -236,7 +239,9 @@ class _Read:
     long_lines: int = 0
 
 
-def _read_and_clean(cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool) -> _Read:
+def _read_and_clean(
+    cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool, curator: CodeCurator
+) -> _Read:
     """Every document of every source, cleaned, with ids made unique; bad inputs become ``Skipped``."""
     from slmforge._progress import progress_bar
     from slmforge.data import clean, sources
@@ -250,7 +255,7 @@ def _read_and_clean(cfg: ProjectConfig, entries: list[tuple[str, Path | None]], 
             read.skipped.append(record)
             return
         read.bytes_in += len(record.text.encode("utf-8", "surrogatepass"))
-        record.text, n_long = clean.clean_text(record.text, dcfg.clean)
+        record.text, n_long = clean.clean_text(curator.clean(record.text, record.is_code), dcfg.clean)
         read.long_lines += n_long
         ids[record.id] += 1
         if ids[record.id] > 1:  # e.g. a name defined twice in one module: ids must stay unique
@@ -299,9 +304,10 @@ def _strip_boilerplate(docs: list[Document], dcfg) -> int:
 
 
 def _scrub_filter_dedup(
-    docs: list[Document], dcfg, progress: bool
+    docs: list[Document], dcfg, progress: bool, curator: CodeCurator
 ) -> tuple[list[Document], Counter[str], list[dict], Counter[str]]:
-    """PII scrubbing, quality filters and deduplication, in that order per document.
+    """PII scrubbing, quality filters, decontamination, deduplication and function dedup (``data.code``),
+    in that order per document.
 
     Returns:
         (kept documents, dropped count per reason, one ``dropped.jsonl`` row per dropped document,
@@ -318,7 +324,7 @@ def _scrub_filter_dedup(
     with progress_bar(progress) as bar:
         task = bar.add_task("filtering", total=len(docs), info="")
         for d in docs:
-            reason = None
+            reason, extra = None, {}
             if not d.text.strip():
                 reason = "empty_after_cleaning"
             else:
@@ -330,6 +336,8 @@ def _scrub_filter_dedup(
                     if "ner" in d.meta:  # records that bring their own tokens
                         d.meta["ner"]["tokens"] = [pii.scrub_pii(t, dcfg.pii.types)[0] for t in d.meta["ner"]["tokens"]]
                 reason = filters.quality_reason(d.text, dcfg.filters, code=d.is_code)
+                if reason is None and (item := curator.contaminated_by(d.text)):
+                    reason, extra = "contaminated", {"overlaps": item}
                 if reason is None:
                     reason = dd.check(d.id, d.text)
             if reason:
@@ -337,8 +345,9 @@ def _scrub_filter_dedup(
                 row = {"id": d.id, "reason": reason}
                 if d.id in dd.duplicate_of:
                     row["duplicate_of"] = dd.duplicate_of[d.id]
-                dropped_rows.append(row)
+                dropped_rows.append(row | extra)
             else:
+                d.text = curator.dedup_functions(d.text, d.is_code)
                 kept.append(d)
             bar.update(task, advance=1, info=f"{len(kept)} kept")
     return kept, dropped, dropped_rows, pii_counts
@@ -352,7 +361,7 @@ def _write_dataset(target: Path, cfg: ProjectConfig, parents, command: list[str]
     from slmforge.data import report
 
     dcfg = cfg.data
-    with ArtifactWriter(target, kind="dataset", config=dcfg.model_dump(mode="json"), parents=parents, command=command) as w:
+    with ArtifactWriter(target, kind="dataset", config=dcfg.fingerprint_config(), parents=parents, command=command) as w:
         _write_jsonl(w.path / "skipped.jsonl", ({"where": s.where, "reason": s.reason} for s in read.skipped))
         _write_jsonl(w.path / "dropped.jsonl", dropped_rows)
         for fmt in dcfg.formats:

@@ -414,6 +414,20 @@ def _chrf_corpus(answers: Sequence[str], targets: Sequence[str], _labels: Sequen
     return {"chrf": chrf(answers, targets)}
 
 
+def code_exact(pred: str, target: str) -> float:
+    """1.0 when the predicted line equals the target line, surrounding whitespace aside (code is compared as
+    written: case and punctuation matter, unlike ``exact_match``)."""
+    return float(pred.strip() == target.strip())
+
+
+def edit_similarity(pred: str, target: str) -> float:
+    """1 - normalised Levenshtein distance between the stripped lines (CodeXGLUE's and RepoBench's
+    next-line edit similarity, on a 0-1 scale)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return float(Levenshtein.normalized_similarity(pred.strip(), target.strip()))
+
+
 def _macro_f1_corpus(answers: Sequence[str], targets: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
     return {"macro_f1": classification_metrics(targets, answers, labels)["f1"]}
 
@@ -425,6 +439,8 @@ SUITE_METRICS: dict[str, SuiteMetric] = {
     "bleu": SuiteMetric(task="generate", item=_bleu_item, corpus=_bleu_corpus),
     "chrf": SuiteMetric(task="generate", item=_chrf_item, corpus=_chrf_corpus),
     "rouge": SuiteMetric(task="generate", item=lambda a, t: rouge([a], [t]), primary="rougeL"),
+    "code_exact": SuiteMetric(task="generate", item=lambda a, t: {"code_exact": code_exact(a, t)}),
+    "edit_sim": SuiteMetric(task="generate", item=lambda a, t: {"edit_sim": edit_similarity(a, t)}),
     "accuracy": SuiteMetric(task="multiple_choice", item=lambda a, t: {"accuracy": float(a == t)}),
     "macro_f1": SuiteMetric(task="multiple_choice", corpus=_macro_f1_corpus),
 }

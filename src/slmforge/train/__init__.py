@@ -131,7 +131,7 @@ def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
     data_dir, tok_dir = _pretrain_inputs(cfg, data, tokenizer)
     # model.trim_vocab came later: while off it is left out, so the models of existing projects stay current
     model = cfg.model.model_dump(mode="json", exclude=None if cfg.model.trim_vocab else {"trim_vocab"})
-    config = {"model": model, "train": cfg.train.model_dump(mode="json"), "seed": cfg.project.seed}
+    config = {"model": model, "train": cfg.train.fingerprint_config(), "seed": cfg.project.seed}
     base = _continued_base(cfg)
     start = model_ref(base) if base else parent_ref(tok_dir, "tokenizer")
     return Plan("model", config, [parent_ref(data_dir, "dataset"), start])
@@ -159,15 +159,20 @@ def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: list[str], work: P
     project's tokenizer."""
     from slmforge.model import build_model, estimate, load_causal_lm
     from slmforge.tokenizer import load_tokenizer
+    from slmforge.tokenizer.fim import add_fim_tokens
 
     base = _continued_base(cfg)
     if base:
         if cfg.model.trim_vocab:
             base = _trimmed_base(base, texts, work)
         model, tok = load_causal_lm(base)
+        if cfg.train.fim_rate and add_fim_tokens(tok):
+            _resize_embeddings(model, tok)
         model.train()
         return model, tok, sum(p.numel() for p in model.parameters())
     tok = load_tokenizer(tok_dir)
+    if cfg.train.fim_rate:
+        add_fim_tokens(tok)
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     model = build_model(cfg.model, len(tok), ids, seed=cfg.project.seed)
     return model, tok, estimate(cfg.model, len(tok), cfg.train.seq_len, cfg.train.batch_size).params
@@ -192,6 +197,7 @@ def pretrain(
     """
     from slmforge.data import read_jsonl
     from slmforge.model import pick_device, save_model_folder
+    from slmforge.tokenizer.fim import fim_documents, fim_sentinels
     from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity, window_bos_id
     from slmforge.train._loop import run_loop, world
 
@@ -206,6 +212,10 @@ def pretrain(
     train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
     val_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "val.jsonl")]
     model, tok, params = _starting_model(cfg, tok_dir, train_texts, work)
+    if tcfg.fim_rate:  # pieces of about one window (~3 characters a token), some rearranged
+        sentinels = fim_sentinels(tok)
+        assert sentinels is not None  # _starting_model added them
+        train_texts = fim_documents(train_texts, tcfg.fim_rate, sentinels, 3 * tcfg.seq_len, cfg.project.seed)
     train_stream = tokenize_documents(train_texts, tok, work / "cache")
     val_stream = tokenize_documents(val_texts, tok, work / "cache")
     if team.main:
