@@ -1209,18 +1209,20 @@ def _bio_values(template: str) -> ProjectConfig:
     if template == "smiles":
         cfg.project.stages = ["bio-data", "bio-tokenizer", "train", "bio-sample", "bio-property"]
         cfg.train.data, cfg.train.tokenizer = "runs/bio-data", "runs/bio-tokenizer"  # the SMILES GPT's inputs
-        cfg.model.preset, cfg.model.max_position_embeddings = "micro", 256
+        # nano: on 5 minutes of 2 busy cores it reaches a lower validation loss than micro (more steps)
+        cfg.model.preset, cfg.model.max_position_embeddings = "nano", 256
         t = cfg.train
-        t.seq_len, t.batch_size, t.lr, t.warmup_steps = 128, 16, 2e-3, 30
-        t.max_steps, t.max_minutes, t.eval_every, t.save_every = 600, 5.0, 100, 100
+        t.seq_len, t.batch_size, t.lr, t.warmup_steps = 128, 32, 3e-3, 30
+        t.max_steps, t.max_minutes, t.eval_every, t.save_every = 1500, 5.0, 200, 200
         cfg.bio.property.max_steps, cfg.bio.property.max_minutes = 400, 3.0
         return cfg
     cfg.project.stages = ["bio-data", "bio-tokenizer", "bio-mlm"]
     cfg.bio.data.sources = ["biopython-tests"]
-    cfg.bio.data.max_length = 254  # proteins are cut into pieces that fit bio.mlm.seq_len with BOS and EOS
+    cfg.bio.data.max_length = 126  # proteins are cut into pieces that fit bio.mlm.seq_len with BOS and EOS
     cfg.bio.data.split.val, cfg.bio.data.split.test = 0.1, 0.1
     m = cfg.bio.mlm
-    m.seq_len, m.batch_size, m.max_steps, m.max_minutes, m.eval_every, m.save_every = 256, 16, 600, 5.0, 100, 100
+    m.hidden_size, m.num_layers, m.num_heads, m.seq_len, m.batch_size, m.lr = 64, 3, 4, 128, 32, 3e-3
+    m.max_steps, m.max_minutes, m.eval_every, m.save_every = 1000, 4.0, 100, 100
     return cfg
 
 
