@@ -72,6 +72,13 @@ def test_scaffold_split_shares_no_scaffold():
     assert len({splits[smiles.index(s)] for s in ("CCO", "CCCC", "CCN")}) == 1
     assert splits == scaffold_split(smiles, val=0.15, test=0.15)  # deterministic
 
+    from slmforge.bio.sources import Molecule
+    from slmforge.bio.stages import shared_scaffolds, split_molecules
+
+    assert shared_scaffolds(split_molecules([Molecule(s) for s in smiles], 0.15, 0.15)) == 0
+    mixed = {"train": [{"scaffold": "c1ccccc1"}], "val": [{"scaffold": "c1ccccc1"}], "test": [{"scaffold": ""}]}
+    assert shared_scaffolds(mixed) == 1  # the counter counts what a random split would leak
+
 
 def test_smiles_tokenizer_round_trips_and_saves(tmp_path):
     corpus = ["CC(=O)Oc1ccccc1C(=O)O", "C[C@@H](N)C(=O)O", "ClCCBr", "c1ccc2[nH]ccc2c1", "C%12CCCCC%12"]

@@ -20,7 +20,7 @@ from slmforge.artifacts import Plan, model_ref, output_dir, parent_ref
 from slmforge.bio import chem
 from slmforge.bio.mlm import encode, encoder_config
 from slmforge.bio.sources import read_molecules
-from slmforge.bio.stages import SPLITS, BioResult, prepare_molecules, source_ref, split_molecules
+from slmforge.bio.stages import SPLITS, BioResult, prepare_molecules, shared_scaffolds, source_ref, split_molecules
 from slmforge.config import ProjectConfig
 from slmforge.errors import ConfigError, DataError
 
@@ -187,16 +187,11 @@ def train_property(cfg: ProjectConfig, command: list[str] | None = None, progres
             plot_losses(res.log, w.path / "loss.png", "property head (standardised MSE)")
         w.metrics.update({"source": cfg.bio.property.source, **counts, "ridge_alpha": alpha, "scores": scores,
                           "encoder_steps": res.steps, "encoder_seconds": round(res.seconds, 2),
-                          "shared_scaffolds": _shared(splits)})
+                          "shared_scaffolds": shared_scaffolds(splits)})
     if log:
         t = {k: v.get("test", {}) for k, v in scores.items()}
         log("bio-property: test RMSE " + ", ".join(f"{k} {v.get('rmse')}" for k, v in t.items()) + f" -> {out}")
     return BioResult(out.resolve(), dict(w.metrics))
-
-
-def _shared(splits: dict[str, list[dict]]) -> int:
-    seen = [{r["scaffold"] for r in rows} for rows in splits.values()]
-    return len((seen[0] & seen[1]) | (seen[0] & seen[2]) | (seen[1] & seen[2]))
 
 
 def _plot_parity(rows: list[dict], path: Path, title: str) -> None:

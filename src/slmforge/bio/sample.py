@@ -62,8 +62,8 @@ def generate_smiles(model_dir: Path, n: int, temperature: float = 1.0, top_k: in
 def distribution_table(generated: list[str], training: list[str]) -> dict[str, dict[str, float]]:
     """Per descriptor: mean and standard deviation of both sets and their Wasserstein-1 distance."""
     import numpy as np
-    from scipy.stats import wasserstein_distance
 
+    wasserstein_distance = chem.require("scipy.stats").wasserstein_distance
     gen, ref = chem.descriptor_table(generated), chem.descriptor_table(training)
     table = {}
     for name in chem.DESCRIPTORS:

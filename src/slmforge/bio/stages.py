@@ -183,13 +183,19 @@ def make_bio_data(cfg: ProjectConfig, command: list[str] | None = None,
 def _data_metrics(kind: str, splits: dict[str, list[dict]], counts: Counter[str]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"kind": kind, **dict(counts), **{f"{s}_records": len(r) for s, r in splits.items()}}
     if kind == "smiles":
-        scaffolds = {s: {r["scaffold"] for r in rows} for s, rows in splits.items()}
-        metrics["scaffolds"] = {s: len(v) for s, v in scaffolds.items()}
-        metrics["shared_scaffolds"] = len((scaffolds["train"] & scaffolds["test"]) | (scaffolds["train"] & scaffolds["val"])
-                                          | (scaffolds["val"] & scaffolds["test"]))
+        metrics["scaffolds"] = {s: len({r["scaffold"] for r in rows}) for s, rows in splits.items()}
+        metrics["shared_scaffolds"] = shared_scaffolds(splits)
     else:
         metrics["residues"] = {s: sum(len(r["sequence"]) for r in rows) for s, rows in splits.items()}
     return metrics
+
+
+def shared_scaffolds(splits: dict[str, list[dict[str, Any]]]) -> int:
+    """How many scaffolds occur in more than one split (0 for a scaffold split)."""
+    seen: Counter[str] = Counter()
+    for rows in splits.values():
+        seen.update({r["scaffold"] for r in rows})
+    return sum(1 for n in seen.values() if n > 1)
 
 
 def read_records(data: Path, split: str) -> list[dict[str, Any]]:
