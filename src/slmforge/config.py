@@ -326,6 +326,40 @@ class LoopConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
 
 
+class DistributedConfig(Section):
+    """How a run spreads over processes (``slmforge train --nproc N`` or ``--launcher accelerate``). It
+    changes where the work happens, not what is learned: it is left out of fingerprints and resume keys."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model (torch DDP); fsdp: parameters, gradients and "
+        "optimizer state sharded over the processes (torch FSDP2 fully_shard); deepspeed: ZeRO through "
+        "accelerate (CUDA, `pip install deepspeed`; needs --launcher accelerate).",
+    )
+    num_processes: int = Field(
+        2, ge=1, description="Processes per machine under --launcher accelerate when --nproc is not given."
+    )
+    num_machines: int = Field(1, ge=1, description="Machines taking part (accelerate's num_machines).")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank among num_machines (0 = the main one).")
+    main_process_ip: str | None = Field(None, description="The main machine's address when num_machines > 1.")
+    main_process_port: int | None = Field(
+        None, ge=1, le=65535, description="The rendezvous port (null = a free port on this machine)."
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: follow the section's precision key; bf16; fp16 (deepspeed only: it scales the loss); "
+        "no. Written into the accelerate (and DeepSpeed) config.",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters sharded)."
+    )
+    offload: bool = Field(
+        False,
+        description="Offload to CPU memory: deepspeed the optimizer state (and parameters at ZeRO-3), fsdp the "
+        "parameters (FSDP2 CPUOffloadPolicy).",
+    )
+
+
 class TrainConfig(LoopConfig):
     data: str | None = Field(None, description="Data artifact (null = <project.out_dir>/data).")
     tokenizer: str | None = Field(None, description="Tokenizer artifact (null = <project.out_dir>/tokenizer).")
@@ -334,11 +368,15 @@ class TrainConfig(LoopConfig):
         0.0, ge=0, le=1, description="Code models: share of training pieces rearranged as fill-in-the-middle "
         "examples (prefix, suffix, then middle; sentinel tokens added when the tokenizer lacks them). 0 = off.",
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes or machines: strategy and launcher."
+    )
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The section as the train stage's fingerprint covers it: keys added later are left out while they
-        are off, so the models of existing projects stay current."""
-        return self.model_dump(mode="json", exclude=set() if self.fim_rate else {"fim_rate"})
+        are off, so the models of existing projects stay current; how the run was spread (distributed) never
+        counts."""
+        return self.model_dump(mode="json", exclude={"distributed"} | (set() if self.fim_rate else {"fim_rate"}))
 
 
 class LoraConfig(Section):
@@ -372,6 +410,13 @@ class SftConfig(LoopConfig):
     max_steps: int = Field(300, ge=1, description="Optimizer steps.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes or machines: strategy and launcher."
+    )
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The section as the sft stage's fingerprint covers it: how the run was spread never counts."""
+        return self.model_dump(mode="json", exclude={"distributed"})
 
 
 class EncoderConfig(LoopConfig):

@@ -274,19 +274,18 @@ def train(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: the section's out).")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Data-parallel processes on this machine (torchrun; "
                                        "gloo on CPU, nccl on GPUs); the global batch stays the section's batch_size.")] = 1,
+    launcher: Annotated[str, typer.Option(help="torchrun, or accelerate: `accelerate launch` with a config written "
+                                          "from the section's distributed key (ddp, fsdp, deepspeed).")] = "torchrun",
+    print_config: Annotated[bool, typer.Option("--print-config", help="With --launcher accelerate: write and "
+                                               "print the accelerate (and DeepSpeed) config, then stop.")] = False,
 ) -> None:
     """Train: interrupted runs (Ctrl-C, kill -9) resume from their last checkpoint when re-run."""
-    import os
-
     from slmforge import train as training
+    from slmforge.cli.train_cmd import launch
 
     if what not in ("pretrain", "sft", "encoder"):
         raise typer.BadParameter(f"choose one of: pretrain, sft, encoder (got {what!r})")
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        args = [a for i, a in enumerate(sys.argv[1:]) if a != "--nproc" and sys.argv[i] != "--nproc"
-                and not a.startswith("--nproc=")]
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "slmforge", *args])
+    launch(what, nproc, launcher, print_config, config, set_, out_dir)
     cfg = load_project(config, set_)
     runners = {"pretrain": training.pretrain, "sft": training.finetune}
     if what == "encoder":

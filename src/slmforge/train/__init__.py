@@ -98,6 +98,7 @@ def _loop_metrics(res) -> dict[str, Any]:
         m["resumed_from_step"] = res.resumed_from
     if res.processes > 1:
         m["processes"] = res.processes
+        m["strategy"] = res.strategy
     return m
 
 
@@ -269,7 +270,7 @@ def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> Plan:
     spec, base_parents = _base_spec(cfg, base)
     data_dir = _dataset_dir(cfg, cfg.sft.data, data)
     kind = "adapter" if cfg.sft.method in ("lora", "qlora") else "model"
-    config = {"sft": cfg.sft.model_dump(mode="json"), "base": spec, "seed": cfg.project.seed}
+    config = {"sft": cfg.sft.fingerprint_config(), "base": spec, "seed": cfg.project.seed}
     parents = base_parents + [parent_ref(data_dir, "dataset")]
     if cfg.sft.tokenizer:
         parents.append(parent_ref(cfg.resolve(cfg.sft.tokenizer), "tokenizer"))

@@ -59,23 +59,30 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``root/step-NNNNNN`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``root/step-NNNNNN`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``state`` is (trainable weights, optimizer state dict) already gathered from shards (FSDP); without it
+    they are read from ``model`` and ``optimizer``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:06d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if state is None:
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        state = (weights, optimizer.state_dict())
+    save_file(state[0], str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(state[1])
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
-    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=float))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -87,7 +94,10 @@ def save_checkpoint(
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore a checkpoint into the model, optimizer, scheduler and RNG; return its state.json."""
+    """Restore a checkpoint into the model, optimizer, scheduler and RNG; return its state.json. Sharded
+    (FSDP) parameters and optimizer state take this process's shards of the whole tensors saved."""
+    from slmforge.train._distributed import like, shard_optimizer_state
+
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -101,9 +111,9 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            params[name].copy_(like(value, params[name]))
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    optimizer.load_state_dict(shard_optimizer_state(_unflatten_optimizer(opt_tensors, state["optimizer"]), optimizer))
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

@@ -26,6 +26,15 @@ import torch
 from slmforge.config import LoopConfig
 from slmforge.model import pick_device
 from slmforge.train._checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from slmforge.train._distributed import (
+    Spread,
+    full_training_state,
+    gather_to_plain,
+    load_deepspeed_state,
+    loop_precision,
+    save_deepspeed_state,
+    spread as _spread,
+)
 
 
 class BatchSource(Protocol):
@@ -50,6 +59,7 @@ class LoopResult:
     stopped_early: bool
     log: list[dict[str, Any]] = field(default_factory=list)
     processes: int = 1  # data-parallel processes that trained it
+    strategy: str = "none"  # how they shared it: ddp, fsdp, deepspeed (train.distributed.strategy)
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,10 @@ def cosine_schedule(cfg: LoopConfig) -> Callable[[int], float]:
 def resume_key(cfg: LoopConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it: everything
     that shapes the trajectory, not bookkeeping like how often to save."""
-    skip = {"max_minutes", "keep_checkpoints", "save_every", "eval_every", "eval_batches", "compile", "device"}
+    # distributed: how the run is spread over processes, not where it goes (checkpoints are whole tensors, so a
+    # run resumes under another world size or strategy)
+    skip = {"max_minutes", "keep_checkpoints", "save_every", "eval_every", "eval_batches", "compile", "device",
+            "distributed"}
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
 
 
@@ -221,15 +234,16 @@ def run_loop(
     from slmforge._progress import progress_bar
 
     device, amp, team = _place(model, cfg, seed)
-    trainable, optimizer = _adamw(model, cfg)
+    spread = _spread(model, cfg, team.size, device, lambda m: _adamw(m, cfg)[1])
+    trainable, optimizer = [p for p in model.parameters() if p.requires_grad], spread.optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
-    key = {"run": run_key, "loop": resume_key(cfg), "seed": seed}
+    key = {"run": run_key, "loop": resume_key(cfg), "seed": seed, **spread.resume_extra}
     ckpt_root, log_file = work_dir / "checkpoints", work_dir / "log.jsonl"
     work_dir.mkdir(parents=True, exist_ok=True)
     start_step, tokens_seen, elapsed_before, resumed_from, history = _resume(
-        ckpt_root, log_file, key, model, optimizer, scheduler, describe, log if team.main else None, team.main)
+        ckpt_root, log_file, key, model, optimizer, scheduler, describe, log if team.main else None, team.main, spread)
 
-    forward = _forward(model, cfg, team)
+    forward = torch.compile(spread.forward) if cfg.compile else spread.forward
     order = _EpochOrder(len(train), seed)
     t_start = time.monotonic()
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -240,10 +254,10 @@ def run_loop(
         window_t, window_tokens = time.monotonic(), 0
         for step in range(start_step, cfg.max_steps):
             step_t0 = time.monotonic()
-            last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp, team)
+            last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp, team, spread)
             last_loss, n_tokens = team.mean(last_loss), team.total(n_tokens)
             tokens_seen, window_tokens = tokens_seen + n_tokens, window_tokens + n_tokens
-            grad_norm = _optimizer_step(trainable, optimizer, scheduler, cfg.grad_clip)
+            grad_norm = _optimizer_step(trainable, optimizer, scheduler, cfg.grad_clip, spread)
             done = step + 1
             now = time.monotonic()
             tps = window_tokens / max(now - window_t, 1e-9)
@@ -252,10 +266,7 @@ def run_loop(
                       "step_s": round(now - step_t0, 4)}
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val_loss = _validate_into(record, model, val, cfg, device, amp)
-            if logf is not None:
-                logf.write(json.dumps(record) + "\n")
-                logf.flush()
-            history.append(record)
+            _append(record, history, logf)
             if done % 10 == 0:
                 window_t, window_tokens = now, 0
             bar.update(task, completed=done,
@@ -265,7 +276,7 @@ def run_loop(
             out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
             if done % cfg.save_every == 0 or interrupted or out_of_time:
                 extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
-                _checkpoint(team, ckpt_root, done, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+                _checkpoint(team, ckpt_root, done, model, spread, scheduler, extra, cfg.keep_checkpoints)
             if interrupted:
                 raise KeyboardInterrupt(f"interrupted at step {done}; checkpoint saved in {ckpt_root}")
             if out_of_time:
@@ -277,9 +288,19 @@ def run_loop(
         last_loss = history[-1]["loss"] if history else float("nan")
         val_loss = evaluate_loss(model, val, cfg.batch_size, cfg.eval_batches, device, amp)
     seconds = elapsed_before + time.monotonic() - t_start
+    gather_to_plain(spread, model)  # sharded (FSDP, ZeRO-3) weights become whole: the model saves as usual
     return LoopResult(steps=history[-1]["step"] if history else start_step, final_loss=last_loss, val_loss=val_loss,
                       tokens=tokens_seen, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
-                      resumed_from=resumed_from, stopped_early=stopped_early, log=history, processes=team.size)
+                      resumed_from=resumed_from, stopped_early=stopped_early, log=history, processes=team.size,
+                      strategy=spread.strategy)
+
+
+def _append(record: dict[str, Any], history: list[dict[str, Any]], logf: Any) -> None:
+    """A step's record into the history, and into log.jsonl (first process) at once: a kill loses no step."""
+    if logf is not None:
+        logf.write(json.dumps(record) + "\n")
+        logf.flush()
+    history.append(record)
 
 
 def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.device, torch.dtype | None, World]:
@@ -290,12 +311,12 @@ def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.de
         TrainError: A batch that does not split evenly over the processes.
     """
     device = torch.device(pick_device(cfg.device))
-    amp = autocast_dtype(cfg.precision, device)
     if not getattr(model, "hf_device_map", None):  # 4-bit (QLoRA) models are placed when loaded
         model.to(device)
     model.train()
     torch.manual_seed(seed)
     team = world(str(device))
+    amp = autocast_dtype(loop_precision(cfg, team.size), device)
     if cfg.batch_size % team.size:
         from slmforge.errors import TrainError
 
@@ -304,18 +325,16 @@ def _place(model: torch.nn.Module, cfg: LoopConfig, seed: int) -> tuple[torch.de
     return device, amp, team
 
 
-def _forward(model: torch.nn.Module, cfg: LoopConfig, team: World) -> Any:
-    """What the steps call. Data parallel: every process holds the whole model and takes its share of each
-    batch; DDP averages the gradients, so the update is the one-process update on the same global batch."""
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if team.size > 1 else model
-    return torch.compile(wrapped) if cfg.compile else wrapped
-
-
-def _checkpoint(team: World, root: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any],
+def _checkpoint(team: World, root: Path, step: int, model, spread: Spread, scheduler, extra: dict[str, Any],
                 keep: int) -> None:
-    """Save a checkpoint (the first process: the replicas are identical), the others waiting for it."""
+    """Save a checkpoint (the first process writes: the replicas are identical, and FSDP shards are first
+    gathered by all), the others waiting for it."""
+    if spread.strategy == "deepspeed":
+        extra = {**extra, "deepspeed_state": f"deepspeed-{step:06d}"}
+        save_deepspeed_state(spread, root / extra["deepspeed_state"])
+    state = full_training_state(model, spread.optimizer, spread.accelerator, spread.forward) if spread.gathers else None
     if team.main:
-        save_checkpoint(root, step, model, optimizer, scheduler, extra, keep)
+        save_checkpoint(root, step, model, spread.optimizer, scheduler, extra, keep, state)
     team.barrier()
 
 
@@ -334,7 +353,7 @@ def _adamw(model: torch.nn.Module, cfg: LoopConfig) -> tuple[list[torch.nn.Param
 
 
 def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimizer, scheduler, describe: str,
-            log: Callable[[str], None] | None, main: bool = True
+            log: Callable[[str], None] | None, main: bool = True, spread: Spread | None = None
             ) -> tuple[int, int, float, int | None, list[dict[str, Any]]]:
     """Load the latest checkpoint when its key matches, and rewrite the log up to its step.
 
@@ -347,7 +366,12 @@ def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimiz
     if latest:
         meta = json.loads((latest[-1] / "state.json").read_text())
         if meta.get("key") == json.loads(json.dumps(key)):
-            state = load_checkpoint(latest[-1], model, optimizer, scheduler)
+            if spread is not None and spread.strategy == "deepspeed":  # DeepSpeed's engine holds it all
+                state = meta
+                load_deepspeed_state(spread, ckpt_root / state["deepspeed_state"])
+                scheduler.load_state_dict(state["scheduler"])
+            else:
+                state = load_checkpoint(latest[-1], model, optimizer, scheduler)
             start_step, tokens_seen = state["step"], state["tokens"]
             elapsed_before = state.get("elapsed_s", 0.0)
             resumed_from = start_step
@@ -363,7 +387,7 @@ def _resume(ckpt_root: Path, log_file: Path, key: dict[str, Any], model, optimiz
 
 
 def _accumulate(forward, train: BatchSource, order: _EpochOrder, step: int, cfg: LoopConfig, device: torch.device,
-                amp, team: World = World()) -> tuple[float, int]:
+                amp, team: World = World(), spread: Spread | None = None) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches (gradients add up in place).
 
     Returns:
@@ -376,17 +400,23 @@ def _accumulate(forward, train: BatchSource, order: _EpochOrder, step: int, cfg:
         batch = {k: v.to(device) for k, v in train.batch(idx).items()}
         n_tokens = train.tokens_in(batch)
         with _amp(device, amp):
-            loss = forward(**batch).loss / cfg.grad_accum
-        loss.backward()
-        loss_sum += float(loss.detach())
+            loss = forward(**batch).loss
+        if spread is None:
+            (loss / cfg.grad_accum).backward()
+        else:
+            spread.backward(loss, cfg.grad_accum)
+        loss_sum += float(loss.detach()) / cfg.grad_accum
         tokens += n_tokens
     return loss_sum, tokens
 
 
-def _optimizer_step(trainable: list[torch.nn.Parameter], optimizer, scheduler, grad_clip: float) -> float:
+def _optimizer_step(trainable: list[torch.nn.Parameter], optimizer, scheduler, grad_clip: float | None,
+                    spread: Spread | None = None) -> float:
     """Clip (when ``grad_clip``), step the optimizer and the schedule, clear the gradients; the gradient norm
     before clipping (NaN when not clipped)."""
-    if grad_clip:
+    if spread is not None:
+        grad_norm = spread.clip(trainable, grad_clip)
+    elif grad_clip:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
     else:
         grad_norm = float("nan")
