@@ -197,7 +197,7 @@ DataFormat = Literal["text", "chat", "classification", "ner"]
 class DataConfig(Section):
     sources: list[str] = Field(
         [],
-        description="Files or folders (relative to this file) of .txt .md .rst .html .jsonl .csv .py .pdf, "
+        description="Files or folders (relative to this file) of .txt .md .rst .html .jsonl .parquet .csv .py .pdf, "
         "and built-in sources: python-docs.",
     )
     python_docs: PythonDocsSource = Field(default_factory=PythonDocsSource, description="The python-docs source.")
@@ -220,11 +220,22 @@ class DataConfig(Section):
     )
     ner: NerConfig = Field(default_factory=NerConfig, description="The NER output.")
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/data).")
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="local: this process; ray: deduplication sharded over a Ray cluster (the same kept documents; "
+        "`pip install slmforge[scale]`).",
+    )
+    ray_workers: int = Field(2, ge=1, description="engine ray: CPUs of the local Ray cluster started for the stage.")
+    ray_address: str | None = Field(
+        None, description="engine ray: a running Ray cluster to join (e.g. ray://head:10001; null = start one)."
+    )
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The section as the data stage's fingerprint covers it: keys added later are left out while they
-        hold their defaults, so the datasets (and every model after them) of existing projects stay current."""
+        hold their defaults, so the datasets (and every model after them) of existing projects stay current.
+        Where the work ran (engine, ray_*) never counts: the kept documents are the same."""
         at_default = {"code"} if self.code == CodeConfig() else set()
+        at_default |= {"engine", "ray_workers", "ray_address"}
         return self.model_dump(mode="json", exclude=at_default)
 
 

@@ -320,7 +320,7 @@ def _scrub_filter_dedup(
     dropped_rows: list[dict] = []
     pii_counts: Counter[str] = Counter()
     kept: list[Document] = []
-    dd = dedup.Deduplicator(dcfg.dedup)
+    dd = dedup.make_deduplicator(dcfg.dedup, dcfg.engine, dcfg.ray_workers, dcfg.ray_address)
     with progress_bar(progress) as bar:
         task = bar.add_task("filtering", total=len(docs), info="")
         for d in docs:
@@ -350,6 +350,7 @@ def _scrub_filter_dedup(
                 d.text = curator.dedup_functions(d.text, d.is_code)
                 kept.append(d)
             bar.update(task, advance=1, info=f"{len(kept)} kept")
+    kept = dd.settle(kept, dropped, dropped_rows)  # engine ray: duplicates across shards found now
     return kept, dropped, dropped_rows, pii_counts
 
 

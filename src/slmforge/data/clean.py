@@ -17,7 +17,7 @@ _INVISIBLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u2
 _TRAILING_WS = re.compile(r"[ \t\u00a0]+$", re.MULTILINE)
 _MANY_BLANK = re.compile(r"\n{3,}")
 # Prose kinds whose repeated lines are boilerplate; code repeats lines legitimately.
-_PROSE_KINDS = {"txt", "md", "rst", "html", "pdf", "jsonl", "csv"}
+_PROSE_KINDS = {"txt", "md", "rst", "html", "pdf", "jsonl", "parquet", "csv"}
 
 
 def clean_text(text: str, cfg: CleanConfig) -> tuple[str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections import Counter
 
 from slmforge.config import DedupConfig
 
@@ -76,3 +77,57 @@ class Deduplicator:
             self._lsh.insert(key, mh)
             self._hashes[key] = mh
         return None
+
+    def settle(self, kept: list, dropped: Counter[str], dropped_rows: list[dict]) -> list:
+        """Nothing left to decide: ``check`` decided as documents arrived (see ``ShardedDeduplicator``)."""
+        return kept
+
+
+def signature(text: str, cfg: DedupConfig, permutations=None, scheme=None):  # type: ignore[no-untyped-def]
+    """The MinHash ``Deduplicator`` computes for ``text``: its hash values (numpy uint64, ``cfg.num_perm``)."""
+    from datasketch import MinHash
+
+    if permutations is None:
+        template = MinHash(num_perm=cfg.num_perm, seed=1)
+        permutations, scheme = template.permutations, template.scheme
+    mh = MinHash(num_perm=cfg.num_perm, hashfunc=_hash32, seed=1, permutations=permutations, scheme=scheme)
+    mh.update_batch(list(shingles(text, cfg.shingle_size)))
+    return mh.hashvalues
+
+
+class ShardedDeduplicator:
+    """The same decisions as ``Deduplicator``, made over all documents at once on Ray (``data.engine: ray``).
+
+    The data stage calls ``check`` in document order as it does for ``Deduplicator``; every document is
+    provisionally kept. ``settle`` then computes exact digests and MinHash signatures on the Ray workers,
+    finds LSH candidate pairs band by band (each band's buckets grouped on the workers), and replays the
+    first-one-wins rule in document order on the driver, so the kept set equals the single-process one.
+    """
+
+    def __init__(self, cfg: DedupConfig, workers: int, address: str | None = None) -> None:
+        self.cfg, self.workers, self.address = cfg, workers, address
+        self._items: list[tuple[str, str]] = []
+        self.duplicate_of: dict[str, str] = {}
+
+    def check(self, key: str, text: str) -> str | None:
+        self._items.append((key, text))
+        return None
+
+    def settle(self, kept: list, dropped: Counter[str], dropped_rows: list[dict]) -> list:
+        """``kept`` (documents with an ``id``) without the duplicates found; counts and rows updated."""
+        from slmforge.data.ray_dedup import dedup_on_ray
+
+        reasons = dedup_on_ray(self._items, self.cfg, self.workers, self.address)
+        for key, (reason, first) in reasons.items():
+            self.duplicate_of[key] = first
+            dropped[reason] += 1
+            dropped_rows.append({"id": key, "reason": reason, "duplicate_of": first})
+        return [d for d in kept if d.id not in reasons]
+
+
+def make_deduplicator(cfg: DedupConfig, engine: str = "local", workers: int = 2,
+                      address: str | None = None) -> Deduplicator | ShardedDeduplicator:
+    """The deduplicator for ``data.engine``: local (in this process, as documents arrive) or ray."""
+    if engine == "ray":
+        return ShardedDeduplicator(cfg, workers, address)
+    return Deduplicator(cfg)

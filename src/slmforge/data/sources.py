@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import csv
 import io
-import json
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from slmforge.config import DataConfig
 BUILTIN_SOURCES = ("python-docs",)
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 HTML_SUFFIXES = {".html", ".htm"}
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".jsonl", ".csv", ".py", ".pdf"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".jsonl", ".parquet", ".csv", ".py", ".pdf"}
 CODE_KINDS = {"py", "module_source"}
 _KIND_OF_SUFFIX = {".markdown": "md", ".htm": "html"}
 
@@ -36,7 +35,7 @@ class Document:
     id: str
     text: str
     source: str  # the configured source entry it came from
-    kind: str  # txt, md, rst, html, jsonl, csv, py, pdf, docstring, topic, module_source
+    kind: str  # txt, md, rst, html, jsonl, parquet, csv, py, pdf, docstring, topic, module_source
     path: str = ""  # file it came from ("" for built-in sources)
     title: str = ""
     label: str | None = None
@@ -110,6 +109,11 @@ def read_file(path: Path, source: str, cfg: DataConfig) -> Iterator[Record]:
     if size == 0:
         yield Skipped(where, "empty file")
         return
+    if suffix in (".jsonl", ".parquet"):  # corpus shards: read record by record, whatever their size
+        from slmforge.data.shards import shard_records
+
+        yield from _shard_documents(shard_records(path), path, source, cfg, suffix.lstrip("."))
+        return
     if size > cfg.clean.max_file_mb * 1e6:
         yield Skipped(where, f"file larger than clean.max_file_mb ({size / 1e6:.1f} MB)")
         return
@@ -135,8 +139,6 @@ def read_file(path: Path, source: str, cfg: DataConfig) -> Iterator[Record]:
         yield _read_html(text, path, source, cfg)
     elif suffix == ".py":
         yield Document(id=where, text=text, source=source, kind="py", path=where, title=path.stem)
-    elif suffix == ".jsonl":
-        yield from _read_jsonl(text, path, source, cfg)
     elif suffix == ".csv":
         yield from _read_csv(text, path, source, cfg)
 
@@ -186,18 +188,12 @@ def _pick_text(record: dict[str, Any], fields: list[str]) -> str | None:
     return None
 
 
-def _read_jsonl(text: str, path: Path, source: str, cfg: DataConfig) -> Iterator[Record]:
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield Skipped(where, f"malformed JSONL line ({exc.msg})")
-            continue
-        if not isinstance(record, dict):
-            yield Skipped(where, "JSONL line is not an object")
+def _shard_documents(records: Iterator[tuple[str, dict[str, Any] | str]], path: Path, source: str,
+                     cfg: DataConfig, kind: str) -> Iterator[Record]:
+    """Documents of a JSONL or Parquet shard's records (``data.shards`` reads them incrementally)."""
+    for where, record in records:
+        if isinstance(record, str):
+            yield Skipped(where, record)
             continue
         meta: dict[str, Any] = {}
         tokens, tags = record.get("tokens"), record.get("tags")
@@ -207,14 +203,14 @@ def _read_jsonl(text: str, path: Path, source: str, cfg: DataConfig) -> Iterator
         if body is None and "ner" in meta:
             body = " ".join(meta["ner"]["tokens"])
         if body is None:
-            yield Skipped(where, f"JSONL record has none of the text fields {cfg.text_fields}")
+            yield Skipped(where, f"{kind.upper()} record has none of the text fields {cfg.text_fields}")
             continue
         label = record.get(cfg.label_field)
         yield Document(
             id=where,
             text=body,
             source=source,
-            kind="jsonl",
+            kind=kind,
             path=str(path),
             title=str(record.get("title") or ""),
             label=None if label is None else str(label),
