@@ -10,8 +10,6 @@ import pytest
 
 from slmforge.config import DedupConfig
 
-pytest.importorskip("ray")
-
 
 def _corpus(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
     """Documents with planted exact duplicates (case and spacing changed), near duplicates (a few words
@@ -35,6 +33,7 @@ def _corpus(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    pytest.importorskip("ray")
     from slmforge.data.ray_dedup import start_ray
 
     ray = start_ray(2)
@@ -81,6 +80,17 @@ def test_the_data_stage_on_ray_writes_the_same_dataset(ray_cluster, tmp_path):
     # the same dataset: where the work ran is not part of the fingerprint
     m_local, m_ray = (json.loads((r.path / "manifest.json").read_text()) for r in (local, ray))
     assert m_local["config"] == m_ray["config"]
+
+
+def test_without_ray_the_engine_says_what_to_install(monkeypatch):
+    import sys
+
+    from slmforge.data.ray_dedup import dedup_on_ray
+    from slmforge.errors import DataError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # an import of ray now fails as if it were not installed
+    with pytest.raises(DataError, match=r"pip install slmforge\[scale\]"):
+        dedup_on_ray([("a", "some text")], DedupConfig())
 
 
 # --------------------------------------------------------------------------- corpus shards, read incrementally
