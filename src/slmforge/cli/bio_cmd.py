@@ -140,7 +140,8 @@ def print_recipe(paths: dict, project_file) -> None:
             show(read_manifest(paths[name]).metrics)
     figures = [f"{paths[n]}/{f}" for n, f in (("bio-sample", "properties.png"), ("bio-property", "parity.png"),
                                                ("bio-mlm", "loss.png")) if n in paths]
+    again = (f"  slmforge bio sample -c {project_file} --set bio.sample.temperature=0.8 --force\n" if "bio-sample" in paths
+             else f"  slmforge bio mlm -c {project_file} --set bio.mlm.max_minutes=15 --force   (train longer)\n")
     print("\nNext:\n" + "".join(f"  open {f}\n" for f in figures)
-          + f"  slmforge bio eval -c {project_file}   (the tables again)\n"
-          f"  slmforge bio sample -c {project_file} --set bio.sample.temperature=0.8 --force\n"
-          f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)")
+          + f"  slmforge bio eval -c {project_file}   (the tables again)\n" + again
+          + f"  edit {project_file}, then: slmforge run -c {project_file}   (only changed stages re-run)")
