@@ -1,12 +1,15 @@
-"""Data-parallel pretraining on this machine's cores: one process vs two (torchrun, gloo), same global batch.
+"""Data-parallel pretraining on this machine's cores: one process vs two, under DDP and FSDP, same global batch.
 
     python benchmarks/ddp_cpu.py [--steps 40] [--preset micro] [--batch-size 8]
 
-Trains the preset from scratch on the quickstart's data and tokenizer (quickstart/runs, made by ``make
-demo``) with ``slmforge train pretrain``: once in one process with all cores as torch threads, once with
-``--nproc 2`` (one thread each, so both use the same cores). Prints tokens/s (median over the steps after
-the first five) and the loss at the last step and the largest loss difference between the two curves;
-writes benchmarks/results/ddp_cpu.json.
+Trains the preset from scratch with ``slmforge train pretrain`` on the quickstart's data and tokenizer
+(quickstart/runs, made by ``make demo``; when missing, the quickstart template's data and tokenizer stages
+are run first in the scratch folder): in one process with all cores as torch threads, in one process with one
+thread (the per-core baseline), then in two processes (one thread each, so they use the cores the first run
+used): ``--nproc 2`` (torchrun, DDP) and
+``--launcher accelerate --nproc 2`` with ``train.distributed.strategy`` ddp and fsdp. Prints tokens/s (median
+over the steps after the first five), the loss at the last step, the validation loss and the largest loss
+difference from the one-process curve; writes benchmarks/results/ddp_cpu.json.
 """
 
 from __future__ import annotations
@@ -18,18 +21,47 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from _common import save
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNS = {  # name: (extra arguments, torch threads per process given the cores)
+    "1 process": ([], lambda cores: cores),
+    "1 process, 1 thread": ([], lambda cores: 1),
+    "2 processes, DDP (torchrun)": (["--nproc", "2"], lambda cores: max(1, cores // 2)),
+    "2 processes, DDP (accelerate)": (["--launcher", "accelerate", "--nproc", "2", "--set",
+                                       "train.distributed.strategy=ddp"], lambda cores: max(1, cores // 2)),
+    "2 processes, FSDP (accelerate)": (["--launcher", "accelerate", "--nproc", "2", "--set",
+                                        "train.distributed.strategy=fsdp"], lambda cores: max(1, cores // 2)),
+}
 
 
-def run(project: Path, out: str, threads: int, extra: list[str]) -> list[dict]:
+def run(project: Path, out: str, threads: int, extra: list[str]) -> tuple[list[dict], float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLMFORGE_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(threads)}
+    t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "slmforge", "train", "pretrain", "-c", str(project / "slmforge.yaml"),
                     "--out", str(project / out), *extra], env=env, check=True, capture_output=True)
-    return [json.loads(x) for x in (project / f"{out}-work" / "log.jsonl").read_text().splitlines()]
+    wall = time.monotonic() - t0
+    return [json.loads(x) for x in (project / f"{out}-work" / "log.jsonl").read_text().splitlines()], wall
+
+
+def inputs(qs: Path, scratch: Path) -> tuple[str, str]:
+    """The quickstart's data and tokenizer folders, made in ``scratch`` from the template when missing."""
+    data, tok = qs / "runs" / "data", qs / "runs" / "tokenizer"
+    if (data / "manifest.json").is_file() and (tok / "manifest.json").is_file():
+        return str(data), str(tok)
+    from slmforge.config import ProjectConfig, load_config, render_template
+    from slmforge.data import run_data_stage
+    from slmforge.tokenizer import train_tokenizer
+
+    (scratch / "slmforge.yaml").write_text(render_template("quickstart"))
+    cfg: ProjectConfig = load_config(scratch / "slmforge.yaml")
+    print(f"{data} is missing: running the quickstart's data and tokenizer stages in {scratch}", flush=True)
+    run_data_stage(cfg, progress=False)
+    train_tokenizer(cfg, progress=False)
+    return str(scratch / "runs" / "data"), str(scratch / "runs" / "tokenizer")
 
 
 def main() -> None:
@@ -40,36 +72,44 @@ def main() -> None:
     ap.add_argument("--quickstart", default=str(ROOT / "quickstart"))
     args = ap.parse_args()
 
-    from slmforge.config import dump_config, load_config
+    from slmforge.config import dump_config, load_config, render_template
 
-    qs = Path(args.quickstart)
-    cfg = load_config(qs / "slmforge.yaml")
+    cores = os.cpu_count() or 1
+    logs: dict[str, tuple[list[dict], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
-        cfg.train.data, cfg.train.tokenizer = str(qs / "runs" / "data"), str(qs / "runs" / "tokenizer")
+        scratch = project / "inputs"
+        scratch.mkdir()
+        data, tok = inputs(Path(args.quickstart), scratch)
+        (project / "template.yaml").write_text(render_template("quickstart"))
+        cfg = load_config(project / "template.yaml")
+        cfg.train.data, cfg.train.tokenizer = data, tok
         cfg.model.preset = args.preset
         t = cfg.train
         t.max_steps, t.batch_size, t.grad_accum, t.eval_every, t.save_every = args.steps, args.batch_size, 1, \
             args.steps, args.steps
         t.max_minutes, t.compile, t.precision = None, False, "fp32"
         (project / "slmforge.yaml").write_text(dump_config(cfg))
-        cores = os.cpu_count() or 1
-        one = run(project, "one", cores, [])
-        two = run(project, "two", max(1, cores // 2), ["--nproc", "2"])
+        for i, (name, (extra, threads)) in enumerate(RUNS.items()):
+            logs[name] = run(project, f"run{i}", threads(cores), extra)
+    one = logs["1 process"][0]
     rows = {}
-    for name, log in (("1 process", one), ("2 processes", two)):
+    for name, (log, wall) in logs.items():
         rows[name] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in log[5:]),
-                      "final_loss": log[-1]["loss"], "val_loss": log[-1].get("val_loss")}
-    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
+                      "final_loss": log[-1]["loss"], "val_loss": log[-1].get("val_loss"), "wall_s": round(wall, 1),
+                      "max_loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(one, log))}
+    load = os.getloadavg()[0]
     print(f"{args.preset}, {args.steps} steps, global batch {args.batch_size} x {cfg.train.seq_len} tokens, fp32, "
-          f"{os.cpu_count()} cores")
-    print("| run | tokens/s (median) | loss at the last step | val loss |")
-    print("|---|---:|---:|---:|")
+          f"{cores} cores, load average {load:.1f} at the end")
+    print("| run | tokens/s (median) | vs 1 process | loss at the last step | val loss | largest loss diff | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    base = rows["1 process"]["tokens_per_s"]
     for name, r in rows.items():
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['final_loss']:.4f} | {r['val_loss']:.4f} |")
-    ratio = rows["2 processes"]["tokens_per_s"] / rows["1 process"]["tokens_per_s"]
-    print(f"2 processes / 1 process: {ratio:.2f}x; largest loss difference over the curve: {diff:.2e}")
-    print(f"wrote {save('ddp_cpu', {'preset': args.preset, 'steps': args.steps, 'rows': rows, 'ratio': ratio, 'max_loss_diff': diff})}")
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {r['final_loss']:.4f} | "
+              f"{r['val_loss']:.4f} | {r['max_loss_diff']:.1e} | {r['wall_s']} |")
+    result = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "rows": rows,
+              "load_average": load}
+    print(f"wrote {save('ddp_cpu', result)}")
 
 
 if __name__ == "__main__":
