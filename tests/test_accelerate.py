@@ -163,6 +163,39 @@ def test_checkpoints_resume_across_world_sizes_and_strategies(project):
             assert all(torch.equal(resumed[n], uninterrupted[n]) for n in uninterrupted)
 
 
+@pytest.mark.integration
+def test_sft_lora_under_fsdp_matches_ddp(project):
+    """`slmforge train sft --launcher accelerate` with FSDP: a LoRA over the pretrained model in two gloo
+    processes ends at the adapter two DDP processes train (to 1e-5; the same split of every batch, so only
+    the order of float sums differs), and writes an ordinary adapter folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not (project / "one" / "manifest.json").exists():
+        _train(project, "one")
+    sets = ["--set", f"sft.base={project / 'one'}", "--set", "sft.method=lora", "--set", "sft.max_steps=4",
+            "--set", "sft.batch_size=4", "--set", "sft.seq_len=96", "--set", "sft.eval_every=4",
+            "--set", "sft.precision=fp32", "--set", "sft.lr=3e-3", "--set", "sft.warmup_steps=1"]
+
+    def sft(out: str, *extra: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-m", "slmforge", "train", "sft", "-c", str(project / "slmforge.yaml"),
+                            "--out", str(project / out), *sets, *extra], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [json.loads(x) for x in (project / f"{out}-work" / "log.jsonl").read_text().splitlines()]
+
+    ddp = sft("sft-ddp", "--nproc", "2")
+    fsdp = sft("sft-fsdp", "--launcher", "accelerate", "--nproc", "2", "--set", "sft.distributed.strategy=fsdp")
+    for a, b in zip(ddp, fsdp, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    manifest = json.loads((project / "sft-fsdp" / "manifest.json").read_text())
+    assert manifest["kind"] == "adapter" and manifest["metrics"]["strategy"] == "fsdp"
+    a, b = (load_file(str(project / o / "adapter_model.safetensors")) for o in ("sft-ddp", "sft-fsdp"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_deepspeed_zero_trains_resumes_and_saves_an_ordinary_folder(project):

@@ -337,7 +337,7 @@ def finetune(
     if len(train_src) == 0:
         raise TrainError(f"Every conversation is longer than sft.seq_len={scfg.seq_len} before its answer starts.")
     if scfg.method in ("lora", "qlora"):
-        model = _add_lora(model, scfg, bool(resized))
+        model = _add_lora(model, scfg, bool(resized), cfg.project.seed)
     run_key = {"config": plan.config, "parents": [p["fingerprint"] for p in plan.parents]}
     res = run_loop(model, train_src, val_src, scfg, work_dir_for(out_dir), cfg.project.seed, run_key,
                    f"fine-tuning ({scfg.method})", progress, log)
@@ -379,7 +379,8 @@ def _check_qlora() -> None:
         )
 
 
-def _add_lora(model, scfg, resized: bool):
+def _add_lora(model, scfg, resized: bool, seed: int = 0):
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -402,6 +403,7 @@ def _add_lora(model, scfg, resized: bool):
     )
     # Trained under peft's "default" slot so the files sit at the top of the folder; the
     # name the user chose is recorded in slmforge_adapter.json and used when loading.
+    torch.manual_seed(seed)  # LoRA's A matrices start random: the same in every run and every process
     return get_peft_model(model, lcfg)
 
 

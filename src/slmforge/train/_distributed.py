@@ -164,6 +164,10 @@ def _fully_shard(model: torch.nn.Module, dist: DistributedConfig, device: torch.
     if not layers:
         raise TrainError(f"strategy fsdp: {type(model).__name__} names no transformer layers (_no_split_modules) "
                          "to shard; use distributed.strategy ddp.")
+    # Every process must shard the same weights: rank 0's, as DDP broadcasts them (an unseeded initialisation,
+    # such as LoRA's, differs per process otherwise). fully_shard keeps each process's own slice.
+    for t in [*model.parameters(), *model.buffers()]:
+        tdist.broadcast(t.data, src=0)
     units = [m for m in model.modules() if type(m) in layers] + [model]
     classes = [(m, type(m)) for m in units]
     for module in units:
