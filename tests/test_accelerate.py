@@ -63,6 +63,18 @@ def test_config_mistakes_are_refused(tmp_path):
         launch_files(TrainConfig(batch_size=8), tmp_path, nproc=3)
 
 
+def test_deepspeed_state_folders_go_with_their_checkpoints(tmp_path):
+    from slmforge.train._distributed import prune_deepspeed_states
+
+    for step in (4, 8, 12):
+        (tmp_path / f"deepspeed-{step:06d}").mkdir()
+    for step in (8, 12):  # keep_checkpoints 2: step-000004 is gone
+        (tmp_path / f"step-{step:06d}").mkdir()
+        (tmp_path / f"step-{step:06d}" / "state.json").write_text(json.dumps({"deepspeed_state": f"deepspeed-{step:06d}"}))
+    prune_deepspeed_states(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("deepspeed-*")) == ["deepspeed-000008", "deepspeed-000012"]
+
+
 def test_print_config_from_the_command_line(tmp_path):
     from accelerate.commands.config.config_args import load_config_from_file
 

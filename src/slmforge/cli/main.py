@@ -5,6 +5,7 @@ humans and exits. Stages are imported inside the commands that run them, so
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -297,6 +298,8 @@ def train(
     except KeyboardInterrupt as exc:
         err.print(f"stopped: {exc or 'interrupted'}. Run the same command again to resume.", style="yellow")
         raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: the first one reports
+        return
     m = result.metrics
     parts = [f"{k} {m[k]}" for k in ("steps", "train_loss", "val_loss", "val_ppl", "unigram_val_ppl", "accuracy", "f1", "tokens_per_s") if k in m]
     out.print(f"{what}: {', '.join(parts)}")

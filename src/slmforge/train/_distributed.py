@@ -222,6 +222,17 @@ def load_deepspeed_state(s: Spread, folder: Path) -> None:
     s.accelerator.load_state(str(folder))
 
 
+def prune_deepspeed_states(root: Path) -> None:
+    """Remove DeepSpeed state folders (``deepspeed-NNNNNN``) that no kept checkpoint names any more."""
+    import json
+    import shutil
+
+    named = {json.loads(f.read_text()).get("deepspeed_state") for f in root.glob("step-*/state.json")}
+    for folder in root.glob("deepspeed-*"):
+        if folder.name not in named:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def gather_to_plain(s: Spread, model: torch.nn.Module) -> None:
     """After training: replace sharded parameters by whole ordinary ones on every process, so the model saves
     as an ordinary Hugging Face folder (``save_pretrained``). A collective under FSDP and ZeRO-3."""

@@ -32,6 +32,7 @@ from slmforge.train._distributed import (
     gather_to_plain,
     load_deepspeed_state,
     loop_precision,
+    prune_deepspeed_states,
     save_deepspeed_state,
     spread as _spread,
 )
@@ -335,6 +336,8 @@ def _checkpoint(team: World, root: Path, step: int, model, spread: Spread, sched
     state = full_training_state(model, spread.optimizer, spread.accelerator, spread.forward) if spread.gathers else None
     if team.main:
         save_checkpoint(root, step, model, spread.optimizer, scheduler, extra, keep, state)
+        if spread.strategy == "deepspeed":
+            prune_deepspeed_states(root)  # keep_checkpoints removed the step folders naming the others
     team.barrier()
 
 
