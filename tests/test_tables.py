@@ -80,7 +80,7 @@ def test_every_suite_task_has_its_metrics_in_the_table():
 
     tasks = _choices(SuiteSpec, "task")
     assert {m.task for m in SUITE_METRICS.values()} <= set(tasks)
-    assert suite_metrics("generate") == ("exact_match", "token_f1", "bleu", "chrf", "rouge")
+    assert suite_metrics("generate") == ("exact_match", "token_f1", "bleu", "chrf", "rouge", "code_exact", "edit_sim")
     assert suite_metrics("multiple_choice") == ("accuracy", "macro_f1")
     assert suite_metrics("code") == ()  # pass@k, from the suite's k
 

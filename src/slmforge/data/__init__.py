@@ -223,9 +223,10 @@ def read_documents(
     """
     if sources is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
-    read = _read_and_clean(cfg, _resolve_sources(cfg), progress)
+    curator = CodeCurator(cfg.data.code, cfg.base_dir)
+    read = _read_and_clean(cfg, _resolve_sources(cfg), progress, curator)
     _strip_boilerplate(read.docs, cfg.data)
-    kept, dropped, _, _ = _scrub_filter_dedup(read.docs, cfg.data, progress)
+    kept, dropped, _, _ = _scrub_filter_dedup(read.docs, cfg.data, progress, curator)
     return kept, read.skipped, dropped
 
 
