@@ -1,6 +1,6 @@
 """The code recipe on a real base: Gemma 3 270M adapted to Python source with fill-in-the-middle, against its base.
 
-    python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 80] [--minutes 45] [--limit 48]
+    python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 40] [--minutes 45] [--limit 32]
 
 Runs ``slmforge quickstart --recipe code``: the standard library's source curated (licence headers,
 function-level dedup, HumanEval decontamination), Gemma 3 270M's vocabulary trimmed to it, continued
@@ -56,9 +56,9 @@ def fim_vs_prefix(model: Path, data: Path, limit: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(RESULTS / "code-recipe"))
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=45.0)
-    ap.add_argument("--limit", type=int, default=48)
+    ap.add_argument("--limit", type=int, default=32)
     args = ap.parse_args()
 
     from slmforge.config import load_config
