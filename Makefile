@@ -80,7 +80,7 @@ bench: install $(QUICKSTART_SFT)
 		--runtimes transformers,onnx-fp32,onnx-int4 --rounds 1 --json runtime_compare_gemma
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/trim_vocab.py --rounds 3
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/domain_adapt.py --minutes 25 --sft-minutes 4 --qa 48
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/code_recipe.py --steps 40 --limit 32
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/code_recipe.py --steps 40 --limit 32 --sampled 8
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bio_recipes.py
 
 # The README's dashboard screenshots, taken by the dashboard's own browser tests.

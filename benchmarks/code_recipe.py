@@ -1,6 +1,7 @@
 """The code recipe on a real base: Gemma 3 270M adapted to Python source with fill-in-the-middle, against its base.
 
     python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 40] [--minutes 45] [--limit 32]
+                                     [--sampled 8]
 
 Runs ``slmforge quickstart --recipe code``: the standard library's source curated (licence headers,
 function-level dedup, HumanEval decontamination), Gemma 3 270M's vocabulary trimmed to it, continued
@@ -10,7 +11,8 @@ model and the untrimmed base on held-out code perplexity, next-line completion (
 held-out modules) and HumanEval pass@1 (greedy, the first ``--limit`` problems, in the sandbox). Then
 ``slmforge eval compare`` base vs adapted on next-line and HumanEval (paired bootstrap CI and p-value;
 answers from the eval cache), and fill-in-the-middle on held-out lines: the adapted model completing a
-line from the code before it alone vs with the code after it too (the base has no FIM tokens).
+line from the code before it alone vs with the code after it too (the base has no FIM tokens), and
+``humaneval-sampled`` (10 samples at temperature 0.8: pass@1 and pass@10) on the first ``--sampled`` problems.
 Writes benchmarks/results/code_recipe.json.
 """
 
@@ -53,12 +55,22 @@ def fim_vs_prefix(model: Path, data: Path, limit: int) -> dict:
             for name, rows in scores.items()}
 
 
+def sampled_metrics(out: Path) -> dict:
+    """pass@1 and pass@10 of both models on humaneval-sampled, from the eval cache the comparison filled."""
+    found = {}
+    for file in sorted((out / "runs" / "eval-cache").glob("humaneval-sampled-*.json")):
+        result = json.loads(file.read_text())
+        found["base" if "base" in Path(result["model"]).parts else "adapted"] = result["metrics"]
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(RESULTS / "code-recipe"))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=45.0)
     ap.add_argument("--limit", type=int, default=32)
+    ap.add_argument("--sampled", type=int, default=8)
     args = ap.parse_args()
 
     from slmforge.config import load_config
@@ -77,6 +89,8 @@ def main() -> None:
     mine, base = results["metrics"], results["baseline"]
     compared = compare_models(cfg, cfg.resolve(cfg.model.base), out / "runs" / "train", ["next-line", "humaneval"],
                               out / "runs" / "compare-base", limit=args.limit, progress=False).suites
+    sampled = compare_models(cfg, cfg.resolve(cfg.model.base), out / "runs" / "train", ["humaneval-sampled"],
+                             out / "runs" / "compare-sampled", limit=args.sampled, progress=False)
     rel = {k: round(mine[k] / base[k] - 1, 4) for k in sorted(mine) if base.get(k)}
     result = {"args": vars(args), "wall_minutes": round(wall / 60, 1),
               "train_minutes": round(train["seconds"] / 60, 1),
@@ -84,6 +98,7 @@ def main() -> None:
               "train": {k: train.get(k) for k in ("steps", "tokens", "tokens_per_s", "val_ppl", "params")},
               "base": {k: base[k] for k in sorted(base)}, "adapted": {k: mine[k] for k in sorted(mine)},
               "relative_change": rel, "compare": compared,
+              "sampled": {"compare": sampled.suites["humaneval-sampled"], **sampled_metrics(out)},
               "fim": fim_vs_prefix(out / "runs" / "train", out / "runs" / "data", args.limit)}
     print(json.dumps(result, indent=2))
     save("code_recipe", result)
