@@ -10,7 +10,8 @@ clear argmax margins.
 Tolerances, from runs on these models (ORT 1.32, onnxruntime-genai 0.18, 4 prompts x 32 tokens):
   fp32: logits max-abs-diff ~4e-6 (logits up to ~13), every argmax the same -> < 1e-4, identical greedy.
   int8: max-abs-diff ~0.14, top-1 agreement 1.0            -> top-1 >= 0.95, diff <= 5% of the logit scale.
-  int4: max-abs-diff ~1.4-1.9, top-1 agreement 0.95-0.99   -> top-1 >= 0.85, diff <= 20% of the logit scale.
+  int4: max-abs-diff ~2.3, top-1 agreement 0.92 (the input embedding int4 too; ~1.4-1.9 and 0.95-0.99 with
+        it float)                                          -> top-1 >= 0.85, diff <= 20% of the logit scale.
 """
 
 from __future__ import annotations
@@ -177,8 +178,16 @@ def test_int8_and_int4_stay_within_their_tolerances(model_dir, fp32_dir, int8_di
         quantized = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert len(quantized) == 11 and all(onnx.helper.get_attribute_value(
             next(a for a in n.attribute if a.name == "bits")) == bits for n in quantized)
+        # int4 quantizes the (untied) input embedding too, as GatherBlockQuantized; it has no int8 form
+        assert op_counts(folder / "model.onnx").get("GatherBlockQuantized", 0) == (bits == 4)
     sizes = [(d / "model.onnx.data").stat().st_size for d in (fp32_dir, int8_dir, int4_dir)]
     assert sizes[0] > sizes[1] > sizes[2]
+
+
+def stored_tables(onnx_file: Path) -> list[bytes]:
+    """The bytes of every initializer stored in the external data file."""
+    model = onnx.load(str(onnx_file))
+    return [onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if len(t.raw_data) >= 1024]
 
 
 def test_tied_embeddings_export_shares_one_quantized_table(workdir, tokenizer_dir):
@@ -189,6 +198,13 @@ def test_tied_embeddings_export_shares_one_quantized_table(workdir, tokenizer_di
     report = parity_report(tied, folder, PROMPTS, max_new_tokens=32)
     print("int4 tied parity:", report)
     assert report["top1_agreement"] >= 0.85 and report["max_abs_diff"] <= 0.20 * report["max_abs_logit"]
+    # ONNX Runtime's optimization folds the Reshape (int4) or Transpose (fp32) between the embedding
+    # and lm_head into a second copy of the table; the export stores it once, as that node again.
+    fp32 = export_onnx(tied, workdir / "onnx-fp32-tied").parent
+    for onnx_file in (folder / "model.onnx", fp32 / "model.onnx"):
+        tables = stored_tables(onnx_file)
+        assert len(tables) == len(set(tables)) and ops.get("Reshape", 0) >= 1
+    assert parity_report(tied, fp32, PROMPTS, max_new_tokens=8)["greedy_identical"] == len(PROMPTS)
 
 
 def test_onnxruntime_genai_runs_the_export_with_the_same_greedy_tokens(fp32_dir, torch_gen):

@@ -11,9 +11,11 @@ picks a special or byte token, as in test_onnx, so greedy tokens have clear marg
 
 Measured (ORT 1.32, onnxruntime-genai 0.18, 4 prompts x 32 tokens): fp32 max-abs-diff ~2e-5
 of logits up to ~19, every argmax the same -> < 1e-4, identical greedy. int4: top-1 agreement
-0.63, max-abs-diff 7.8: this random model is far more sensitive to int4 than test_onnx's Llama
-(int8: 0.95), and rounding its Linear weights the same way in PyTorch (block 32, symmetric)
-agrees on only 0.42 of the positions, so the export adds nothing -> top-1 >= 0.5 (chance: 1/400).
+0.63, max-abs-diff 7.8 with the input embedding float; 0.55 and 9.5 with it int4 too (as exported
+since issue 15): this random model is far more sensitive to int4 than test_onnx's Llama (int8:
+0.95), and rounding its Linear weights the same way in PyTorch (block 32, symmetric) agrees on
+only 0.42 of the positions, so the export adds nothing -> top-1 >= 0.5 (chance: 1/400), max-abs-diff
+at most 60% of the largest logit.
 """
 
 from __future__ import annotations
@@ -159,9 +161,10 @@ def test_int4_export_generates(workdir, model_dir):
     quantized = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(quantized) == 4 * 5 + 1  # qkv (packed), o, gate, up, down per layer, and the output layer
     assert {onnx.helper.get_attribute_value(a) for n in quantized for a in n.attribute if a.name == "bits"} == {4}
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1  # the input embedding, int4 too
     report = parity_report(model_dir, folder, PROMPTS, max_new_tokens=32)
     print("tiny Gemma 3 int4 parity:", report)
-    assert report["top1_agreement"] >= 0.5 and report["max_abs_diff"] <= 0.5 * report["max_abs_logit"]
+    assert report["top1_agreement"] >= 0.5 and report["max_abs_diff"] <= 0.6 * report["max_abs_logit"]
     for prompt in ("hello", PROMPTS[0]):
         out = OnnxGenerator(folder, threads=1).complete(prompt, greedy(12))
         assert out[0].tokens == 12 and out[0].text.strip()

@@ -8,7 +8,7 @@
 The graph comes from onnxruntime-genai's model builder (run as a subprocess on the
 local model folder): GroupQueryAttention with rotary embeddings inside, fused
 skip-RMSNorm, and for int8/int4 ``MatMulNBits`` block-quantized weights (block 32,
-symmetric). optimum cannot export with transformers 5, and the builder's graph is
+symmetric; at int4 the input embedding too, ``GatherBlockQuantized``). optimum cannot export with transformers 5, and the builder's graph is
 what onnxruntime-genai expects (``genai_config.json``). Where the builder cannot read
 a config transformers 5 writes (Gemma 3's RoPE per layer type), it is handed a copy
 of the folder whose config.json it can read (``_builder_input``); the weights are linked.
@@ -17,8 +17,9 @@ After building, the chosen ONNX Runtime optimization level is applied offline an
 the graph is made standard where it is not: the builder writes ONNX Runtime's
 ``SimplifiedLayerNormalization`` in the standard ONNX domain, which onnx.checker
 rejects; it is replaced by ONNX's own ``RMSNormalization`` (opset 23, the same
-computation; ONNX Runtime has CPU and CUDA kernels for it). The result passes
-``onnx.checker`` with full shape inference.
+computation; ONNX Runtime has CPU and CUDA kernels for it), and a table the optimizer
+folded into a second copy (a tied embedding) is stored once (``_share_folded_copies``).
+The result passes ``onnx.checker`` with full shape inference.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def export_onnx(
             the onnxruntime-genai builder supports (Llama, Qwen, Gemma, Phi, Mistral, ...).
         out_dir: Output folder (created; files of an earlier export are replaced).
         precision: ``fp32``; ``int8`` or ``int4``: weight-only block quantization of every
-            MatMul (``MatMulNBits``); activations and the KV cache stay fp32.
+            MatMul (``MatMulNBits``), at int4 the input embedding too (``GatherBlockQuantized``,
+            which has no int8 form; a tied embedding is one table with ``lm_head``); activations
+            and the KV cache stay fp32.
         optimization: ONNX Runtime graph optimization level baked into the saved graph:
             ``disabled`` keeps the builder's graph, ``basic`` adds provider-independent
             rewrites, ``extended``/``all`` add fusions chosen for ``execution_provider``
@@ -151,6 +154,7 @@ def export_onnx(
 
         model = onnx.load(str(source))  # with its external data
         _standardize(model)
+        _share_folded_copies(model)
         for old in (out_dir / MODEL_FILE, out_dir / DATA_FILE):
             old.unlink(missing_ok=True)  # onnx.save appends to an existing data file
         onnx.save(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -231,6 +235,8 @@ def _run_builder(model_dir: Path, out: Path, precision: str, target: str, cache:
     """Run onnxruntime-genai's model builder on a local folder (``name`` in messages); returns its output folder."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
            "-p", precision, "-e", target, "-c", str(cache)]
+    if precision == "int4":
+        cmd += ["--extra_options", "op_types_to_quantize=MatMul/Gather"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # -i is a local folder: nothing to download
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (out / MODEL_FILE).is_file() or not (out / "genai_config.json").is_file():
@@ -297,6 +303,56 @@ def _standardize(model) -> None:
     kept = [v for v in model.graph.value_info if v.name not in constants]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
+
+
+def _share_folded_copies(model) -> int:
+    """Store once what constant folding stored twice; the number of copies removed, in place.
+
+    A model with tied embeddings shares one table between the input embedding and ``lm_head``: at
+    int4 one quantized table, shaped [vocab, blocks, bytes] for ``MatMulNBits`` and [vocab, bytes]
+    for ``GatherBlockQuantized`` (the builder writes a ``Reshape``); at fp32 the embedding and its
+    ``Transpose`` for the MatMul. ONNX Runtime's offline optimization folds that node into a second
+    copy of the table (84 MB of Gemma 3 270M's 319 MB int4 export, 671 MB of its fp32 one). Each
+    large initializer equal to another one, or to its transpose, becomes that node again. ONNX
+    Runtime folds it once more when it loads the model, so this saves disk and download size, not
+    memory; no existing tool undoes a fold, hence this pass.
+    """
+    import hashlib
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    seen: dict[tuple[int, int], list[tuple[Any, str]]] = {}
+    nodes = []
+    for init in list(graph.initializer):
+        if init.data_type == onnx.TensorProto.STRING:
+            continue
+        data = init.raw_data or numpy_helper.to_array(init).tobytes()
+        if len(data) < _EXTERNAL_DATA_MIN_BYTES:
+            continue
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        group = seen.setdefault((init.data_type, len(data)), [])
+        node = None
+        for kept, kept_digest in group:
+            if kept_digest == digest:
+                shape = numpy_helper.from_array(np.asarray(init.dims, dtype=np.int64), f"{init.name}/shared_shape")
+                graph.initializer.append(shape)
+                node = onnx.helper.make_node("Reshape", [kept.name, shape.name], [init.name], name=f"{init.name}/shared")
+            elif (len(init.dims) == 2 and list(init.dims) == list(kept.dims)[::-1]
+                  and np.array_equal(numpy_helper.to_array(kept).T, numpy_helper.to_array(init))):
+                node = onnx.helper.make_node("Transpose", [kept.name], [init.name], perm=[1, 0], name=f"{init.name}/shared")
+            if node is not None:
+                break
+        if node is None:
+            group.append((init, digest))
+        else:
+            nodes.append(node)
+            graph.initializer.remove(init)
+    for node in reversed(nodes):  # their inputs are initializers: first in topological order
+        graph.node.insert(0, node)
+    return len(nodes)
 
 
 # --------------------------------------------------------------------------- parity
