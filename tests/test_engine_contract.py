@@ -94,7 +94,7 @@ def test_the_capabilities_of_each_engine():
     declared = {name: spec.capabilities.declared() for name, spec in ENGINES.items()}
     assert declared == {
         "torch": ["batching", "loglikelihood", "grammar", "adapters", "beams", "prompt_logprobs", "perplexity"],
-        "onnx": ["loglikelihood"],
+        "onnx": ["batching", "loglikelihood"],
         "llama.cpp": ["grammar"],
         "openai": ["tools"],
     }

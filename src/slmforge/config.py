@@ -794,8 +794,8 @@ class ServeConfig(Section):
     )
     usage_file: str | None = Field(None, description="Where the usage per key is written (JSON) on shutdown.")
     max_batch_size: int = Field(
-        16, ge=1, le=256, description="Continuous batching: most sequences decoded together per torch model "
-        "(1 = one request at a time); GGUF models get min(this, 8) llama.cpp slots."
+        16, ge=1, le=256, description="Continuous batching: most sequences decoded together per torch or ONNX "
+        "model (1 = one request at a time); GGUF models get this many llama.cpp slots."
     )
     max_prompt_chars: int | None = Field(None, ge=1, description="Refuse longer prompts with a 413 (null = no limit).")
     max_prompt_tokens: int | None = Field(None, ge=1, description="Refuse prompts of more tokens with a 413 (null = context).")

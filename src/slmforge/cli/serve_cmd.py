@@ -45,7 +45,7 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
     max_batch_size: Annotated[
-        int | None, typer.Option(min=1, max=256, help="Continuous batching: most sequences a torch model decodes "
+        int | None, typer.Option(min=1, max=256, help="Continuous batching: most sequences a torch or ONNX model decodes "
                                  "together (default serve.max_batch_size: 16; 1 = one request at a time).")] = None,
     max_prompt_chars: Annotated[
         int | None, typer.Option(min=1, help="Refuse longer prompts with a 413 (default: no limit).")] = None,

@@ -27,7 +27,7 @@ class Capabilities:
     """What an engine can do beyond the contract every engine keeps. Each True field obliges the
     members ``REQUIRED`` lists; the server and the evaluation runner read these, never the members."""
 
-    batching: bool = False  # the server decodes it with continuous batching (serve._batch over its torch model)
+    batching: bool = False  # the server decodes it with continuous batching (serve._batch, a backend per engine)
     loglikelihood: bool = False  # loglikelihood(requests, batch_size): multiple-choice evaluation
     grammar: bool = False  # chat()/stream() take json_schema=: the engine's own grammar engine constrains output
     adapters: bool = False  # LoRA adapters: adapters, set_adapter(name | None), active_adapter
@@ -43,7 +43,7 @@ class Capabilities:
 
 # The members each capability obliges; ``name(param)`` is a method that takes that keyword.
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "batching": ("model", "tokenizer", "device", "eos_token_ids", "pad_token_id", "encode"),
+    "batching": ("tokenizer", "eos_token_ids", "pad_token_id", "encode"),
     "loglikelihood": ("loglikelihood",),
     "grammar": ("chat(json_schema)", "stream(json_schema)"),
     "adapters": ("adapters", "set_adapter", "active_adapter"),

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -371,7 +372,10 @@ class OnnxGenerator(EngineBase):
     """
 
     engine = "onnx"
-    capabilities = Capabilities(loglikelihood=True)
+    capabilities = Capabilities(batching=True, loglikelihood=True)
+    tokenizer: Any
+    eos_token_ids: list[int]
+    pad_token_id: int
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, io_binding: bool = True,
                  threads: int | None = None, profile_prefix: str | Path | None = None) -> None:
@@ -380,6 +384,7 @@ class OnnxGenerator(EngineBase):
 
         self.folder = Path(onnx_dir).expanduser()
         self.layout = DecoderLayout.read(self.folder)
+        self.context_length = self.layout.context_length
         self.session = make_session(self.layout.onnx_file,
                                     providers=self.layout.providers if providers is None else providers,
                                     threads=threads, profile_prefix=profile_prefix)
@@ -411,7 +416,7 @@ class OnnxGenerator(EngineBase):
     def complete(self, prompt: str, params: SamplingParams) -> list[Completion]:
         """``params.n`` completions of a plain-text prompt (the tokenizer adds BOS as in training)."""
         self._check(params)
-        return self._run(self._encode(prompt), params, _rng(params))
+        return self._run(self.encode(prompt), params, _rng(params))
 
     def chat(self, messages: list[Message], params: SamplingParams) -> list[Completion]:
         """``params.n`` assistant replies to the conversation, rendered with the chat template.
@@ -420,19 +425,19 @@ class OnnxGenerator(EngineBase):
             GenerateError: The tokenizer has no chat template, or the messages are malformed.
         """
         self._check(params)
-        return self._run(self._encode(self.render_chat(messages), special=False), params, _rng(params))
+        return self._run(self.encode(self.render_chat(messages), special=False), params, _rng(params))
 
     def complete_batch(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, one prompt after another (one random stream for all)."""
         self._check(params)
         rng = _rng(params)
-        return [self._run(self._encode(p), params, rng) for p in prompts]
+        return [self._run(self.encode(p), params, rng) for p in prompts]
 
     def chat_batch(self, conversations: list[list[Message]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` replies per conversation, one conversation after another."""
         self._check(params)
         rng = _rng(params)
-        return [self._run(self._encode(self.render_chat(c), special=False), params, rng) for c in conversations]
+        return [self._run(self.encode(self.render_chat(c), special=False), params, rng) for c in conversations]
 
     def stream(self, prompt: str | list[Message], params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion (str) or one assistant reply (message list), as they are produced.
@@ -448,7 +453,7 @@ class OnnxGenerator(EngineBase):
                 f"Streaming returns one sequence as it is produced, so it needs n=1 and num_beams=1 "
                 f"(got n={params.n}, num_beams={params.num_beams}); use complete() or chat() for more."
             )
-        ids = self._encode(prompt) if isinstance(prompt, str) else self._encode(self.render_chat(prompt), special=False)
+        ids = self.encode(prompt) if isinstance(prompt, str) else self.encode(self.render_chat(prompt), special=False)
         return self._stream(ids, params)
 
     def loglikelihood(self, requests: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
@@ -457,7 +462,7 @@ class OnnxGenerator(EngineBase):
         del batch_size  # one sequence at a time: the graph's attention takes no padding here
         out = []
         for context, continuation in requests:
-            a = self._encode(context)
+            a = self.encode(context)
             b = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
             if not b:
                 out.append(0.0)
@@ -505,8 +510,9 @@ class OnnxGenerator(EngineBase):
                 "use num_beams 1, or the torch engine for beams."
             )
 
-    def _encode(self, text: str, special: bool = True) -> list[int]:
-        # A rendered chat template already holds its BOS, so it is tokenized without special tokens.
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of a prompt (``special``: add BOS; False for a rendered chat, which holds its BOS).
+        Raises ``GenerateError`` for a prompt of no tokens, or of more than the exported context."""
         ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         if not ids:
             raise GenerateError("The prompt is empty (and the tokenizer adds no BOS token); give some text.")

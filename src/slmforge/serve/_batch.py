@@ -1,18 +1,22 @@
-"""Continuous batching for the in-process torch engine.
+"""Continuous batching for the in-process engines (torch, ONNX Runtime).
 
-One background thread owns the model. Every iteration it admits waiting requests (prefilled together,
-left-padded) into the running batch, then decodes one token for every running sequence in one forward
-pass; a sequence leaves the batch the step it finishes, and its slot is free for the next request.
+One background thread owns the model. Every iteration it admits waiting requests (prefilled together)
+into the running batch, then decodes one token for every running sequence in one forward pass; a
+sequence leaves the batch the step it finishes, and its slot is free for the next request.
 Each sequence keeps its own sampling settings, seed, stop strings, token budget, log-probabilities,
-LoRA adapter (peft's mixed-adapter batches) and decoding constraint, which closes a structured reply
-within the tokens the sequence may still write.
+LoRA adapter (peft's mixed-adapter batches, torch only) and decoding constraint, which closes a
+structured reply within the tokens the sequence may still write.
+
+This module is the scheduler and the sampler, the same for every engine. What differs per engine is a
+small backend (``BACKENDS``, by engine name): prefill the joining prompts, decode one step for every row,
+and keep the batch's KV cache as rows join and leave (``serve/_batch_torch.py``: a transformers
+``DynamicCache``, left-padded; ``serve/_batch_onnx.py``: GroupQueryAttention's in-place buffers,
+right-padded, each row at its own length).
 
 Written by hand rather than with transformers' ``init_continuous_batching``: that manager has one
 ``GenerationConfig`` for all requests (no per-request temperature, seed, stop strings, adapters or
 logits masks for structured output), and on CPU it measured ~3x slower than a padded batch
-(../shared/stack.md). Here the batch's KV cache is a transformers ``DynamicCache`` whose rows are
-merged (left-padded to a common length) when sequences join and selected when they leave, as early TGI
-did; the padding columns every row shares are trimmed away.
+(../shared/stack.md); onnxruntime-genai's ``og.Generator`` has one search config per batch too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,23 @@ import torch
 from slmforge.errors import GenerateError
 from slmforge.generate import SamplingParams, StopCutter
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+def _torch_backend(generator: Any) -> Any:
+    from slmforge.serve._batch_torch import TorchBackend
+
+    return TorchBackend(generator)
+
+
+def _onnx_backend(generator: Any) -> Any:
+    from slmforge.serve._batch_onnx import OnnxBackend
+
+    return OnnxBackend(generator)
+
+
+# Engine name -> the backend that runs its model for the scheduler (imported on first use). A backend has
+# ``vocab_size``, ``adapters``, ``prefill(joining) -> (n, V) logits`` (the joining rows enter its cache after
+# the running ones, and only on success), ``decode(running) -> (B, V) logits``, ``keep(rows)`` and ``clear()``.
+BACKENDS: dict[str, Callable[[Any], Any]] = {"torch": _torch_backend, "onnx": _onnx_backend}
 
 
 @dataclass
@@ -156,11 +176,12 @@ class _Seq:
 
 
 class BatchEngine:
-    """Continuous batching over a ``TorchGenerator``'s model and tokenizer.
+    """Continuous batching over an in-process engine's model and tokenizer.
 
     Args:
-        generator: An engine with the ``batching`` capability (``TorchGenerator``): its model, tokenizer and
-            ``encode`` are driven here; its adapters, if any, can be picked per request.
+        generator: An engine with the ``batching`` capability (``TorchGenerator``, ``OnnxGenerator``): its
+            backend (``BACKENDS``, by the engine's name) runs the model; its tokenizer and ``encode`` are
+            used here; a torch model's adapters, if any, can be picked per request.
         max_batch_size: Most sequences decoded together; 1 serves one request at a time.
         on_step: Called after every forward pass with the number of sequences in it (for metrics).
         max_prefill_tokens: Padded prompt tokens one prefill step may take (a longer single prompt still
@@ -171,12 +192,15 @@ class BatchEngine:
                  max_prefill_tokens: int = 4096) -> None:
         if max_batch_size < 1:
             raise GenerateError(f"max_batch_size must be >= 1 (got {max_batch_size}).")
+        from slmforge.generate import as_engine
+
+        name = as_engine(generator).engine
+        if name not in BACKENDS:
+            raise GenerateError(f"Continuous batching runs the engines {', '.join(BACKENDS)}, not {name!r}.")
         self.generator = generator
-        self.model = generator.model
+        self.backend = BACKENDS[name](generator)
         self.tokenizer = generator.tokenizer
-        self.device = generator.device
         self.eos_ids = list(generator.eos_token_ids)
-        self.pad_id = generator.pad_token_id if generator.pad_token_id is not None else 0
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step
@@ -186,9 +210,6 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._active: list[_Seq] = []
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token, 0 = left padding
-        self._positions: torch.Tensor | None = None  # (B,) position of each row's next token
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="slmforge-batch", daemon=True)
         self._thread.start()
@@ -197,12 +218,12 @@ class BatchEngine:
 
     @property
     def adapters(self) -> list[str]:
-        return self.generator.adapters
+        return self.backend.adapters
 
     @property
     def vocab_size(self) -> int:
         """Rows of the model's input embedding: the token ids a prompt may hold are 0..vocab_size - 1."""
-        return self.model.get_input_embeddings().num_embeddings
+        return self.backend.vocab_size
 
     def encode(self, text: str, special: bool) -> list[int]:
         """Token ids of a prompt (``special``: add BOS as in training; False for a rendered chat)."""
@@ -324,7 +345,8 @@ class BatchEngine:
                         self._decode()
             except Exception as exc:  # a failure past the forward pass ends the batch's sequences, not the server
                 self._fail([*self._active, *joining], exc)
-                self._active, self._cache, self._mask, self._positions = [], None, None, None
+                self._active = []
+                self.backend.clear()
 
     def _fail(self, seqs: list[_Seq], exc: BaseException) -> None:
         """End each unfinished sequence once, with the error."""
@@ -337,92 +359,34 @@ class BatchEngine:
             seq.finish = "error"
             seq.handle._put(Finished("stop", len(seq.request.prompt_ids), len(seq.generated), message))
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
-        kwargs = {}
-        if self.adapters:
-            names = [s.request.adapter or BASE_ADAPTER for s in seqs]
-            if any(n != BASE_ADAPTER for n in names):
-                kwargs["adapter_names"] = names
-            else:
-                # peft has no "all base" shortcut in forward; a disabled-adapter context does the same.
-                with self.model.disable_adapter():
-                    return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, use_cache=True, logits_to_keep=1)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
-
     def _prefill(self, joining: list[_Seq]) -> None:
-        from transformers import DynamicCache
-
-        width = max(len(s.ids) for s in joining)
-        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joining), width), dtype=torch.long)
-        for row, s in enumerate(joining):
-            ids[row, width - len(s.ids):] = torch.tensor(s.ids)
-            mask[row, width - len(s.ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
         try:
-            out = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, joining)
+            logits = self.backend.prefill(joining)
         except Exception as exc:  # e.g. out of memory on a long prompt: the running batch is untouched
             self._fail(joining, exc)
             return
-        self._merge(joining, cache, mask, positions[:, -1] + 1)
+        self._active.extend(joining)
         if self.on_step is not None:
             self.on_step(len(joining))
-        self._sample_and_emit(joining, out.logits[:, -1, :])
+        self._sample_and_emit(joining, logits)
 
     def _decode(self) -> None:
         seqs = self._active
-        last = torch.tensor([[s.ids[-1]] for s in seqs], dtype=torch.long)
-        self._mask = torch.cat([self._mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
-        out = self._forward(last.to(self.device), self._mask.to(self.device),
-                            self._positions.view(-1, 1).to(self.device), self._cache, seqs)
-        self._positions = self._positions + 1
+        logits = self.backend.decode(seqs)
         if self.on_step is not None:
             self.on_step(len(seqs))
-        self._sample_and_emit(seqs, out.logits[:, -1, :])
-
-    # ------------------------------------------------------------------ the batch's KV cache
-
-    def _merge(self, joining: list[_Seq], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add the prefilled rows to the running batch: left-pad both to one length, stack the rows.
-
-        The joining rows already hold their prompt in ``cache``; their first sampled token is fed at the
-        next decode step, like every running row's last token.
-        """
-        if not self._active:
-            self._active, self._cache, self._mask, self._positions = list(joining), cache, mask, positions
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            old_layer.keys = _left_pad(old_layer.keys, width)
-            old_layer.values = _left_pad(old_layer.values, width)
-            old_layer.keys = torch.cat([old_layer.keys, _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat([old_layer.values, _left_pad(new_layer.values, width)], dim=0)
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
-        self._positions = torch.cat([self._positions, positions])
-        self._active.extend(joining)
+        self._sample_and_emit(seqs, logits)
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self._active) if s.finish is None and not s.handle.cancelled]
         if len(keep) == len(self._active):
             return
         if not keep:
-            self._active, self._cache, self._mask, self._positions = [], None, None, None
+            self._active = []
+            self.backend.clear()
             return
-        index = torch.tensor(keep, dtype=torch.long)
         self._active = [self._active[i] for i in keep]
-        self._mask = self._mask[index]
-        self._positions = self._positions[index]
-        # Columns that are padding in every remaining row are dead weight in every later step.
-        lead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
-        device_index = index.to(self.device)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, device_index)[:, :, lead:, :]
-            layer.values = layer.values.index_select(0, device_index)[:, :, lead:, :]
-        self._mask = self._mask[:, lead:]
+        self.backend.keep(keep)
 
     # ------------------------------------------------------------------ sampling
 
@@ -544,18 +508,3 @@ class BatchEngine:
             seq.finish = finish
             seq.handle._put(Finished(finish, len(seq.request.prompt_ids), len(seq.generated)))
 
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, T, D) -> (B, H, width, D), zeros on the left (masked out)."""
-    missing = width - t.shape[2]
-    if missing <= 0:
-        return t
-    pad = torch.zeros((t.shape[0], t.shape[1], missing, t.shape[3]), dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=2)
-
-
-def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - m.shape[1]
-    if missing <= 0:
-        return m
-    return torch.cat([torch.zeros((m.shape[0], missing), dtype=m.dtype), m], dim=1)

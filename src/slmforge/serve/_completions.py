@@ -91,6 +91,9 @@ def _check(body: CompletionRequest, served: ServedModel, params, prompts: list, 
                        f"{served.engine}: send the prompt as text." if served.batch is None else
                        "A prompt of token ids is an empty list; give at least one token.",
                        "invalid_request_error", "prompt")
+    if body.echo and body.logprobs is not None and served.batch is not None and not served.prompt_logprobs:
+        raise ApiError(400, f"echo with logprobs scores the prompt's own tokens, which the {served.engine} engine of "
+                       f"model {served.name!r} cannot; it needs the torch engine.", "invalid_request_error", "logprobs")
     if body.stream and (body.echo or zero):
         raise ApiError(400, "echo and max_tokens 0 are not streamed; send them with stream false.",
                        "invalid_request_error", "stream")

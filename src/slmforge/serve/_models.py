@@ -15,8 +15,8 @@ from slmforge.generate import as_engine
 class ServedModel:
     """One name clients can ask for.
 
-    ``kind`` says which field is set: ``generate`` (``generator``, and ``batch`` when the torch engine
-    batches continuously; ``adapter`` picks a LoRA adapter inside it), ``embed`` (``embedder``) or
+    ``kind`` says which field is set: ``generate`` (``generator``, and ``batch`` when the engine (torch,
+    ONNX Runtime) batches continuously; ``adapter`` picks a LoRA adapter inside it), ``embed`` (``embedder``) or
     ``upstream`` (``upstream``: a proxied OpenAI-compatible endpoint, e.g. a managed vLLM).
     """
 
@@ -64,6 +64,11 @@ class ServedModel:
         return 1 if self.generator is None else max(1, int(as_engine(self.generator).parallel))
 
     @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the engine scores a prompt's own tokens (``echo`` with ``logprobs``: the torch engine)."""
+        return self.generator is not None and as_engine(self.generator).capabilities.prompt_logprobs
+
+    @property
     def grammar(self) -> bool:
         """Whether the engine constrains output by its own grammar engine (llama.cpp) rather than ours."""
         return self.batch is None and self.generator is not None and as_engine(self.generator).capabilities.grammar
@@ -102,7 +107,7 @@ class ServedModel:
 
 
 def wrap_models(models: dict[str, Any], max_batch_size: int) -> dict[str, ServedModel]:
-    """Plain engines -> served models: torch generators get a continuous-batching engine (one per
+    """Plain engines -> served models: torch and ONNX generators get a continuous-batching engine (one per
     generator, shared by every name that points at it), embedders and upstreams their kinds."""
     from slmforge.embed import Embedder
 
