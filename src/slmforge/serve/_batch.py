@@ -37,22 +37,23 @@ from slmforge.errors import GenerateError
 from slmforge.generate import SamplingParams, StopCutter
 
 
-def _torch_backend(generator: Any) -> Any:
+def _torch_backend(generator: Any, max_rows: int) -> Any:
     from slmforge.serve._batch_torch import TorchBackend
 
     return TorchBackend(generator)
 
 
-def _onnx_backend(generator: Any) -> Any:
+def _onnx_backend(generator: Any, max_rows: int) -> Any:
     from slmforge.serve._batch_onnx import OnnxBackend
 
-    return OnnxBackend(generator)
+    return OnnxBackend(generator, max_rows)
 
 
-# Engine name -> the backend that runs its model for the scheduler (imported on first use). A backend has
+# Engine name -> the backend that runs its model for the scheduler (imported on first use), made from the
+# generator and the most rows it will be given. A backend has
 # ``vocab_size``, ``adapters``, ``prefill(joining) -> (n, V) logits`` (the joining rows enter its cache after
 # the running ones, and only on success), ``decode(running) -> (B, V) logits``, ``keep(rows)`` and ``clear()``.
-BACKENDS: dict[str, Callable[[Any], Any]] = {"torch": _torch_backend, "onnx": _onnx_backend}
+BACKENDS: dict[str, Callable[[Any, int], Any]] = {"torch": _torch_backend, "onnx": _onnx_backend}
 
 
 @dataclass
@@ -198,7 +199,7 @@ class BatchEngine:
         if name not in BACKENDS:
             raise GenerateError(f"Continuous batching runs the engines {', '.join(BACKENDS)}, not {name!r}.")
         self.generator = generator
-        self.backend = BACKENDS[name](generator)
+        self.backend = BACKENDS[name](generator, max_batch_size)
         self.tokenizer = generator.tokenizer
         self.eos_ids = list(generator.eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -410,7 +411,8 @@ class BatchEngine:
     def _choose_all(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """The next token of every row: what all rows share is done in one batched op (repetition
         penalty, greedy argmax); per-row work only where a row asks for it (bias, constraint, sampling)."""
-        logits = logits.clone()
+        # Edited in place below, without a copy: the backends hand over logits used for nothing after this
+        # (the torch one a slice of the step's output, the ONNX one its step buffer, rewritten next step).
         rows, cols, penalties = [], [], []
         for r, seq in enumerate(seqs):
             penalty = seq.request.params.repetition_penalty

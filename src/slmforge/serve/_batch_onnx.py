@@ -24,8 +24,16 @@ caps them at two windows and lets the kernel drop old positions, but that compac
 positions, so here every buffer holds each row's whole sequence (at least a window): rows never move,
 and the window is applied by the mask alone.
 
-Buffers grow as the longest row grows (doubling, up to the context length), not to prompt + max_tokens
-up front: a request that allows 32k tokens costs memory only for what it writes.
+The buffers have a row per slot; the running rows hold slots 0..B-1 (in any order: ``slot_of`` maps the
+scheduler's rows to them), so a step binds the first B rows, a contiguous view, and nothing is copied
+per step. A joining group is prefilled straight into its free slots; a row that leaves gives its slot to
+the last one (one row's used positions copied). Buffers grow as the batch and its longest row grow
+(doubling, up to ``max_rows`` and the context length), not to prompt + max_tokens up front: a request
+that allows 32k tokens costs memory only for what it writes.
+
+Measured on Gemma 3 270M int4, 2 cores: prefilling 16 equal prompts of 9 tokens as one group took 5.3 s
+against 80 ms for one, since the graph computes the 262k-wide logits of every prompt position; groups are
+therefore bounded by the bytes of those logits (``PREFILL_LOGITS_BYTES``).
 """
 
 from __future__ import annotations
@@ -42,12 +50,16 @@ if TYPE_CHECKING:
     from slmforge.serve._batch import _Seq
 
 _NUMPY_OF_ORT_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-PREFILL_LOGITS_BYTES = 256 * 2**20  # the graph returns logits for every prompt position: bound that buffer
+PREFILL_LOGITS_BYTES = 32 * 2**20  # the graph returns logits for every prompt position: bound that buffer (measured below)
 _MIN_CAPACITY = 64
 
 
 class OnnxBackend:
     """Prefill, decode and cache bookkeeping over an ``OnnxGenerator``'s session (see the module docstring).
+
+    Args:
+        generator: The ``OnnxGenerator``: its session, layout (genai_config.json) and pad token are used.
+        max_rows: Most rows decoded together (the scheduler's max_batch_size).
 
     Raises:
         GenerateError: The graph has no GroupQueryAttention with a shared past/present buffer (an ONNX file
@@ -56,7 +68,7 @@ class OnnxBackend:
 
     adapters: list[str] = []
 
-    def __init__(self, generator: Any) -> None:
+    def __init__(self, generator: Any, max_rows: int) -> None:
         layout = generator.layout
         if not layout.share_buffer:
             raise GenerateError(
@@ -64,7 +76,7 @@ class OnnxBackend:
                 "`slmforge export onnx` (genai_config.json search.past_present_share_buffer); this one has "
                 "not. Re-export the model, or serve it with max_batch_size 1 through another engine."
             )
-        self.session, self.layout = generator.session, layout
+        self.session, self.layout, self.max_rows = generator.session, layout, max_rows
         self.vocab_size = layout.vocab_size
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_OF_ORT_TYPE.get(types[layout.cache_names()[0][0]], np.float32)
@@ -77,131 +89,136 @@ class OnnxBackend:
 
     def clear(self) -> None:
         """Forget every row (and free the buffers)."""
-        self.cache: list[np.ndarray] = []  # (B, kv_heads, capacity, head_size) per cache name
-        self.values: list[ort.OrtValue] = []  # the same memory, as ONNX Runtime sees it
-        self.lengths = np.zeros(0, np.int64)  # positions in each row's cache
-        self.capacity = 0
-        self.step_out = np.zeros(0, self.logits_dtype)  # (B, 1, vocab): the decode step's logits
-        self.step_logits: ort.OrtValue | None = None  # the same memory, as ONNX Runtime sees it
+        self.cache: list[np.ndarray] = []  # (slots, kv_heads, positions, head_size) per cache name
+        self.capacity = 0  # positions of a full-attention buffer
+        self.slot_of = np.zeros(0, np.int64)  # the scheduler's row i lives in slot slot_of[i]
+        self.lengths = np.zeros(0, np.int64)  # positions in row i's cache
+        self.bound_rows = 0  # rows the decode binding is bound for (0: rebind at the next step)
+        self.step_out = np.zeros((0, 1, self.vocab_size), self.logits_dtype)  # a decode step's logits
+        self.bound: list[Any] = []  # what the decode binding points at, kept alive
 
     def prefill(self, joining: list[_Seq]) -> torch.Tensor:
-        """Run the joining prompts (prompts of one length together, in groups whose logits fit
-        ``PREFILL_LOGITS_BYTES``); on success their rows join the running batch's buffers after the running
-        rows, in ``joining``'s order. Returns (n, vocab) last-token logits."""
-        lengths = [len(s.ids) for s in joining]
-        capacity = self._capacity_for(max(lengths) + 1)
+        """Run the joining prompts in the free slots (prompts of one length together, in groups whose logits
+        fit ``PREFILL_LOGITS_BYTES``); on success they join the running rows after them, in ``joining``'s
+        order. Returns (n, vocab) last-token logits."""
+        rows = len(self.lengths)
+        lengths = np.asarray([len(s.ids) for s in joining], np.int64)
+        self._ensure(rows + len(joining), int(lengths.max()) + 1)
         by_length: dict[int, list[int]] = {}
-        for row, n in enumerate(lengths):
+        for row, n in enumerate(lengths.tolist()):
             by_length.setdefault(n, []).append(row)
-        order, caches, last = [], [], []
-        for n, rows in by_length.items():
+        slots = np.zeros(len(joining), np.int64)
+        last = np.zeros((len(joining), self.vocab_size), np.float32)
+        free = rows  # slots rows.. are free
+        for n, members in by_length.items():
             group = max(1, PREFILL_LOGITS_BYTES // (n * self.vocab_size * 4))
-            for start in range(0, len(rows), group):
-                part = rows[start:start + group]
-                cache, logits = self._prefill_group([joining[r] for r in part], capacity)
-                order += part
-                caches.append(cache)
-                last.append(logits)
-        back = np.argsort(np.asarray(order))  # rows back in joining's order
-        merged = [np.concatenate(layer, axis=0)[back] for layer in zip(*caches, strict=True)]
-        self._append([merged], capacity, np.asarray(lengths, np.int64))
-        return torch.from_numpy(np.concatenate(last, axis=0)[back])
+            for start in range(0, len(members), group):
+                part = members[start:start + group]
+                last[part] = self._prefill_group([joining[r].ids for r in part], free)
+                slots[part] = np.arange(free, free + len(part))
+                free += len(part)
+        self.slot_of = np.concatenate([self.slot_of, slots])
+        self.lengths = np.concatenate([self.lengths, lengths])
+        self.bound_rows = 0
+        return torch.from_numpy(last)
 
     def decode(self, seqs: list[_Seq]) -> torch.Tensor:
         """Feed every row its last token at its own length; returns (B, vocab) logits."""
         rows = len(seqs)
-        if int(self.lengths.max()) + 1 > self.capacity:
-            self._grow(self._capacity_for(int(self.lengths.max()) + 1))
-        ids = np.asarray([[s.ids[-1]] for s in seqs], np.int64)
-        width = int(self.lengths.max()) + 1
-        mask = (np.arange(width)[None, :] <= self.lengths[:, None]).astype(np.int64)  # (B, width), right padding
-        if self.step_logits is None:
-            self._bind_cache()
-            self.step_out = np.zeros((rows, 1, self.vocab_size), self.logits_dtype)
-            self.step_logits = ort.OrtValue.ortvalue_from_numpy(self.step_out)
+        self._ensure(rows, int(self.lengths.max()) + 2)
+        ids = np.zeros((rows, 1), np.int64)
+        ids[self.slot_of, 0] = [s.ids[-1] for s in seqs]
+        at = np.zeros(rows, np.int64)
+        at[self.slot_of] = self.lengths
+        mask = (np.arange(int(at.max()) + 1)[None, :] <= at[:, None]).astype(np.int64)  # (B, width), right padding
+        if self.bound_rows != rows:
+            self._bind(rows)
         b, lay = self.binding, self.layout
         b.bind_cpu_input(lay.input_ids, ids)
         b.bind_cpu_input(lay.attention_mask, mask)
-        b.bind_ortvalue_output(lay.logits, self.step_logits)
         self._run(b)
         self.lengths = self.lengths + 1
-        return torch.from_numpy(self.step_out[:, 0, :].astype(np.float32))  # a copy: overwritten next step
+        out = self.step_out[:rows, 0, :]  # (B, vocab) by slot; read before the next step overwrites it
+        if not np.array_equal(self.slot_of, np.arange(rows)):
+            out = out[self.slot_of]
+        return torch.from_numpy(out if out.dtype == np.float32 else out.astype(np.float32))
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (indices into the batch, in order)."""
-        index = np.asarray(rows, np.int64)
-        self._set_cache([np.ascontiguousarray(c[index]) for c in self.cache], self.capacity)
-        self.lengths = self.lengths[index]
+        """Keep only ``rows`` (indices into the batch, in order): slots past the new batch size move into the
+        freed ones below it, so the running rows stay the first slots."""
+        slot_of, lengths = self.slot_of[rows], self.lengths[rows]
+        count = len(rows)
+        free = iter(sorted(set(range(count)) - set(slot_of.tolist())))
+        for i in np.flatnonzero(slot_of >= count):
+            to, used = next(free), int(lengths[i])
+            for c in self.cache:  # only the positions the row has written
+                c[to, :, :used] = c[slot_of[i], :, :used]
+            slot_of[i] = to
+        self.slot_of, self.lengths = slot_of, lengths
+        self.bound_rows = 0
 
     # ------------------------------------------------------------------ buffers
 
-    def _capacity_for(self, positions: int) -> int:
-        """Full-attention buffer length for rows ``positions`` long: doubling from 64, within the context."""
+    def _ensure(self, rows: int, positions: int) -> None:
+        """Buffers with at least ``rows`` slots and ``positions`` full-attention positions (grown by doubling,
+        the running rows' positions copied over)."""
         if positions > self.layout.context_length:
             raise GenerateError(f"{positions} positions asked for; the model was exported for "
                                 f"{self.layout.context_length}.")
-        capacity = max(self.capacity, _MIN_CAPACITY)
+        slots = self.cache[0].shape[0] if self.cache else 0
+        if rows <= slots and positions <= self.capacity:
+            return
+        new_slots, capacity = max(slots, 1), max(self.capacity, _MIN_CAPACITY)
+        while new_slots < rows:
+            new_slots *= 2
         while capacity < positions:
             capacity *= 2
-        return min(capacity, self.layout.context_length)
+        new_slots, capacity = min(new_slots, max(self.max_rows, rows)), min(capacity, self.layout.context_length)
+        lay, used = self.layout, len(self.lengths)
+        grown = [np.zeros((new_slots, lay.num_kv_heads, self._layer_length(i, capacity), lay.head_size), self.kv_dtype)
+                 for i in range(len(lay.cache_names()))]
+        for new, old in zip(grown, self.cache, strict=False):
+            new[:used, :, :old.shape[2]] = old[:used]
+        self.cache, self.capacity, self.bound_rows = grown, capacity, 0
+        self.step_out = np.zeros((new_slots, 1, self.vocab_size), self.logits_dtype)
 
     def _layer_length(self, name_index: int, capacity: int) -> int:
         layer = name_index // 2  # keys then values of each layer
         return max(capacity, self.layout.sliding_window) if layer in self.layout.sliding_layers else capacity
 
-    def _zeros(self, rows: int, capacity: int) -> list[np.ndarray]:
-        lay = self.layout
-        return [np.zeros((rows, lay.num_kv_heads, self._layer_length(i, capacity), lay.head_size), self.kv_dtype)
-                for i in range(len(lay.cache_names()))]
-
-    def _set_cache(self, cache: list[np.ndarray], capacity: int) -> None:
-        """New buffers: ONNX Runtime reads and writes the numpy arrays' own memory (CPU OrtValues wrap it)."""
-        self.cache, self.capacity = cache, capacity
-        self.values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
-        self.step_logits = None  # rebind the cache and the logits at the next decode step
-
-    def _grow(self, capacity: int) -> None:
-        grown = self._zeros(len(self.lengths), capacity)
-        for new, old in zip(grown, self.cache, strict=True):
-            new[:, :, :old.shape[2]] = old
-        self._set_cache(grown, capacity)
-
-    def _append(self, caches: list[list[np.ndarray]], capacity: int, lengths: np.ndarray) -> None:
-        if capacity > self.capacity and self.cache:
-            self._grow(capacity)
-        parts = [self.cache, *caches] if self.cache else caches
-        self._set_cache([np.concatenate(layer, axis=0) for layer in zip(*parts, strict=True)], capacity)
-        self.lengths = np.concatenate([self.lengths, lengths])
-
-    def _bind_cache(self) -> None:
-        for (past, present), value in zip(self.layout.cache_names(), self.values, strict=True):
+    def _bind(self, rows: int) -> None:
+        """Bind the first ``rows`` slots (contiguous views) as every layer's past and present, and the logits.
+        CPU OrtValues wrap the numpy memory; they are kept in ``self.bound`` while the binding uses them."""
+        values = [ort.OrtValue.ortvalue_from_numpy(c[:rows]) for c in self.cache]
+        for (past, present), value in zip(self.layout.cache_names(), values, strict=True):
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)  # the same buffer: updated in place
+        logits = ort.OrtValue.ortvalue_from_numpy(self.step_out[:rows])
+        self.binding.bind_ortvalue_output(self.layout.logits, logits)
+        self.bound, self.bound_rows = [*values, logits], rows
 
     # ------------------------------------------------------------------ runs
 
-    def _prefill_group(self, part: list[_Seq], capacity: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """One first-prompt run of ``part`` (prompts of one length), into fresh buffers. Returns them and
-        the (rows, vocab) logits of each prompt's last token."""
-        lay = self.layout
-        ids = np.asarray([s.ids for s in part], np.int64)  # (rows, S)
-        width = ids.shape[1]
-        cache = self._zeros(len(part), capacity)
+    def _prefill_group(self, prompts: list[list[int]], first_slot: int) -> np.ndarray:
+        """One first-prompt run of ``prompts`` (all of one length) in slots ``first_slot``... Returns the
+        (rows, vocab) logits of each prompt's last token."""
+        lay, n = self.layout, len(prompts)
+        ids = np.asarray(prompts, np.int64)  # (rows, S)
+        mask = np.ones_like(ids)
+        out = np.zeros((n, ids.shape[1], self.vocab_size), self.logits_dtype)
+        # Every array and OrtValue bound stays referenced until the run: a binding holds no Python
+        # reference, and memory freed before the run gives wrong numbers rather than an error.
+        values = [ort.OrtValue.ortvalue_from_numpy(c[first_slot:first_slot + n]) for c in self.cache]
+        logits = ort.OrtValue.ortvalue_from_numpy(out)  # CPU: ONNX Runtime writes into ``out`` itself
         b = self.session.io_binding()
         b.bind_cpu_input(lay.input_ids, ids)
-        mask = np.ones_like(ids)  # kept alive until the run: the binding points at this memory
         b.bind_cpu_input(lay.attention_mask, mask)
-        out = np.zeros((len(part), width, self.vocab_size), self.logits_dtype)
-        logits = ort.OrtValue.ortvalue_from_numpy(out)  # CPU: ONNX Runtime writes into ``out`` itself
         b.bind_ortvalue_output(lay.logits, logits)
-        # Every OrtValue (and numpy array) bound stays referenced until the run: a binding holds no Python
-        # reference, and an OrtValue collected before the run gives wrong numbers rather than an error.
-        values = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in cache]
         for (past, present), value in zip(lay.cache_names(), values, strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)
         self._run(b)
-        return cache, out[:, -1].astype(np.float32)  # (rows, vocab), a copy
+        return out[:, -1].astype(np.float32)
 
     def _run(self, binding: Any) -> None:
         try:
