@@ -1,18 +1,24 @@
-"""Serving throughput and latency under load, continuous batching on vs off.
+"""Serving throughput and latency under load, continuous batching on vs off, per engine.
 
-    python benchmarks/serve_load.py [MODEL] [--runs 3] [--clients 1,4,16,32] [--max-tokens 64]
+    python benchmarks/serve_load.py [--model MODEL] [--engine auto] [--runs 3] [--clients 1,4,16,32] [--max-tokens 64]
     python benchmarks/serve_load.py --quick          # 1 run, 1 and 4 clients, few requests: a smoke test
+    python benchmarks/serve_load.py --model benchmarks/results/gemma-onnx-int4 --batch 16 --clients 1,4,16 \
+        --runs 1 --max-tokens 32 --json serve_load_gemma_onnx_int4
 
-MODEL is a model folder (default /tmp/demo/quickstart/runs/sft, the quickstart's fine-tuned model;
-make one with `slmforge quickstart --out /tmp/demo/quickstart`). For each setting, batching on
-(``slmforge serve --max-batch-size 32``) and off (``--max-batch-size 1``), one server runs in a
+MODEL is a Hugging Face model folder, an ONNX export (`slmforge export onnx`) or a .gguf file (default
+/tmp/demo/quickstart/runs/sft, the quickstart's fine-tuned model; make one with `slmforge quickstart
+--out /tmp/demo/quickstart`). ``--engine`` picks what serves it (torch, onnx, llama.cpp; auto: by the
+path, as `slmforge serve` does), through a project file with ``serve.models: [{path, engine}]``. For each
+setting, batching on (``--max-batch-size --batch``: the torch and ONNX engines' continuous batching,
+llama.cpp's slots) and off (``--max-batch-size 1``), one server runs in a
 subprocess (one at a time, torch and OpenMP threads left at their defaults), and at each number of
 clients ``slmforge.serve.bench.run_load`` sends max(2 x clients, 16) streamed chat completions of
 ``--max-tokens`` tokens at most, greedy, cycling through the fixed Python questions of
 ``BENCH_PROMPTS``. One warm-up request per server is not timed. Each cell is the median of ``--runs``.
 Prints a markdown table of throughput and P50/P95/P99 latency and time to first token per setting,
-the ratio on/off at each number of clients, and writes benchmarks/results/serve_load.json
-(``--quick`` writes serve_load_quick.json).
+the ratio on/off at each number of clients, and the ratio of each cell to one client with batching off
+(the single stream), and writes benchmarks/results/serve_load.json (``--json NAME``: NAME.json;
+``--quick`` writes serve_load_quick.json).
 """
 
 from __future__ import annotations
@@ -20,27 +26,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from _common import machine, median, save
 
 DEFAULT_MODEL = Path("/tmp/demo/quickstart/runs/sft")
-SETTINGS = {"on": 32, "off": 1}  # name -> --max-batch-size
+SETTINGS = {"on": 32, "off": 1}  # name -> --max-batch-size ("on" is set by --batch)
+ENGINES = ("auto", "torch", "onnx", "llama.cpp")
+NAME = "bench"  # the served model's name
 
 
 def requests_for(clients: int, minimum: int) -> int:
     return max(2 * clients, minimum)
 
 
-def bench_setting(model: Path, max_batch_size: int, clients: list[int], runs: int, max_tokens: int,
+def project_file(model: Path, engine: str, folder: Path) -> Path:
+    """A project file that serves ``model`` as ``NAME`` on ``engine`` (the CLI picks engines by path only)."""
+    import yaml
+
+    path = folder / "serve_load.yaml"
+    path.write_text(yaml.safe_dump({"serve": {"models": [{"name": NAME, "path": str(model.resolve()),
+                                                          "engine": engine}]}}), encoding="utf-8")
+    return path
+
+
+def bench_setting(project: Path, max_batch_size: int, clients: list[int], runs: int, max_tokens: int,
                   min_requests: int, extra: dict) -> list[dict]:
     """One server at ``max_batch_size``; per number of clients, the median of ``runs`` load tests."""
-    from slmforge.serve import parse_model_ref
     from slmforge.serve.bench import BENCH_PROMPTS, run_load, start_server
 
-    name = parse_model_ref(str(model))[0]
+    name = NAME
     rows = []
-    with start_server(model, max_batch_size=max_batch_size) as server:
+    with start_server([], max_batch_size=max_batch_size, extra_args=["--config", str(project)]) as server:
         warm = run_load(server.base_url, name, 1, 1, BENCH_PROMPTS, max_tokens, extra_body=extra)  # warm-up: first-call costs
         if warm.error_count:
             sys.exit(f"the warm-up request to a server at --max-batch-size {max_batch_size} failed: "
@@ -77,6 +95,7 @@ def _ms(v: float | None) -> str:
 
 
 def markdown(rows: list[dict], clients: list[int]) -> str:
+    """The table of every cell, then the ratios on/off and to the single stream (1 client, batching off)."""
     lines = ["| batching | clients | requests | tokens/s | req/s | tokens/req | latency P50/P95/P99 ms "
              "| TTFT P50/P95/P99 ms | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -87,7 +106,8 @@ def markdown(rows: list[dict], clients: list[int]) -> str:
             lines.append(f"| {setting} (max batch {size}) | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} "
                          f"| {r['requests_per_s']:.2f} | {r['mean_completion_tokens']:.1f} | {lat} | {ttft} "
                          f"| {r['errors']} |")
-    lines += ["", "| clients | throughput on/off | P50 latency on/off | P50 TTFT on/off |", "|---:|---:|---:|---:|"]
+    lines += ["", "| clients | throughput on/off | P50 latency on/off | P50 TTFT on/off | on / single stream |",
+              "|---:|---:|---:|---:|---:|"]
     for c in clients:
         on = next(r for r in rows if r["clients"] == c and r["max_batch_size"] == SETTINGS["on"])
         off = next(r for r in rows if r["clients"] == c and r["max_batch_size"] == SETTINGS["off"])
@@ -95,14 +115,22 @@ def markdown(rows: list[dict], clients: list[int]) -> str:
         def ratio(key: str) -> str:
             return f"{on[key] / off[key]:.2f}x" if on[key] and off[key] else "-"
 
-        lines.append(f"| {c} | {ratio('tokens_per_s')} | {ratio('latency_p50_s')} | {ratio('ttft_p50_s')} |")
+        single = next((r["tokens_per_s"] for r in rows if r["clients"] == 1 and r["max_batch_size"] == 1), None)
+        scale = f"{on['tokens_per_s'] / single:.2f}x" if single else "-"
+        lines.append(f"| {c} | {ratio('tokens_per_s')} | {ratio('latency_p50_s')} | {ratio('ttft_p50_s')} | {scale} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL,
-                        help="a model folder (torch engine) or a .gguf file (llama.cpp, up to 8 slots)")
+    parser.add_argument("model", nargs="?", type=Path, default=None, help="the same as --model")
+    parser.add_argument("--model", dest="model_opt", type=Path, default=None,
+                        help="a Hugging Face model folder, an ONNX export or a .gguf file")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="what serves it (auto: by the path)")
+    parser.add_argument("--batch", type=int, default=SETTINGS["on"],
+                        help="--max-batch-size with batching on (continuous batching width, llama.cpp slots)")
+    parser.add_argument("--settings", default="on,off", help="which of on,off to run")
+    parser.add_argument("--json", default=None, help="results file name under benchmarks/results (no .json)")
     parser.add_argument("--runs", type=int, default=3, help="repeats per cell (median)")
     parser.add_argument("--clients", default="1,4,16,32", help="numbers of concurrent clients")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -114,26 +142,36 @@ def main() -> None:
     if args.quick:
         args.runs, args.clients, args.min_requests = 1, "1,4", 8
     clients = [int(c) for c in args.clients.split(",")]
-    if not (args.model / "config.json").exists() and args.model.suffix != ".gguf":
-        parser.error(f"{args.model} is neither a model folder nor a .gguf file; make one with "
-                     "`slmforge quickstart --out /tmp/demo/quickstart` or pass a model folder")
+    args.model = args.model_opt or args.model or DEFAULT_MODEL
+    SETTINGS["on"] = args.batch
+    settings = {k: SETTINGS[k] for k in args.settings.split(",")}
+    from slmforge.generate import engine_for
+
+    engine = engine_for(args.model) if args.engine == "auto" else args.engine
+    if not args.model.exists() or (engine == "torch" and not (args.model / "config.json").exists()):
+        parser.error(f"{args.model} is neither a model folder, an ONNX export nor a .gguf file; make one with "
+                     "`slmforge quickstart --out /tmp/demo/quickstart` or pass one with --model")
 
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load avg {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
     rows = []
-    for size in SETTINGS.values():
-        rows += bench_setting(args.model, size, clients, args.runs, args.max_tokens, args.min_requests,
-                              {} if args.stop_at_eos else {"ignore_eos": True})
+    with tempfile.TemporaryDirectory() as tmp:
+        project = project_file(args.model, engine, Path(tmp))
+        for size in settings.values():
+            rows += bench_setting(project, size, clients, args.runs, args.max_tokens, args.min_requests,
+                                  {} if args.stop_at_eos else {"ignore_eos": True})
 
     length = "ending at end-of-sequence" if args.stop_at_eos else "ignore_eos (every reply max_tokens long)"
-    print(f"\n{args.model}: streamed chat completions, max_tokens {args.max_tokens}, {length}, greedy, "
+    print(f"\n{args.model} on {engine}: streamed chat completions, max_tokens {args.max_tokens}, {length}, greedy, "
           f"median of {args.runs} run(s); machine: {m['cpu']}, {m['cores']} cores, "
           f"load avg {os.getloadavg()[0]:.2f}\n")
-    print(markdown(rows, clients))
-    path = save("serve_load_quick" if args.quick else "serve_load", {
-        "settings": {"model": str(args.model), "runs": args.runs, "clients": clients, "max_tokens": args.max_tokens,
-                     "ignore_eos": not args.stop_at_eos, "min_requests": args.min_requests, "max_batch_size": SETTINGS,
+    print(markdown(rows, clients) if len(settings) == 2 else "\n".join(
+        f"| {r['max_batch_size']} | {r['clients']} | {r['tokens_per_s']:.1f} | {_ms(r['latency_p50_s'])} "
+        f"| {_ms(r['ttft_p50_s'])} |" for r in rows))
+    path = save(args.json or ("serve_load_quick" if args.quick else "serve_load"), {
+        "settings": {"model": str(args.model), "engine": engine, "runs": args.runs, "clients": clients, "max_tokens": args.max_tokens,
+                     "ignore_eos": not args.stop_at_eos, "min_requests": args.min_requests, "max_batch_size": settings,
                      "load_average_1min": os.getloadavg()[0]},
         "results": rows,
     })
