@@ -75,7 +75,7 @@ def serve(
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
     -d '{"model": "sft", "messages": [{"role": "user", "content": "hi"}]}'.
     Streaming, n, logprobs, response_format (json_object / json_schema, enforced while decoding) and tools
-    work on torch models, which batch requests continuously. Also GET /v1/usage (the caller's usage, per end
+    work on torch models and ONNX exports, which batch requests continuously. Also GET /v1/usage (the caller's usage, per end
     user too), GET /metrics (Prometheus) and GET /docs (the OpenAPI schema); with --api-keys these need a key
     too, unless --public-metrics. Several models, LoRA adapters, embedding
     models, upstream proxies and vLLM go under serve.models in the project file. A chat request with

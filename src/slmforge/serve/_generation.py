@@ -39,7 +39,7 @@ def refuse_unknown(fields: list[str]) -> None:
 
 def needs_batching(served: ServedModel, what: str) -> None:
     raise ApiError(400, f"{what} is not available for model {served.name!r} (engine {served.engine}); it needs the "
-                   "torch engine (a model folder served with continuous batching).", "invalid_request_error", what)
+                   "torch engine or the ONNX engine (served with continuous batching).", "invalid_request_error", what)
 
 
 def check_streamable(params: SamplingParams) -> None:
