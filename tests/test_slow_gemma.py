@@ -125,3 +125,45 @@ def test_gemma_exports_to_onnx_with_the_cli_and_keeps_greedy_parity(gemma_dir, t
     assert fp32["greedy_identical"] == 5 and fp32["greedy_agreement"] == 1.0
     assert results["fp32"]["export_check"]["greedy_identical"] == 2
     assert int4["top1_agreement"] >= 0.5  # a real model at 4 bits: a rate, not identity
+
+
+def test_gemma_int4_served_with_onnx_batching_matches_single_sequences(gemma_dir, tmp_path, capsys):
+    """Issue 15: Gemma 3 270M exported at int4 and served by the ONNX engine with continuous batching. Through
+    the official openai client (AsyncOpenAI), requests that join a batch already decoding (staggered) and
+    requests that arrive together get exactly the greedy text the engine writes for each alone, within their
+    own max_tokens, and max_batch_size 1 gives the same text."""
+    import asyncio
+
+    import openai
+
+    from slmforge.export.onnx import export_onnx
+    from slmforge.generate import OnnxGenerator, SamplingParams
+    from slmforge.serve import create_app
+    from slmforge.serve._models import wrap_models
+
+    from conftest import LiveServer
+
+    out = export_onnx(gemma_dir, tmp_path / "onnx-int4", precision="int4").parent
+    lengths = [24, 9, 17, 24, 5]
+    single = OnnxGenerator(out)
+    want = [single.complete(p, SamplingParams(max_new_tokens=n))[0].text for p, n in zip(ONNX_PROMPTS, lengths)]
+
+    async def ask_all(url: str, gap_s: float) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            async def one(i: int) -> str:
+                await asyncio.sleep(gap_s * i)
+                r = await client.completions.create(model="g", prompt=ONNX_PROMPTS[i], max_tokens=lengths[i],
+                                                    temperature=0)
+                return r.choices[0].text
+
+            return list(await asyncio.gather(*(one(i) for i in range(len(ONNX_PROMPTS)))))
+
+    results = {}
+    for size in (4, 1):
+        with LiveServer(create_app(wrap_models({"g": OnnxGenerator(out)}, size), max_batch_size=size)) as url:
+            results[size, "staggered"] = asyncio.run(ask_all(url, 0.3))
+            results[size, "together"] = asyncio.run(ask_all(url, 0.0))
+    with capsys.disabled():
+        print("\nGemma 3 270M int4, ONNX engine batched:", results[4, "staggered"][0][:60])
+    for key, got in results.items():
+        assert got == want, key
