@@ -52,21 +52,22 @@ def project_file(model: Path, engine: str, folder: Path) -> Path:
 
 
 def bench_setting(project: Path, max_batch_size: int, clients: list[int], runs: int, max_tokens: int,
-                  min_requests: int, extra: dict) -> list[dict]:
+                  min_requests: int, extra: dict, completions: bool = False) -> list[dict]:
     """One server at ``max_batch_size``; per number of clients, the median of ``runs`` load tests."""
     from slmforge.serve.bench import BENCH_PROMPTS, run_load, start_server
 
     name = NAME
     rows = []
     with start_server([], max_batch_size=max_batch_size, extra_args=["--config", str(project)]) as server:
-        warm = run_load(server.base_url, name, 1, 1, BENCH_PROMPTS, max_tokens, extra_body=extra)  # warm-up: first-call costs
+        warm = run_load(server.base_url, name, 1, 1, BENCH_PROMPTS, max_tokens, extra_body=extra,
+                        completions=completions)  # warm-up: first-call costs
         if warm.error_count:
             sys.exit(f"the warm-up request to a server at --max-batch-size {max_batch_size} failed: "
                      f"{warm.records[0].error}\nserver log ({server.log_path}):\n{server.log_tail()}")
         for c in clients:
             n = requests_for(c, min_requests)
-            results = [run_load(server.base_url, name, c, n, BENCH_PROMPTS, max_tokens, extra_body=extra)
-                       for _ in range(runs)]
+            results = [run_load(server.base_url, name, c, n, BENCH_PROMPTS, max_tokens, extra_body=extra,
+                                completions=completions) for _ in range(runs)]
             dicts = [r.as_dict() for r in results]
 
             def med(key: str, sub: str | None = None) -> float | None:
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=SETTINGS["on"],
                         help="--max-batch-size with batching on (continuous batching width, llama.cpp slots)")
     parser.add_argument("--settings", default="on,off", help="which of on,off to run")
+    parser.add_argument("--completions", action="store_true",
+                        help="plain text completions instead of chat (a model without a chat template: the GGUF)")
     parser.add_argument("--json", default=None, help="results file name under benchmarks/results (no .json)")
     parser.add_argument("--runs", type=int, default=3, help="repeats per cell (median)")
     parser.add_argument("--clients", default="1,4,16,32", help="numbers of concurrent clients")
@@ -160,10 +163,10 @@ def main() -> None:
         project = project_file(args.model, engine, Path(tmp))
         for size in settings.values():
             rows += bench_setting(project, size, clients, args.runs, args.max_tokens, args.min_requests,
-                                  {} if args.stop_at_eos else {"ignore_eos": True})
+                                  {} if args.stop_at_eos else {"ignore_eos": True}, args.completions)
 
     length = "ending at end-of-sequence" if args.stop_at_eos else "ignore_eos (every reply max_tokens long)"
-    print(f"\n{args.model} on {engine}: streamed chat completions, max_tokens {args.max_tokens}, {length}, greedy, "
+    print(f"\n{args.model} on {engine}: streamed {'text' if args.completions else 'chat'} completions, max_tokens {args.max_tokens}, {length}, greedy, "
           f"median of {args.runs} run(s); machine: {m['cpu']}, {m['cores']} cores, "
           f"load avg {os.getloadavg()[0]:.2f}\n")
     print(markdown(rows, clients) if len(settings) == 2 else "\n".join(
@@ -171,7 +174,7 @@ def main() -> None:
         f"| {_ms(r['ttft_p50_s'])} |" for r in rows))
     path = save(args.json or ("serve_load_quick" if args.quick else "serve_load"), {
         "settings": {"model": str(args.model), "engine": engine, "runs": args.runs, "clients": clients, "max_tokens": args.max_tokens,
-                     "ignore_eos": not args.stop_at_eos, "min_requests": args.min_requests, "max_batch_size": settings,
+                     "ignore_eos": not args.stop_at_eos, "completions": args.completions, "min_requests": args.min_requests, "max_batch_size": settings,
                      "load_average_1min": os.getloadavg()[0]},
         "results": rows,
     })

@@ -31,9 +31,13 @@ the last one (one row's used positions copied). Buffers grow as the batch and it
 (doubling, up to ``max_rows`` and the context length), not to prompt + max_tokens up front: a request
 that allows 32k tokens costs memory only for what it writes.
 
-Measured on Gemma 3 270M int4, 2 cores: prefilling 16 equal prompts of 9 tokens as one group took 5.3 s
-against 80 ms for one, since the graph computes the 262k-wide logits of every prompt position; groups are
-therefore bounded by the bytes of those logits (``PREFILL_LOGITS_BYTES``).
+The builder's graph computes the logits of every position fed, which a prompt does not need: for Gemma
+3's 262k vocabulary the output layer is a third of the model's multiply-adds per token, so a 25-token
+prompt cost as much as 25 decode rows. The backend runs its own session over a copy of the graph in which
+the output layer reads only the last position (a ``Slice`` before its MatMul; the weights read from the
+same file), so a prompt's cost is its transformer layers plus one row of the output layer. Without a recognisable output MatMul it falls back to the generator's session (and bounds the
+prompts prefilled together by the bytes of their logits, ``PREFILL_LOGITS_BYTES``: 16 equal 9-token
+prompts of Gemma 3 in one run took 5.3 s against 80 ms for one).
 """
 
 from __future__ import annotations
@@ -76,7 +80,9 @@ class OnnxBackend:
                 "`slmforge export onnx` (genai_config.json search.past_present_share_buffer); this one has "
                 "not. Re-export the model, or serve it with max_batch_size 1 through another engine."
             )
-        self.session, self.layout, self.max_rows = generator.session, layout, max_rows
+        self.layout, self.max_rows = layout, max_rows
+        self.session = self._last_position_session(generator.session)
+        self.last_only = self.session is not generator.session  # prompts return one row of logits each
         self.vocab_size = layout.vocab_size
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_OF_ORT_TYPE.get(types[layout.cache_names()[0][0]], np.float32)
@@ -111,7 +117,7 @@ class OnnxBackend:
         last = np.zeros((len(joining), self.vocab_size), np.float32)
         free = rows  # slots rows.. are free
         for n, members in by_length.items():
-            group = max(1, PREFILL_LOGITS_BYTES // (n * self.vocab_size * 4))
+            group = max(1, PREFILL_LOGITS_BYTES // ((1 if self.last_only else n) * self.vocab_size * 4))
             for start in range(0, len(members), group):
                 part = members[start:start + group]
                 last[part] = self._prefill_group([joining[r].ids for r in part], free)
@@ -205,7 +211,7 @@ class OnnxBackend:
         lay, n = self.layout, len(prompts)
         ids = np.asarray(prompts, np.int64)  # (rows, S)
         mask = np.ones_like(ids)
-        out = np.zeros((n, ids.shape[1], self.vocab_size), self.logits_dtype)
+        out = np.zeros((n, 1 if self.last_only else ids.shape[1], self.vocab_size), self.logits_dtype)
         # Every array and OrtValue bound stays referenced until the run: a binding holds no Python
         # reference, and memory freed before the run gives wrong numbers rather than an error.
         values = [ort.OrtValue.ortvalue_from_numpy(c[first_slot:first_slot + n]) for c in self.cache]
@@ -220,8 +226,63 @@ class OnnxBackend:
         self._run(b)
         return out[:, -1].astype(np.float32)
 
+    def _last_position_session(self, session: ort.InferenceSession) -> ort.InferenceSession:
+        """A session over a copy of the graph whose output layer reads only the last position (see the module
+        docstring), with ``session``'s options and providers; ``session`` itself when the output layer is not
+        a MatMul reached from the logits through at most a few elementwise nodes, or the copy fails."""
+        import onnx
+
+        lay = self.layout
+        try:
+            model = onnx.load(str(lay.onnx_file), load_external_data=False)
+        except Exception:  # an unreadable graph still runs as it is
+            return session
+        graph = model.graph
+        producer = {out: node for node in graph.node for out in node.output}
+        node = producer.get(lay.logits)
+        for _ in range(4):  # e.g. a Cast, or a soft-capping Div/Tanh/Mul after the output MatMul
+            if node is None or node.op_type in ("MatMul", "MatMulNBits"):
+                break
+            node = producer.get(node.input[0])
+        if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+            return session
+        last = "slmforge/last_position_hidden"
+        graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray([v], np.int64), f"{last}/{k}")
+                                  for k, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))])
+        graph.node.insert(list(graph.node).index(node), onnx.helper.make_node(
+            "Slice", [node.input[0], f"{last}/starts", f"{last}/ends", f"{last}/axes"], [last], name=last))
+        node.input[0] = last  # (B, S, hidden) -> (B, 1, hidden) -> logits (B, 1, vocab)
+        for out in graph.output:
+            if out.name == lay.logits and len(out.type.tensor_type.shape.dim) == 3:
+                out.type.tensor_type.shape.dim[1].dim_value = 1
+        # Loaded from memory, its weights read from the export's own folder (ONNX Runtime refuses a copy of
+        # the graph elsewhere whose external data, even through a symlink, lies outside the copy's folder).
+        options = _options_like(session.get_session_options())
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(lay.onnx_file.parent.resolve()))
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=session.get_providers())
+        except Exception:  # ONNX Runtime refuses the copy: prompts then return every position's logits
+            return session
+
     def _run(self, binding: Any) -> None:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime's own error classes derive from Exception alone
             raise GenerateError(f"ONNX Runtime failed to run {self.layout.onnx_file.name}: {str(exc)[:500]}") from None
+
+
+def _options_like(source: ort.SessionOptions) -> ort.SessionOptions:
+    """New session options with ``source``'s optimization level, threads, logging and spinning (the options a
+    session reports are its own: changing them would change what a later session of the generator gets)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = source.graph_optimization_level
+    options.intra_op_num_threads = source.intra_op_num_threads
+    options.inter_op_num_threads = source.inter_op_num_threads
+    options.log_severity_level = source.log_severity_level
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        try:
+            options.add_session_config_entry(key, source.get_session_config_entry(key))
+        except Exception:  # not set on the source: ONNX Runtime's default
+            pass
+    return options

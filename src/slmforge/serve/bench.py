@@ -304,7 +304,7 @@ async def _one_request(client: Any, url: str, body: dict[str, Any], headers: dic
                     message = str((payload["error"] or {}).get("message", payload["error"]))
                     return RequestRecord(False, 200, time.perf_counter() - t0, error=message)
                 for choice in payload.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
+                    if (choice.get("delta") or {}).get("content") or choice.get("text"):  # chat, or completions
                         chunks += 1
                         if ttft is None:
                             ttft = time.perf_counter() - t0
@@ -331,6 +331,7 @@ async def run_load_async(
     timeout_s: float = 300.0,
     on_result: Callable[[RequestRecord], None] | None = None,
     extra_body: dict[str, Any] | None = None,
+    completions: bool = False,
 ) -> LoadResult:
     """``run_load`` for code already inside an event loop; same arguments and result."""
     import httpx
@@ -345,7 +346,7 @@ async def run_load_async(
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10), limits=limits) as client:
         model = await _check_server(client, root, model, headers)
-        url = f"{root}/v1/chat/completions"
+        url = f"{root}/v1/completions" if completions else f"{root}/v1/chat/completions"
         records: list[RequestRecord] = []
         next_index = 0
 
@@ -354,7 +355,9 @@ async def run_load_async(
             while next_index < requests:
                 i = next_index
                 next_index += 1  # no await between the check and the increment: no race in one event loop
-                body = {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                ask = ({"prompt": prompts[i % len(prompts)]} if completions
+                       else {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}]})
+                body = {"model": model, **ask,
                         "max_tokens": max_tokens, "temperature": temperature, "stream": True,
                         "stream_options": {"include_usage": True}, **(extra_body or {})}
                 record = await _one_request(client, url, body, headers)
@@ -381,6 +384,7 @@ def run_load(
     timeout_s: float = 300.0,
     on_result: Callable[[RequestRecord], None] | None = None,
     extra_body: dict[str, Any] | None = None,
+    completions: bool = False,
 ) -> LoadResult:
     """Load-test an OpenAI-compatible server with streamed chat completions.
 
@@ -400,6 +404,8 @@ def run_load(
         on_result: Called with each finished request's record (for a progress bar).
         extra_body: More request fields, e.g. ``{"ignore_eos": True}`` (an slmforge and vLLM extension) so
             every reply is exactly ``max_tokens`` long and runs compare decoding at a fixed length.
+        completions: Send each prompt as a plain text completion (/v1/completions) instead of a chat message
+            (for a model without a chat template).
 
     Returns:
         The measurements.
@@ -409,7 +415,7 @@ def run_load(
             (checked with GET /v1/models before the load starts).
     """
     return asyncio.run(run_load_async(base_url, model, concurrency, requests, prompts, max_tokens, api_key,
-                                      temperature, timeout_s, on_result, extra_body))
+                                      temperature, timeout_s, on_result, extra_body, completions))
 
 
 # --------------------------------------------------------------------------- cost
