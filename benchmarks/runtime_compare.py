@@ -7,10 +7,12 @@
 Rows: PyTorch fp32 eager (slmforge's torch engine), PyTorch int8 (slmforge
 int8_dynamic), ONNX Runtime fp32/int8/int4 (slmforge export onnx), llama.cpp
 F16/Q8_0/Q4_0 (slmforge export gguf, run by xllamacpp); on request (--runtimes)
-transformers' own ``model.generate``, the baseline other tools quote. --model is
+transformers' own ``model.generate``, the baseline other tools quote, and the torch
+engine without its column-major LM head twin (``torch-row-head``, what it was before
+issue 15). --model is
 any Hugging Face model folder, or a .gguf file (then its one llama.cpp row).
 Each engine greedily continues the same prompts for
-exactly 128 new tokens (``ignore_eos``), batch 1, median tokens/s over the
+exactly --tokens new tokens (128, ``ignore_eos``), batch 1, median tokens/s over the
 prompts (prompt processing and per-call overhead included); perplexity is
 from each engine's own log-likelihoods on the same held-out documents (n/a
 where the engine exposes no token log-probabilities): each document alone
@@ -20,7 +22,8 @@ weights files each runtime loads, as saved (safetensors, ONNX + external data,
 GGUF; the int8 row is the folder ``slmforge quantize`` would write), so a tied
 embedding counts once where the format stores it once. The last column relates
 the speed to the memory-bandwidth bound: bytes of weights read per token vs.
-the machine's measured bandwidth (a STREAM-like numpy triad, one thread).
+the machine's measured bandwidth (a STREAM-like numpy triad, one thread);
+"vs transformers" is the speed over the transformers row's, measured in the same run.
 Writes benchmarks/results/runtime_compare.json (--json names another file).
 """
 
@@ -38,6 +41,7 @@ from _common import bandwidth_gbs, machine, median, save
 # --runtimes names: what each row runs. ONNX and GGUF rows export the model first (slmforge's own exporters).
 RUNTIMES = {
     "torch": ("PyTorch fp32 eager", "torch", None),
+    "torch-row-head": ("PyTorch fp32, row-major head", "torch-row-head", None),
     "torch-int8": ("PyTorch int8 (dynamic)", "torch-int8", None),
     "transformers": ("transformers generate fp32", "transformers", None),
     "onnx-fp32": ("ONNX Runtime fp32", "onnx", "fp32"),
@@ -101,7 +105,7 @@ def folder_bytes(path: Path, suffixes=(".safetensors", ".onnx", ".data", ".gguf"
     return sum(f.stat().st_size for f in files)
 
 
-def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, rounds: int) -> dict:
+def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, rounds: int, tokens: int) -> dict:
     """One runtime, measured in its own process (engines keep thread pools spinning after
     they are done, which would slow whichever engine is measured next in the same process)."""
     import torch
@@ -113,8 +117,10 @@ def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, r
     texts = [json.loads(line)["text"][:2000] for line in lines][:docs]
     if kind == "transformers":
         gen, size = TransformersGenerate(path), folder_bytes(path)
-    elif kind == "torch":
+    elif kind in ("torch", "torch-row-head"):
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
+        if kind == "torch-row-head":
+            gen.model.get_output_embeddings().__dict__.pop("forward", None)  # back to the plain nn.Linear
     elif kind == "torch-int8":
         from slmforge.compress import quantize_model, save_quantized
 
@@ -129,7 +135,7 @@ def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, r
     else:
         gen, size = LlamaCppGenerator(path, n_threads=threads), path.stat().st_size
     gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
-    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=128, temperature=0.0, ignore_eos=True), rounds)
+    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True), rounds)
     ppl = held_out_ppl(gen, texts)
     return {"bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
             "ppl": round(ppl, 3) if ppl else None}
@@ -163,12 +169,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtimes", default=DEFAULT_RUNTIMES, help=f"comma-separated, of: {', '.join(RUNTIMES)}")
     parser.add_argument("--rounds", type=int, default=3, help="times each prompt is decoded (the median is reported)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per prompt (greedy, ignore_eos)")
     parser.add_argument("--json", default="runtime_compare", help="results file name under benchmarks/results/")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args.worker[0], Path(args.worker[1]), args.data, args.docs, args.threads,
-                                 args.rounds)))
+                                 args.rounds, args.tokens)))
         return
     names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNTIMES]
@@ -183,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind, path in plan(args.model, names, Path(tmp)):
             cmd = [sys.executable, __file__, "--model", str(args.model), "--docs", str(args.docs), "--threads",
-                   str(args.threads), "--rounds", str(args.rounds), "--worker", kind, str(path)]
+                   str(args.threads), "--rounds", str(args.rounds), "--tokens", str(args.tokens), "--worker", kind, str(path)]
             if args.data:
                 cmd += ["--data", str(args.data)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -195,12 +202,17 @@ def main() -> None:
                          "share_of_bound": round(r["tokens_per_s"] / bound, 3)})
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
           f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad); each runtime in its own process")
-    print(f"{'runtime':<28}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}")
+    base = next((r["tokens_per_s"] for r in rows if r["runtime"] == RUNTIMES["transformers"][0]), None)
+    print(f"{'runtime':<30}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}"
+          f"{'vs transformers':>17}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
-        print(f"{r['runtime']:<28}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
-              f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%")
-    path = save(args.json, {"model": str(args.model), "bandwidth_gbs": bw, "rounds": args.rounds, "rows": rows})
+        r["vs_transformers"] = round(r["tokens_per_s"] / base, 2) if base else None
+        ratio = f"{r['vs_transformers']:.2f}x" if base else "n/a"
+        print(f"{r['runtime']:<30}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
+              f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%{ratio:>17}")
+    path = save(args.json, {"model": str(args.model), "bandwidth_gbs": bw, "rounds": args.rounds,
+                            "threads": args.threads, "tokens": args.tokens, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -3,7 +3,9 @@
 Everything goes through one ``model.generate`` call per request, with a
 ``GenerationConfig`` built entirely from ``SamplingParams``, so defaults saved in
 the model folder's generation_config.json (its default profile) never leak
-into a request that did not ask for them.
+into a request that did not ask for them. On CPU the LM head gets a column-major
+twin for one-row decode steps (``_torch_head``), the one change of the model's
+arithmetic: the same fp32 products, summed in another order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
 from slmforge.generate._text import cut_at_stop, cut_stream, render_chat
+from slmforge.generate._torch_head import attach_row_vector_head
 from slmforge.model import pick_device
 
 
@@ -44,6 +47,8 @@ class TorchGenerator(EngineBase):
     def __init__(self, model, tokenizer, device: str = "auto") -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        # On CPU, one-row decode steps read the LM head column-major: ~2x faster there (see _torch_head).
+        attach_row_vector_head(self.model)
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id

@@ -1,0 +1,113 @@
+"""The torch engine's batch-1 decode path on CPU (issue 15): the LM head's column-major twin.
+
+A tiny random Llama (conftest's peaky model) and a tiny Gemma 3 with sliding-window layers and
+nested RoPE parameters (test_onnx_gemma3's builder, a window of 8 that 32 new tokens run past):
+the engine, with the twin attached, gives the same greedy tokens as ``model.generate`` on a
+second copy of the model that has none; stop strings, max_tokens, streaming and batches of
+several prompts (the row-major path) behave as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_onnx_gemma3 import build_tiny_gemma3
+
+from slmforge.generate import SamplingParams, TorchGenerator
+from slmforge.generate._torch_head import RowVectorHead, attach_row_vector_head
+
+from conftest import TINY, build_peaky_model, build_tiny_tokenizer
+
+PROMPTS = ["The garden was", "Bread is", "hello", "The river flows"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def model_dir(request, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp(f"head-{request.param}")
+    tok = build_tiny_tokenizer(work, vocab_size=400)
+    if request.param == "llama":
+        return build_peaky_model(tok, work / "model", TINY)
+    return build_tiny_gemma3(tok, work / "model")
+
+
+@pytest.fixture(scope="module")
+def gen(model_dir) -> TorchGenerator:
+    return TorchGenerator.from_pretrained(model_dir, device="cpu")
+
+
+def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int) -> list[str]:
+    """``model.generate`` on a fresh copy of the model (row-major head, no twin), greedy, exactly ``new_tokens``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert not isinstance(model.get_output_embeddings().__dict__.get("forward"), RowVectorHead)
+    # The engine's own GenerationConfig (the model folder's generation_config.json holds a sampling profile).
+    config = gen._generation_config(SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    texts = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([gen.encode(prompt)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        texts.append(gen.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def test_greedy_tokens_equal_model_generate_with_the_twin_head(model_dir, gen):
+    head = gen.model.get_output_embeddings()
+    assert isinstance(head.__dict__.get("forward"), RowVectorHead)
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    got = [gen.complete(p, params)[0] for p in PROMPTS]
+    assert head.forward._twin is not None  # the one-row decode steps went through the twin
+    assert not head.forward._twin.is_contiguous() and torch.equal(head.forward._twin, head.weight)
+    assert [c.tokens for c in got] == [32] * len(PROMPTS)
+    assert [c.text for c in got] == reference_texts(model_dir, gen, 32)
+
+
+def test_several_prompts_at_once_match_one_at_a_time(gen):
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = [gen.complete(p, params)[0].text for p in PROMPTS]
+    assert [c[0].text for c in gen.complete_batch(PROMPTS, params)] == alone
+
+
+def test_stop_strings_max_tokens_and_streaming_still_hold(gen):
+    full = gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=24, ignore_eos=True))[0]
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = words[2]
+    cut = gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    short = gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    assert short.tokens == 5 and short.finish_reason == "length"
+    streamed = "".join(gen.stream(PROMPTS[0], SamplingParams(max_new_tokens=24, ignore_eos=True)))
+    assert streamed == full.text
+
+
+def test_the_twin_follows_weights_changed_in_place():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert attach_row_vector_head(model) and attach_row_vector_head(model)  # a second call keeps the first
+    x = torch.randn(1, 1, 16)
+    assert torch.allclose(head(x), x @ head.weight.detach().T, atol=1e-6)
+    with torch.no_grad():
+        head.weight.mul_(-2)
+    assert torch.allclose(head(x), x @ head.weight.detach().T, atol=1e-6)
+    rows = torch.randn(3, 16)  # several rows: the weight itself, no twin
+    assert torch.equal(head(rows), torch.nn.functional.linear(rows, head.weight))
+
+
+def test_heads_it_cannot_help_are_left_alone():
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: None
+    assert not attach_row_vector_head(model)
+    wrapped = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.get_output_embeddings = lambda: wrapped
+    assert not attach_row_vector_head(model) and "forward" not in wrapped.__dict__
