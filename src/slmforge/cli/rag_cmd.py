@@ -24,6 +24,11 @@ WhereOpt = Annotated[
     typer.Option("--where", help="Metadata filter FIELD=VALUE on source (globs allowed), kind, title or doc_id "
                  "(repeatable; the same field twice means either value)."),
 ]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option("--teacher", help="A model (.gguf, folder, or http(s)://HOST/v1#MODEL endpoint) that writes the "
+                 "questions instead of the templates; its replies are cached beside the results."),
+]
 
 
 def _config(config: Path | None, set_: list[str] | None, **rag: object):
@@ -152,8 +157,10 @@ def eval_cmd(
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Depth of recall@k and nDCG@k.")] = 10,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where the table, per-question scores and plot go "
                        "(default <index>/eval).")] = None,
+    teacher: TeacherOpt = None,
 ) -> None:
-    """Compare chunkers and retrieval modes: recall@k, MRR, nDCG@k on questions made from the corpus."""
+    """Compare chunkers and retrieval modes: recall@k, MRR, nDCG@k on questions made from the corpus
+    (by the data stage's templates, which name the API; with --teacher, paraphrased by a model)."""
     from rich.table import Table
 
     from slmforge.data import read_documents
@@ -162,12 +169,21 @@ def eval_cmd(
 
     cfg = _config(config, set_)
     docs, _, _ = read_documents(cfg, source or cfg.rag.sources)
-    qs = make_questions(docs, questions)
     folder = out_dir or (index_folder(cfg) / "eval")
     folder.mkdir(parents=True, exist_ok=True)
+    made = None
+    if teacher:
+        from slmforge.generate import load_generator
+        from slmforge.rag.questions import paraphrased_questions
+
+        made = paraphrased_questions(docs, load_generator(teacher, endpoints=cfg.generate.endpoints), teacher,
+                                     questions, cache=folder / "questions-teacher.jsonl")
+        err.print(f"teacher questions: {json.dumps(made.report())}", style="dim")
+    qs = made.questions if made else make_questions(docs, questions)
     emb = load_embedder(cfg.rag.embedder, cfg.rag.embedder_model, cfg.resolve)
     rows = compare(docs, qs, folder, emb, chunkers.split(","), modes.split(","), chunk_settings(cfg), cfg.rag.store, k)
-    table = Table(title=f"{len(qs)} questions from {len(docs)} documents ({emb.name})")
+    kind = "paraphrased by " + Path(teacher).name if teacher else "template"
+    table = Table(title=f"{len(qs)} questions from {len(docs)} documents ({emb.name}; {kind})")
     metrics = list(rows[0].scores) if rows else []
     for col in ["chunker", "mode", "chunks", *metrics]:
         table.add_column(col, justify="left" if col in ("chunker", "mode") else "right")
@@ -175,7 +191,8 @@ def eval_cmd(
         table.add_row(r.chunker, r.mode, str(r.chunks), *(f"{r.scores[m]:.3f}" for m in metrics))
     out.print(table)
     (folder / "results.json").write_text(json.dumps(
-        {"questions": [vars(q) for q in qs], "embedder": emb.identity(),
+        {"questions": [vars(q) for q in qs], "embedder": emb.identity(), "question_set": kind,
+         "teacher": made.report() if made else None,
          "rows": [{"chunker": r.chunker, "mode": r.mode, "chunks": r.chunks, **r.scores,
                    "per_question": r.per_question} for r in rows]}, indent=1))
     if rows:

@@ -79,15 +79,21 @@ def answer(index: Index, generator: Any, question: str, mode: str = "hybrid", k:
            reranker: Any = None, min_score: float = 0.25, max_new_tokens: int = 200) -> Answer:
     """Answer ``question`` from ``index`` with ``generator`` (any slmforge engine: torch, ONNX, llama.cpp,
     an OpenAI-compatible endpoint), greedy."""
-    from slmforge.generate import SamplingParams
-
     hits = retrieve(index, question, mode, k, where, mmr_lambda, rerank, reranker, generator)
     relevant = [h for h in hits if h.dense >= min_score]
     if not relevant:
         return Answer(question, NOT_IN_DOCUMENTS, False)
+    return answer_from(generator, question, relevant, max_new_tokens)
+
+
+def answer_from(generator: Any, question: str, hits: list[Hit], max_new_tokens: int = 200) -> Answer:
+    """The generator's cited answer from these sources (found by any retrieval: the index's, a graph's),
+    greedy; no relevance threshold is applied here."""
+    from slmforge.generate import SamplingParams
+
     sources = [Source(i, h.chunk.doc_id, h.chunk.source, h.chunk.start, h.chunk.end, h.chunk.text, round(h.dense, 4))
-               for i, h in enumerate(relevant, start=1)]
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": build_prompt(question, relevant)}]
+               for i, h in enumerate(hits, start=1)]
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": build_prompt(question, hits)}]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
     text = generator.chat(messages, params)[0].text.strip()
     return Answer(question, text, True, sources, parse_citations(text, len(sources)))

@@ -52,20 +52,27 @@ def compare_configurations(configs: dict[str, tuple[Any, Index | None]], questio
                            baseline: str, k: int = 3, max_new_tokens: int = 64, min_score: float = 0.25,
                            progress: bool = True) -> list[dict[str, Any]]:
     """One row per configuration: mean token F1 and ROUGE-L, and the paired comparison with ``baseline``."""
+    texts = {name: answers(gen, index, questions, k, max_new_tokens, min_score, progress, name)
+             for name, (gen, index) in configs.items()}
+    return score_answers(texts, [q.answer for q in questions], baseline)
+
+
+def score_answers(texts: dict[str, list[str]], references: Sequence[str], baseline: str) -> list[dict[str, Any]]:
+    """Each configuration's answers (name -> one text per question) scored against the references: mean
+    token F1 and ROUGE-L, and, except for ``baseline``, the paired bootstrap interval and permutation test
+    of its token F1 against the baseline's (``slmforge.evaluate.stats.compare``, as ``eval compare``)."""
     from slmforge.evaluate.metrics import token_f1
     from slmforge.evaluate.stats import compare
 
-    scores: dict[str, dict[str, list[float]]] = {}
-    for name, (gen, index) in configs.items():
-        texts = answers(gen, index, questions, k, max_new_tokens, min_score, progress, name)
-        scores[name] = {"token_f1": [token_f1(t, q.answer) for t, q in zip(texts, questions)],
-                        "rougeL": [_rouge_l(t, q.answer) for t, q in zip(texts, questions)]}
+    n = len(references)
+    scores = {name: {"token_f1": [token_f1(t, r) for t, r in zip(ts, references)],
+                     "rougeL": [_rouge_l(t, r) for t, r in zip(ts, references)]} for name, ts in texts.items()}
     rows = []
     for name, s in scores.items():
-        row: dict[str, Any] = {"configuration": name, "questions": len(questions),
-                               "token_f1": round(sum(s["token_f1"]) / len(questions), 4),
-                               "rougeL": round(sum(s["rougeL"]) / len(questions), 4)}
-        if name != baseline:
+        row: dict[str, Any] = {"configuration": name, "questions": n,
+                               "token_f1": round(sum(s["token_f1"]) / n, 4) if n else 0.0,
+                               "rougeL": round(sum(s["rougeL"]) / n, 4) if n else 0.0}
+        if name != baseline and n:
             c = compare(scores[baseline]["token_f1"], s["token_f1"])
             row.update({f"vs {baseline}": c["verdict"], "diff": round(c["diff"], 4),
                         "ci": [round(c["ci_low"], 4), round(c["ci_high"], 4)], "p_value": round(c["p_value"], 4)})
