@@ -17,17 +17,20 @@ Output folder (an artifact with ``manifest.json``)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import random
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slmforge.artifacts import ArtifactWriter
-from slmforge.config import ProjectConfig
+from slmforge.config import DataConfig, ProjectConfig
 from slmforge.data.code import CodeCurator
 from slmforge.data.sources import BUILTIN_SOURCES, Document, Skipped
 
@@ -141,6 +144,9 @@ def run_data_stage(
 ) -> DataResult:
     """Run the data stage described by ``cfg.data``.
 
+    The corpus may be larger than memory: documents are spilled to a scratch folder beside the output between
+    passes (``data/spill.py``), and only fixed-size facts per document stay in memory.
+
     Args:
         cfg: The project config (``load_config``).
         out: Output folder; default ``data.out`` or ``<project.out_dir>/data``.
@@ -155,56 +161,19 @@ def run_data_stage(
             after filtering, or an unreachable teacher endpoint. Bad files never raise:
             they are skipped and listed in ``skipped.jsonl`` with the reason.
     """
-    from slmforge.errors import DataError
+    from slmforge.data.spill import make_spill_dir, remove_spill_dir
 
-    dcfg = cfg.data
-    target = Path(out) if out else cfg.stage_dir("data", dcfg.out)
+    target = Path(out) if out else cfg.stage_dir("data", cfg.data.out)
     entries = _resolve_sources(cfg)
     parents = source_refs(cfg)  # before reading: a source edited mid-run makes the next run re-read it
     t0 = time.monotonic()
-
-    curator = CodeCurator(dcfg.code, cfg.base_dir)
-    read = _read_and_clean(cfg, entries, progress, curator)
-    documents_in = len(read.docs)
-    boiler_removed = _strip_boilerplate(read.docs, dcfg) if dcfg.clean.strip_boilerplate else 0
-    kept, dropped, dropped_rows, pii_counts = _scrub_filter_dedup(read.docs, dcfg, progress, curator)
-    if not kept:
-        raise DataError(
-            f"No documents left: {documents_in} read, {sum(dropped.values())} dropped "
-            f"({', '.join(f'{k}: {v}' for k, v in dropped.most_common()) or 'none'}), "
-            f"{len(read.skipped)} inputs skipped. Check data.sources and relax data.filters."
-        )
-
-    # ---- split
-    split_of = _split(len(kept), dcfg.split.val, dcfg.split.test, cfg.project.seed)
-    by_split: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    for d, s in zip(kept, split_of):
-        by_split[s].append(d)
-
-    stats: dict[str, Any] = {
-        "sources": {e: (str(p) if p else "built-in") for e, p in entries},
-        "documents_in": documents_in,
-        "documents_out": len(kept),
-        "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in read.skipped).most_common()),
-        "dropped": dict(dropped.most_common()),
-        "cleaning": {"long_lines_removed": read.long_lines, "boilerplate_lines_removed": boiler_removed,
-                     **curator.counts},
-        "pii": {t: pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
-        "splits": {},
-        "formats": {},
-    }
-    for s in SPLITS:
-        texts = [d.text for d in by_split[s]]
-        stats["splits"][s] = {
-            "documents": len(texts),
-            "chars": sum(map(len, texts)),
-            "pretokens": sum(len(_PRETOKEN.findall(t)) for t in texts),
-        }
-    stats["chars"] = sum(v["chars"] for v in stats["splits"].values())
-    stats["pretokens"] = sum(v["pretokens"] for v in stats["splits"].values())
-
-    lengths = [len(d.text) for d in kept]
-    _write_dataset(target, cfg, parents, command, progress, stats, by_split, lengths, read, dropped_rows, t0)
+    work = make_spill_dir(target)
+    try:
+        passed = _read_filter(cfg, entries, progress, work)
+        stats = _stats(cfg, entries, passed)
+        _write_dataset(target, cfg, parents, command, progress, stats, passed, t0)
+    finally:
+        remove_spill_dir(work)
     return DataResult(path=target.resolve(), stats=stats)
 
 
@@ -221,34 +190,131 @@ def read_documents(
     Raises:
         DataError: No sources, or a source that does not exist.
     """
+    import tempfile
+
     if sources is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
-    curator = CodeCurator(cfg.data.code, cfg.base_dir)
-    read = _read_and_clean(cfg, _resolve_sources(cfg), progress, curator)
-    _strip_boilerplate(read.docs, cfg.data)
-    kept, dropped, _, _ = _scrub_filter_dedup(read.docs, cfg.data, progress, curator)
-    return kept, read.skipped, dropped
+    entries = _resolve_sources(cfg)
+    with tempfile.TemporaryDirectory(prefix="slmforge-data-") as work:
+        passed = _read_filter(cfg, entries, progress, Path(work), require=False)
+        return [d for d, _ in passed.kept()], passed.skipped, passed.dropped
 
 
 @dataclass
 class _Read:
-    """What reading and cleaning the sources gave: documents, skipped inputs, and counts for the stats."""
+    """What reading and cleaning the sources gave: the documents' spill, skipped inputs, counts for the stats."""
 
-    docs: list[Document]
+    docs: Path
     skipped: list[Skipped]
+    count: int = 0
     bytes_in: int = 0
     long_lines: int = 0
+    boilerplate: Any = None  # spill.BoilerplateCounter when data.clean.strip_boilerplate
+
+
+@dataclass
+class _Passed:
+    """The documents that passed every filter (in a spill file), and what the stage counted on the way.
+
+    In memory per document: the split name and the length of each kept one, a ``dropped.jsonl`` row per dropped
+    one, and the deduplicator's state (see README, "Corpora larger than memory")."""
+
+    read: _Read
+    spill: Path
+    n_kept: int
+    late_drops: set[str]  # engine ray: ids found to be duplicates after the documents were spilled
+    dropped: Counter[str]
+    dropped_rows: list[dict[str, Any]]
+    pii_counts: Counter[str]
+    cleaning: dict[str, int]
+    split_of: list[str]
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return self.read.skipped
+
+    def kept(self) -> Iterator[tuple[Document, str]]:
+        """The kept documents in order, each with its split: read back from disk on every call."""
+        from slmforge.data.spill import read_spill
+
+        i = 0
+        for d in read_spill(self.spill):
+            if d.id in self.late_drops:
+                continue
+            yield d, (self.split_of[i] if self.split_of else "train")
+            i += 1
+
+    def split_sizes(self) -> dict[str, int]:
+        sizes = Counter(self.split_of)
+        return {s: sizes.get(s, 0) for s in SPLITS}
+
+
+def _read_filter(cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool, work: Path, require: bool = True) -> _Passed:
+    """Passes 1 and 2: read and clean every source into a spill, then strip boilerplate, scrub, filter and
+    deduplicate into another; the kept documents' split drawn. ``require``: no document left is an error."""
+    from slmforge.data.spill import read_spill
+    from slmforge.errors import DataError
+
+    dcfg = cfg.data
+    curator = CodeCurator(dcfg.code, cfg.base_dir)
+    read = _read_and_clean(cfg, entries, progress, curator, work)
+    docs = read_spill(read.docs)
+    boiler_removed = [0]
+    if read.boilerplate is not None:
+        docs = _strip_boilerplate(docs, read.boilerplate.lines(), boiler_removed)
+    passed = _scrub_filter_dedup(docs, read, dcfg, progress, curator, work)
+    passed.cleaning = {"long_lines_removed": read.long_lines, "boilerplate_lines_removed": boiler_removed[0],
+                       **curator.counts}
+    if require and not passed.n_kept:
+        raise DataError(
+            f"No documents left: {read.count} read, {sum(passed.dropped.values())} dropped "
+            f"({', '.join(f'{k}: {v}' for k, v in passed.dropped.most_common()) or 'none'}), "
+            f"{len(read.skipped)} inputs skipped. Check data.sources and relax data.filters."
+        )
+    passed.split_of = _split(passed.n_kept, dcfg.split.val, dcfg.split.test, cfg.project.seed)
+    return passed
+
+
+def _stats(cfg: ProjectConfig, entries: list[tuple[str, Path | None]], passed: _Passed) -> dict[str, Any]:
+    """stats.json without the timings and formats (filled in as the dataset is written)."""
+    dcfg = cfg.data
+    stats: dict[str, Any] = {
+        "sources": {e: (str(p) if p else "built-in") for e, p in entries},
+        "documents_in": passed.read.count,
+        "documents_out": passed.n_kept,
+        "inputs_skipped": dict(Counter(s.reason.split(" (")[0] for s in passed.skipped).most_common()),
+        "dropped": dict(passed.dropped.most_common()),
+        "cleaning": passed.cleaning,
+        "pii": {t: passed.pii_counts.get(t, 0) for t in dcfg.pii.types} if dcfg.pii.enabled else {},
+        "splits": {s: {"documents": 0, "chars": 0, "pretokens": 0} for s in SPLITS},
+        "formats": {},
+    }
+    for d, s in passed.kept():
+        row = stats["splits"][s]
+        row["documents"] += 1
+        row["chars"] += len(d.text)
+        row["pretokens"] += len(_PRETOKEN.findall(d.text))
+    stats["chars"] = sum(v["chars"] for v in stats["splits"].values())
+    stats["pretokens"] = sum(v["pretokens"] for v in stats["splits"].values())
+    return stats
 
 
 def _read_and_clean(
-    cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool, curator: CodeCurator
+    cfg: ProjectConfig, entries: list[tuple[str, Path | None]], progress: bool, curator: CodeCurator, work: Path
 ) -> _Read:
-    """Every document of every source, cleaned, with ids made unique; bad inputs become ``Skipped``."""
+    """Every document of every source, cleaned, with ids made unique, spilled to ``work``; bad inputs become
+    ``Skipped``. Boilerplate candidate lines are counted on the way (``spill.BoilerplateCounter``)."""
     from slmforge._progress import progress_bar
     from slmforge.data import clean, sources
+    from slmforge.data.spill import BoilerplateCounter, SpillWriter
 
     dcfg = cfg.data
-    read = _Read(docs=[], skipped=[])
+    read = _Read(docs=work / "read.pkl", skipped=[])
+    if dcfg.clean.strip_boilerplate:
+        read.boilerplate = BoilerplateCounter(work / "lines.bin", clean.PROSE_KINDS)
+    spill = SpillWriter(read.docs)
+    # One count per distinct id: ids repeat only within a source's file (e.g. a name defined twice in one
+    # module), so this is per document, like the dedup state.
     ids: Counter[str] = Counter()
 
     def take(record) -> None:
@@ -259,9 +325,11 @@ def _read_and_clean(
         record.text, n_long = clean.clean_text(curator.clean(record.text, record.is_code), dcfg.clean)
         read.long_lines += n_long
         ids[record.id] += 1
-        if ids[record.id] > 1:  # e.g. a name defined twice in one module: ids must stay unique
+        if ids[record.id] > 1:  # ids must stay unique
             record.id = f"{record.id}#{ids[record.id]}"
-        read.docs.append(record)
+        if read.boilerplate is not None:
+            read.boilerplate.add(record.source, record.kind, record.text)
+        spill.write(record)
 
     jobs: list[tuple[str, Any]] = []
     for entry, path in entries:
@@ -287,43 +355,43 @@ def _read_and_clean(
                 records = sources.read_file(job[1], entry, dcfg)
             for record in records:
                 take(record)
-            bar.update(task, advance=1, info=f"{len(read.docs)} docs")
+            bar.update(task, advance=1, info=f"{spill.count} docs")
+    spill.close()
+    read.count = spill.count
     return read
 
 
-def _strip_boilerplate(docs: list[Document], dcfg) -> int:
-    """Remove lines repeated across a source's documents of one kind; the number of lines removed."""
+def _strip_boilerplate(docs: Iterable[Document], lines: dict[tuple[str, str], set[int]],
+                       removed: list[int]) -> Iterator[Document]:
+    """The documents without the lines repeated across their source's documents of one kind (hashed, see
+    ``spill.BoilerplateCounter``); ``removed[0]`` counts the lines removed."""
     from slmforge.data import clean
+    from slmforge.data.spill import line_hash
 
-    removed = 0
-    lines = clean.boilerplate_lines(docs)
     for d in docs:
-        if (d.source, d.kind) in lines:
-            d.text, n = clean.strip_lines(d.text, lines[(d.source, d.kind)])
-            removed += n
-    return removed
+        group = (d.source, d.kind)
+        if group in lines:
+            d.text, n = clean.strip_lines(d.text, lines[group], key=functools.partial(line_hash, group))
+            removed[0] += n
+        yield d
 
 
 def _scrub_filter_dedup(
-    docs: list[Document], dcfg, progress: bool, curator: CodeCurator
-) -> tuple[list[Document], Counter[str], list[dict], Counter[str]]:
+    docs: Iterable[Document], read: _Read, dcfg: DataConfig, progress: bool, curator: CodeCurator, work: Path
+) -> _Passed:
     """PII scrubbing, quality filters, decontamination, deduplication and function dedup (``data.code``),
-    in that order per document.
-
-    Returns:
-        (kept documents, dropped count per reason, one ``dropped.jsonl`` row per dropped document,
-        PII found per type).
-    """
+    in that order per document; the kept documents spilled to ``work``, the dropped ones listed."""
     from slmforge._progress import progress_bar
     from slmforge.data import dedup, filters, pii
+    from slmforge.data.spill import SpillWriter
 
     dropped: Counter[str] = Counter()
-    dropped_rows: list[dict] = []
+    dropped_rows: list[dict[str, Any]] = []
     pii_counts: Counter[str] = Counter()
-    kept: list[Document] = []
+    kept = SpillWriter(work / "kept.pkl")
     dd = dedup.make_deduplicator(dcfg.dedup, dcfg.engine, dcfg.ray_workers, dcfg.ray_address)
     with progress_bar(progress) as bar:
-        task = bar.add_task("filtering", total=len(docs), info="")
+        task = bar.add_task("filtering", total=read.count, info="")
         for d in docs:
             reason, extra = None, {}
             if not d.text.strip():
@@ -349,38 +417,40 @@ def _scrub_filter_dedup(
                 dropped_rows.append(row | extra)
             else:
                 d.text = curator.dedup_functions(d.text, d.is_code)
-                kept.append(d)
-            bar.update(task, advance=1, info=f"{len(kept)} kept")
-    kept = dd.settle(kept, dropped, dropped_rows)  # engine ray: duplicates across shards found now
-    return kept, dropped, dropped_rows, pii_counts
+                kept.write(d)
+            bar.update(task, advance=1, info=f"{kept.count} kept")
+    kept.close()
+    late = dd.settle(dropped, dropped_rows)  # engine ray: duplicates across shards found now
+    return _Passed(read=read, spill=kept.path, n_kept=kept.count - len(late), late_drops=late, dropped=dropped,
+                   dropped_rows=dropped_rows, pii_counts=pii_counts, cleaning={}, split_of=[])
 
 
 def _write_dataset(target: Path, cfg: ProjectConfig, parents, command: list[str] | None, progress: bool,
-                   stats: dict[str, Any], by_split: dict[str, list[Document]], lengths: list[int],
-                   read: _Read, dropped_rows: list[dict], t0: float) -> None:
+                   stats: dict[str, Any], passed: _Passed, t0: float) -> None:
     """The artifact: skipped/dropped lists, every format, stats.json (timings added here), the report and
     the manifest's metrics."""
     from slmforge.data import report
 
     dcfg = cfg.data
+    read = passed.read
     with ArtifactWriter(target, kind="dataset", config=dcfg.fingerprint_config(), parents=parents, command=command) as w:
         _write_jsonl(w.path / "skipped.jsonl", ({"where": s.where, "reason": s.reason} for s in read.skipped))
-        _write_jsonl(w.path / "dropped.jsonl", dropped_rows)
+        _write_jsonl(w.path / "dropped.jsonl", passed.dropped_rows)
         for fmt in dcfg.formats:
-            stats["formats"][fmt] = _write_format(fmt, w.path, by_split, cfg, progress)
+            stats["formats"][fmt] = _write_format(fmt, w.path, passed, cfg, progress)
         stats["seconds"] = round(time.monotonic() - t0, 3)
         stats["documents_per_s"] = round(stats["documents_in"] / max(stats["seconds"], 1e-9), 1)
         stats["mb_per_s"] = round(read.bytes_in / 1e6 / max(stats["seconds"], 1e-9), 3)
         stats["mb_in"] = round(read.bytes_in / 1e6, 3)
         (w.path / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        report.write_report(w.path, stats, lengths, cfg.project.name)
+        report.write_report(w.path, stats, [len(d.text) for d, _ in passed.kept()], cfg.project.name)
         w.metrics.update(
             {
                 "documents_in": stats["documents_in"],
                 "documents_out": stats["documents_out"],
-                "train_documents": len(by_split["train"]),
-                "val_documents": len(by_split["val"]),
-                "test_documents": len(by_split["test"]),
+                "train_documents": stats["splits"]["train"]["documents"],
+                "val_documents": stats["splits"]["val"]["documents"],
+                "test_documents": stats["splits"]["test"]["documents"],
                 "chars": stats["chars"],
                 "pii": stats["pii"],
                 "dropped": stats["dropped"],
@@ -389,33 +459,44 @@ def _write_dataset(target: Path, cfg: ProjectConfig, parents, command: list[str]
         )
 
 
-def _write_format(
-    fmt: str, folder: Path, by_split: dict[str, list[Document]], cfg: ProjectConfig, progress: bool
-) -> dict[str, Any]:
+def _write_splits(folder: Path, rows: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, int]:
+    """``(split, record)`` pairs written to ``folder/{train,val,test}.jsonl`` as they come; rows per split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = dict.fromkeys(SPLITS, 0)
+    with contextlib.ExitStack() as stack:
+        files = {s: stack.enter_context(open(folder / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
+        for s, r in rows:
+            files[s].write(json.dumps(r, ensure_ascii=False) + "\n")
+            counts[s] += 1
+    return counts
+
+
+def _write_format(fmt: str, folder: Path, passed: _Passed, cfg: ProjectConfig, progress: bool) -> dict[str, Any]:
+    """One format's three split files, streamed from the kept documents."""
     from slmforge.data import formats
 
     dcfg = cfg.data
     out: dict[str, Any] = {}
     if fmt == "text":
-        for s in SPLITS:
-            out[s] = _write_jsonl(
-                folder / "text" / f"{s}.jsonl", ({"id": d.id, "text": d.text, "source": d.source} for d in by_split[s])
-            )
+        out.update(_write_splits(folder / "text", ((s, {"id": d.id, "text": d.text, "source": d.source})
+                                                   for d, s in passed.kept())))
     elif fmt == "chat":
-        out.update(_write_chat(folder, by_split, cfg, progress))
+        out.update(_write_chat(folder, passed, cfg, progress))
     elif fmt == "classification":
         labels: Counter[str] = Counter()
         unlabelled = 0
-        for s in SPLITS:
-            rows = []
-            for d in by_split[s]:
+
+        def labelled() -> Iterator[tuple[str, dict[str, Any]]]:
+            nonlocal unlabelled
+            for d, s in passed.kept():
                 label = formats.classification_label(d, dcfg.classification.label_from)
                 if label is None:
                     unlabelled += 1
                     continue
                 labels[label] += 1
-                rows.append({"id": d.id, "text": d.text, "label": label})
-            out[s] = _write_jsonl(folder / "classification" / f"{s}.jsonl", rows)
+                yield s, {"id": d.id, "text": d.text, "label": label}
+
+        out.update(_write_splits(folder / "classification", labelled()))
         (folder / "classification" / "labels.json").write_text(json.dumps(sorted(labels), indent=1) + "\n")
         out["labels"] = dict(labels.most_common())
         out["without_label"] = unlabelled
@@ -423,12 +504,15 @@ def _write_format(
         tagger = formats.make_tagger(dcfg)
         entity_counts: Counter[str] = Counter()
         label_set: set[str] = set()
-        for s in SPLITS:
-            rows = [r for d in by_split[s] for r in formats.ner_examples(d, dcfg, tagger)]
-            for r in rows:
-                label_set.update(r["tags"])
-                entity_counts.update(t[2:] for t in r["tags"] if t.startswith("B-"))
-            out[s] = _write_jsonl(folder / "ner" / f"{s}.jsonl", rows)
+
+        def tagged() -> Iterator[tuple[str, dict[str, Any]]]:
+            for d, s in passed.kept():
+                for r in formats.ner_examples(d, dcfg, tagger):
+                    label_set.update(r["tags"])
+                    entity_counts.update(t[2:] for t in r["tags"] if t.startswith("B-"))
+                    yield s, r
+
+        out.update(_write_splits(folder / "ner", tagged()))
         # O first, then B-/I- pairs per entity type: the label order a token-classification head uses.
         types = sorted({t[2:] for t in label_set if t != "O"})
         label_list = ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
@@ -437,47 +521,58 @@ def _write_format(
     return out
 
 
-def _write_chat(
-    folder: Path, by_split: dict[str, list[Document]], cfg: ProjectConfig, progress: bool
-) -> dict[str, Any]:
+def _write_chat(folder: Path, passed: _Passed, cfg: ProjectConfig, progress: bool) -> dict[str, Any]:
+    """Question/answer pairs from the kept documents (``data.synth``). Streams the documents; the pairs a split
+    keeps and the held-out 8-grams (``synth.filter_pairs``) are held in memory, and the teacher method holds the
+    documents it asks about (``synth.max_documents`` bounds both)."""
     from slmforge._progress import progress_bar
     from slmforge.data import synth
 
     scfg = cfg.data.synth
-    chosen = {s: by_split[s] for s in SPLITS}
+    limit = passed.split_sizes()
     if scfg.max_documents is not None:  # spread the budget over the splits by their size
-        total = sum(len(v) for v in chosen.values())
+        total = sum(limit.values())
         for s in SPLITS:
-            share = round(scfg.max_documents * len(chosen[s]) / max(total, 1))
-            chosen[s] = chosen[s][: max(share, 1 if chosen[s] else 0)]
-    pairs_by_split: dict[str, list[synth.QAPair]] = {}
+            share = round(scfg.max_documents * limit[s] / max(total, 1))
+            limit[s] = min(limit[s], max(share, 1 if limit[s] else 0))
+
+    def chosen(split: str) -> Iterator[Document]:
+        n = 0
+        for d, s in passed.kept():
+            if s == split and n < limit[split]:
+                n += 1
+                yield d
+
+    pairs_of: dict[str, Iterable[synth.QAPair]] = {}
     errors: Counter[str] = Counter()
     if scfg.method == "template":
         for s in SPLITS:
-            pairs_by_split[s] = [p for d in chosen[s] for p in synth.template_pairs(d, scfg.max_pairs_per_document)]
+            pairs_of[s] = (p for d in chosen(s) for p in synth.template_pairs(d, scfg.max_pairs_per_document))
     else:
-        all_docs = [d for s in SPLITS for d in chosen[s]]
-        split_of = {d.id: s for s in SPLITS for d in chosen[s]}
+        all_docs = [d for s in SPLITS for d in chosen(s)]
+        split_of = {d.id: s for s in SPLITS for d in chosen(s)}
         with progress_bar(progress) as bar:
             task = bar.add_task("asking the teacher", total=len(all_docs), info="")
             pairs, errors = synth.teacher_pairs(all_docs, scfg, on_done=lambda: bar.update(task, advance=1))
         for s in SPLITS:
-            pairs_by_split[s] = [p for p in pairs if split_of[p.doc_id] == s]
-    heldout = [d.text for s in ("val", "test") for d in by_split[s]]
+            pairs_of[s] = [p for p in pairs if split_of[p.doc_id] == s]
+    heldout = (d.text for d, s in passed.kept() if s != "train")
     out: dict[str, Any] = {}
     dropped: Counter[str] = Counter()
     for s in SPLITS:
         if s == "train":
-            kept, why = synth.filter_pairs(pairs_by_split[s], heldout, scfg.max_heldout_overlap)
+            kept, why = synth.filter_pairs(pairs_of[s], heldout, scfg.max_heldout_overlap)
         else:
-            kept, why = synth.filter_pairs(pairs_by_split[s], [], 1.0)
+            kept, why = synth.filter_pairs(pairs_of[s], [], 1.0)
         dropped.update(why)
         counter: Counter[str] = Counter()
-        rows = []
-        for p in kept:
-            counter[p.doc_id] += 1
-            rows.append(synth.to_chat(p, counter[p.doc_id], scfg.system_prompt))
-        out[s] = _write_jsonl(folder / "chat" / f"{s}.jsonl", rows)
+
+        def rows(kept: list[synth.QAPair] = kept, counter: Counter[str] = counter) -> Iterator[dict[str, Any]]:
+            for p in kept:
+                counter[p.doc_id] += 1
+                yield synth.to_chat(p, counter[p.doc_id], scfg.system_prompt)
+
+        out[s] = _write_jsonl(folder / "chat" / f"{s}.jsonl", rows())
     out["method"] = scfg.method
     out["pairs_dropped"] = dict(dropped)
     if errors:

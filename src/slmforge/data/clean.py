@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 from slmforge.config import CleanConfig
 from slmforge.data.sources import Document
@@ -17,7 +19,7 @@ _INVISIBLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u2
 _TRAILING_WS = re.compile(r"[ \t\u00a0]+$", re.MULTILINE)
 _MANY_BLANK = re.compile(r"\n{3,}")
 # Prose kinds whose repeated lines are boilerplate; code repeats lines legitimately.
-_PROSE_KINDS = {"txt", "md", "rst", "html", "pdf", "jsonl", "parquet", "csv"}
+PROSE_KINDS = {"txt", "md", "rst", "html", "pdf", "jsonl", "parquet", "csv"}
 
 
 def clean_text(text: str, cfg: CleanConfig) -> tuple[str, int]:
@@ -60,7 +62,7 @@ def boilerplate_lines(
     per_group: dict[tuple[str, str], Counter[str]] = {}
     totals: Counter[tuple[str, str]] = Counter()
     for doc in docs:
-        if doc.kind not in _PROSE_KINDS:
+        if doc.kind not in PROSE_KINDS:
             continue
         group = (doc.source, doc.kind)
         totals[group] += 1
@@ -75,11 +77,14 @@ def boilerplate_lines(
     return out
 
 
-def strip_lines(text: str, lines: set[str]) -> tuple[str, int]:
-    """Remove the given lines from a text; returns the text and how many were removed."""
+def strip_lines(text: str, lines: set[Any], key: Callable[[str], object] | None = None) -> tuple[str, int]:
+    """Remove the given lines from a text; returns the text and how many were removed.
+
+    ``key`` maps a stripped line to what ``lines`` holds (the data stage passes hashes, ``spill.line_hash``)."""
     kept, removed = [], 0
     for line in text.split("\n"):
-        if line.strip() in lines:
+        stripped = line.strip()
+        if (key(stripped) if key else stripped) in lines:
             removed += 1
         else:
             kept.append(line)

@@ -7,6 +7,7 @@ import hashlib
 import re
 import struct
 from collections import Counter
+from typing import Any
 
 from slmforge.config import DedupConfig
 
@@ -78,9 +79,9 @@ class Deduplicator:
             self._hashes[key] = mh
         return None
 
-    def settle(self, kept: list, dropped: Counter[str], dropped_rows: list[dict]) -> list:
+    def settle(self, dropped: Counter[str], dropped_rows: list[dict[str, Any]]) -> set[str]:
         """Nothing left to decide: ``check`` decided as documents arrived (see ``ShardedDeduplicator``)."""
-        return kept
+        return set()
 
 
 def signature(text: str, cfg: DedupConfig, permutations=None, scheme=None):  # type: ignore[no-untyped-def]
@@ -105,24 +106,27 @@ class ShardedDeduplicator:
     """
 
     def __init__(self, cfg: DedupConfig, workers: int, address: str | None = None) -> None:
-        self.cfg, self.workers, self.address = cfg, workers, address
-        self._items: list[tuple[str, str]] = []
+        from slmforge.data.ray_dedup import RayFeed
+
+        self.cfg = cfg
+        self._feed = RayFeed(workers, address) if cfg.exact or cfg.near else None
         self.duplicate_of: dict[str, str] = {}
 
     def check(self, key: str, text: str) -> str | None:
-        self._items.append((key, text))
+        if self._feed is not None:  # texts go to the cluster's object store in chunks, not a list here
+            self._feed.add(key, text)
         return None
 
-    def settle(self, kept: list, dropped: Counter[str], dropped_rows: list[dict]) -> list:
-        """``kept`` (documents with an ``id``) without the duplicates found; counts and rows updated."""
-        from slmforge.data.ray_dedup import dedup_on_ray
+    def settle(self, dropped: Counter[str], dropped_rows: list[dict[str, Any]]) -> set[str]:
+        """The ids of the provisionally kept documents that are duplicates after all; counts and rows updated."""
+        from slmforge.data.ray_dedup import dedup_feed
 
-        reasons = dedup_on_ray(self._items, self.cfg, self.workers, self.address)
+        reasons = dedup_feed(self._feed, self.cfg) if self._feed is not None else {}
         for key, (reason, first) in reasons.items():
             self.duplicate_of[key] = first
             dropped[reason] += 1
             dropped_rows.append({"id": key, "reason": reason, "duplicate_of": first})
-        return [d for d in kept if d.id not in reasons]
+        return set(reasons)
 
 
 def make_deduplicator(cfg: DedupConfig, engine: str = "local", workers: int = 2,

@@ -10,7 +10,8 @@ made with the expensive parts on the workers.
    bucket with at estimated Jaccard >= ``near_threshold`` (what datasketch's LSH query and our check do).
 
 So the kept set equals the single-process one on any corpus (tests/test_ray.py checks it). The driver holds
-one signature per document (``num_perm`` x 8 bytes), not the texts' shingles.
+one signature per document (``num_perm`` x 8 bytes) and its id, not the texts or their shingles: texts reach
+the cluster ``FEED_CHUNK`` at a time as the data stage hands them over (``RayFeed``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 from slmforge.config import DedupConfig
 from slmforge.data.dedup import normalise_for_hash, signature
 from slmforge.errors import DataError
+
+FEED_CHUNK = 4096  # documents per ray.data.from_items call: what the driver buffers at most
 
 
 def _ray() -> Any:
@@ -90,6 +93,35 @@ class _BandPairs:
         return {"a": np.array(a, dtype=np.int64), "b": np.array(b, dtype=np.int64)}
 
 
+class RayFeed:
+    """Documents handed to Ray as they arrive, ``chunk`` at a time (``ray.data.from_items`` puts each chunk in
+    the object store, which spills to disk when full), so the driver holds their ids, never all their texts."""
+
+    def __init__(self, workers: int = 2, address: str | None = None, chunk: int | None = None) -> None:
+        self.workers, self.address, self.chunk = workers, address, chunk or FEED_CHUNK
+        self.keys: list[str] = []
+        self._buffer: list[dict[str, Any]] = []
+        self._parts: list[Any] = []
+
+    def add(self, key: str, text: str) -> None:
+        self._buffer.append({"i": len(self.keys), "text": text})
+        self.keys.append(key)
+        if len(self._buffer) >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            ray = start_ray(self.workers, self.address)
+            blocks = max(1, min(len(self._buffer), self.workers * 4))
+            self._parts.append(ray.data.from_items(self._buffer, override_num_blocks=blocks))
+            self._buffer = []
+
+    def dataset(self) -> Any:
+        """Every document added, as one Ray dataset of ``{"i", "text"}`` rows."""
+        self._flush()
+        return self._parts[0].union(*self._parts[1:]) if len(self._parts) > 1 else self._parts[0]
+
+
 def dedup_on_ray(items: list[tuple[str, str]], cfg: DedupConfig, workers: int = 2,
                  address: str | None = None) -> dict[str, tuple[str, str]]:
     """The documents ``(id, text)`` (in order) that ``Deduplicator`` would drop: ``{id: (reason, first id)}``.
@@ -99,13 +131,24 @@ def dedup_on_ray(items: list[tuple[str, str]], cfg: DedupConfig, workers: int = 
     """
     if not items or not (cfg.exact or cfg.near):
         return {}
-    ray = start_ray(workers, address)
-    blocks = max(1, min(len(items), workers * 4))
-    ds = ray.data.from_items([{"i": i, "text": t} for i, (_, t) in enumerate(items)], override_num_blocks=blocks)
-    rows = ds.map_batches(_Signatures, fn_constructor_args=(cfg,), batch_format="numpy", concurrency=workers)
+    feed = RayFeed(workers, address)
+    for key, text in items:
+        feed.add(key, text)
+    return dedup_feed(feed, cfg)
+
+
+def dedup_feed(feed: RayFeed, cfg: DedupConfig) -> dict[str, tuple[str, str]]:
+    """``dedup_on_ray`` over the documents already handed to ``feed``."""
+    if not feed.keys or not (cfg.exact or cfg.near):
+        return {}
+    ray = start_ray(feed.workers, feed.address)
+    workers = feed.workers
+    rows = feed.dataset().map_batches(_Signatures, fn_constructor_args=(cfg,), batch_format="numpy",
+                                      concurrency=workers)
     got = sorted(rows.iter_rows(), key=lambda r: int(r["i"]))
     digests = [str(r["digest"]) for r in got]
     hv = np.stack([np.asarray(r["hv"], dtype=np.uint64) for r in got])
+    del got
     first_of: dict[str, int] = {}
     for i, d in enumerate(digests):
         first_of.setdefault(d, i)
@@ -115,26 +158,26 @@ def dedup_on_ray(items: list[tuple[str, str]], cfg: DedupConfig, workers: int = 
         from datasketch import MinHashLSH
 
         ranges = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm).hashranges
-        live = np.array([i for i in range(len(items)) if i not in exact_dup], dtype=np.int64)
+        live = np.array([i for i in range(len(feed.keys)) if i not in exact_dup], dtype=np.int64)
         bands = ray.data.from_items([{"band": b} for b in range(len(ranges))], override_num_blocks=len(ranges))
         pairs = bands.map_batches(_BandPairs, fn_constructor_args=(hv[live], live, ranges), batch_size=1,
                                   batch_format="numpy", concurrency=workers)
         for p in pairs.iter_batches(batch_format="numpy"):
             for x, y in zip(p["a"].tolist(), p["b"].tolist()):
                 neighbours.setdefault(y, set()).add(x)
-    return _replay(items, digests, first_of, exact_dup, neighbours, hv, cfg)
+    return _replay(feed.keys, digests, first_of, exact_dup, neighbours, hv, cfg)
 
 
-def _replay(items: list[tuple[str, str]], digests: list[str], first_of: dict[str, int], exact_dup: set[int],
+def _replay(keys: list[str], digests: list[str], first_of: dict[str, int], exact_dup: set[int],
             neighbours: dict[int, set[int]], hv: np.ndarray, cfg: DedupConfig) -> dict[str, tuple[str, str]]:
     """First one wins, in document order, as ``Deduplicator.check`` decides."""
     out: dict[str, tuple[str, str]] = {}
     inserted: set[int] = set()
-    for j, (key, _) in enumerate(items):
+    for j, key in enumerate(keys):
         if j in exact_dup:
-            out[key] = ("duplicate", items[first_of[digests[j]]][0])
+            out[key] = ("duplicate", keys[first_of[digests[j]]])
             continue
-        hits = [items[i][0] for i in neighbours.get(j, ()) if i in inserted
+        hits = [keys[i] for i in neighbours.get(j, ()) if i in inserted
                 and np.count_nonzero(hv[i] == hv[j]) / hv.shape[1] >= cfg.near_threshold]
         if hits:
             out[key] = ("near_duplicate", min(hits))
