@@ -1,0 +1,113 @@
+"""Data stage throughput and peak memory on a generated corpus at two sizes, for one or more source trees.
+
+    python benchmarks/data_scale.py --docs 800,8000 [--runs 1] [--engine local] [--src before=/tmp/wt-before/src]
+
+The corpus: distinct English-like documents of ~4,000 characters (a PII e-mail address and a boilerplate footer
+each), half in JSONL shards and half in Parquet shards of 200 documents. Each run is a fresh interpreter
+running the whole stage (default config: PII, filters, exact + near dedup, text + chat formats) and reporting
+its peak RSS (``ru_maxrss``). ``--src NAME=PATH`` runs the stage from another checkout's ``src`` (e.g. a
+``git worktree`` of an older commit) beside this one (``after``), so the two are measured in the same session.
+Prints a table and writes benchmarks/results/data_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import machine, median, save
+
+HERE = Path(__file__).resolve().parent
+DOC_CHARS = 4_000
+WORDS = ("the of and to in is was for that with as on by at from this are be which or an have it not were has "
+         "but had their one all been more when there can who also new other some time into only after first "
+         "would these two may its most over such than about then used many where between both under them very "
+         "made through each during while known part later river city north market house water light school").split()
+
+_CHILD = """
+import json, resource, sys, time
+from slmforge.config import ProjectConfig
+from slmforge.data import run_data_stage
+cfg = ProjectConfig()
+cfg.data.sources = [sys.argv[1]]
+cfg.data.engine = sys.argv[3]
+t0 = time.perf_counter()
+r = run_data_stage(cfg, out=sys.argv[2], progress=False, command=["benchmark"])
+print(json.dumps({"seconds": time.perf_counter() - t0, "docs_in": r.stats["documents_in"],
+                  "docs_out": r.stats["documents_out"], "mb_in": r.stats["mb_in"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_corpus(folder: Path, n: int, per_shard: int = 200) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    shard: list[str] = []
+    for i in range(n):
+        paras, size = [], 0
+        while size < DOC_CHARS:
+            p = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 90))).capitalize() + "."
+            paras.append(p)
+            size += len(p) + 2
+        shard.append("\n\n".join(paras) + f"\n\nWrite to author{i}@example.com with questions.\n"
+                     "Copyright 2026 The Example Project, all rights reserved.")
+        if len(shard) == per_shard or i == n - 1:
+            k = i // per_shard
+            if k % 2:
+                pq.write_table(pa.table({"text": shard}), folder / f"shard-{k:05d}.parquet")
+            else:
+                with open(folder / f"shard-{k:05d}.jsonl", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": t}) + "\n" for t in shard)
+            shard = []
+
+
+def run_once(src: Path, corpus: Path, engine: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        env = os.environ | {"PYTHONPATH": str(src), "SLMFORGE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(corpus), str(Path(out) / "data"), engine],
+                              capture_output=True, text=True, env=env, check=False)
+        if done.returncode:
+            raise SystemExit(f"the data stage failed under {src}:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", default="800,8000", help="corpus sizes in documents, comma-separated")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--engine", default="local", choices=["local", "ray"])
+    parser.add_argument("--src", action="append", default=[], help="NAME=PATH of another checkout's src folder")
+    args = parser.parse_args()
+    trees = [tuple(s.split("=", 1)) for s in args.src] + [("after", str(HERE.parent / "src"))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(x) for x in args.docs.split(",")):
+            corpus = Path(tmp) / f"corpus-{n}"
+            make_corpus(corpus, n)
+            for name, src in trees:
+                got = [run_once(Path(src), corpus, args.engine) for _ in range(args.runs)]
+                secs = median([g["seconds"] for g in got])
+                rows.append({"code": name, "documents": n, "mb_in": got[0]["mb_in"], "kept": got[0]["docs_out"],
+                             "seconds": round(secs, 2), "documents_per_s": round(n / secs, 1),
+                             "peak_rss_mb": round(median([g["peak_rss_mb"] for g in got]), 1),
+                             "runs": [round(g["seconds"], 2) for g in got]})
+    print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; engine {args.engine}; median of {args.runs}")
+    print(f"{'code':<8} {'docs':>6} {'MB in':>6} {'kept':>6} {'s':>7} {'docs/s':>7} {'peak RSS MB':>11}")
+    for r in rows:
+        print(f"{r['code']:<8} {r['documents']:>6} {r['mb_in']:>6.1f} {r['kept']:>6} {r['seconds']:>7.2f} "
+              f"{r['documents_per_s']:>7.0f} {r['peak_rss_mb']:>11.1f}")
+    path = save("data_scale", {"engine": args.engine, "runs": args.runs, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
