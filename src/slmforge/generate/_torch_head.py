@@ -7,19 +7,18 @@ A one-row ``F.linear`` over a row-major (out, in) weight is a transposed matrix-
 which MKL runs at a third of the bandwidth on this (AMD) CPU; over the same values stored
 column-major (``weight.t().contiguous().t()``) it is a plain one (x @ W^T with W^T contiguous)
 and takes ~30 ms. Numerically it is the same fp32 product summed in another order (differences
-~1e-4 on logits of ~20); greedy tokens of Gemma 3 270M stayed identical to ``model.generate``.
+~1e-4 on logits of ~20); on Gemma 3 270M, 64 greedy tokens of one prompt stayed identical.
 
-Column-major is slower for many rows (4+ rows: 236 vs 133 ms; 16 rows: 504 vs 304 ms), and the
+Column-major is slower for several rows (4 rows: 223 vs 141 ms; 16 rows: 249 vs 165 ms), and the
 batching engine, prefill with several sequences and scoring all pass many rows through the same
 module, so the model keeps its weight as it is and the head gets a column-major twin used only
 for one-row inputs: one more copy of the head in memory (671 MB for Gemma 3 270M), made on the
 first one-row call and made again whenever the weight is changed in place or replaced.
 
-Tried and not kept (same machine and model, ``benchmarks/runtime_compare.py`` rows and the issue 15
-notes in docs/BENCHMARKS.md): twins of every Linear (+400 MB, within noise of head-only); transformers'
-static cache (no gain without compile); ``torch.compile`` of the decode step with the static cache
-(~90 s to compile, +8%); OpenBLAS (numpy) matrix-vector products, fast alone but slower inside the
-model (its threads and torch's OpenMP threads fight over two cores).
+Tried and not kept (docs/BENCHMARKS.md, "The torch engine on Gemma 3 270M"): twins of every
+Linear (+400 MB for a gain within the noise), transformers' static cache, ``torch.compile`` of the
+decode step (over a minute to compile for a small gain), OpenBLAS (numpy) matrix-vector products,
+fast alone but slower inside the model (its threads and torch's OpenMP threads fight over two cores).
 """
 
 from __future__ import annotations
