@@ -4,7 +4,7 @@
 
 The corpus: distinct English-like documents of ~4,000 characters (a PII e-mail address and a boilerplate footer
 each), half in JSONL shards and half in Parquet shards of 200 documents. Each run is a fresh interpreter
-running the whole stage (default config: PII, filters, exact + near dedup, text + chat formats) and reporting
+running the whole stage (default config: PII, filters, exact + near dedup; ``--formats``, default text,chat) and reporting
 its peak RSS (``ru_maxrss``). ``--src NAME=PATH`` runs the stage from another checkout's ``src`` (e.g. a
 ``git worktree`` of an older commit) beside this one (``after``), so the two are measured in the same session.
 Prints a table and writes benchmarks/results/data_scale.json.
@@ -37,6 +37,7 @@ from slmforge.data import run_data_stage
 cfg = ProjectConfig()
 cfg.data.sources = [sys.argv[1]]
 cfg.data.engine = sys.argv[3]
+cfg.data.formats = sys.argv[4].split(",")
 t0 = time.perf_counter()
 r = run_data_stage(cfg, out=sys.argv[2], progress=False, command=["benchmark"])
 print(json.dumps({"seconds": time.perf_counter() - t0, "docs_in": r.stats["documents_in"],
@@ -70,10 +71,10 @@ def make_corpus(folder: Path, n: int, per_shard: int = 200) -> None:
             shard = []
 
 
-def run_once(src: Path, corpus: Path, engine: str) -> dict:
+def run_once(src: Path, corpus: Path, engine: str, formats: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         env = os.environ | {"PYTHONPATH": str(src), "SLMFORGE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-c", _CHILD, str(corpus), str(Path(out) / "data"), engine],
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(corpus), str(Path(out) / "data"), engine, formats],
                               capture_output=True, text=True, env=env, check=False)
         if done.returncode:
             raise SystemExit(f"the data stage failed under {src}:\n{done.stderr[-2000:]}")
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--docs", default="800,8000", help="corpus sizes in documents, comma-separated")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--engine", default="local", choices=["local", "ray"])
+    parser.add_argument("--formats", default="text,chat", help="data.formats, comma-separated")
     parser.add_argument("--src", action="append", default=[], help="NAME=PATH of another checkout's src folder")
     args = parser.parse_args()
     trees = [tuple(s.split("=", 1)) for s in args.src] + [("after", str(HERE.parent / "src"))]
@@ -94,18 +96,18 @@ def main() -> None:
             corpus = Path(tmp) / f"corpus-{n}"
             make_corpus(corpus, n)
             for name, src in trees:
-                got = [run_once(Path(src), corpus, args.engine) for _ in range(args.runs)]
+                got = [run_once(Path(src), corpus, args.engine, args.formats) for _ in range(args.runs)]
                 secs = median([g["seconds"] for g in got])
                 rows.append({"code": name, "documents": n, "mb_in": got[0]["mb_in"], "kept": got[0]["docs_out"],
                              "seconds": round(secs, 2), "documents_per_s": round(n / secs, 1),
                              "peak_rss_mb": round(median([g["peak_rss_mb"] for g in got]), 1),
                              "runs": [round(g["seconds"], 2) for g in got]})
-    print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; engine {args.engine}; median of {args.runs}")
+    print(f"machine: {machine()['cpu']}, {machine()['cores']} cores; engine {args.engine}; formats {args.formats}; median of {args.runs}")
     print(f"{'code':<8} {'docs':>6} {'MB in':>6} {'kept':>6} {'s':>7} {'docs/s':>7} {'peak RSS MB':>11}")
     for r in rows:
         print(f"{r['code']:<8} {r['documents']:>6} {r['mb_in']:>6.1f} {r['kept']:>6} {r['seconds']:>7.2f} "
               f"{r['documents_per_s']:>7.0f} {r['peak_rss_mb']:>11.1f}")
-    path = save("data_scale", {"engine": args.engine, "runs": args.runs, "rows": rows})
+    path = save("data_scale", {"engine": args.engine, "formats": args.formats, "runs": args.runs, "rows": rows})
     print(f"wrote {path}")
 
 
