@@ -88,7 +88,8 @@ def _peaks(root: Path, engine: str) -> dict:
             "boilerplate_large": stats_large["cleaning"]["boilerplate_lines_removed"]}
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+# The ray variant runs three stages on a local Ray cluster under tracemalloc: ~100 s here, so it is slow-marked.
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, engine):
     import os
     import subprocess
