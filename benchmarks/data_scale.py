@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -25,10 +24,7 @@ from _common import machine, median, save
 
 HERE = Path(__file__).resolve().parent
 DOC_CHARS = 4_000
-WORDS = ("the of and to in is was for that with as on by at from this are be which or an have it not were has "
-         "but had their one all been more when there can who also new other some time into only after first "
-         "would these two may its most over such than about then used many where between both under them very "
-         "made through each during while known part later river city north market house water light school").split()
+FOOTER = "\n\nWrite to author{i}@example.com with questions.\nCopyright 2026 The Example Project, all rights reserved."
 
 _CHILD = """
 import json, resource, sys, time
@@ -47,28 +43,10 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "docs_in": r.stats["docum
 
 
 def make_corpus(folder: Path, n: int, per_shard: int = 200) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import build_shard_corpus  # the generator tests/test_data_streaming.py uses too
 
-    folder.mkdir(parents=True)
-    rng = random.Random(0)
-    shard: list[str] = []
-    for i in range(n):
-        paras, size = [], 0
-        while size < DOC_CHARS:
-            p = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 90))).capitalize() + "."
-            paras.append(p)
-            size += len(p) + 2
-        shard.append("\n\n".join(paras) + f"\n\nWrite to author{i}@example.com with questions.\n"
-                     "Copyright 2026 The Example Project, all rights reserved.")
-        if len(shard) == per_shard or i == n - 1:
-            k = i // per_shard
-            if k % 2:
-                pq.write_table(pa.table({"text": shard}), folder / f"shard-{k:05d}.parquet")
-            else:
-                with open(folder / f"shard-{k:05d}.jsonl", "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps({"text": t}) + "\n" for t in shard)
-            shard = []
+    build_shard_corpus(folder, n, DOC_CHARS, per_shard, seed=0, footer=FOOTER)
 
 
 def run_once(src: Path, corpus: Path, engine: str, formats: str) -> dict:

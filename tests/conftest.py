@@ -169,6 +169,45 @@ def build_mixed_corpus(root: Path) -> dict[str, int]:
     }
 
 
+CORPUS_WORDS = ("the of and to in is was for that with as on by at from this are be which or an have it not were has "
+                "but had their one all been more when there can who also new other some time into only after first "
+                "would these two may its most over such than about then used many where between both under them very "
+                "made through each during while known part later river city north market house water light school").split()
+
+
+def build_shard_corpus(folder: Path, n: int, doc_chars: int, per_shard: int, seed: int, footer: str) -> int:
+    """``n`` distinct English-like documents of about ``doc_chars`` characters, each ending in ``footer``
+    (formatted with ``i``, the document's number), in shards of ``per_shard`` documents alternating JSONL and
+    Parquet; returns the corpus's size in characters. Used by the streaming test and benchmarks/data_scale.py."""
+    import json
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    shard: list[str] = []
+    chars = 0
+    for i in range(n):
+        paras, size = [], 0
+        while size < doc_chars:
+            p = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(40, 90))).capitalize() + "."
+            paras.append(p)
+            size += len(p) + 2
+        shard.append("\n\n".join(paras) + footer.format(i=i))
+        chars += len(shard[-1])
+        if len(shard) == per_shard or i == n - 1:
+            k = i // per_shard
+            if k % 2:
+                pq.write_table(pa.table({"text": shard}), folder / f"shard-{k:05d}.parquet")
+            else:
+                with open(folder / f"shard-{k:05d}.jsonl", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": t}) + "\n" for t in shard)
+            shard = []
+    return chars
+
+
 def build_tiny_tokenizer(workdir: Path, vocab_size: int) -> Path:
     """A small dataset artifact of shuffled PROSE sentences and a byte-level BPE trained on it
     (the domain tokenizer of the tiny generation, ONNX and GGUF test models)."""

@@ -13,7 +13,6 @@ validation and test splits (README, "Corpora larger than memory").
 from __future__ import annotations
 
 import json
-import random
 import tracemalloc
 from pathlib import Path
 
@@ -21,38 +20,16 @@ import pytest
 
 from slmforge.config import ProjectConfig
 
+from conftest import build_shard_corpus
+
 DOC_CHARS = 10_000
-_WORDS = ("the of and to in is was for that with as on by at from this are be which or an have it not were has "
-          "but had their one all been more when there can who also new other some time into only after first "
-          "would these two may its most over such than about then used many where between both under them very "
-          "made through each during while known part later river city north market house water light school").split()
+FOOTER = "\n\nDocument {i}.\nCopyright 2026 The Example Project, all rights reserved."
 
 
 def _corpus(folder: Path, n: int) -> int:
-    """``n`` distinct English-like documents of ~DOC_CHARS characters, half in JSONL shards, half in Parquet
-    shards, each with a boilerplate footer; returns the corpus's size in characters."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True)
-    rng = random.Random(n)
-    docs = []
-    for i in range(n):
-        paras, size = [], 0
-        while size < DOC_CHARS:
-            p = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 90))).capitalize() + "."
-            paras.append(p)
-            size += len(p) + 2
-        docs.append("\n\n".join(paras) + f"\n\nDocument {i}.\nCopyright 2026 The Example Project, all rights reserved.")
-    per_shard = 5  # the small corpus too has shards of both kinds (readers imported by the warm-up run)
-    for k in range(0, n, per_shard):
-        chunk = docs[k : k + per_shard]
-        if (k // per_shard) % 2:
-            pq.write_table(pa.table({"text": chunk}), folder / f"shard-{k:05d}.parquet")
-        else:
-            with open(folder / f"shard-{k:05d}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in chunk)
-    return sum(map(len, docs))
+    """``n`` distinct documents of ~DOC_CHARS characters with a boilerplate footer, in JSONL and Parquet shards
+    (shards of 5: the small corpus too has both kinds, so the warm-up run imports both readers)."""
+    return build_shard_corpus(folder, n, DOC_CHARS, per_shard=5, seed=n, footer=FOOTER)
 
 
 def _peak(corpus: Path, out: Path, engine: str) -> tuple[int, dict]:
