@@ -76,8 +76,10 @@ def line_hash(group: tuple[str, str], line: str) -> int:
 
 
 class BoilerplateCounter:
-    """``clean.boilerplate_lines`` without holding the lines: each document's distinct candidate lines go to a
-    file as (group, 64-bit hash) rows, 12 bytes each, and are counted with one ``numpy.unique`` at the end.
+    """Lines that repeat across many prose documents of the same source and format (navigation, cookie
+    notices, licence footers), counted without holding the lines: each document's distinct candidate lines
+    (stripped, at least 12 characters) go to a file as (group, 64-bit hash) rows, 12 bytes each, and are
+    counted with one ``numpy.unique`` at the end.
 
     Memory: the counting step holds 12 bytes (x ~3 while sorting) per distinct candidate line per document;
     the texts are never held. Two different lines colliding on 64 bits (odds ~n^2 / 2^65) would be counted
@@ -104,7 +106,8 @@ class BoilerplateCounter:
             rows.tofile(self._f)
 
     def lines(self, min_docs: int = 3, min_share: float = 0.2) -> dict[tuple[str, str], set[int]]:
-        """(source, kind) -> hashes of its boilerplate lines (``clean.boilerplate_lines``' rule)."""
+        """(source, kind) -> hashes of its boilerplate lines: those in at least ``min_docs`` of the group's
+        documents and in at least ``min_share`` of them."""
         self._f.close()
         rows = np.fromfile(self.path, dtype=_LINE_ROW)
         if not rows.size:
