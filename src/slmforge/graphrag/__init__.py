@@ -363,24 +363,8 @@ def multihop_questions(graph: Graph, index: Any, n: int = 100, seed: int = 0) ->
 
 def compare_multihop(graph: Graph, index: Any, questions: list[dict[str, Any]], k: int = 5) -> list[dict[str, Any]]:
     """Per retrieval: the share of questions with both documents in the top ``k`` chunks, and the mean
-    share of the two documents found: vector (the index's hybrid), graph multihop, graph hybrid."""
-    from slmforge.rag.retrieve import retrieve
+    share of the two documents found: vector (the index's hybrid), graph multihop, graph hybrid
+    (``graphrag.evaluate.compare_linked`` without answers)."""
+    from slmforge.graphrag.evaluate import compare_linked
 
-    def doc_ids(chunk_ids: list[str]) -> set[str]:
-        return {c.doc_id for c in index.chunks(chunk_ids).values()}
-
-    runs = {
-        "vector (hybrid)": lambda q: doc_ids([h.id for h in retrieve(index, q, "hybrid", k)]),
-        "graph (multihop)": lambda q: doc_ids([h["id"] for h in graph_retrieve(graph, index, q, "multihop", k)]),
-        "graph + vector (hybrid)": lambda q: doc_ids([h["id"] for h in graph_retrieve(graph, index, q, "hybrid", k)]),
-    }
-    rows = []
-    for name, run in runs.items():
-        both, found = 0, 0.0
-        for q in questions:
-            got = run(q["question"]) & set(q["docs"])
-            both += len(got) == 2
-            found += len(got) / 2
-        rows.append({"retrieval": name, "questions": len(questions), f"both@{k}": round(both / len(questions), 4),
-                     f"recall@{k}": round(found / len(questions), 4)})
-    return rows
+    return list(compare_linked(graph, index, questions, None, k, progress=False)["rows"])
