@@ -9,7 +9,8 @@ int8_dynamic), ONNX Runtime fp32/int8/int4 (slmforge export onnx), llama.cpp
 F16/Q8_0/Q4_0 (slmforge export gguf, run by xllamacpp); on request (--runtimes)
 transformers' own ``model.generate``, the baseline other tools quote, and the torch
 engine without its column-major LM head twin (``torch-row-head``, what it was before
-issue 15). --model is
+issue 15) or without the certified bf16 head of greedy steps (``torch-fp32-head``, the
+twin for every step). --model is
 any Hugging Face model folder, or a .gguf file (then its one llama.cpp row).
 Each engine greedily continues the same prompts for
 exactly --tokens new tokens (128, ``ignore_eos``), batch 1, median tokens/s over the
@@ -42,6 +43,7 @@ from _common import bandwidth_gbs, machine, median, save
 RUNTIMES = {
     "torch": ("PyTorch fp32 eager", "torch", None),
     "torch-row-head": ("PyTorch fp32, row-major head", "torch-row-head", None),
+    "torch-fp32-head": ("PyTorch fp32, fp32 greedy head", "torch-fp32-head", None),
     "torch-int8": ("PyTorch int8 (dynamic)", "torch-int8", None),
     "transformers": ("transformers generate fp32", "transformers", None),
     "onnx-fp32": ("ONNX Runtime fp32", "onnx", "fp32"),
@@ -57,10 +59,10 @@ DEFAULT_RUNTIMES = "torch,torch-int8,onnx-fp32,onnx-int8,onnx-int4,gguf-F16,gguf
 PROMPTS = ["def fibonacci(n):", "The json module", "Return the number of", "class Queue:"]
 
 
-def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float]:
+def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float, list[str]]:
     """Generated tokens per second of wall time per call (prompt processing and call overhead
-    included), median over prompts and rounds; and the mean tokens generated per call."""
-    rates, counts = [], []
+    included), median over prompts and rounds; the mean tokens generated per call; the first round's texts."""
+    rates, counts, texts = [], [], []
     for _ in range(rounds):
         for p in PROMPTS:
             t0 = time.perf_counter()
@@ -68,7 +70,8 @@ def decode_speed(gen, params, rounds: int = 3) -> tuple[float, float]:
             dt = time.perf_counter() - t0
             rates.append(max(out.tokens, 1) / dt)
             counts.append(out.tokens)
-    return median(rates), sum(counts) / len(counts)
+            texts.append(out.text)
+    return median(rates), sum(counts) / len(counts), texts[: len(PROMPTS)]
 
 
 class TransformersGenerate:
@@ -89,7 +92,8 @@ class TransformersGenerate:
         n = params.max_new_tokens
         with torch.inference_mode():
             out = self.model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return [SimpleNamespace(tokens=out.shape[1] - ids["input_ids"].shape[1])]
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        return [SimpleNamespace(tokens=len(new), text=self.tokenizer.decode(new, skip_special_tokens=True))]
 
 
 def held_out_ppl(gen, texts: list[str]) -> float | None:
@@ -117,10 +121,16 @@ def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, r
     texts = [json.loads(line)["text"][:2000] for line in lines][:docs]
     if kind == "transformers":
         gen, size = TransformersGenerate(path), folder_bytes(path)
-    elif kind in ("torch", "torch-row-head"):
+    elif kind in ("torch", "torch-row-head", "torch-fp32-head"):
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
         if kind == "torch-row-head":
             gen.model.get_output_embeddings().__dict__.pop("forward", None)  # back to the plain nn.Linear
+        if kind != "torch":  # greedy steps through the fp32 twin (or weight), as before the certified head
+            import contextlib
+
+            import slmforge.generate._torch as engine
+
+            engine.exact_argmax_only = lambda *_: contextlib.nullcontext()
     elif kind == "torch-int8":
         from slmforge.compress import quantize_model, save_quantized
 
@@ -135,10 +145,11 @@ def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, r
     else:
         gen, size = LlamaCppGenerator(path, n_threads=threads), path.stat().st_size
     gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))  # warm-up
-    tps, new_tokens = decode_speed(gen, SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True), rounds)
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    tps, new_tokens, outputs = decode_speed(gen, params, rounds)
     ppl = held_out_ppl(gen, texts)
     return {"bytes": size, "tokens_per_s": round(tps, 1), "new_tokens": round(new_tokens, 1),
-            "ppl": round(ppl, 3) if ppl else None}
+            "ppl": round(ppl, 3) if ppl else None, "texts": outputs}
 
 
 def plan(model: Path, names: list[str], tmp: Path) -> list[tuple[str, str, Path]]:
@@ -202,15 +213,18 @@ def main() -> None:
                          "share_of_bound": round(r["tokens_per_s"] / bound, 3)})
     print(f"machine: {machine()['cpu']}, {machine()['cores']} cores, {args.threads} threads; "
           f"measured bandwidth {bw:.1f} GB/s (one thread, numpy triad); each runtime in its own process")
-    base = next((r["tokens_per_s"] for r in rows if r["runtime"] == RUNTIMES["transformers"][0]), None)
-    print(f"{'runtime':<30}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}"
-          f"{'vs transformers':>17}")
+    ref = next((r for r in rows if r["runtime"] == RUNTIMES["transformers"][0]), None)
+    print(f"{'runtime':<32}{'size MB':>9}{'tok/s':>9}{'tokens':>8}{'ppl':>10}{'bound tok/s':>13}{'of bound':>10}"
+          f"{'vs transformers':>17}{'same text':>11}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] else "n/a"
-        r["vs_transformers"] = round(r["tokens_per_s"] / base, 2) if base else None
-        ratio = f"{r['vs_transformers']:.2f}x" if base else "n/a"
-        print(f"{r['runtime']:<30}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
-              f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%{ratio:>17}")
+        r["vs_transformers"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2) if ref else None
+        # Greedy texts equal to model.generate's, per prompt (the first round's).
+        r["same_text_as_transformers"] = sum(a == b for a, b in zip(r["texts"], ref["texts"])) if ref else None
+        ratio = f"{r['vs_transformers']:.2f}x" if ref else "n/a"
+        same = f"{r['same_text_as_transformers']}/{len(PROMPTS)}" if ref else "n/a"
+        print(f"{r['runtime']:<32}{r['bytes'] / 1e6:>9.1f}{r['tokens_per_s']:>9.1f}{r['new_tokens']:>8.1f}{ppl:>10}"
+              f"{r['bandwidth_bound_tps']:>13.0f}{r['share_of_bound'] * 100:>9.1f}%{ratio:>17}{same:>11}")
     path = save(args.json, {"model": str(args.model), "bandwidth_gbs": bw, "rounds": args.rounds,
                             "threads": args.threads, "tokens": args.tokens, "rows": rows})
     print(f"wrote {path}")

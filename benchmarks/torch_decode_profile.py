@@ -4,11 +4,13 @@
 
 Two parts, in one process, 2 threads by default:
 1. ``torch.profiler`` over one greedy ``TorchGenerator.complete`` of --tokens tokens (ignore_eos),
-   with the engine as shipped (column-major head twin) and with the plain row-major head: self CPU
-   time per generated token, split into the LM head's matrix product (the op whose weight has
-   the vocabulary's rows), the other matrix products, attention, and everything else.
-2. The LM head's product alone (``F.linear`` on random rows, the model's own weight), row-major
-   and column-major, for 1, 4 and 16 rows: median ms over 10 calls.
+   with the engine as shipped (greedy steps: the certified bf16 head), with the fp32 column-major
+   head twin for greedy steps too, and with the plain row-major head: self CPU time per generated
+   token, split into the LM head's matrix product (the op whose weight has the vocabulary's rows),
+   the other matrix products, attention, and everything else; and, as shipped, how many tokens a
+   step recomputed in fp32.
+2. The LM head's product alone (``F.linear`` on random rows, the model's own weight), row-major,
+   column-major and bf16 row-major, for 1, 4 and 16 rows: median ms over 10 calls.
 Writes benchmarks/results/torch_decode_profile.json (--json names another file).
 """
 
@@ -54,11 +56,13 @@ def head_layouts(weight) -> dict:
     import torch.nn.functional as F
 
     col = weight.detach().t().contiguous().t()
+    half = weight.detach().to(torch.bfloat16)
     rows = {}
     for m in (1, 4, 16):
         x = torch.randn(m, weight.shape[1])
         timing = {}
-        for name, w in (("row_major", weight.detach()), ("column_major", col)):
+        for name, w in (("row_major", weight.detach()), ("column_major", col), ("bf16", half)):
+            x = x.to(w.dtype)
             F.linear(x, w)
             times = []
             for _ in range(10):
@@ -78,27 +82,37 @@ def main() -> None:
     parser.add_argument("--json", default="torch_decode_profile", help="results file name under benchmarks/results/")
     args = parser.parse_args()
 
+    import contextlib
+
     import torch
 
+    import slmforge.generate._torch as engine
     from slmforge.generate import TorchGenerator
 
     torch.set_num_threads(args.threads)
     gen = TorchGenerator.from_pretrained(args.model, device="cpu")
     head = gen.model.get_output_embeddings()
     shipped = profile_decode(gen, args.tokens)
+    steps, recomputed = head.forward.certified_steps, head.forward.recomputed
+    certified = engine.exact_argmax_only
+    engine.exact_argmax_only = lambda *_: contextlib.nullcontext()  # greedy steps through the fp32 twin
+    twin_only = profile_decode(gen, args.tokens)
     twin = head.__dict__.pop("forward")
     plain = profile_decode(gen, args.tokens)
-    head.forward = twin
+    head.forward, engine.exact_argmax_only = twin, certified
     layouts = head_layouts(head.weight)
     print(f"machine: {machine()['cpu']}, {args.threads} threads; {args.model}, {args.tokens} greedy tokens, batch 1")
-    print(f"{'self CPU ms per token':<28}{'head twin (shipped)':>21}{'row-major head':>16}")
+    print(f"{'self CPU ms per token':<28}{'certified (shipped)':>21}{'fp32 twin':>11}{'row-major head':>16}")
     for key in shipped:
-        print(f"{key:<28}{shipped[key]:>21}{plain[key]:>16}")
-    print(f"LM head {tuple(head.weight.shape)} alone, median ms: rows, row-major, column-major")
+        print(f"{key:<28}{shipped[key]:>21}{twin_only[key]:>11}{plain[key]:>16}")
+    per_step = recomputed / max(steps, 1)
+    print(f"certified steps {steps}, tokens recomputed in fp32 per step {per_step:.2f} (EOS ids included)")
+    print(f"LM head {tuple(head.weight.shape)} alone, median ms: rows, row-major, column-major, bf16")
     for m, t in layouts.items():
-        print(f"  {m:>3} {t['row_major']:>8} {t['column_major']:>8}")
+        print(f"  {m:>3} {t['row_major']:>8} {t['column_major']:>8} {t['bf16']:>8}")
     path = save(args.json, {"model": str(args.model), "threads": args.threads, "tokens": args.tokens,
-                            "shipped": shipped, "row_major_head": plain, "head_layouts_ms": layouts})
+                            "shipped": shipped, "fp32_twin": twin_only, "row_major_head": plain,
+                            "recomputed_per_step": round(per_step, 2), "head_layouts_ms": layouts})
     print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""The torch engine's batch-1 decode path on CPU (issue 15): the LM head's column-major twin.
+"""The torch engine's batch-1 decode path on CPU (issue 15): the LM head's column-major twin, and
+the certified bf16 head of plain greedy steps.
 
 A tiny random Llama (conftest's peaky model) and a tiny Gemma 3 with sliding-window layers and
 nested RoPE parameters (test_onnx_gemma3's builder, a window of 8 that 32 new tokens run past):
@@ -16,7 +17,7 @@ import torch
 from test_onnx_gemma3 import build_tiny_gemma3
 
 from slmforge.generate import SamplingParams, TorchGenerator
-from slmforge.generate._torch_head import RowVectorHead, attach_row_vector_head
+from slmforge.generate._torch_head import RowVectorHead, attach_row_vector_head, exact_argmax_only
 
 from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
@@ -59,15 +60,68 @@ def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int) -> li
     return texts
 
 
-def test_greedy_tokens_equal_model_generate_with_the_twin_head(model_dir, gen):
+def test_greedy_tokens_equal_model_generate_with_the_certified_head(model_dir, gen):
     head = gen.model.get_output_embeddings()
     assert isinstance(head.__dict__.get("forward"), RowVectorHead)
+    steps = head.forward.certified_steps
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
     got = [gen.complete(p, params)[0] for p in PROMPTS]
-    assert head.forward._twin is not None  # the one-row decode steps went through the twin
-    assert not head.forward._twin.is_contiguous() and torch.equal(head.forward._twin, head.weight)
+    assert head.forward.certified_steps - steps == 32 * len(PROMPTS)  # every step: generate keeps one position
     assert [c.tokens for c in got] == [32] * len(PROMPTS)
     assert [c.text for c in got] == reference_texts(model_dir, gen, 32)
+
+
+def test_sampling_and_penalties_use_the_fp32_twin(gen):
+    head = gen.model.get_output_embeddings()
+    steps = head.forward.certified_steps
+    gen.complete(PROMPTS[0], SamplingParams(max_new_tokens=6, temperature=0.8, seed=1))
+    gen.complete(PROMPTS[1], SamplingParams(max_new_tokens=6, repetition_penalty=1.3))
+    assert head.forward.certified_steps == steps
+    assert head.forward._twin is not None  # the one-row decode steps went through the twin
+    assert not head.forward._twin.is_contiguous() and torch.equal(head.forward._twin, head.weight)
+
+
+def near_tie_head(seed: int) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A head whose rows 0 and 1 differ by less than bf16 can tell apart, and 2 is far behind:
+    a bf16 product alone picks the wrong one about half the time."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(300, 64, generator=gen) * 0.05
+    x = torch.randn(64, generator=gen) * 3
+    top = x / x.norm()
+    weight[0] = top * 4
+    weight[1] = top * 4 + torch.randn(64, generator=gen) * 1e-4
+    weight[2] = top * 3.5
+    head = torch.nn.Linear(64, 300, bias=False).requires_grad_(False)
+    head.weight.data = weight
+    return head, x.view(1, 1, 64)
+
+
+def test_the_certified_argmax_is_the_fp32_argmax_where_bf16_alone_is_not():
+    bf16_wrong = 0
+    for seed in range(40):
+        head, x = near_tie_head(seed)
+        exact = torch.nn.functional.linear(x, head.weight)
+        plain = torch.nn.functional.linear(x.bfloat16(), head.weight.bfloat16()).float()
+        bf16_wrong += int(plain.argmax() != exact.argmax())
+        forward = RowVectorHead(head)
+        with exact_argmax_only():
+            got = forward(x)
+        assert got.shape == exact.shape and int(got.argmax()) == int(exact.argmax())
+        assert torch.allclose(got[0, 0, :2], exact[0, 0, :2], atol=1e-5)  # recomputed in fp32
+        bound = 2**-7.9 * x.norm() * head.weight.norm(dim=1) + 2**-7 * got.abs()  # the module's bound
+        assert ((got - exact).abs() <= bound).all()  # the others: bf16, within it
+        # EOS masked before min_new_tokens (transformers sets it to -inf): the argmax of the rest.
+        eos = int(exact.argmax())
+        with exact_argmax_only((eos,)):
+            got = forward(x)
+        got[..., eos] = -torch.inf
+        masked = exact.clone()
+        masked[..., eos] = -torch.inf
+        assert int(got.argmax()) == int(masked.argmax())
+    assert bf16_wrong > 0  # the case is a real test: bf16 alone would have failed it
+    rows = torch.randn(3, 64)  # several rows, even inside the block: the fp32 weight
+    with exact_argmax_only():
+        assert torch.equal(forward(rows), torch.nn.functional.linear(rows, head.weight))
 
 
 def test_several_prompts_at_once_match_one_at_a_time(gen):

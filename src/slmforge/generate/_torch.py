@@ -5,7 +5,8 @@ Everything goes through one ``model.generate`` call per request, with a
 the model folder's generation_config.json (its default profile) never leak
 into a request that did not ask for them. On CPU the LM head gets a column-major
 twin for one-row decode steps (``_torch_head``), the one change of the model's
-arithmetic: the same fp32 products, summed in another order.
+arithmetic: the same fp32 products, summed in another order; plain greedy steps
+use a bf16 copy and recompute in fp32 every token that could be the argmax.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from slmforge.errors import GenerateError, ModelError
 from slmforge.generate import Capabilities, Completion, EngineBase, Message, SamplingParams
 from slmforge.generate._text import cut_at_stop, cut_stream, render_chat
-from slmforge.generate._torch_head import attach_row_vector_head
+from slmforge.generate._torch_head import attach_row_vector_head, exact_argmax_only
 from slmforge.model import pick_device
 
 
@@ -343,13 +344,17 @@ class TorchGenerator(EngineBase):
             kwargs["logits_processor"] = LogitsProcessorList(
                 [_Constrained(constraint, rows, params.max_new_tokens, self.eos_token_ids)])
         adapter_off = self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
+        # Plain greedy decoding needs only each step's argmax: the head may then use its certified bf16 path.
+        plain_greedy = (params.temperature == 0 and params.num_beams == 1 and constraint is None
+                        and params.repetition_penalty == 1.0)
+        argmax_only = exact_argmax_only(tuple(self.eos_token_ids)) if plain_greedy else contextlib.nullcontext()
         rng = contextlib.nullcontext()
         if params.seed is not None:
             # Sampling draws from torch's global generator; fork it so a seeded request leaves it as it was.
             cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
             rng = torch.random.fork_rng(devices=cuda)
         try:
-            with rng, adapter_off, torch.inference_mode():
+            with rng, adapter_off, argmax_only, torch.inference_mode():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 out = self.model.generate(
