@@ -250,8 +250,10 @@ def test_unreachable_teacher_is_a_clear_error(tmp_path):
         run_data_stage(cfg, progress=False)
 
 
-def test_heldout_overlap_is_removed_from_training_pairs():
-    from slmforge.data.synth import QAPair, filter_pairs
+def test_heldout_overlap_is_removed_from_training_pairs(tmp_path):
+    from collections import Counter
+
+    from slmforge.data.synth import QAPair, filter_pairs, heldout_ngrams
 
     held = "the quick brown fox jumps over the lazy dog near the river bank every single morning"
     pairs = [
@@ -259,7 +261,8 @@ def test_heldout_overlap_is_removed_from_training_pairs():
         QAPair("Q2?", "an entirely different answer that shares nothing with the held out text at all", "b", "template"),
         QAPair("q2?", "duplicate question with different case", "c", "template"),
     ]
-    kept, dropped = filter_pairs(pairs, [held], 0.5)
+    dropped: Counter[str] = Counter()
+    kept = list(filter_pairs(pairs, heldout_ngrams([held], tmp_path / "8grams.bin"), 0.5, dropped))
     assert [p.question for p in kept] == ["Q2?"]
     assert dropped == {"heldout_overlap": 1, "duplicate_question": 1}
 

@@ -6,8 +6,11 @@ before it spilled them to disk, makes the peak grow by more than the corpus's si
 per-document part only (a dedup digest and MinHash, an id, a split name, a length: ~3.5 KB here, against 10 KB
 of text per document).
 
-Only the text and classification formats: chat's held-out 8-gram set (``synth.filter_pairs``) grows with the
-validation and test splits (README, "Corpora larger than memory").
+The text, classification and chat formats: chat's pairs are filtered and written as they are made, its
+held-out 8-grams kept as sorted hashes on disk (``synth.heldout_ngrams``); holding them as a Python set, as
+it did before, cost ~10 KB per document here. The pretraining path's tokenization (``train._text_stream``)
+is measured the same way: its token stream goes to the cache file 512 documents at a time and comes back
+memory-mapped.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from slmforge.config import ProjectConfig
 from conftest import build_shard_corpus
 
 DOC_CHARS = 10_000
-FOOTER = "\n\nDocument {i}.\nCopyright 2026 The Example Project, all rights reserved."
+# A section per document (one chat pair each: "Explain Notes 7." -> its note), then a boilerplate line.
+FOOTER = ("\n\n# Notes {i}\n\nNote {i}: see page {i} of the manual for the parts of item {i}.\n\n"
+          "Copyright 2026 The Example Project, all rights reserved.")
 
 
 def _corpus(folder: Path, n: int) -> int:
@@ -40,7 +45,8 @@ def _peak(corpus: Path, out: Path, engine: str) -> tuple[int, dict]:
     cfg.data.engine = engine
     cfg.data.ray_workers = 2
     cfg.data.pii.enabled = False  # the cost per character, not the memory, is what PII scrubbing changes
-    cfg.data.formats = ["text", "classification"]
+    cfg.data.formats = ["text", "classification", "chat"]
+    cfg.data.split.val = cfg.data.split.test = 0.25  # held-out 8-grams of half the corpus: what chat held before
     tracemalloc.start()
     try:
         result = run_data_stage(cfg, out=out, progress=False)
@@ -53,6 +59,9 @@ def _peak(corpus: Path, out: Path, engine: str) -> tuple[int, dict]:
 def _peaks(root: Path, engine: str) -> dict:
     """Runs in a fresh interpreter (``python tests/test_data_streaming.py ROOT ENGINE``), so that what other
     tests left cached in this one does not move the peaks."""
+    from slmforge.data import spill
+
+    spill.SORT_BLOCK = 4096  # hashes sorted 4,096 at a time, as a larger corpus would be sorted 4 M at a time
     if engine == "ray":
         from slmforge.data import ray_dedup
 
@@ -93,7 +102,38 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, engine):
     assert per_doc < 0.8 * chars_per_doc, f"{per_doc:.0f} B per document: the stage holds the texts"
     written = sum(1 for f in (tmp_path / "out-large" / "text").glob("*.jsonl") for _ in f.open())
     assert written == large
+    pairs = sum(1 for f in (tmp_path / "out-large" / "chat").glob("*.jsonl") for _ in f.open())
+    assert pairs >= large  # the note of each document (and a few "X is a ..." definitions of the random text)
     assert not [p for p in tmp_path.iterdir() if "spill" in p.name]  # spills removed
+
+
+def test_hashes_sorted_a_bucket_at_a_time_give_what_one_sort_gives(tmp_path, monkeypatch):
+    """``HashRows.buckets`` (the external sort behind boilerplate counting and chat's held-out 8-grams) finds
+    the same lines and the same set whether everything fits one sort or is cut into 2**k buckets."""
+    import numpy as np
+
+    from slmforge.data import spill
+
+    rng = np.random.default_rng(0)
+    lines = [f"line number {i} of the shared footer" for i in range(40)]
+    docs = [("\n".join(rng.choice(lines, size=12).tolist()), f"src{i % 2}") for i in range(300)]
+    found = {}
+    for block in (1 << 22, 64):
+        monkeypatch.setattr(spill, "SORT_BLOCK", block)
+        counter = spill.BoilerplateCounter(tmp_path / f"lines-{block}.bin", {"text"})
+        for text, source in docs:
+            counter.add(source, "text", text)
+        found[block] = counter.lines(min_docs=3, min_share=0.3)
+        hashes = spill.SortedHashes(tmp_path / f"set-{block}.bin")
+        values = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+        for part in np.array_split(np.concatenate([values, values[:999]]), 7):
+            hashes.add(part)
+        hashes.freeze()
+        assert len(hashes) == np.unique(values).size
+        assert hashes.count_in(values[:100]) == 100
+        assert hashes.count_in(values[:100] ^ np.uint64(1)) <= 1  # odds of a hit ~ 100 x 5000 / 2**63
+    assert found[64] == found[1 << 22] and found[64]
+    assert not [p for p in tmp_path.iterdir() if ".unsorted" in p.name or p.suffix[1:].isdigit()]
 
 
 if __name__ == "__main__":

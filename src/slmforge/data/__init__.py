@@ -522,9 +522,10 @@ def _write_format(fmt: str, folder: Path, passed: _Passed, cfg: ProjectConfig, p
 
 
 def _write_chat(folder: Path, passed: _Passed, cfg: ProjectConfig, progress: bool) -> dict[str, Any]:
-    """Question/answer pairs from the kept documents (``data.synth``). Streams the documents; the pairs a split
-    keeps and the held-out 8-grams (``synth.filter_pairs``) are held in memory, and the teacher method holds the
-    documents it asks about (``synth.max_documents`` bounds both)."""
+    """Question/answer pairs from the kept documents (``data.synth``), streamed: the documents are read back from
+    the spill, the pairs filtered (``synth.filter_pairs``) and written as they are made, the held-out 8-grams
+    held as sorted 64-bit hashes on disk. The teacher method holds the documents it asks about and their pairs
+    (``synth.max_documents`` bounds them)."""
     from slmforge._progress import progress_bar
     from slmforge.data import synth
 
@@ -556,21 +557,22 @@ def _write_chat(folder: Path, passed: _Passed, cfg: ProjectConfig, progress: boo
             pairs, errors = synth.teacher_pairs(all_docs, scfg, on_done=lambda: bar.update(task, advance=1))
         for s in SPLITS:
             pairs_of[s] = [p for p in pairs if split_of[p.doc_id] == s]
-    heldout = (d.text for d, s in passed.kept() if s != "train")
     out: dict[str, Any] = {}
     dropped: Counter[str] = Counter()
     for s in SPLITS:
+        heldout = None
         if s == "train":
-            kept, why = synth.filter_pairs(pairs_of[s], heldout, scfg.max_heldout_overlap)
-        else:
-            kept, why = synth.filter_pairs(pairs_of[s], [], 1.0)
-        dropped.update(why)
-        counter: Counter[str] = Counter()
+            heldout = synth.heldout_ngrams((d.text for d, s in passed.kept() if s != "train"),
+                                           passed.spill.parent / "heldout-8grams.bin")
+        kept = synth.filter_pairs(pairs_of[s], heldout, scfg.max_heldout_overlap if heldout else 1.0, dropped)
 
-        def rows(kept: list[synth.QAPair] = kept, counter: Counter[str] = counter) -> Iterator[dict[str, Any]]:
+        def rows(kept: Iterator[synth.QAPair] = kept) -> Iterator[dict[str, Any]]:
+            # A document's pairs come one after another (template: per document; teacher: per answer), so
+            # numbering them needs only the current document's id, not a count per document.
+            doc_id, n = None, 0
             for p in kept:
-                counter[p.doc_id] += 1
-                yield synth.to_chat(p, counter[p.doc_id], scfg.system_prompt)
+                doc_id, n = p.doc_id, (n + 1 if p.doc_id == doc_id else 1)
+                yield synth.to_chat(p, n, scfg.system_prompt)
 
         out[s] = _write_jsonl(folder / "chat" / f"{s}.jsonl", rows())
     out["method"] = scfg.method

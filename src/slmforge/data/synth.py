@@ -16,12 +16,16 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from slmforge.config import SynthConfig
 from slmforge.data.sources import Document
+from slmforge.data.spill import SortedHashes, stable_hash64
 from slmforge.endpoints import endpoint_key
 from slmforge.errors import DataError
 
@@ -244,38 +248,64 @@ def teacher_pairs(
 # --------------------------------------------------------------------------- cleaning pairs
 
 
-def _ngrams(text: str, n: int = 8) -> set[int]:
-    words = re.findall(r"\w+", text.lower())
-    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+_WORD = re.compile(r"\w+")
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection on 64-bit integers
+
+
+def ngram_hashes(text: str, n: int = 8) -> np.ndarray:
+    """The distinct word ``n``-grams of ``text`` (lower-cased ``\\w+`` words) as sorted 64-bit hashes, the same
+    in every process: each word hashed once with ``spill.stable_hash64``, then each position's ``n`` word hashes
+    chained in numpy (xor, multiply by an odd constant, xor-shift: every step a bijection, so two n-grams
+    collide only as two random 64-bit keys would)."""
+    words = _WORD.findall(text.lower())
+    m = len(words) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    known = {w: stable_hash64(w) for w in set(words)}
+    w = np.fromiter((known[x] for x in words), dtype=np.uint64, count=len(words))
+    h = np.zeros(m, dtype=np.uint64)
+    for k in range(n):
+        h ^= w[k : k + m]
+        h *= _MIX  # wraps modulo 2^64, as intended
+        h ^= h >> np.uint64(29)
+    return np.unique(h)
+
+
+def heldout_ngrams(texts: Iterable[str], path: Path) -> SortedHashes:
+    """The word 8-grams of the held-out (validation and test) documents, as a sorted set of hashes in ``path``
+    (memory-mapped; ``spill.SortedHashes``), for ``filter_pairs``."""
+    held = SortedHashes(path)
+    for t in texts:
+        held.add(ngram_hashes(t))
+    return held.freeze()
 
 
 def filter_pairs(
-    pairs: Iterable[QAPair], heldout_texts: Iterable[str], max_overlap: float
-) -> tuple[list[QAPair], Counter[str]]:
-    """Drop repeated questions, and pairs whose answer overlaps the held-out documents.
+    pairs: Iterable[QAPair], heldout: SortedHashes | None, max_overlap: float, dropped: Counter[str]
+) -> Iterator[QAPair]:
+    """The pairs without repeated questions and without those whose answer overlaps the held-out documents,
+    yielded as they are checked (nothing is held but a 64-bit hash per kept question).
 
     Args:
         pairs: Candidate pairs (from training documents).
-        heldout_texts: Validation and test documents.
-        max_overlap: Largest allowed share of an answer's word 8-grams found in held-out text.
+        heldout: ``heldout_ngrams`` of the validation and test documents; None checks questions only.
+        max_overlap: Largest allowed share of an answer's distinct word 8-grams found in held-out text.
+        dropped: Counts of dropped pairs by reason (``duplicate_question``, ``heldout_overlap``), updated as
+            the pairs are read.
     """
-    heldout: set[int] = set()
-    for t in heldout_texts:
-        heldout |= _ngrams(t)
-    seen: set[str] = set()
-    kept, dropped = [], Counter()
+    seen: set[int] = set()
     for p in pairs:
-        key = " ".join(p.question.lower().split())
+        key = stable_hash64(" ".join(p.question.lower().split()))
         if key in seen:
             dropped["duplicate_question"] += 1
             continue
-        grams = _ngrams(p.answer)
-        if heldout and grams and len(grams & heldout) / len(grams) > max_overlap:
-            dropped["heldout_overlap"] += 1
-            continue
+        if heldout is not None and len(heldout):
+            grams = ngram_hashes(p.answer)
+            if grams.size and heldout.count_in(grams) / grams.size > max_overlap:
+                dropped["heldout_overlap"] += 1
+                continue
         seen.add(key)
-        kept.append(p)
-    return kept, dropped
+        yield p
 
 
 def to_chat(pair: QAPair, index: int, system_prompt: str | None) -> dict:
