@@ -16,8 +16,8 @@ clients ``slmforge.serve.bench.run_load`` sends max(2 x clients, 16) streamed ch
 ``--max-tokens`` tokens at most, greedy, cycling through the fixed Python questions of
 ``BENCH_PROMPTS``. One warm-up request per server is not timed. Each cell is the median of ``--runs``.
 Prints a markdown table of throughput and P50/P95/P99 latency and time to first token per setting,
-the ratio on/off at each number of clients, and the ratio of each cell to one client with batching off
-(the single stream), and writes benchmarks/results/serve_load.json (``--json NAME``: NAME.json;
+the ratio on/off at each number of clients, the ratio of each cell to one client with batching off
+(the single stream) and each server's peak resident memory (Linux VmHWM, read after its last cell), and writes benchmarks/results/serve_load.json (``--json NAME``: NAME.json;
 ``--quick`` writes serve_load_quick.json).
 """
 
@@ -87,8 +87,23 @@ def bench_setting(project: Path, max_batch_size: int, clients: list[int], runs: 
             rows.append(row)
             print(f"  batch {max_batch_size:>2}, {c:>2} clients: {row['tokens_per_s']} tok/s, "
                   f"P50 {row['latency_p50_s']} s, errors {row['errors']}", file=sys.stderr, flush=True)
+        peak = peak_rss_mb(server.proc.pid)
+    print(f"  batch {max_batch_size:>2}: server peak RSS {peak} MB", file=sys.stderr, flush=True)
+    for row in rows:
+        row["server_peak_rss_mb"] = peak
     server.remove_log()
     return rows
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (Linux ``VmHWM``), MB; None where /proc has no such line."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _ms(v: float | None) -> str:
@@ -107,6 +122,9 @@ def markdown(rows: list[dict], clients: list[int]) -> str:
             lines.append(f"| {setting} (max batch {size}) | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} "
                          f"| {r['requests_per_s']:.2f} | {r['mean_completion_tokens']:.1f} | {lat} | {ttft} "
                          f"| {r['errors']} |")
+    peaks = {setting: next((r["server_peak_rss_mb"] for r in rows if r["max_batch_size"] == size), None)
+             for setting, size in SETTINGS.items()}
+    lines += ["", "server peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in peaks.items())]
     lines += ["", "| clients | throughput on/off | P50 latency on/off | P50 TTFT on/off | on / single stream |",
               "|---:|---:|---:|---:|---:|"]
     for c in clients:
