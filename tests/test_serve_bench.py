@@ -164,6 +164,25 @@ def test_cli_json_has_the_load_and_the_cost(base_url):
     assert cost["cost_ratio"] > 0 and cost["break_even_requests_per_day"] > 0
 
 
+def test_cli_completions_sends_text_completions(base_url):
+    before = _served_requests(base_url, "/v1/completions")
+    proc = slm("bench", "serve", "--url", base_url, "--concurrency", "2", "--requests", "3", "--max-tokens", "4",
+               "--completions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["endpoint"] == "completions" and (report["succeeded"], report["errors"]) == (3, 0)
+    assert _served_requests(base_url, "/v1/completions") - before >= 3
+
+
+def _served_requests(base_url: str, path: str) -> float:
+    """Requests the server has answered on ``path`` (its Prometheus counter, summed over status codes)."""
+    total = 0.0
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith("slmforge_requests_total{") and f'endpoint="{path}"' in line:
+            total += float(line.split()[-1])
+    return total
+
+
 def test_cli_table_names_the_numbers(base_url):
     proc = slm("bench", "serve", "--url", base_url, "--concurrency", "1", "--requests", "2", "--max-tokens", "4")
     assert proc.returncode == 0, proc.stderr

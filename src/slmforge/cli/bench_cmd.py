@@ -51,9 +51,14 @@ def bench_serve(
         bool,
         typer.Option(help="Send --api-key over plain http to a --url that is not this machine (readable on the way)."),
     ] = False,
+    completions: Annotated[
+        bool, typer.Option(help="Send streamed text completions (/v1/completions), for a base model that has no "
+                           "chat template (a pretrained GGUF), instead of chat completions.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Load-test an OpenAI-compatible server with streamed chat completions; price its tokens against an API.
+    """Load-test an OpenAI-compatible server with streamed chat (or --completions: text) completions; price its
+    tokens against an API.
 
     Try it: slmforge bench serve runs/sft --concurrency 8 --requests 64. Prices come from serve.cost in
     the project file (--set serve.cost.hardware_usd_per_hour=0.5).
@@ -79,7 +84,8 @@ def bench_serve(
         url = server.base_url
     try:
         model = check_server(url, model, api_key)  # a clear error before any progress bar
-        result = _run_with_progress(url, model, concurrency, requests, max_tokens, api_key, show=not as_json)
+        result = _run_with_progress(url, model, concurrency, requests, max_tokens, api_key, show=not as_json,
+                                    completions=completions)
     finally:
         if server is not None:
             server.stop()
@@ -90,7 +96,7 @@ def bench_serve(
             server.remove_log()
     cost = cost_report(result, cfg.serve.cost)
     report: dict[str, Any] = {"url": url, "started_server": server is not None, "max_batch_size": max_batch_size,
-                              **result.as_dict(), "cost": cost}
+                              "endpoint": "completions" if completions else "chat", **result.as_dict(), "cost": cost}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -129,7 +135,7 @@ def _start_server(cfg: ProjectConfig, config, set_: list[str] | None, model_path
 
 
 def _run_with_progress(url: str, model: str | None, concurrency: int, requests: int, max_tokens: int,
-                       api_key: str | None, show: bool) -> LoadResult:
+                       api_key: str | None, show: bool, completions: bool = False) -> LoadResult:
     """``run_load`` with a progress bar on stderr (none when ``show`` is false or SLMFORGE_NO_PROGRESS is set)."""
     from slmforge._progress import progress_bar
     from slmforge.serve.bench import BENCH_PROMPTS, RequestRecord, run_load
@@ -144,7 +150,8 @@ def _run_with_progress(url: str, model: str | None, concurrency: int, requests: 
             errors += 0 if record.ok else 1
             bar.update(task, advance=1, info=f"{tokens} tokens" + (f", {errors} errors" if errors else ""))
 
-        return run_load(url, model, concurrency, requests, BENCH_PROMPTS, max_tokens, api_key, on_result=on_result)
+        return run_load(url, model, concurrency, requests, BENCH_PROMPTS, max_tokens, api_key, on_result=on_result,
+                        completions=completions)
 
 
 def _fmt_s(v: float | None) -> str:
