@@ -442,9 +442,11 @@ class BatchEngine:
                     tokens[r] = self._sample(seq, row)
             except Exception as exc:  # one row's failure (a constraint, NaN logits) ends that row only
                 self._fail([seq], exc)
-        if greedy:
-            for r, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-                tokens[r] = token
+        # numpy's argmax, row by row on views: torch's argmax over (16, 262144) fp32 logits took 8 ms on
+        # this CPU (15 ms with the row selection's copy) against numpy's 0.4 ms; both take the first maximum.
+        scores = logits.numpy()
+        for r in greedy:
+            tokens[r] = int(scores[r].argmax())
         return tokens
 
     def _sample(self, seq: _Seq, row: torch.Tensor) -> int:
