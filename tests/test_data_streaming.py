@@ -136,6 +136,64 @@ def test_hashes_sorted_a_bucket_at_a_time_give_what_one_sort_gives(tmp_path, mon
     assert not [p for p in tmp_path.iterdir() if ".unsorted" in p.name or p.suffix[1:].isdigit()]
 
 
+def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
+    """``train._pretrain_streams`` (the splits read a line at a time, FIM pieces made as they are read,
+    tokenized 8 documents at a time here into the token cache, returned memory-mapped): its peak on a text
+    split of 20 and of 100 documents, and the streams it gives equal the in-memory tokenization of the lists.
+    Holding the texts and their tokens, as it did before, cost more than the texts' size per document."""
+    import numpy as np
+
+    from slmforge.tokenizer import load_tokenizer, packing
+    from slmforge.tokenizer.fim import add_fim_tokens, fim_documents
+    from slmforge.train import _pretrain_streams
+
+    from conftest import build_tiny_tokenizer
+
+    monkeypatch.setattr(packing, "_CHUNK_DOCS", 8)  # as a larger corpus is tokenized 512 documents at a time
+    tok = load_tokenizer(build_tiny_tokenizer(tmp_path / "tok", 300))
+    add_fim_tokens(tok)
+    cfg = ProjectConfig()
+    cfg.train.fim_rate, cfg.train.seq_len = 0.5, 64
+
+    def dataset(n: int) -> tuple[Path, int]:
+        folder = tmp_path / f"data-{n}"
+        chars = 0
+        for split, docs in (("train", n), ("val", 3)):
+            chars += build_shard_corpus(folder / split, docs, DOC_CHARS, per_shard=docs, seed=n, footer="")
+            (folder / "text").mkdir(exist_ok=True)
+            (folder / split / "shard-00000.jsonl").rename(folder / "text" / f"{split}.jsonl")
+        return folder, chars
+
+    def peak(folder: Path, cache: str) -> int:
+        tracemalloc.start()
+        try:
+            train, val = _pretrain_streams(cfg, folder, tok, tmp_path / cache)
+            _, top = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert isinstance(train, np.memmap) and len(train) > 1000 and len(val) > 100
+        return top
+
+    (small, chars_small), (large, chars_large) = dataset(20), dataset(100)
+    peak(small, "warm")
+    per_doc = (peak(large, "large") - peak(small, "small")) / 80
+    chars_per_doc = (chars_large - chars_small) / 80
+    print(f"pretraining tokenization: {per_doc:.0f} B per extra document of {chars_per_doc:.0f} characters")
+    assert per_doc < 0.1 * chars_per_doc, f"{per_doc:.0f} B per document: the texts or their tokens are held"
+    texts = [json.loads(line)["text"] for line in (large / "text" / "train.jsonl").open()]
+    train, _ = _pretrain_streams(cfg, large, tok, tmp_path / "large")  # from the cache
+    expected = packing.tokenize_documents(fim_documents(texts, 0.5, cfg_sentinels(tok), 3 * 64, cfg.project.seed), tok)
+    assert np.array_equal(train, expected)
+
+
+def cfg_sentinels(tok) -> tuple[str, str, str]:
+    from slmforge.tokenizer.fim import fim_sentinels
+
+    sentinels = fim_sentinels(tok)
+    assert sentinels is not None
+    return sentinels
+
+
 if __name__ == "__main__":
     import sys
 

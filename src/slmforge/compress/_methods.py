@@ -13,6 +13,7 @@ from slmforge.config import LoopConfig, ProjectConfig
 from slmforge.errors import ConfigError, ModelError
 
 NONE = "none"  # plan value: keep the layer in float
+_CALIBRATION_POOL_TOKENS = 1 << 22  # calibration draws from the training split's first 4 M tokens (or more)
 
 
 @dataclass
@@ -76,17 +77,20 @@ def _prepare_smoothquant(model, names: list[str], inputs: Inputs) -> dict[str, A
 
 
 def calibration_batches(inputs: Inputs, batch_size: int = 8) -> list:
-    """``quantize.calibration_samples`` sequences of domain text (the training split), seeded."""
+    """``quantize.calibration_samples`` sequences of domain text, drawn (seeded) from the sequences of the
+    training split's first 4 M tokens (or 4 x the samples' tokens, when more): only those are read and
+    tokenized, so a split larger than memory costs what a small one does; a smaller split gives the same
+    draw as reading all of it."""
     import numpy as np
 
-    from slmforge.data import read_jsonl
     from slmforge.errors import ArtifactError
-    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents
+    from slmforge.tokenizer.packing import PackedTokens, jsonl_texts, tokenize_documents
 
     cfg = inputs.cfg
-    texts = [r["text"] for r in read_jsonl(inputs.data_dir / "text" / "train.jsonl")]
     seq_len = min(cfg.train.seq_len, 512)
-    chunks = PackedTokens(tokenize_documents(texts, inputs.tokenizer, inputs.work_dir / "cache"), seq_len)
+    pool = max(_CALIBRATION_POOL_TOKENS, 4 * cfg.quantize.calibration_samples * seq_len)
+    texts = jsonl_texts(inputs.data_dir / "text" / "train.jsonl")
+    chunks = PackedTokens(tokenize_documents(texts, inputs.tokenizer, max_tokens=pool)[:pool], seq_len)
     if len(chunks) == 0:
         raise ArtifactError(
             f"{inputs.data_dir / 'text' / 'train.jsonl'} has no sequence of {seq_len} tokens to calibrate on; "
@@ -113,10 +117,9 @@ def _plan_ternary(cfg: ProjectConfig) -> dict[str, Any]:
 
 def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
     """BitNet b1.58-style quantization-aware fine-tune on the text split with the one training loop."""
-    from slmforge.data import read_jsonl
     from slmforge.errors import ArtifactError
     from slmforge.model.quant_layers import TernaryQATLinear
-    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents
+    from slmforge.tokenizer.packing import PackedTokens, jsonl_texts, tokenize_documents
     from slmforge.train import run_loop
 
     cfg = inputs.cfg
@@ -125,8 +128,9 @@ def _prepare_ternary(model, names: list[str], inputs: Inputs) -> dict[str, Any]:
     for name in names:
         model.set_submodule(name, TernaryQATLinear.from_linear(model.get_submodule(name), cfg.quantize.group_size))
     cache = inputs.work_dir / "cache"
-    train_texts = [r["text"] for r in read_jsonl(inputs.data_dir / "text" / "train.jsonl")]
-    val_texts = [r["text"] for r in read_jsonl(inputs.data_dir / "text" / "val.jsonl")]
+    # The whole training split, from the token cache (memory-mapped: it does not grow with the corpus).
+    train_texts = jsonl_texts(inputs.data_dir / "text" / "train.jsonl")
+    val_texts = jsonl_texts(inputs.data_dir / "text" / "val.jsonl")
     train_src = PackedTokens(tokenize_documents(train_texts, inputs.tokenizer, cache), loop.seq_len)
     if len(train_src) == 0:
         raise ArtifactError(

@@ -34,7 +34,7 @@ from slmforge.config import DataConfig, ProjectConfig
 from slmforge.data.code import CodeCurator
 from slmforge.data.sources import BUILTIN_SOURCES, Document, Skipped
 
-__all__ = ["DataResult", "run_data_stage", "source_refs", "read_jsonl", "SPLITS"]
+__all__ = ["DataResult", "run_data_stage", "source_refs", "read_jsonl", "iter_jsonl", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 _PRETOKEN = re.compile(r"\w+|[^\w\s]")
@@ -65,10 +65,18 @@ def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file the data stage wrote (blank lines skipped); ``[]`` when the
     file does not exist, so callers decide whether a missing split is an error.
 
-    Every stage that reads the datasets (train, compress, evaluate) reads them with this."""
+    Every stage that reads the datasets reads them with this or, where a split may not fit in memory, with
+    ``iter_jsonl``."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """``read_jsonl`` one record at a time: the same records, never more than one line in memory."""
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
 
 
 def _resolve_sources(cfg: ProjectConfig) -> list[tuple[str, Path | None]]:

@@ -5,6 +5,7 @@ pipeline report needs; suites, metrics and comparisons build on this package.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["Perplexity", "perplexity"]
@@ -21,7 +22,7 @@ class Perplexity:
     bytes: int
 
 
-def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8,
+def perplexity(model, tokenizer, texts: Iterable[str], seq_len: int = 256, batch_size: int = 8,
                max_tokens: int | None = 200_000) -> Perplexity:
     """Perplexity of a causal LM on texts, packed into windows of ``seq_len`` tokens.
 
@@ -33,7 +34,7 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int = 256, batch_siz
 
     from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, window_bos_id
 
-    stream = tokenize_documents(texts, tokenizer)
+    stream = tokenize_documents(texts, tokenizer, max_tokens=max_tokens)  # reads only the texts it uses
     if max_tokens is not None:
         stream = stream[:max_tokens]
     windows = PackedTokens(stream, seq_len, window_bos_id(model, tokenizer)).chunks  # (N, T)

@@ -9,11 +9,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmforge.artifacts import Plan, default_model, output_dir, parent_ref, read_manifest
 from slmforge.config import ProjectConfig
 from slmforge.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from slmforge.tokenizer.packing import TextSource
 
 __all__ = ["ReportResult", "report_plan", "write_report"]
 
@@ -58,16 +61,17 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     Raises:
         ArtifactError: The model or the data artifact is missing.
     """
-    from slmforge.data import read_jsonl
+    from slmforge.tokenizer.packing import jsonl_texts
 
     rcfg = cfg.report
     plan = report_plan(cfg)
     model_dir = _model_dir(cfg)
     data_dir = output_dir(cfg, "data")
     out_dir = Path(out) if out else output_dir(cfg, "report")
-    heldout = [r["text"] for r in read_jsonl(data_dir / "text" / f"{rcfg.heldout_split}.jsonl")]
-    train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
-    if not heldout:
+    # Read from disk as they are used, never held: the splits may not fit in memory.
+    heldout = jsonl_texts(data_dir / "text" / f"{rcfg.heldout_split}.jsonl")
+    train_texts = jsonl_texts(data_dir / "text" / "train.jsonl")
+    if next(iter(heldout), None) is None:
         raise ArtifactError(f"{data_dir} has no {rcfg.heldout_split} text to measure perplexity on.")
     gen, base_spec = _generator(model_dir)
     metrics = {"model": str(model_dir), "heldout_split": rcfg.heldout_split,
@@ -87,10 +91,13 @@ def write_report(cfg: ProjectConfig, out: str | Path | None = None, command: lis
     return ReportResult(out_dir.resolve(), metrics)
 
 
-def _perplexity_metrics(cfg: ProjectConfig, gen, model_dir: Path, heldout: list[str], train_texts: list[str],
+def _perplexity_metrics(cfg: ProjectConfig, gen, model_dir: Path, heldout: TextSource, train_texts: TextSource,
                         log) -> dict[str, Any]:
     """Held-out perplexity of the model, of a unigram model of the same tokenizer, and of the
-    pretrained model when the reported one was made from it."""
+    pretrained model when the reported one was made from it. The training split's tokens (for the unigram
+    counts) go through a scratch token cache, memory-mapped, so they are never all in memory."""
+    import tempfile
+
     import torch
 
     from slmforge.evaluate import perplexity
@@ -102,9 +109,12 @@ def _perplexity_metrics(cfg: ProjectConfig, gen, model_dir: Path, heldout: list[
         log("report: measuring held-out perplexity")
     with torch.no_grad():
         ppl = perplexity(gen.model, tok, heldout, seq_len=seq_len)
-    train_stream = tokenize_documents(train_texts, tok)
-    held_stream = tokenize_documents(heldout, tok)[: ppl.tokens + len(heldout)]
-    unigram = unigram_perplexity(train_stream, held_stream, len(tok))
+    held_tokens = ppl.tokens + sum(1 for _ in heldout)  # one more per held-out document
+    held_stream = tokenize_documents(heldout, tok, max_tokens=held_tokens)[:held_tokens]
+    with tempfile.TemporaryDirectory(prefix="slmforge-report-tokens-") as scratch:
+        train_stream = tokenize_documents(train_texts, tok, Path(scratch))
+        unigram = unigram_perplexity(train_stream, held_stream, len(tok))
+        del train_stream  # the memory map, before its file is removed
     base_ppl = None
     train_dir = output_dir(cfg, "train")
     if model_dir != train_dir and (train_dir / "manifest.json").exists():
@@ -128,12 +138,14 @@ def _perplexity_metrics(cfg: ProjectConfig, gen, model_dir: Path, heldout: list[
 def _sample_answers(cfg: ProjectConfig, gen, model_dir: Path, data_dir: Path, log) -> list[dict[str, Any]]:
     """The model's answers to ``report.questions`` and to held-out chat questions (with their
     reference answers), under each of ``report.profiles``."""
-    from slmforge.data import read_jsonl
+    import itertools
+
+    from slmforge.data import iter_jsonl
     from slmforge.generate import SamplingParams, resolve_profile
 
     rcfg = cfg.report
     questions = [(q, None) for q in rcfg.questions]
-    for r in read_jsonl(data_dir / "chat" / f"{rcfg.heldout_split}.jsonl")[: rcfg.heldout_questions]:
+    for r in itertools.islice(iter_jsonl(data_dir / "chat" / f"{rcfg.heldout_split}.jsonl"), rcfg.heldout_questions):
         user = next(m["content"] for m in r["messages"] if m["role"] == "user")
         reference = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
         questions.append((user, reference))

@@ -64,12 +64,12 @@ def _is_default_model(cfg: ProjectConfig, model: str | Path | None) -> bool:
 
 
 def _perplexity_result(generator, cfg: ProjectConfig, model: str) -> SuiteResult:
-    from slmforge.data import read_jsonl
     from slmforge.evaluate import perplexity
+    from slmforge.tokenizer.packing import jsonl_texts
 
     split = cfg.report.heldout_split
-    texts = [r["text"] for r in read_jsonl(output_dir(cfg, "data") / "text" / f"{split}.jsonl")]
-    if not texts:
+    texts = jsonl_texts(output_dir(cfg, "data") / "text" / f"{split}.jsonl")  # read as far as perplexity needs
+    if next(iter(texts), None) is None:
         raise EvalError(f"The perplexity suite needs the data artifact's text/{split}.jsonl; run `slmforge data`.")
     if as_engine(generator).capabilities.perplexity:
         lm, tokenizer = generator.model, generator.tokenizer

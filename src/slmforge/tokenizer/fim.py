@@ -18,8 +18,9 @@ recognised in models that bring them.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 
-__all__ = ["FIM_TOKENS", "fim_sentinels", "add_fim_tokens", "fim_text", "fim_documents", "fim_prompt",
+__all__ = ["FIM_TOKENS", "fim_sentinels", "add_fim_tokens", "fim_text", "fim_documents", "iter_fim_documents", "fim_prompt",
            "tokenizer_fim_prompt", "FIM_FAMILIES"]
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
@@ -62,24 +63,29 @@ def _pieces(text: str, max_chars: int) -> list[str]:
     return out + ([current] if current else [])
 
 
-def fim_documents(texts: list[str], rate: float, sentinels: tuple[str, str, str], max_chars: int,
-                  seed: int = 0) -> list[str]:
+def iter_fim_documents(texts: Iterable[str], rate: float, sentinels: tuple[str, str, str], max_chars: int,
+                       seed: int = 0) -> Iterator[str]:
     """Training documents with FIM: each text is cut into pieces of whole lines that fit a training window
-    (``max_chars``), and each piece becomes a FIM example with probability ``rate`` (else it stays as is).
+    (``max_chars``), and each piece becomes a FIM example with probability ``rate`` (else it stays as is);
+    yielded one at a time, so a corpus larger than memory streams through.
 
     Cutting first matters: a FIM example longer than the window would rarely show the model a suffix and
     the middle it conditions in one sequence. The same texts, rate and seed give the same documents (a
     resumed run reads the same stream).
     """
     rng = random.Random(seed)
-    out: list[str] = []
     for text in texts:
         for piece in _pieces(text, max_chars) if rate > 0 else [text]:
             if rate > 0 and len(piece) > 1 and rng.random() < rate:
                 i, j = sorted(rng.randint(0, len(piece)) for _ in range(2))
                 piece = fim_text(piece, i, j, sentinels)
-            out.append(piece)
-    return out
+            yield piece
+
+
+def fim_documents(texts: Iterable[str], rate: float, sentinels: tuple[str, str, str], max_chars: int,
+                  seed: int = 0) -> list[str]:
+    """``iter_fim_documents`` as a list."""
+    return list(iter_fim_documents(texts, rate, sentinels, max_chars, seed))
 
 
 def fim_prompt(prefix: str, suffix: str, sentinels: tuple[str, str, str]) -> str:

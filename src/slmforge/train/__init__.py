@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,10 @@ def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
     return Plan("model", config, [parent_ref(data_dir, "dataset"), start])
 
 
-def _trimmed_base(base: str, texts: list[str], work: Path) -> str:
+def _trimmed_base(base: str, texts: Iterable[str], work: Path) -> str:
     """The base trimmed to ``texts``, kept in the work folder under a name made of the base's identity and
-    the texts (a resumed run, or another process of the same run, finds it made)."""
+    the texts (a resumed run, or another process of the same run, finds it made). ``model.trim_vocab`` takes
+    the texts as a list: only this step holds the training split in memory."""
     import hashlib
 
     from slmforge.model.trim import trim_vocab
@@ -150,11 +152,11 @@ def _trimmed_base(base: str, texts: list[str], work: Path) -> str:
         h.update(hashlib.sha256(t.encode()).digest())
     folder = work / f"trimmed-base-{h.hexdigest()[:12]}"
     if not (folder / "manifest.json").is_file():
-        trim_vocab(base, texts, folder, progress=False)
+        trim_vocab(base, list(texts), folder, progress=False)
     return str(folder)
 
 
-def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: list[str], work: Path) -> tuple[Any, Any, int]:
+def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: Iterable[str], work: Path) -> tuple[Any, Any, int]:
     """(model, tokenizer, parameters): ``model.base`` with its own tokenizer (continued pretraining; its
     vocabulary first trimmed to ``texts`` with ``model.trim_vocab``), else a fresh ``cfg.model`` on the
     project's tokenizer."""
@@ -179,6 +181,25 @@ def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: list[str], work: P
     return model, tok, estimate(cfg.model, len(tok), cfg.train.seq_len, cfg.train.batch_size).params
 
 
+def _pretrain_streams(cfg: ProjectConfig, data_dir: Path, tok: Any, work: Path) -> tuple[Any, Any]:
+    """The training and validation token streams (FIM applied to the training text when ``train.fim_rate``),
+    from the token cache in ``work``: the splits are read from disk a line at a time, tokenized 512 documents
+    at a time into the cache and come back memory-mapped, so memory does not grow with the corpus."""
+    from slmforge.tokenizer.fim import fim_sentinels, iter_fim_documents
+    from slmforge.tokenizer.packing import TextSource, jsonl_texts, tokenize_documents
+
+    tcfg = cfg.train
+    train_texts = jsonl_texts(data_dir / "text" / "train.jsonl")
+    if tcfg.fim_rate:  # pieces of about one window (~3 characters a token), some rearranged
+        sentinels = fim_sentinels(tok)
+        assert sentinels is not None  # _starting_model added them
+        plain = train_texts
+        train_texts = TextSource(lambda: iter_fim_documents(plain, tcfg.fim_rate, sentinels, 3 * tcfg.seq_len,
+                                                            cfg.project.seed))
+    return (tokenize_documents(train_texts, tok, work / "cache"),
+            tokenize_documents(jsonl_texts(data_dir / "text" / "val.jsonl"), tok, work / "cache"))
+
+
 def pretrain(
     cfg: ProjectConfig,
     data: str | Path | None = None,
@@ -196,10 +217,8 @@ def pretrain(
         ModelError: ``model.base`` cannot be loaded.
         TrainError: Too little text for one training sequence.
     """
-    from slmforge.data import read_jsonl
     from slmforge.model import pick_device, save_model_folder
-    from slmforge.tokenizer.fim import fim_documents, fim_sentinels
-    from slmforge.tokenizer.packing import PackedTokens, tokenize_documents, unigram_perplexity, window_bos_id
+    from slmforge.tokenizer.packing import PackedTokens, jsonl_texts, unigram_perplexity, window_bos_id
     from slmforge.train._loop import run_loop, world
 
     tcfg = cfg.train
@@ -210,15 +229,8 @@ def pretrain(
     team = world(pick_device(tcfg.device))  # under torchrun: this process's rank; (0, 1) otherwise
     if not team.main:
         team.barrier()  # the first process tokenizes and fills the cache; the others read it
-    train_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "train.jsonl")]
-    val_texts = [r["text"] for r in read_jsonl(data_dir / "text" / "val.jsonl")]
-    model, tok, params = _starting_model(cfg, tok_dir, train_texts, work)
-    if tcfg.fim_rate:  # pieces of about one window (~3 characters a token), some rearranged
-        sentinels = fim_sentinels(tok)
-        assert sentinels is not None  # _starting_model added them
-        train_texts = fim_documents(train_texts, tcfg.fim_rate, sentinels, 3 * tcfg.seq_len, cfg.project.seed)
-    train_stream = tokenize_documents(train_texts, tok, work / "cache")
-    val_stream = tokenize_documents(val_texts, tok, work / "cache")
+    model, tok, params = _starting_model(cfg, tok_dir, jsonl_texts(data_dir / "text" / "train.jsonl"), work)
+    train_stream, val_stream = _pretrain_streams(cfg, data_dir, tok, work)
     if team.main:
         team.barrier()
     if len(train_stream) < tcfg.seq_len + 1:
