@@ -17,7 +17,7 @@ from slmforge.data.sources import Document
 from slmforge.errors import ConfigError, RagError
 from slmforge.rag import NOT_IN_DOCUMENTS, ChunkSettings, HashingEmbedder, Index, answer, chunk_text, retrieve
 from slmforge.rag.answer import parse_citations
-from slmforge.rag.evaluate import ndcg_at_k, recall_at_k, reciprocal_rank
+from slmforge.rag.evaluate import Row, ndcg_at_k, paired, recall_at_k, reciprocal_rank
 from slmforge.rag.retrieve import mmr, rrf
 
 MD = textwrap.dedent("""\
@@ -254,6 +254,23 @@ def test_rrf_and_ranking_metrics_by_hand():
     assert recall_at_k(flags, 1) == 0 and recall_at_k(flags, 2) == 1
     assert reciprocal_rank(flags) == 0.5
     assert ndcg_at_k(flags, 4, 2) == pytest.approx((1 / np.log2(3) + 1 / np.log2(5)) / (1 + 1 / np.log2(3)))
+
+
+def test_paired_compares_each_chunkers_modes_on_the_same_questions():
+    # 20 questions: hybrid finds 6 that bm25 misses and misses none bm25 finds -> McNemar's exact p = 2 / 2**6
+    bm25 = [{"recall@10": float(i < 4), "mrr": 0.5 * (i < 4)} for i in range(20)]
+    hybrid = [{"recall@10": float(i < 10), "mrr": 0.5 * (i < 10)} for i in range(20)]
+    dense = [{"recall@10": float(i >= 10), "mrr": 1.0 * (i >= 10)} for i in range(20)]
+    rows = [Row("recursive", m, 9, {}, per) for m, per in (("dense", dense), ("bm25", bm25), ("hybrid", hybrid))]
+    rows.append(Row("fixed", "bm25", 7, {}, bm25))  # one mode alone: nothing to pair
+    tests = paired(rows, ["recall@10", "mrr"])
+    assert [(t["chunker"], t["candidate"], t["baseline"]) for t in tests] == [
+        ("recursive", "bm25", "dense"), ("recursive", "hybrid", "dense"), ("recursive", "hybrid", "bm25")]
+    r10 = tests[2]["recall@10"]
+    assert r10["diff"] == pytest.approx(0.3) and r10["test"] == "mcnemar" and r10["n"] == 20
+    assert r10["p_value"] == pytest.approx(2 / 2**6) and r10["verdict"] == "better" and r10["ci_low"] > 0
+    assert tests[2]["mrr"]["test"] == "permutation" and tests[2]["mrr"]["diff"] == pytest.approx(0.15)
+    assert tests[1]["recall@10"]["diff"] == 0 and tests[1]["recall@10"]["verdict"] == "no significant difference"
 
 
 # --------------------------------------------------------------------------- answers

@@ -89,6 +89,10 @@ def test_eval_compares_chunkers_and_modes(project: Path):
     bm25 = next(r for r in results["rows"] if r["mode"] == "bm25" and r["chunker"] == "recursive")
     assert bm25["recall@10"] >= 0.8  # the questions name what the documents define
     assert (project / "runs" / "rag" / "eval" / "retrieval.png").stat().st_size > 5000
+    assert "Paired over the same 10 questions" in out and "hybrid - bm25" in out
+    assert [(t["chunker"], t["candidate"], t["baseline"]) for t in results["paired"]] == [
+        (c, b, a) for c in ("fixed", "recursive") for a, b in (("dense", "bm25"), ("dense", "hybrid"), ("bm25", "hybrid"))]
+    assert all(0 <= t["recall@10"]["p_value"] <= 1 and "verdict" in t["mrr"] for t in results["paired"])
 
 
 def test_the_offline_minilm_finds_a_paraphrase(project: Path):

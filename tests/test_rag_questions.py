@@ -91,6 +91,10 @@ def test_identifier_in_a_question(question: str, title: str, named: bool):
     ("Decode a JSON string into objects.", "not_a_question"),
     ("Why?", "too_short"),
     ("Is this code correct for my program?", "vague"),
+    ("Is this a good mock for testing?", "vague"),  # points at "this": two things of its own are not enough
+    ("Which of these is NOT a markup language?", "vague"),
+    ("Can I use this to connect to a remote server?", None),
+    ("Is a mock object good for testing?", None),  # the same two things, no "this": kept
     ("What is it? And why would I use it here?", "several_questions"),
 ])
 def test_malformed_questions(question: str, why: str | None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -148,6 +148,22 @@ def migrate_cmd(to: Annotated[str, typer.Option("--to", help="The store to move 
     out.print(f"{index.folder}: {index.store.count()} vectors moved from {current} to {to}; set rag.store: {to}")
 
 
+def _paired_table(tests: list[dict[str, Any]], n: int) -> Any:
+    """The modes of each chunker compared pairwise: difference, 95% interval, p-value and verdict per metric."""
+    from rich.table import Table
+
+    metrics = [m for m in tests[0] if m not in ("chunker", "baseline", "candidate")]
+    table = Table(title=f"Paired over the same {n} questions (candidate - baseline; McNemar's test for recall, "
+                  "permutation for MRR)")
+    for col in ["chunker", "candidate - baseline", *metrics]:
+        table.add_column(col, justify="left" if col in ("chunker", "candidate - baseline") else "right")
+    for t in tests:
+        cells = [f"{t[m]['diff']:+.3f} [{t[m]['ci_low']:+.3f}, {t[m]['ci_high']:+.3f}] p={t[m]['p_value']:.3g}"
+                 + ("" if t[m]["verdict"].startswith("no ") else f" {t[m]['verdict']}") for m in metrics]
+        table.add_row(t["chunker"], f"{t['candidate']} - {t['baseline']}", *cells)
+    return table
+
+
 @rag_app.command("eval")
 def eval_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, source: SourceOpt = None,
@@ -165,7 +181,7 @@ def eval_cmd(
 
     from slmforge.data import read_documents
     from slmforge.rag import chunk_settings, index_folder, load_embedder
-    from slmforge.rag.evaluate import compare, make_questions, plot
+    from slmforge.rag.evaluate import compare, make_questions, paired, plot
 
     cfg = _config(config, set_)
     docs, _, _ = read_documents(cfg, source or cfg.rag.sources)
@@ -190,9 +206,12 @@ def eval_cmd(
     for r in rows:
         table.add_row(r.chunker, r.mode, str(r.chunks), *(f"{r.scores[m]:.3f}" for m in metrics))
     out.print(table)
+    tests = paired(rows, [f"recall@{k}", "mrr"])
+    if tests:
+        out.print(_paired_table(tests, len(qs)))
     (folder / "results.json").write_text(json.dumps(
         {"questions": [vars(q) for q in qs], "embedder": emb.identity(), "question_set": kind,
-         "teacher": made.report() if made else None,
+         "teacher": made.report() if made else None, "paired": tests,
          "rows": [{"chunker": r.chunker, "mode": r.mode, "chunks": r.chunks, **r.scores,
                    "per_question": r.per_question} for r in rows]}, indent=1))
     if rows:

@@ -115,6 +115,26 @@ def compare(documents: Sequence[Any], questions: Sequence[Question], folder: Pat
     return rows
 
 
+def paired(rows: Sequence[Row], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Every two retrieval modes of one chunker compared on the same questions, per metric: the later mode of
+    ``rows`` (e.g. hybrid) against the earlier (bm25), by ``slmforge.evaluate.stats.compare`` as ``eval compare``
+    does (paired bootstrap interval; McNemar's test for right/wrong scores such as recall@k, a permutation
+    test for graded ones such as MRR). Whether a gap of a few questions is real is what a user asks next."""
+    from slmforge.evaluate.stats import compare as paired_test
+
+    out = []
+    for chunker in dict.fromkeys(r.chunker for r in rows):
+        mine = [r for r in rows if r.chunker == chunker and r.per_question]
+        for i, base in enumerate(mine):
+            for cand in mine[i + 1:]:
+                tests = {m: paired_test([p[m] for p in base.per_question], [p[m] for p in cand.per_question])
+                         for m in metrics}
+                out.append({"chunker": chunker, "baseline": base.mode, "candidate": cand.mode,
+                            **{m: {k: v for k, v in t.items() if k not in ("mean_a", "mean_b")}
+                               for m, t in tests.items()}})
+    return out
+
+
 def plot(rows: Sequence[Row], path: Path, metrics: Sequence[str]) -> Path:
     """Grouped bars, one panel per metric: each chunker, one bar per retrieval mode."""
     import matplotlib

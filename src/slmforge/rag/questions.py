@@ -171,18 +171,24 @@ def malformed(question: str) -> str | None:
 
 # A question about "this code" ("Is this test case correct?") points at a text the user of a search box
 # never saw: a small teacher writes many such. A question is kept when, besides such generic words, it
-# still says what it is about: at least two content words of four letters or more.
+# still says what it is about: at least two content words of four letters or more, and three when it
+# points at "this"/"these"/"the following" (with two, "Is this a good mock for testing?", "What options are
+# available for this command?" or "Which of these is NOT a markup language?" fit many documents equally).
 _GENERIC = set("""this that these those what which when where does doing done have with from into your about
 there their them they will would should could can good best right correct valid wrong work works working
 mean means example code program script test case method methods function functions class classes module
 object objects thing something anything same name names want need used using use make also other another
 only just like more most some many such here than then well way ways value values type types happens
-happen different try""".split())
+happen different try following statement statements""".split())
+_DEICTIC = re.compile(r"\b(?:this|these|those|the following)\b")
 
 
 def vague(question: str) -> bool:
-    """Whether the question names fewer than two things of its own (``_GENERIC`` words aside)."""
-    return len({w for w in _WORD.findall(question.lower()) if len(w) >= 4 and w not in _GENERIC}) < 2
+    """Whether the question names fewer than two things of its own (``_GENERIC`` words aside), or fewer
+    than three when it points at a text the reader never saw ("this", "these", "the following")."""
+    q = question.lower()
+    need = 3 if _DEICTIC.search(q) else 2
+    return len({w for w in _WORD.findall(q) if len(w) >= 4 and w not in _GENERIC}) < need
 
 
 def _first_question(reply: str) -> str:
