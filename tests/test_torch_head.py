@@ -119,9 +119,22 @@ def test_the_certified_argmax_is_the_fp32_argmax_where_bf16_alone_is_not():
         masked[..., eos] = -torch.inf
         assert int(got.argmax()) == int(masked.argmax())
     assert bf16_wrong > 0  # the case is a real test: bf16 alone would have failed it
-    rows = torch.randn(3, 64)  # several rows, even inside the block: the fp32 weight
-    with exact_argmax_only():
-        assert torch.equal(forward(rows), torch.nn.functional.linear(rows, head.weight))
+
+
+def test_several_rows_get_the_fp32_argmax_of_each_and_outside_the_block_the_fp32_product():
+    heads = [near_tie_head(seed) for seed in range(12)]
+    head = heads[0][0]
+    # Rows whose near-tie sits on rows 0/1 of this head, and rows that are just noise.
+    rows = torch.cat([heads[0][1].view(1, 64) * s for s in (1.0, -1.0, 0.5)] + [torch.randn(5, 64) * 3])
+    exact = torch.nn.functional.linear(rows, head.weight)
+    forward = RowVectorHead(head)
+    eos = int(exact[0].argmax())
+    with exact_argmax_only((eos,)):
+        got = forward(rows.view(8, 1, 64)).view(8, -1)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    got[:, eos], exact[:, eos] = -torch.inf, -torch.inf  # EOS masked: the best of the others, per row
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert torch.equal(forward(rows), torch.nn.functional.linear(rows, head.weight))  # outside: fp32 as it was
 
 
 def test_several_prompts_at_once_match_one_at_a_time(gen):
@@ -165,3 +178,27 @@ def test_heads_it_cannot_help_are_left_alone():
     wrapped = torch.nn.Sequential(torch.nn.Linear(4, 4))
     model.get_output_embeddings = lambda: wrapped
     assert not attach_row_vector_head(model) and "forward" not in wrapped.__dict__
+
+
+def test_batched_greedy_rows_go_through_the_certified_head_with_the_same_tokens(model_dir, gen):
+    import dataclasses
+
+    from slmforge.serve._batch import BatchEngine, BatchRequest
+
+    head = gen.model.get_output_embeddings().forward
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    engine = BatchEngine(gen, max_batch_size=4)
+    try:
+        steps = head.certified_steps
+        handles = [engine.submit(BatchRequest(gen.encode(p), dataclasses.replace(params))) for p in PROMPTS]
+        texts = [h.wait()[0] for h in handles]
+        assert head.certified_steps - steps >= 20 * len(PROMPTS)  # every row of every step
+        assert texts == reference_texts(model_dir, gen, 20)
+        # A sampled row in the batch: every row of those steps in fp32, as before.
+        steps = head.certified_steps
+        sampled = dataclasses.replace(params, temperature=0.9, seed=3)
+        both = [engine.submit(BatchRequest(gen.encode(p), q)) for p, q in zip(PROMPTS[:2], (params, sampled))]
+        [h.wait() for h in both]
+        assert head.certified_steps - steps < 20
+    finally:
+        engine.stop()

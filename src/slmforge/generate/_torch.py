@@ -270,6 +270,12 @@ class TorchGenerator(EngineBase):
 
     # ------------------------------------------------------------------ helpers
 
+    def greedy_steps(self) -> contextlib.AbstractContextManager[None]:
+        """A block (in this thread) whose forward passes need only each row's argmax exact, with or without
+        the EOS ids masked: plain greedy decoding. The LM head then multiplies in bf16 and recomputes in
+        fp32 what could be the argmax (``_torch_head``); the argmax is the fp32 product's."""
+        return exact_argmax_only(tuple(self.eos_token_ids))
+
     def render_chat(self, messages: list[Message]) -> str:
         """The prompt text the chat template makes of the messages (see ``_text.render_chat``)."""
         return render_chat(self.tokenizer, messages)
@@ -347,7 +353,7 @@ class TorchGenerator(EngineBase):
         # Plain greedy decoding needs only each step's argmax: the head may then use its certified bf16 path.
         plain_greedy = (params.temperature == 0 and params.num_beams == 1 and constraint is None
                         and params.repetition_penalty == 1.0)
-        argmax_only = exact_argmax_only(tuple(self.eos_token_ids)) if plain_greedy else contextlib.nullcontext()
+        argmax_only = self.greedy_steps() if plain_greedy else contextlib.nullcontext()
         rng = contextlib.nullcontext()
         if params.seed is not None:
             # Sampling draws from torch's global generator; fork it so a seeded request leaves it as it was.

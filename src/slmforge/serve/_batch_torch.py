@@ -5,11 +5,15 @@ prefill of the joining prompts (left-padded together), one decode step for every
 bookkeeping of the batch's KV cache as rows join and leave. The cache is a transformers ``DynamicCache``
 whose rows are merged (left-padded to a common length) when sequences join and selected when they leave,
 as early TGI did; the padding columns every row shares are trimmed away. Left padding works here because
-the model takes explicit ``position_ids`` and an attention mask over the padding.
+the model takes explicit ``position_ids`` and an attention mask over the padding. When every row of a
+run decodes plainly greedily, the run is inside ``TorchGenerator.greedy_steps``: the LM head multiplies
+in bf16 and recomputes in fp32 whatever could be a row's argmax (16 rows of Gemma 3 270M's head: ~31 ms
+against ~115 ms in fp32), the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -88,6 +92,14 @@ class TorchBackend:
         self._cache, self._mask, self._positions = None, None, None
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
+        # Every row plain greedy: the model's head may give only each row's argmax exactly (bf16, certified).
+        plain = all(s.request.params.temperature == 0 and s.request.params.repetition_penalty == 1.0
+                    and s.request.constraint is None and not s.request.logit_bias and s.request.logprobs is None
+                    for s in seqs)
+        with self.generator.greedy_steps() if plain else contextlib.nullcontext():
+            return self._run_model(input_ids, attention_mask, position_ids, cache, seqs)
+
+    def _run_model(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
         kwargs = {}
         if self.adapters:
             names = [s.request.adapter or BASE_ADAPTER for s in seqs]
