@@ -8,9 +8,9 @@ of text per document).
 
 The text, classification and chat formats: chat's pairs are filtered and written as they are made, its
 held-out 8-grams kept as sorted hashes on disk (``synth.heldout_ngrams``); holding them as a Python set, as
-it did before, cost ~10 KB per document here. The pretraining path's tokenization (``train._text_stream``)
-is measured the same way: its token stream goes to the cache file 512 documents at a time and comes back
-memory-mapped.
+it did before, cost ~110 KB per document here (half the documents held out). The pretraining path's
+tokenization (``train._pretrain_streams``) is measured the same way: its token stream goes to the cache file
+512 documents at a time and comes back memory-mapped.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkey
     import numpy as np
 
     from slmforge.tokenizer import load_tokenizer, packing
-    from slmforge.tokenizer.fim import add_fim_tokens, fim_documents
+    from slmforge.tokenizer.fim import add_fim_tokens, fim_documents, fim_sentinels
     from slmforge.train import _pretrain_streams
 
     from conftest import build_tiny_tokenizer
@@ -152,6 +152,8 @@ def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkey
     monkeypatch.setattr(packing, "_CHUNK_DOCS", 8)  # as a larger corpus is tokenized 512 documents at a time
     tok = load_tokenizer(build_tiny_tokenizer(tmp_path / "tok", 300))
     add_fim_tokens(tok)
+    sentinels = fim_sentinels(tok)
+    assert sentinels is not None
     cfg = ProjectConfig()
     cfg.train.fim_rate, cfg.train.seq_len = 0.5, 64
 
@@ -182,16 +184,8 @@ def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkey
     assert per_doc < 0.1 * chars_per_doc, f"{per_doc:.0f} B per document: the texts or their tokens are held"
     texts = [json.loads(line)["text"] for line in (large / "text" / "train.jsonl").open()]
     train, _ = _pretrain_streams(cfg, large, tok, tmp_path / "large")  # from the cache
-    expected = packing.tokenize_documents(fim_documents(texts, 0.5, cfg_sentinels(tok), 3 * 64, cfg.project.seed), tok)
+    expected = packing.tokenize_documents(fim_documents(texts, 0.5, sentinels, 3 * 64, cfg.project.seed), tok)
     assert np.array_equal(train, expected)
-
-
-def cfg_sentinels(tok) -> tuple[str, str, str]:
-    from slmforge.tokenizer.fim import fim_sentinels
-
-    sentinels = fim_sentinels(tok)
-    assert sentinels is not None
-    return sentinels
 
 
 if __name__ == "__main__":
