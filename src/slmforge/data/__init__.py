@@ -61,7 +61,7 @@ def _write_jsonl(path: Path, records) -> int:
     return n
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSONL file the data stage wrote (blank lines skipped); ``[]`` when the
     file does not exist, so callers decide whether a missing split is an error.
 
@@ -72,7 +72,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def iter_jsonl(path: Path) -> Iterator[dict]:
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """``read_jsonl`` one record at a time: the same records, never more than one line in memory."""
     if path.is_file():
         with open(path, encoding="utf-8") as f:
