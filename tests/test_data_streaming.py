@@ -188,6 +188,18 @@ def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkey
     assert np.array_equal(train, expected)
 
 
+def test_jsonl_records_with_unicode_line_separators_are_read_whole(tmp_path):
+    """The data stage writes JSONL with ``ensure_ascii=False``, which leaves U+2028, U+2029 and U+0085 raw in
+    a line: a record holding one is one record (``str.splitlines`` would have cut it in two)."""
+    from slmforge.data import iter_jsonl, read_jsonl
+
+    rows = [{"text": "one\u2028two\u2029three\x85four"}, {"text": "plain"}]
+    path = tmp_path / "split.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "\n", encoding="utf-8")
+    assert read_jsonl(path) == list(iter_jsonl(path)) == rows
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
 if __name__ == "__main__":
     import sys
 

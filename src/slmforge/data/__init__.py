@@ -67,13 +67,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     Every stage that reads the datasets reads them with this or, where a split may not fit in memory, with
     ``iter_jsonl``."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return list(iter_jsonl(path))
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """``read_jsonl`` one record at a time: the same records, never more than one line in memory."""
+    """``read_jsonl`` one record at a time: the same records, never more than one line in memory. Lines end at
+    ``\\n`` only: ``json.dumps(..., ensure_ascii=False)`` writes U+2028 and U+0085 as they are, and
+    ``str.splitlines`` would cut a record there."""
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             yield from (json.loads(line) for line in f if line.strip())
