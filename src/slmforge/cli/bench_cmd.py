@@ -89,14 +89,19 @@ def bench_serve(
     finally:
         if server is not None:
             server.stop()
+    report: dict[str, Any] = {"url": url, "started_server": server is not None, "max_batch_size": max_batch_size,
+                              "endpoint": "completions" if completions else "chat", **result.as_dict(),
+                              "cost": cost_report(result, cfg.serve.cost)}
+    _finish(result, server, report, as_json)
+
+
+def _finish(result: LoadResult, server: ServerProcess | None, report: dict[str, Any], as_json: bool) -> None:
+    """Keep the started server's log only when requests failed; print the report; exit 1 when all failed."""
     if server is not None:
         if result.error_count:
             err.print(f"{result.error_count} request(s) failed; the server's log: {server.log_path}", style="yellow")
         else:
             server.remove_log()
-    cost = cost_report(result, cfg.serve.cost)
-    report: dict[str, Any] = {"url": url, "started_server": server is not None, "max_batch_size": max_batch_size,
-                              "endpoint": "completions" if completions else "chat", **result.as_dict(), "cost": cost}
     if as_json:
         print(json.dumps(report, indent=2))
     else:
