@@ -5,8 +5,8 @@ engine's own token choice and emission, per number of sequences.
 
 MODEL is an ONNX export (``slmforge export onnx``; served by ``OnnxGenerator``) or a model folder (the
 torch engine). N plain-text prompts (``slmforge.serve.bench.BENCH_PROMPTS``, as ``serve_load.py
---completions`` sends them) are submitted at once to one ``BatchEngine``, greedy, exactly --max-tokens
-new tokens each (``ignore_eos``); a round ends when all have finished. The engine's methods are wrapped
+--completions`` sends them) are submitted at once to one ``BatchEngine``, greedy (or sampled: --temperature,
+--top-p, seeded), exactly --max-tokens new tokens each (``ignore_eos``); a round ends when all have finished. The engine's methods are wrapped
 with timers: ``backend.prefill`` (prompts joining), ``backend.decode`` (one step of every running row)
 and ``_sample_and_emit`` (choosing each row's token, detokenizing, stop strings, events). Prints the
 median over --runs rounds (after one warm-up round) of tokens/s and of each phase's seconds, and the
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per sequence")
     parser.add_argument("--runs", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--json", default="batch_step_profile", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     sizes = [int(n) for n in args.sequences.split(",")]
@@ -73,7 +75,8 @@ def main() -> None:
     engine = BatchEngine(gen, max_batch_size=max(sizes))
     clock: Counter = Counter()
     timed(engine, clock)
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=0 if args.temperature else None, ignore_eos=True)
     prompts = [engine.encode(q, True) for q in BENCH_PROMPTS]
 
     def round_(n: int) -> dict[str, float]:
@@ -99,7 +102,8 @@ def main() -> None:
     engine.stop()
 
     m = machine()
-    print(f"\n{args.model} ({gen.engine}): greedy, {args.max_tokens} new tokens per sequence, median of {args.runs}; "
+    how = f"temperature {args.temperature}, top_p {args.top_p}" if args.temperature else "greedy"
+    print(f"\n{args.model} ({gen.engine}): {how}, {args.max_tokens} new tokens per sequence, median of {args.runs}; "
           f"{args.threads} threads; machine: {m['cpu']}, {m['cores']} cores, load avg {os.getloadavg()[0]:.2f}\n")
     print("| sequences | tokens/s | wall s | prefill s | decode s | choose+emit s | decode step ms | choose+emit ms/step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -108,6 +112,7 @@ def main() -> None:
               f"| {r['choose+emit']:.3f} | {r['decode_step_ms']:.1f} | {r['choose_emit_ms_per_step']:.1f} |")
     path = save(args.json, {"settings": {"model": str(args.model), "engine": gen.engine, "runs": args.runs,
                                          "max_tokens": args.max_tokens, "threads": args.threads,
+                                         "temperature": args.temperature, "top_p": args.top_p,
                                          "load_average_1min": os.getloadavg()[0]}, "results": rows})
     print(f"\nwrote {path}")
 

@@ -1,0 +1,60 @@
+"""The batch engine's sampler (``serve._batch.sample_token``): the distribution transformers' warpers define
+(temperature, then top-k, then the top-p nucleus over what is left), drawn without sorting the vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmforge.errors import GenerateError
+from slmforge.generate import SamplingParams
+from slmforge.serve._batch import sample_token
+
+
+def reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The probabilities the previous sort-based sampler drew from (transformers' warpers, in order)."""
+    row = logits.double() / p.temperature
+    if p.top_k is not None and p.top_k < row.numel():
+        row[row < torch.topk(row, p.top_k).values[-1]] = -torch.inf
+    if p.top_p is not None and p.top_p < 1.0:
+        ordered, order = torch.sort(row, descending=True)
+        probs = torch.softmax(ordered, -1)
+        row[order[probs.cumsum(-1) - probs > p.top_p]] = -torch.inf
+    return torch.softmax(row, -1)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_p=0.8),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=1.0, top_k=10, top_p=0.5),
+])
+def test_draws_follow_the_warpers_distribution(params):
+    logits = torch.linspace(4, -4, 40) + torch.sin(torch.arange(40.0))  # distinct, unsorted
+    expected = reference(logits, params)
+    rng = torch.Generator().manual_seed(0)
+    n = 6000  # seeded: the same draws every run
+    counts = torch.bincount(torch.tensor([sample_token(logits.clone(), params, rng) for _ in range(n)]), minlength=40)
+    assert (counts[expected == 0] == 0).all()  # never outside top-k / the nucleus
+    assert (counts / n - expected).abs().max() < 0.025  # ~4 standard deviations at the largest p
+
+
+def test_a_wide_nucleus_in_a_large_vocabulary_grows_past_the_first_candidates():
+    torch.manual_seed(0)
+    logits = torch.randn(262_144) * 0.1  # nearly flat: a 0.5 nucleus holds ~130k tokens
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    expected = reference(logits, params)
+    rng = torch.Generator().manual_seed(1)
+    drawn = torch.tensor([sample_token(logits.clone(), params, rng) for _ in range(300)])
+    assert (expected[drawn] > 0).all()
+    assert len(set(drawn.tolist())) > 250  # spread over the nucleus, not its first 256
+
+
+def test_the_same_seed_draws_the_same_tokens_and_nan_logits_are_an_error():
+    logits = torch.randn(1000)
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    draws = [[sample_token(logits.clone(), params, g) for _ in range(20)]
+             for g in (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3))]
+    assert draws[0] == draws[1]
+    with pytest.raises(GenerateError, match="finite"):
+        sample_token(torch.full((10,), float("nan")), SamplingParams(temperature=1.0), None)
