@@ -1,5 +1,6 @@
-"""The batch engine's sampler (``serve._batch.sample_token``): the distribution transformers' warpers define
-(temperature, then top-k, then the top-p nucleus over what is left), drawn without sorting the vocabulary."""
+"""The one sampler of the batch engine (``serve._batch.sample_token``) and the ONNX engine
+(``generate._sampling.next_tokens``): the distribution transformers' warpers define (temperature, then
+top-k, then the top-p nucleus over what is left), drawn without sorting the vocabulary."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import torch
 
 from slmforge.errors import GenerateError
 from slmforge.generate import SamplingParams
+from slmforge.generate._sampling import next_tokens
 from slmforge.serve._batch import sample_token
 
 
 def reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The probabilities the previous sort-based sampler drew from (transformers' warpers, in order)."""
+    """The probabilities transformers' warpers leave, by a full sort (the ascending top-p of TopPLogitsWarper)."""
     row = logits.double() / p.temperature
     if p.top_k is not None and p.top_k < row.numel():
         row[row < torch.topk(row, p.top_k).values[-1]] = -torch.inf
     if p.top_p is not None and p.top_p < 1.0:
-        ordered, order = torch.sort(row, descending=True)
-        probs = torch.softmax(ordered, -1)
-        row[order[probs.cumsum(-1) - probs > p.top_p]] = -torch.inf
+        ascending, order = torch.sort(row)
+        remove = torch.softmax(ascending, -1).cumsum(-1) <= 1 - p.top_p
+        remove[-1] = False  # the most likely token stays
+        row[order[remove]] = -torch.inf
     return torch.softmax(row, -1)
 
 
@@ -58,3 +61,15 @@ def test_the_same_seed_draws_the_same_tokens_and_nan_logits_are_an_error():
     assert draws[0] == draws[1]
     with pytest.raises(GenerateError, match="finite"):
         sample_token(torch.full((10,), float("nan")), SamplingParams(temperature=1.0), None)
+
+
+def test_the_onnx_engines_rows_draw_from_the_same_distribution():
+    import numpy as np
+
+    logits = torch.linspace(4, -4, 40) + torch.sin(torch.arange(40.0))
+    params = SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.0)
+    expected = reference(logits, params).numpy()
+    rows = np.tile(logits.numpy(), (3000, 1))
+    drawn = next_tokens(rows, np.zeros((3000, 1), np.int64), params, np.random.default_rng(0))
+    counts = np.bincount(drawn, minlength=40) / drawn.size
+    assert (counts[expected == 0] == 0).all() and np.abs(counts - expected).max() < 0.03

@@ -36,6 +36,7 @@ import torch
 
 from slmforge.errors import GenerateError
 from slmforge.generate import SamplingParams, StopCutter
+from slmforge.generate._sampling import draw_token
 
 
 def _torch_backend(generator: Any, max_rows: int) -> Any:
@@ -505,41 +506,8 @@ class BatchEngine:
 
 
 def sample_token(row: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
-    """One token drawn from ``row``'s logits at ``p.temperature``, within ``p.top_k`` and the nucleus ``p.top_p``
-    (the smallest most-likely set whose probability reaches it), as transformers' warpers define them.
-
-    Sorting or ``torch.multinomial`` over a 262k vocabulary took 50-80 ms a row on this CPU, and torch's
-    elementwise ops slow down badly when the 2 cores are shared (OpenMP threads wait on each other), so
-    this is single-threaded numpy: the nucleus is found among the ``argpartition`` best (8x more until they
-    hold it; a 0.9 nucleus is rarely more than a few hundred tokens), and the draw is one uniform number
-    (from the request's generator) against the cumulative probabilities.
-    """
-    x = row.detach().cpu().numpy().astype(np.float64) / p.temperature
-
-    def best(k: int) -> np.ndarray:  # the k largest, in descending order
-        ids = np.argpartition(x, x.size - k)[x.size - k:] if k < x.size else np.arange(x.size)
-        return ids[np.argsort(-x[ids], kind="stable")]
-
-    if p.top_k is not None and p.top_k < x.size:
-        ids = best(p.top_k)
-        probs = np.exp(x[ids] - x[ids[0]])
-        probs /= probs.sum()  # renormalised over the k, as the top-k warper leaves them
-    elif p.top_p is not None and p.top_p < 1.0:
-        total = np.exp(x - x.max()).sum()
-        k = min(256, x.size)
-        while True:
-            ids = best(k)
-            probs = np.exp(x[ids] - x.max()) / total
-            if k == x.size or probs.sum() - probs[-1] > p.top_p:  # the k-th is outside the nucleus
-                break
-            k = min(8 * k, x.size)
-    else:
-        ids, probs = None, np.exp(x - x.max())
-    if p.top_p is not None and p.top_p < 1.0:
-        probs = np.where(np.cumsum(probs) - probs > p.top_p, 0.0, probs)  # keep the smallest set reaching top_p
-    cumulative = np.cumsum(probs)
-    if not np.isfinite(cumulative[-1]) or cumulative[-1] <= 0:
-        raise GenerateError("No token has a finite, positive probability at this step (NaN or masked logits).")
+    """One token drawn from ``row``'s logits (``generate._sampling.draw_token``: single-threaded numpy, because
+    torch's sort and multinomial over a 262k vocabulary took 50-80 ms a row here, and its elementwise ops slow
+    down badly when the 2 cores are shared), with a uniform number from the request's generator."""
     u = float(torch.rand((), generator=rng, dtype=torch.float64))
-    index = min(int(np.searchsorted(cumulative, u * cumulative[-1], side="right")), cumulative.size - 1)
-    return int(ids[index]) if ids is not None else index
+    return draw_token(row.detach().cpu().numpy().astype(np.float64), p, u)
