@@ -21,7 +21,7 @@ when they are tied).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,13 +101,18 @@ def _load_float_model(spec: str):
     return model, gen.tokenizer
 
 
-def _heldout(cfg: ProjectConfig) -> list[str]:
-    from slmforge.data import read_jsonl
+def _heldout(cfg: ProjectConfig) -> Iterable[str]:
+    """The held-out split's texts, read from disk on each pass (perplexity reads only what its tokens need).
+
+    Raises:
+        ArtifactError: The split is missing or has no text.
+    """
+    from slmforge.tokenizer.packing import jsonl_texts
 
     split = cfg.report.heldout_split
     file = output_dir(cfg, "data") / "text" / f"{split}.jsonl"
-    texts = [r["text"] for r in read_jsonl(file)]
-    if not texts:
+    texts = jsonl_texts(file)
+    if not file.is_file() or next(iter(texts), None) is None:
         raise ArtifactError(f"{file} has no text to measure perplexity on; run `slmforge data` with text in data.formats.")
     return texts
 

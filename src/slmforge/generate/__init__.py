@@ -60,6 +60,7 @@ __all__ = [
     "ORT_LEVELS",
     "choose_providers",
     "StopCutter",
+    "draw_token",
     "chat_messages_for_template",
     "check_tools",
     "json_schema_constraint",
@@ -220,6 +221,7 @@ _SHARED = {
     "choose_providers": "slmforge.generate._onnx",
     # stop strings over a token stream, for the batching server
     "StopCutter": "slmforge.generate._text",
+    "draw_token": "slmforge.generate._sampling",
     # constrained output and tool calls, for the server's response_format and tools
     "chat_messages_for_template": "slmforge.generate._constrain",
     "check_tools": "slmforge.generate._constrain",

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from slmforge.errors import GenerateError
-from slmforge.generate import SamplingParams, StopCutter
-from slmforge.generate._sampling import draw_token
+from slmforge.generate import SamplingParams, StopCutter, draw_token
 
 
 def _torch_backend(generator: Any, max_rows: int) -> Any:
