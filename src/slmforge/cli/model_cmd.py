@@ -35,13 +35,16 @@ def trim_vocab(
     from slmforge.config import load_config
     from slmforge.model.trim import trim_vocab as run
     from slmforge.tokenizer import heldout_texts
+    from slmforge.tokenizer.packing import jsonl_texts
 
     parents = []
     if text:
         texts = [t.read_text(encoding="utf-8", errors="replace") for t in text]
     else:
-        folder = data or output_dir(load_config(config, set_ or []), "data")
-        texts = heldout_texts(folder, "train")
+        folder = Path(data or output_dir(load_config(config, set_ or []), "data"))
+        split = folder / "text" / "train.jsonl"
+        # Checked as a dataset artifact (one character read), then read a batch at a time, twice.
+        texts = jsonl_texts(split) if heldout_texts(folder, "train", max_chars=1) else []
         parents.append(parent_ref(folder))
     result = run(model, texts, out_dir, keep_tokens=keep or [], command=sys.argv, parents=parents,
                  log=lambda m: err.print(m, style="dim"))

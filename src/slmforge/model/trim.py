@@ -10,6 +10,7 @@ of the kept tokens are the old ones; text outside the domain falls back to short
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Callable, Iterable
@@ -49,15 +50,19 @@ def _specials(tokenizer: Any, model: Any, keep_tokens: Iterable[str]) -> set[int
     return ids | {vocab[t] for t in keep_tokens}
 
 
-def _used_ids(backend: Any, texts: list[str], progress: bool) -> set[int]:
+def _used_ids(backend: Any, texts: Iterable[str], progress: bool) -> tuple[set[int], int, int]:
+    """The ids the texts encode to, and how many texts and characters there were (one pass, _BATCH at a time)."""
     used: set[int] = set()
+    docs = chars = 0
+    source = iter(texts)
     with progress_bar(progress) as bar:
-        task = bar.add_task("tokenizing the domain text", total=len(texts), info="")
-        for start in range(0, len(texts), _BATCH):
-            for enc in backend.encode_batch(texts[start : start + _BATCH], add_special_tokens=False):
+        task = bar.add_task("tokenizing the domain text", total=None, info="")
+        while batch := list(itertools.islice(source, _BATCH)):
+            for enc in backend.encode_batch(batch, add_special_tokens=False):
                 used.update(enc.ids)
-            bar.update(task, advance=len(texts[start : start + _BATCH]), info=f"{len(used):,} tokens used")
-    return used
+            docs, chars = docs + len(batch), chars + sum(map(len, batch))
+            bar.update(task, advance=len(batch), info=f"{docs:,} texts, {len(used):,} tokens used")
+    return used, docs, chars
 
 
 def _slice_model(model: Any, order: list[int]) -> None:
@@ -93,7 +98,7 @@ def _renumber_ids(obj: Any, new_id: dict[int, int]) -> None:
             setattr(obj, name, new_id.get(value))
 
 
-def _verify(old: Any, new: Any, texts: list[str], new_id: dict[int, int]) -> None:
+def _verify(old: Any, new: Any, texts: Iterable[str], new_id: dict[int, int]) -> None:
     """The domain text must encode to the same tokens (new ids) and decode to the same text."""
     for text in texts:
         before = old.encode(text, add_special_tokens=False).ids
@@ -102,7 +107,7 @@ def _verify(old: Any, new: Any, texts: list[str], new_id: dict[int, int]) -> Non
             raise ModelError(f"The trimmed tokenizer encodes this domain text differently (a bug): {text[:200]!r}.")
 
 
-def trim_vocab(model_spec: str | Path, texts: list[str], out: str | Path, keep_tokens: Iterable[str] = (),
+def trim_vocab(model_spec: str | Path, texts: Iterable[str], out: str | Path, keep_tokens: Iterable[str] = (),
                command: list[str] | None = None, progress: bool = True,
                parents: list[dict[str, str]] | None = None,
                log: Callable[[str], None] | None = None) -> TrimResult:
@@ -110,7 +115,8 @@ def trim_vocab(model_spec: str | Path, texts: list[str], out: str | Path, keep_t
 
     Args:
         model_spec: A model folder, .gguf file or hub id (``load_causal_lm``); its tokenizer must be BPE.
-        texts: The domain text (the training split of a dataset artifact, say).
+        texts: The domain text (the training split of a dataset artifact, say); read twice, a batch at a time
+            (a list, or ``tokenizer.packing.jsonl_texts`` of a split: nothing is held whole).
         out: The output folder (a ``model`` artifact).
         keep_tokens: Tokens to keep even if the text never uses them.
         parents: More lineage entries (the dataset the text came from).
@@ -125,11 +131,12 @@ def trim_vocab(model_spec: str | Path, texts: list[str], out: str | Path, keep_t
     from slmforge.tokenizer import load_tokenizer
     from slmforge.tokenizer.trim import trim_tokenizer
 
-    if not texts:
-        raise ModelError("No domain text to trim the vocabulary to: the dataset's training split is empty.")
     model, tokenizer = load_causal_lm(model_spec)
     backend = tokenizer.backend_tokenizer
-    keep = _used_ids(backend, texts, progress) | _specials(tokenizer, model, keep_tokens)
+    used, docs, chars = _used_ids(backend, texts, progress)
+    if not docs:
+        raise ModelError("No domain text to trim the vocabulary to: the dataset's training split is empty.")
+    keep = used | _specials(tokenizer, model, keep_tokens)
     vocab_before, params_before = len(tokenizer), _params(model)
     try:
         tok_json, order = trim_tokenizer(json.loads(backend.to_str()), keep)
@@ -137,7 +144,7 @@ def trim_vocab(model_spec: str | Path, texts: list[str], out: str | Path, keep_t
         raise ModelError(f"Cannot trim the vocabulary of {model_spec}: {exc}") from None
     new_id = {old: new for new, old in enumerate(order)}
     new_backend = Tokenizer.from_str(json.dumps(tok_json, ensure_ascii=False))
-    _verify(backend, new_backend, texts[:: max(1, len(texts) // 2000)], new_id)
+    _verify(backend, new_backend, itertools.islice(texts, 0, None, max(1, docs // 2000)), new_id)
     _slice_model(model, order)
     _renumber_ids(model.config, new_id)
     if getattr(model, "generation_config", None) is not None:
@@ -156,7 +163,7 @@ def trim_vocab(model_spec: str | Path, texts: list[str], out: str | Path, keep_t
             raise ModelError(f"The saved tokenizer has {len(reloaded)} tokens, expected {len(order)} (a bug).")
         w.metrics.update({"vocab_before": vocab_before, "vocab_after": len(order),
                           "params_before": params_before, "params_after": _params(model),
-                          "domain_texts": len(texts), "domain_chars": sum(map(len, texts))})
+                          "domain_texts": docs, "domain_chars": chars})
         if log:
             log(f"vocabulary {vocab_before:,} -> {len(order):,} tokens; parameters {params_before:,} -> "
                 f"{_params(model):,}")

@@ -141,8 +141,8 @@ def pretrain_plan(cfg: ProjectConfig, data=None, tokenizer=None) -> Plan:
 
 def _trimmed_base(base: str, texts: Iterable[str], work: Path) -> str:
     """The base trimmed to ``texts``, kept in the work folder under a name made of the base's identity and
-    the texts (a resumed run, or another process of the same run, finds it made). ``model.trim_vocab`` takes
-    the texts as a list: only this step holds the training split in memory."""
+    the texts (a resumed run, or another process of the same run, finds it made). ``texts`` is read in passes,
+    a batch at a time (here and by ``trim_vocab``)."""
     import hashlib
 
     from slmforge.model.trim import trim_vocab
@@ -152,7 +152,7 @@ def _trimmed_base(base: str, texts: Iterable[str], work: Path) -> str:
         h.update(hashlib.sha256(t.encode()).digest())
     folder = work / f"trimmed-base-{h.hexdigest()[:12]}"
     if not (folder / "manifest.json").is_file():
-        trim_vocab(base, list(texts), folder, progress=False)
+        trim_vocab(base, texts, folder, progress=False)
     return str(folder)
 
 
