@@ -153,16 +153,3 @@ def test_echo_with_logprobs_is_a_clear_400_on_the_onnx_engine(urls):
                                                       "echo": True, "logprobs": 1})
     assert r.status_code == 400 and "needs the torch engine" in r.json()["error"]["message"]
 
-
-def test_the_batch_backend_shares_the_generators_session_and_scoring_is_unchanged(onnx_dir):
-    from slmforge.serve._batch_onnx import LAST_LOGITS, OnnxBackend
-
-    gen = OnnxGenerator(onnx_dir, threads=1)
-    pairs = [("The garden was", " green and wide"), ("Bread is", " baked")]
-    before = gen.loglikelihood(pairs)
-    backend = OnnxBackend(gen, 4)
-    # One session, so the weights are held once: the backend binds the last-position output, the
-    # generator's own runs (scoring here) the full logits.
-    assert backend.session is gen.session and backend.last_only
-    assert LAST_LOGITS in {o.name for o in gen.session.get_outputs()}
-    assert gen.loglikelihood(pairs) == pytest.approx(before, abs=1e-5)

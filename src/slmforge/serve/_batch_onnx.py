@@ -33,15 +33,11 @@ that allows 32k tokens costs memory only for what it writes.
 
 The builder's graph computes the logits of every position fed, which a prompt does not need: for Gemma
 3's 262k vocabulary the output layer is a third of the model's multiply-adds per token, so a 25-token
-prompt cost as much as 25 decode rows. The backend reloads the generator's session over a copy of the
-graph with a second output, ``LAST_LOGITS``: the output layer (and anything between it and the logits)
-once more, reading only the last position (a ``Slice`` before its MatMul, the same weights). ONNX Runtime
-runs only what the bound outputs need, so the backend's runs (bound to ``LAST_LOGITS``) pay for one row
-of the output layer per prompt, the generator's (bound to the logits: scoring, prompt log-probabilities)
-are unchanged, and the weights are held once. (A second session beside the generator's held them twice:
-+470 MB of peak memory serving Gemma 3 270M int4.) Without a recognisable output MatMul the generator's
-session stays as it is (and the prompts prefilled together are bounded by the bytes of their logits,
-``PREFILL_LOGITS_BYTES``: 16 equal 9-token prompts of Gemma 3 in one run took 5.3 s against 80 ms for one).
+prompt cost as much as 25 decode rows. The backend runs its own session over a copy of the graph in which
+the output layer reads only the last position (a ``Slice`` before its MatMul; the weights read from the
+same file), so a prompt's cost is its transformer layers plus one row of the output layer. Without a recognisable output MatMul it falls back to the generator's session (and bounds the
+prompts prefilled together by the bytes of their logits, ``PREFILL_LOGITS_BYTES``: 16 equal 9-token
+prompts of Gemma 3 in one run took 5.3 s against 80 ms for one).
 """
 
 from __future__ import annotations
@@ -60,7 +56,6 @@ if TYPE_CHECKING:
 _NUMPY_OF_ORT_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PREFILL_LOGITS_BYTES = 32 * 2**20  # the graph returns logits for every prompt position: bound that buffer (measured below)
 _MIN_CAPACITY = 64
-LAST_LOGITS = "slmforge/last_position_logits"  # the second output: (rows, 1, vocab)
 
 
 class OnnxBackend:
@@ -86,9 +81,8 @@ class OnnxBackend:
                 "not. Re-export the model, or serve it with max_batch_size 1 through another engine."
             )
         self.layout, self.max_rows = layout, max_rows
-        self.session = generator.session = self._with_last_position_output(generator)
-        self.last_only = LAST_LOGITS in {o.name for o in self.session.get_outputs()}  # one row per prompt
-        self.logits = LAST_LOGITS if self.last_only else layout.logits  # the output the backend binds
+        self.session = self._last_position_session(generator.session)
+        self.last_only = self.session is not generator.session  # prompts return one row of logits each
         self.vocab_size = layout.vocab_size
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.kv_dtype = _NUMPY_OF_ORT_TYPE.get(types[layout.cache_names()[0][0]], np.float32)
@@ -206,7 +200,7 @@ class OnnxBackend:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)  # the same buffer: updated in place
         logits = ort.OrtValue.ortvalue_from_numpy(self.step_out[:rows])
-        self.binding.bind_ortvalue_output(self.logits, logits)
+        self.binding.bind_ortvalue_output(self.layout.logits, logits)
         self.bound, self.bound_rows = [*values, logits], rows
 
     # ------------------------------------------------------------------ runs
@@ -225,66 +219,51 @@ class OnnxBackend:
         b = self.session.io_binding()
         b.bind_cpu_input(lay.input_ids, ids)
         b.bind_cpu_input(lay.attention_mask, mask)
-        b.bind_ortvalue_output(self.logits, logits)
+        b.bind_ortvalue_output(lay.logits, logits)
         for (past, present), value in zip(lay.cache_names(), values, strict=True):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)
         self._run(b)
         return out[:, -1].astype(np.float32)
 
-    def _with_last_position_output(self, generator: Any) -> ort.InferenceSession:
-        """A session over a copy of the graph with the second output ``LAST_LOGITS`` (see the module docstring),
-        with the generator's session's options and providers; that session itself when the output layer is not
+    def _last_position_session(self, session: ort.InferenceSession) -> ort.InferenceSession:
+        """A session over a copy of the graph whose output layer reads only the last position (see the module
+        docstring), with ``session``'s options and providers; ``session`` itself when the output layer is not
         a MatMul reached from the logits through at most a few elementwise nodes, or the copy fails."""
         import onnx
 
-        lay, session = self.layout, generator.session
+        lay = self.layout
         try:
             model = onnx.load(str(lay.onnx_file), load_external_data=False)
         except Exception:  # an unreadable graph still runs as it is
             return session
         graph = model.graph
         producer = {out: node for node in graph.node for out in node.output}
-        chain = [producer.get(lay.logits)]  # from the logits back to the output MatMul
+        node = producer.get(lay.logits)
         for _ in range(4):  # e.g. a Cast, or a soft-capping Div/Tanh/Mul after the output MatMul
-            if chain[-1] is None or chain[-1].op_type in ("MatMul", "MatMulNBits"):
+            if node is None or node.op_type in ("MatMul", "MatMulNBits"):
                 break
-            chain.append(producer.get(chain[-1].input[0]))
-        node = chain[-1]
+            node = producer.get(node.input[0])
         if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
             return session
         last = "slmforge/last_position_hidden"
         graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray([v], np.int64), f"{last}/{k}")
                                   for k, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))])
-        graph.node.append(onnx.helper.make_node(
+        graph.node.insert(list(graph.node).index(node), onnx.helper.make_node(
             "Slice", [node.input[0], f"{last}/starts", f"{last}/ends", f"{last}/axes"], [last], name=last))
-        renamed = {node.input[0]: last}  # (B, S, hidden) -> (B, 1, hidden) -> (B, 1, vocab)
-        for original in reversed(chain):  # the MatMul first; its copies read the same weights
-            copy = onnx.NodeProto()
-            copy.CopyFrom(original)
-            copy.name = f"slmforge/last/{original.name}"
-            copy.input[:] = [renamed.get(i, i) for i in original.input]
-            for k, out in enumerate(original.output):
-                renamed[out] = copy.output[k] = LAST_LOGITS if out == lay.logits else f"slmforge/last/{out}"
-            graph.node.append(copy)
-        logits_out = next(o for o in graph.output if o.name == lay.logits)
-        extra = graph.output.add()
-        extra.CopyFrom(logits_out)
-        extra.name = LAST_LOGITS
-        if len(extra.type.tensor_type.shape.dim) == 3:
-            extra.type.tensor_type.shape.dim[1].ClearField("dim_param")
-            extra.type.tensor_type.shape.dim[1].dim_value = 1
+        node.input[0] = last  # (B, S, hidden) -> (B, 1, hidden) -> logits (B, 1, vocab)
+        for out in graph.output:
+            if out.name == lay.logits and len(out.type.tensor_type.shape.dim) == 3:
+                out.type.tensor_type.shape.dim[1].dim_value = 1
         # Loaded from memory, its weights read from the export's own folder (ONNX Runtime refuses a copy of
         # the graph elsewhere whose external data, even through a symlink, lies outside the copy's folder).
-        options, providers = _options_like(session.get_session_options()), session.get_providers()
-        original = _options_like(session.get_session_options())
+        options = _options_like(session.get_session_options())
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(lay.onnx_file.parent.resolve()))
-        generator.session = session = None  # freed first: the two never hold the weights at the same time
         try:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        except Exception:  # ONNX Runtime refuses the copy: the graph as it is (prompts return every position)
-            return ort.InferenceSession(str(lay.onnx_file), original, providers=providers)
+            return ort.InferenceSession(model.SerializeToString(), options, providers=session.get_providers())
+        except Exception:  # ONNX Runtime refuses the copy: prompts then return every position's logits
+            return session
 
     def _run(self, binding: Any) -> None:
         try:
