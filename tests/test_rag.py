@@ -101,6 +101,26 @@ def test_semantic_splits_where_the_topic_changes():
         chunk_text(text, "semantic")
 
 
+def test_semantic_chunks_of_many_documents_come_from_one_embedding_call():
+    from slmforge.rag.chunkers import batched_sentence_embed
+
+    rng = np.random.default_rng(0)
+    words = ["cats", "purr", "rockets", "fly", "fuel", "mice", "orbit", "nap"]
+    texts = [" ".join(f"{' '.join(rng.choice(words, 4))}." for _ in range(int(rng.integers(1, 9)))) for _ in range(30)]
+    calls = []
+
+    def embed(sents):
+        calls.append(len(sents))
+        return np.asarray([[s.count("cats") + 0.1, s.count("rockets") + 0.1, len(s) / 50] for s in sents], np.float32)
+
+    alone = [chunk_text(t, "semantic", size=20, overlap=0, embed=embed, percentile=40) for t in texts]
+    per_document = len(calls)
+    calls.clear()
+    lookup = batched_sentence_embed(texts, embed)
+    together = [chunk_text(t, "semantic", size=20, overlap=0, embed=lookup, percentile=40) for t in texts]
+    assert together == alone and per_document > 1 and len(calls) == 1
+
+
 @pytest.mark.parametrize("chunker", ["fixed", "recursive", "sentence"])
 def test_every_span_is_the_chunk_text(chunker: str):
     spans = chunk_text(MD * 3, chunker, size=10, overlap=3)

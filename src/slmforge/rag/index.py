@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from slmforge.errors import RagError
-from slmforge.rag.chunkers import Chunk, chunk_document
+from slmforge.rag.chunkers import Chunk, batched_sentence_embed, chunk_document
 from slmforge.rag.embedders import TextEmbedder
 from slmforge.rag.stores import Store, open_store
 
@@ -39,6 +39,7 @@ CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(hash);
 """
 _DIRTY = "store-dirty"  # present while the store may hold vectors the catalog does not list
+_SEMANTIC_GROUP = 256  # documents whose sentences the semantic chunker embeds in one call
 
 
 @dataclass
@@ -205,11 +206,14 @@ class Index:
     def _chunk(self, docs: list[Any], s: ChunkSettings, progress: bool) -> list[Chunk]:
         from slmforge._progress import progress_bar
 
-        embed = self.embedder.embed if s.chunker == "semantic" else None
+        embed = None
         out: list[Chunk] = []
         with progress_bar(progress and len(docs) > 50) as bar:
             task = bar.add_task("chunking", total=len(docs), info="")
-            for d in docs:
+            for i, d in enumerate(docs):
+                if s.chunker == "semantic" and i % _SEMANTIC_GROUP == 0:  # the group's sentences in one call
+                    group = [g.text for g in docs[i : i + _SEMANTIC_GROUP]]
+                    embed = batched_sentence_embed(group, self.embedder.embed)
                 out.extend(chunk_document(d, s.chunker, s.size, s.overlap, self.embedder.token_spans, embed,
                                           s.percentile))
                 bar.update(task, advance=1, info=f"{len(out)} chunks")
