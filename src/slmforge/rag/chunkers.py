@@ -198,9 +198,10 @@ def _semantic(text: str, spans: TokenSpans, embed: Embed | None, size: int, perc
 def batched_sentence_embed(texts: list[str], embed: Embed) -> Embed:
     """An ``embed`` for the semantic chunker over ``texts`` whose sentences were all embedded in one call.
 
-    The chunker embeds one document's sentences at a time: a few short sentences per call, so on the
-    python-docs corpus (73,745 sentences) the embedder ran at ~17 sentences a second, against hundreds
-    in large batches. Sentences it is later asked for that were not prefetched are embedded then.
+    The chunker embeds one document's sentences at a time, a few short sentences per call, which kept the
+    embedder far below its batched speed (a run over the python-docs corpus was stopped unfinished); this
+    way chunking that corpus takes ~3 minutes (docs/BENCHMARKS.md). Sentences it is later
+    asked for that were not prefetched are embedded then.
     """
     sentences = list(dict.fromkeys(t[a:b] for t in texts if len(spans := _sentences(t)) >= 3 for a, b in spans))
     table: dict[str, np.ndarray] = dict(zip(sentences, embed(sentences), strict=True)) if sentences else {}
