@@ -67,7 +67,7 @@ def smiles_run(args) -> dict:
         f"train.max_minutes={args.smiles_minutes}", f"train.max_steps={args.smiles_steps}",
         f"bio.sample.n={args.samples}", f"bio.property.source={esol}", "bio.property.value_field=logS",
         f"bio.property.max_minutes={args.property_minutes}", f"bio.property.max_steps={args.property_steps}",
-        "bio.data.split.val=0.1", "bio.data.split.test=0.1"])
+        "bio.data.split.val=0.1", "bio.data.split.test=0.1", f"bio.data.augment={args.augment}"])
     t0 = time.monotonic()
     outcomes = run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
     paths = {o.stage: o.path for o in outcomes}
@@ -129,10 +129,12 @@ def main() -> None:
     ap.add_argument("--property-steps", type=int, default=400)
     ap.add_argument("--protein-minutes", type=float, default=4.0)
     ap.add_argument("--protein-steps", type=int, default=1000)
+    ap.add_argument("--augment", type=int, default=1, help="SMILES per training molecule (bio.data.augment)")
+    ap.add_argument("--json", default="bio_recipes", help="results file name under benchmarks/results/")
     args = ap.parse_args()
     smiles, protein = smiles_run(args), protein_run(args)
     print_tables(smiles, protein)
-    path = save("bio_recipes", {"machine": machine(), "args": vars(args), "smiles": smiles, "protein": protein})
+    path = save(args.json, {"machine": machine(), "args": vars(args), "smiles": smiles, "protein": protein})
     print(f"\n-> {path}")
 
 

@@ -73,6 +73,27 @@ TINY_SMILES = [
 ]
 
 
+def test_augmented_training_smiles_spell_the_same_molecules_and_held_out_stays_canonical(tmp_path):
+    from slmforge.bio.chem import canonical_smiles
+    from slmforge.bio.stages import data_plan, make_bio_data, read_records
+    from slmforge.data import read_jsonl
+
+    path = _tiny_smiles_project(tmp_path)
+    plain = load_config(path, TINY_SMILES)
+    assert "augment" not in data_plan(plain).config["data"]  # at its default: existing datasets stay current
+    cfg = load_config(path, [*TINY_SMILES, "bio.data.augment=3"])
+    data = make_bio_data(cfg).path
+    records = read_records(data, "train")
+    texts = [r["text"] for r in read_jsonl(data / "text" / "train.jsonl")]
+    assert len(records) < len(texts) <= 3 * len(records)
+    assert {canonical_smiles(t) for t in texts} == {r["smiles"] for r in records}
+    assert len(set(texts)) == len(texts)  # the random spellings differ from the canonical one and each other
+    for split in ("val", "test"):
+        assert [r["text"] for r in read_jsonl(data / "text" / f"{split}.jsonl")] == [
+            r["smiles"] for r in read_records(data, split)]
+    assert make_bio_data(cfg).path == data and texts == [r["text"] for r in read_jsonl(data / "text" / "train.jsonl")]
+
+
 @pytest.mark.integration
 def test_smiles_recipe_runs_end_to_end_and_resumes(tmp_path, one_torch_thread):
     path = _tiny_smiles_project(tmp_path)

@@ -825,6 +825,11 @@ class BioDataConfig(Section):
     max_length: int = Field(
         120, ge=8, description="Drop SMILES of more tokens than this; proteins longer than this are cut into pieces."
     )
+    augment: int = Field(
+        1, ge=1, le=50,
+        description="SMILES written per training molecule: the canonical one plus augment - 1 randomized ones "
+        "(RDKit, seeded), so a small set teaches the grammar rather than the strings (1 = canonical only).",
+    )
     split: SplitConfig = Field(
         default_factory=SplitConfig,
         description="Held-out shares: molecules split by Bemis-Murcko scaffold (no scaffold in two splits), "

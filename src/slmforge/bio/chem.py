@@ -48,6 +48,18 @@ def canonical_smiles(smiles: str) -> str | None:
     return str(chem.MolToSmiles(mol))
 
 
+def randomized_smiles(smiles: str, n: int, seed: int) -> list[str]:
+    """Up to ``n`` other SMILES of the same molecule (RDKit's random atom orders, seeded), none equal to
+    ``smiles``; fewer when the molecule has fewer spellings."""
+    chem = _quiet_rdkit()
+    mol = chem.MolFromSmiles(smiles)
+    if mol is None or n <= 0:
+        return []
+    # randomSeed 0 means "unseeded" to RDKit: shift by one so every seed, 0 included, repeats.
+    found = dict.fromkeys(chem.MolToRandomSmilesVect(mol, 4 * n, randomSeed=seed + 1))
+    return [s for s in found if s != smiles][:n]
+
+
 def murcko_scaffold(smiles: str) -> str:
     """The Bemis-Murcko scaffold (ring systems and their linkers) as canonical SMILES; ``""`` for a
     molecule without rings (all acyclic molecules share that one scaffold)."""

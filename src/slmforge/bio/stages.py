@@ -58,7 +58,9 @@ def data_plan(cfg: ProjectConfig) -> Plan:
     Raises:
         DataError: A source is missing.
     """
-    config = {"kind": cfg.bio.kind, "data": cfg.bio.data.model_dump(mode="json"), "seed": cfg.project.seed}
+    # bio.data.augment came later: at its default it stays out, so existing datasets stay current
+    data = cfg.bio.data.model_dump(mode="json", exclude={"augment"} if cfg.bio.data.augment == 1 else None)
+    config = {"kind": cfg.bio.kind, "data": data, "seed": cfg.project.seed}
     return Plan("dataset", config, [source_ref(cfg, s) for s in cfg.bio.data.sources])
 
 
@@ -140,9 +142,16 @@ def _protein_splits(proteins: list[Protein], cfg: ProjectConfig, counts: Counter
     return out
 
 
-def _write_splits(folder: Path, splits: dict[str, list[dict]], text_key: str) -> None:
+def _write_splits(folder: Path, splits: dict[str, list[dict]], text_key: str, augment: int = 1, seed: int = 0) -> None:
+    """``records/`` and ``text/`` per split; with ``augment`` > 1 the training text holds each molecule's
+    canonical SMILES then up to ``augment`` - 1 randomized ones (held-out splits stay canonical)."""
     for split, records in splits.items():
-        for sub, rows in (("records", records), ("text", [{"text": r[text_key]} for r in records])):
+        texts = [r[text_key] for r in records]
+        if augment > 1 and split == "train":
+            from slmforge.bio.chem import randomized_smiles
+
+            texts = [t for i, s in enumerate(texts) for t in [s, *randomized_smiles(s, augment - 1, seed + i)]]
+        for sub, rows in (("records", records), ("text", [{"text": t} for t in texts])):
             (folder / sub).mkdir(parents=True, exist_ok=True)
             (folder / sub / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -173,7 +182,8 @@ def make_bio_data(cfg: ProjectConfig, command: list[str] | None = None,
         raise DataError(f"bio.data: nothing left to train on from {cfg.bio.data.sources} ({dict(counts)}).")
     out = output_dir(cfg, "bio-data")
     with plan.writer(out, command) as w:
-        _write_splits(w.path, splits, text_key)
+        augment = cfg.bio.data.augment if cfg.bio.kind == "smiles" else 1
+        _write_splits(w.path, splits, text_key, augment, cfg.project.seed)
         w.metrics.update(_data_metrics(cfg.bio.kind, splits, counts))
     if log:
         log(f"bio-data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} -> {out}")
@@ -226,7 +236,9 @@ def make_bio_tokenizer(cfg: ProjectConfig, command: list[str] | None = None,
     plan = tokenizer_plan(cfg)
     data = output_dir(cfg, "bio-data")
     key = "smiles" if cfg.bio.kind == "smiles" else "sequence"
-    train = [r[key] for r in read_records(data, "train")]
+    from slmforge.data import iter_jsonl
+
+    train = [r["text"] for r in iter_jsonl(data / "text" / "train.jsonl")]  # randomized SMILES too, if any
     tok = smiles_tokenizer(train) if cfg.bio.kind == "smiles" else protein_tokenizer()
     heldout = [r[key] for s in ("val", "test") for r in read_records(data, s)]
     exact = sum(1 for s in heldout if tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s)
