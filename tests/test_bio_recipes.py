@@ -79,8 +79,9 @@ def test_augmented_training_smiles_spell_the_same_molecules_and_held_out_stays_c
     from slmforge.data import read_jsonl
 
     path = _tiny_smiles_project(tmp_path)
-    plain = load_config(path, TINY_SMILES)
+    plain = load_config(path, [*TINY_SMILES, "bio.data.augment=1"])
     assert "augment" not in data_plan(plain).config["data"]  # at its default: existing datasets stay current
+    assert load_config(path).bio.data.augment == 5  # the smiles template's choice
     cfg = load_config(path, [*TINY_SMILES, "bio.data.augment=3"])
     data = make_bio_data(cfg).path
     records = read_records(data, "train")
