@@ -17,8 +17,9 @@ clients ``slmforge.serve.bench.run_load`` sends max(2 x clients, 16) streamed ch
 ``BENCH_PROMPTS``. One warm-up request per server is not timed. Each cell is the median of ``--runs``.
 Prints a markdown table of throughput and P50/P95/P99 latency and time to first token per setting,
 the ratio on/off at each number of clients, the ratio of each cell to one client with batching off
-(the single stream) and each server's peak resident memory (Linux VmHWM, read after its last cell), and writes benchmarks/results/serve_load.json (``--json NAME``: NAME.json;
-``--quick`` writes serve_load_quick.json).
+(the single stream) and each server's peak resident memory (Linux VmHWM, read after its last cell),
+and writes benchmarks/results/serve_load.json (``--json NAME``: NAME.json; ``--quick`` writes
+serve_load_quick.json).
 """
 
 from __future__ import annotations

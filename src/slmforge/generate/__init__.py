@@ -110,6 +110,12 @@ class SamplingParams:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy, one beam, no repetition penalty: each step's token is the argmax of the model's logits
+        (what the torch engine's certified bf16 head needs; a constraint, bias or logprobs rule it out too)."""
+        return self.temperature == 0 and self.num_beams == 1 and self.repetition_penalty == 1.0
+
     def validate(self) -> None:
         """Check the values every engine relies on.
 

@@ -351,9 +351,7 @@ class TorchGenerator(EngineBase):
                 [_Constrained(constraint, rows, params.max_new_tokens, self.eos_token_ids)])
         adapter_off = self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
         # Plain greedy decoding needs only each step's argmax: the head may then use its certified bf16 path.
-        plain_greedy = (params.temperature == 0 and params.num_beams == 1 and constraint is None
-                        and params.repetition_penalty == 1.0)
-        argmax_only = self.greedy_steps() if plain_greedy else contextlib.nullcontext()
+        argmax_only = self.greedy_steps() if params.plain_greedy and constraint is None else contextlib.nullcontext()
         rng = contextlib.nullcontext()
         if params.seed is not None:
             # Sampling draws from torch's global generator; fork it so a seeded request leaves it as it was.

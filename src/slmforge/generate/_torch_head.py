@@ -61,7 +61,7 @@ class RowVectorHead:
         self._key: tuple[Any, ...] | None = None
         self._twin: torch.Tensor | None = None
         self._bf16_key: tuple[Any, ...] | None = None
-        self._bf16: torch.Tensor | None = None  # made at the first greedy one-row step
+        self._bf16: torch.Tensor | None = None  # made at the first certified product
         self._max_norm = 0.0  # the largest row norm of the weight
         self.certified_steps = 0  # rows multiplied in certified mode so far, and the tokens recomputed in fp32
         self.recomputed = 0
@@ -123,10 +123,10 @@ _mode = threading.local()  # .exact_ids, per thread: streaming generates in its 
 
 @contextlib.contextmanager
 def exact_argmax_only(exact_ids: tuple[int, ...] = ()) -> Iterator[None]:
-    """Within this block, in this thread, one-row head products need only their fp32 argmax exact:
-    greedy decoding with nothing that reorders tokens after the head (no repetition penalty, no
-    constraint mask) except masking some of ``exact_ids`` (EOS ids suppressed until ``min_new_tokens``).
-    The other logits are then within ~1 of their fp32 value."""
+    """Within this block, in this thread, head products (any number of rows) need only each row's fp32
+    argmax exact: greedy decoding with nothing that reorders tokens after the head (no repetition
+    penalty, no constraint mask) except masking some of ``exact_ids`` (EOS ids suppressed until
+    ``min_new_tokens``). The other logits are then within ~1-2 of their fp32 value."""
     before = getattr(_mode, "exact_ids", None)
     _mode.exact_ids = tuple(exact_ids)
     try:

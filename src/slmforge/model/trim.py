@@ -131,11 +131,11 @@ def trim_vocab(model_spec: str | Path, texts: Iterable[str], out: str | Path, ke
     from slmforge.tokenizer import load_tokenizer
     from slmforge.tokenizer.trim import trim_tokenizer
 
+    if next(iter(texts), None) is None:  # before the model loads
+        raise ModelError("No domain text to trim the vocabulary to: the dataset's training split is empty.")
     model, tokenizer = load_causal_lm(model_spec)
     backend = tokenizer.backend_tokenizer
     used, docs, chars = _used_ids(backend, texts, progress)
-    if not docs:
-        raise ModelError("No domain text to trim the vocabulary to: the dataset's training split is empty.")
     keep = used | _specials(tokenizer, model, keep_tokens)
     vocab_before, params_before = len(tokenizer), _params(model)
     try:

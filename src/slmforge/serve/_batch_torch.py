@@ -93,9 +93,8 @@ class TorchBackend:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, seqs: list[_Seq]):
         # Every row plain greedy: the model's head may give only each row's argmax exactly (bf16, certified).
-        plain = all(s.request.params.temperature == 0 and s.request.params.repetition_penalty == 1.0
-                    and s.request.constraint is None and not s.request.logit_bias and s.request.logprobs is None
-                    for s in seqs)
+        plain = all(s.request.params.plain_greedy and s.request.constraint is None and not s.request.logit_bias
+                    and s.request.logprobs is None for s in seqs)
         with self.generator.greedy_steps() if plain else contextlib.nullcontext():
             return self._run_model(input_ids, attention_mask, position_ids, cache, seqs)
 
