@@ -21,8 +21,8 @@ decode step (over a minute to compile for a small gain), OpenBLAS (numpy) matrix
 fast alone but slower inside the model (its threads and torch's OpenMP threads fight over two cores).
 
 Greedy steps (inside ``exact_argmax_only``) go faster still without changing a token. A bf16 copy
-of the head (half the bytes; this CPU multiplies bf16 natively: one row ~20 ms against the twin's
-~30, and 16 rows ~31 ms against the row-major weight's ~115) gives every logit to within a bound
+of the head (half the bytes; this CPU multiplies bf16 natively: one row 26 ms against the twin's
+33, and 16 rows 39 ms against the row-major weight's 136, docs/BENCHMARKS.md) gives every logit within a bound
 computed per row; the tokens within twice the bound of the row's best are recomputed in fp32 from
 the weight, and every other token keeps its bf16 value, which lies below the recomputed maximum, so
 the argmax is the fp32 product's. The bound for input x (u = 2^-8, bf16's unit roundoff; oneDNN

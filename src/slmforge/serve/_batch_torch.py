@@ -7,8 +7,8 @@ whose rows are merged (left-padded to a common length) when sequences join and s
 as early TGI did; the padding columns every row shares are trimmed away. Left padding works here because
 the model takes explicit ``position_ids`` and an attention mask over the padding. When every row of a
 run decodes plainly greedily, the run is inside ``TorchGenerator.greedy_steps``: the LM head multiplies
-in bf16 and recomputes in fp32 whatever could be a row's argmax (16 rows of Gemma 3 270M's head: ~31 ms
-against ~115 ms in fp32), the same tokens.
+in bf16 and recomputes in fp32 whatever could be a row's argmax (16 rows of Gemma 3 270M's head: 39 ms
+against 136 ms in fp32, docs/BENCHMARKS.md), the same tokens.
 """
 
 from __future__ import annotations
