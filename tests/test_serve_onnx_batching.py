@@ -67,7 +67,7 @@ def _client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-async def _staggered_completions(url: str, gap_s: float = 0.02) -> list[tuple[str, str, int]]:
+async def _staggered_completions(url: str, gap_s: float = 0.005) -> list[tuple[str, str, int]]:
     """Every prompt at once, each starting ``gap_s`` after the one before: (text, finish_reason, tokens)."""
     async with _client(url) as client:
         async def one(i: int):
