@@ -9,8 +9,8 @@ int8_dynamic), ONNX Runtime fp32/int8/int4 (slmforge export onnx), llama.cpp
 F16/Q8_0/Q4_0 (slmforge export gguf, run by xllamacpp); on request (--runtimes)
 transformers' own ``model.generate``, the baseline other tools quote, and the torch
 engine without its column-major LM head twin (``torch-row-head``, what it was before
-issue 15) or without the certified bf16 head of greedy steps (``torch-fp32-head``, the
-twin for every step). --model is
+issue 15), without the certified head of greedy steps (``torch-fp32-head``, the
+twin for every step) or with its bf16 screen instead of int8 (``torch-bf16-screen``). --model is
 any Hugging Face model folder, or a .gguf file (then its one llama.cpp row).
 Each engine greedily continues the same prompts for
 exactly --tokens new tokens (128, ``ignore_eos``), batch 1, median tokens/s over the
@@ -44,6 +44,7 @@ RUNTIMES = {
     "torch": ("PyTorch fp32 eager", "torch", None),
     "torch-row-head": ("PyTorch fp32, row-major head", "torch-row-head", None),
     "torch-fp32-head": ("PyTorch fp32, fp32 greedy head", "torch-fp32-head", None),
+    "torch-bf16-screen": ("PyTorch fp32, bf16-screened head", "torch-bf16-screen", None),
     "torch-int8": ("PyTorch int8 (dynamic)", "torch-int8", None),
     "transformers": ("transformers generate fp32", "transformers", None),
     "onnx-fp32": ("ONNX Runtime fp32", "onnx", "fp32"),
@@ -121,11 +122,15 @@ def measure(kind: str, path: Path, data: Path | None, docs: int, threads: int, r
     texts = [json.loads(line)["text"][:2000] for line in lines][:docs]
     if kind == "transformers":
         gen, size = TransformersGenerate(path), folder_bytes(path)
-    elif kind in ("torch", "torch-row-head", "torch-fp32-head"):
+    elif kind in ("torch", "torch-row-head", "torch-fp32-head", "torch-bf16-screen"):
         gen, size = TorchGenerator.from_pretrained(path, device="cpu"), folder_bytes(path)
-        if kind == "torch-row-head":
+        if kind == "torch-bf16-screen":  # the certified head's fallback screen where oneDNN int8 is unusable
+            from slmforge.generate._int8_head import Int8Screen
+
+            Int8Screen.build = classmethod(lambda cls, weight, rows: None)  # type: ignore[method-assign,assignment]
+        elif kind == "torch-row-head":
             gen.model.get_output_embeddings().__dict__.pop("forward", None)  # back to the plain nn.Linear
-        if kind != "torch":  # greedy steps through the fp32 twin (or weight), as before the certified head
+        if kind in ("torch-row-head", "torch-fp32-head"):  # greedy steps through the fp32 twin (or weight), as before the certified head
             import contextlib
 
             import slmforge.generate._torch as engine

@@ -4,13 +4,15 @@
 
 Two parts, in one process, 2 threads by default:
 1. ``torch.profiler`` over one greedy ``TorchGenerator.complete`` of --tokens tokens (ignore_eos),
-   with the engine as shipped (greedy steps: the certified bf16 head), with the fp32 column-major
-   head twin for greedy steps too, and with the plain row-major head: self CPU time per generated
-   token, split into the LM head's matrix product (the op whose weight has the vocabulary's rows),
-   the other matrix products, attention, and everything else; and, as shipped, how many tokens a
-   step recomputed in fp32.
+   with the engine as shipped (greedy steps: the certified head, int8-screened where oneDNN allows),
+   with the fp32 column-major head twin for greedy steps too, and with the plain row-major head (the
+   other layers oneDNN-packed in all three): self CPU time per generated token, split into the LM
+   head's products (the ops whose weight has the vocabulary's rows, and the int8 screen's), the
+   other matrix products, attention, and everything else; and, as shipped, how many tokens a step
+   recomputed in fp32.
 2. The LM head's product alone (``F.linear`` on random rows, the model's own weight), row-major,
-   column-major and bf16 row-major, for 1, 4 and 16 rows: median ms over 10 calls.
+   column-major and bf16 row-major, and the int8 screen (product, bound and candidates), for 1, 4
+   and 16 rows: median ms over 10 calls.
 Writes benchmarks/results/torch_decode_profile.json (--json names another file).
 """
 
@@ -39,9 +41,11 @@ def profile_decode(gen, tokens: int) -> dict:
     split = {"lm_head_mm": 0.0, "other_mm": 0.0, "attention": 0.0, "rest": 0.0}
     for event in prof.key_averages(group_by_input_shape=True):
         ms = event.self_cpu_time_total / 1000
-        if event.key in ("aten::mm", "aten::addmm"):
+        if event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise"):
             head = any(vocab in shape for shape in event.input_shapes if isinstance(shape, list))
             split["lm_head_mm" if head else "other_mm"] += ms
+        elif event.key == "onednn::qlinear_pointwise":  # the certified head's int8 screen
+            split["lm_head_mm"] += ms
         elif "attention" in event.key:
             split["attention"] += ms
         else:
@@ -55,19 +59,25 @@ def head_layouts(weight) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from slmforge.generate._int8_head import Int8Screen
+
     col = weight.detach().t().contiguous().t()
     half = weight.detach().to(torch.bfloat16)
+    screen = Int8Screen.build(weight.detach(), torch.randn(1, weight.shape[1]))
     rows = {}
     for m in (1, 4, 16):
         x = torch.randn(m, weight.shape[1])
         timing = {}
-        for name, w in (("row_major", weight.detach()), ("column_major", col), ("bf16", half)):
-            x = x.to(w.dtype)
-            F.linear(x, w)
+        products = {name: (lambda w=w, x=x.to(w.dtype): F.linear(x, w))
+                    for name, w in (("row_major", weight.detach()), ("column_major", col), ("bf16", half))}
+        if screen is not None:  # the int8 screen: its product, bound and candidates
+            products["int8_screen"] = lambda x=x: screen.candidates(x, torch.tensor([], dtype=torch.long))
+        for name, product in products.items():
+            product()
             times = []
             for _ in range(10):
                 t0 = time.perf_counter()
-                F.linear(x, w)
+                product()
                 times.append(time.perf_counter() - t0)
             timing[name] = round(median(times) * 1000, 1)
         rows[str(m)] = timing
@@ -107,9 +117,9 @@ def main() -> None:
         print(f"{key:<28}{shipped[key]:>21}{twin_only[key]:>11}{plain[key]:>16}")
     per_step = recomputed / max(steps, 1)
     print(f"certified steps {steps}, tokens recomputed in fp32 per step {per_step:.2f} (EOS ids included)")
-    print(f"LM head {tuple(head.weight.shape)} alone, median ms: rows, row-major, column-major, bf16")
+    print(f"LM head {tuple(head.weight.shape)} alone, median ms: rows, row-major, column-major, bf16, int8 screen")
     for m, t in layouts.items():
-        print(f"  {m:>3} {t['row_major']:>8} {t['column_major']:>8} {t['bf16']:>8}")
+        print(f"  {m:>3} {t['row_major']:>8} {t['column_major']:>8} {t['bf16']:>8} {t.get('int8_screen', 'n/a'):>8}")
     path = save(args.json, {"model": str(args.model), "threads": args.threads, "tokens": args.tokens,
                             "shipped": shipped, "fp32_twin": twin_only, "row_major_head": plain,
                             "recomputed_per_step": round(per_step, 2), "head_layouts_ms": layouts})

@@ -1,5 +1,5 @@
 """The torch engine's batch-1 decode path on CPU (issue 15): the LM head's column-major twin, and
-the certified bf16 head of plain greedy steps.
+the certified head of plain greedy steps, with its int8 screen and with bf16.
 
 A tiny random Llama (conftest's peaky model) and a tiny Gemma 3 with sliding-window layers and
 nested RoPE parameters (test_onnx_gemma3's builder, a window of 8 that 32 new tokens run past):
@@ -17,7 +17,9 @@ import torch
 from test_onnx_gemma3 import build_tiny_gemma3
 
 from slmforge.generate import SamplingParams, TorchGenerator
+from slmforge.generate._int8_head import Int8Screen
 from slmforge.generate._torch_head import RowVectorHead, attach_row_vector_head, exact_argmax_only
+from slmforge.generate._torch_packed import PackedLinear, attach_packed_layers, packing_available
 
 from conftest import TINY, build_peaky_model, build_tiny_tokenizer
 
@@ -27,6 +29,17 @@ PROMPTS = ["The garden was", "Bread is", "hello", "The river flows"]
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_torch_thread):
     yield
+
+
+@pytest.fixture(scope="module", autouse=True, params=["int8", "bf16"])
+def screen(request) -> str:
+    """Every test with the int8 screen (where oneDNN's int8 product is exact here) and with bf16."""
+    if request.param == "int8" and Int8Screen.build(torch.zeros(8, 64), torch.ones(1, 64)) is None:
+        pytest.skip("no exact oneDNN int8 product in this torch build")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "bf16":
+            patch.setattr(Int8Screen, "build", classmethod(lambda cls, weight, rows: None))
+        yield request.param
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -51,6 +64,7 @@ def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int) -> li
     assert not isinstance(model.get_output_embeddings().__dict__.get("forward"), RowVectorHead)
     # The engine's own GenerationConfig (the model folder's generation_config.json holds a sampling profile).
     config = gen._generation_config(SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    config.min_new_tokens = new_tokens  # transformers' own way to hold EOS back (the engine's is in place)
     texts = []
     for prompt in PROMPTS:
         ids = torch.tensor([gen.encode(prompt)])
@@ -96,7 +110,7 @@ def near_tie_head(seed: int) -> tuple[torch.nn.Linear, torch.Tensor]:
     return head, x.view(1, 1, 64)
 
 
-def test_the_certified_argmax_is_the_fp32_argmax_where_bf16_alone_is_not():
+def test_the_certified_argmax_is_the_fp32_argmax_where_bf16_alone_is_not(screen):
     bf16_wrong = 0
     for seed in range(40):
         head, x = near_tie_head(seed)
@@ -108,8 +122,10 @@ def test_the_certified_argmax_is_the_fp32_argmax_where_bf16_alone_is_not():
             got = forward(x)
         assert got.shape == exact.shape and int(got.argmax()) == int(exact.argmax())
         assert torch.allclose(got[0, 0, :2], exact[0, 0, :2], atol=1e-5)  # recomputed in fp32
-        bound = 2**-7.9 * x.norm() * head.weight.norm(dim=1) + 2**-7 * got.abs()  # the module's bound
-        assert ((got - exact).abs() <= bound).all()  # the others: bf16, within it
+        assert (forward._int8 is None) == (screen == "bf16")
+        if screen == "bf16":
+            bound = 2**-7.9 * x.norm() * head.weight.norm(dim=1) + 2**-7 * got.abs()  # the module's bound
+            assert ((got - exact).abs() <= bound).all()  # the others: bf16, within it
         # EOS masked before min_new_tokens (transformers sets it to -inf): the argmax of the rest.
         eos = int(exact.argmax())
         with exact_argmax_only((eos,)):
@@ -202,3 +218,31 @@ def test_batched_greedy_rows_go_through_the_certified_head_with_the_same_tokens(
         assert head.certified_steps - steps < 20
     finally:
         engine.stop()
+
+
+@pytest.mark.skipif(not packing_available(), reason="no oneDNN in this torch build")
+def test_every_layer_but_the_head_gets_a_packed_twin(gen):
+    head = gen.model.get_output_embeddings()
+    linears = [m for m in gen.model.modules() if type(m) is torch.nn.Linear and m is not head]
+    assert linears and all(isinstance(m.__dict__.get("forward"), PackedLinear) for m in linears)
+    assert attach_packed_layers(gen.model) == len(linears)  # a second call keeps the twins it finds
+    assert "forward" not in head.__dict__ or not isinstance(head.forward, PackedLinear)
+    used = [m.forward._packed is not None for m in linears]
+    assert all(used)  # the earlier tests' decode steps went through them
+
+
+@pytest.mark.skipif(not packing_available(), reason="no oneDNN in this torch build")
+def test_the_packed_twin_follows_the_weight_and_leaves_gradients_to_it():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    model = torch.nn.Sequential(layer)
+    assert attach_packed_layers(model) == 1
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        layer.weight.mul_(-2)  # changed in place: packed again
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        rows = torch.randn(3, 5, 48)
+        assert torch.allclose(layer(rows), torch.nn.functional.linear(rows, layer.weight, layer.bias), atol=1e-5)
+    layer(x).sum().backward()  # a gradient wanted: the weight itself, so it reaches the parameter
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -20,20 +20,23 @@ Linear (+400 MB for a gain within the noise), transformers' static cache, ``torc
 decode step (over a minute to compile for a small gain), OpenBLAS (numpy) matrix-vector products,
 fast alone but slower inside the model (its threads and torch's OpenMP threads fight over two cores).
 
-Greedy steps (inside ``exact_argmax_only``) go faster still without changing a token. A bf16 copy
-of the head (half the bytes; this CPU multiplies bf16 natively: one row 26 ms against the twin's
-33, and 16 rows 39 ms against the row-major weight's 136, docs/BENCHMARKS.md) gives every logit within a bound
-computed per row; the tokens within twice the bound of the row's best are recomputed in fp32 from
-the weight, and every other token keeps its bf16 value, which lies below the recomputed maximum, so
-the argmax is the fp32 product's. The bound for input x (u = 2^-8, bf16's unit roundoff; oneDNN
-sums bf16 products in fp32, then rounds the sum to bf16; D = len(x)), for every row r of W:
+Greedy steps (inside ``exact_argmax_only``) go faster still without changing a token. A screen
+gives every logit within a proven bound, the tokens that the bound cannot rule out of being the
+argmax are recomputed in fp32 from the weight, and every other token keeps its screened value, which
+lies below the recomputed maximum, so the argmax is the fp32 product's. The screen is oneDNN's int8
+product where it is exact (``_int8_head``: a quarter of the bytes, ~7 ms a row against bf16's 26),
+else a bf16 copy of the head (half the bytes; this CPU multiplies bf16 natively: one row 26 ms
+against the twin's 33, and 16 rows 39 ms against the row-major weight's 136, docs/BENCHMARKS.md),
+whose bound for input x (u = 2^-8, bf16's unit roundoff; oneDNN sums bf16 products in fp32, then
+rounds the sum to bf16; D = len(x)), for every row r of W, is
 
     |approx_r - x.w_r| <= (2u + u^2) sum_i |x_i w_ri| + fp32 summation + 2u |approx_r|
                        <= (2u + u^2 + 2 D 2^-24) ||x|| max_r ||w_r|| + 2u max_r |approx_r|
                                                                    (Cauchy-Schwarz, then the largest)
 
-On Gemma 3 270M it is ~1-2 logits wide and a few tokens a row are recomputed. Written here because
-no library offers a certified reduced-precision argmax.
+and every token within twice it of the row's best is recomputed. On Gemma 3 270M that is ~1-2
+logits wide and a few tokens a row are recomputed. Written here because no library offers a
+certified reduced-precision argmax.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from slmforge.generate._int8_head import Int8Screen, best_excluding
 
 
 class RowVectorHead:
@@ -60,8 +65,9 @@ class RowVectorHead:
         self.linear = linear
         self._key: tuple[Any, ...] | None = None
         self._twin: torch.Tensor | None = None
-        self._bf16_key: tuple[Any, ...] | None = None
-        self._bf16: torch.Tensor | None = None  # made at the first certified product
+        self._screen_key: tuple[Any, ...] | None = None  # the weight the screens below were made from
+        self._int8: Int8Screen | None = None  # made at the first certified product
+        self._bf16: torch.Tensor | None = None  # instead, where the int8 screen cannot be used
         self._max_norm = 0.0  # the largest row norm of the weight
         self.certified_steps = 0  # rows multiplied in certified mode so far, and the tokens recomputed in fp32
         self.recomputed = 0
@@ -84,30 +90,20 @@ class RowVectorHead:
     def _certified(self, x: torch.Tensor, key: tuple[Any, ...], exact_ids: tuple[int, ...]) -> torch.Tensor:
         """Logits whose argmax per row is the fp32 product's, with or without the ``exact_ids`` (always
         recomputed and left out of the threshold, so masking them, as transformers does to EOS before
-        ``min_new_tokens``, still leaves the right argmax): bf16 everywhere, fp32 wherever the bound
-        cannot rule a token out (the module's docstring). One bound per row, the largest of its tokens'
-        (the largest row norm, the largest |logit|): looser than per token, but two passes over the
-        logits instead of six."""
+        ``min_new_tokens``, still leaves the right argmax): the int8 screen's or bf16's values
+        everywhere, fp32 wherever their bound cannot rule a token out (the module's docstring)."""
         weight = self.linear.weight.detach()
-        if key != self._bf16_key or self._bf16 is None:
-            self._bf16 = weight.to(torch.bfloat16)
-            self._max_norm = float(weight.double().norm(dim=1).max())
-            self._bf16_key = key
         rows = x.reshape(-1, x.shape[-1])  # (N, D)
-        approx = F.linear(rows.to(torch.bfloat16), self._bf16).float()  # (N, V)
-        low, high = torch.aminmax(approx, dim=-1)
-        u = 2.0**-8
-        factor = 2 * u + u * u + 2 * rows.shape[-1] * 2.0**-24
-        bound = factor * self._max_norm * rows.double().norm(dim=-1).float() + 2 * u * torch.maximum(high, -low) + 1e-6
-        forced = torch.tensor(sorted({i for i in exact_ids if 0 <= i < approx.shape[-1]}), dtype=torch.long)
-        top = high
-        if forced.numel():  # where an exact id is a row's maximum, the threshold is the best of the others
-            hit = (approx[:, forced] >= high[:, None]).any(-1).nonzero().view(-1)
-            if hit.numel():
-                others = approx[hit].index_fill_(-1, forced, -torch.inf)
-                top = high.clone()
-                top[hit] = others.amax(-1)
-        pairs = torch.nonzero(approx >= (top - 2 * bound)[:, None])  # (k, 2): row, token
+        forced = torch.tensor(sorted({i for i in exact_ids if 0 <= i < weight.shape[0]}), dtype=torch.long)
+        if key != self._screen_key:
+            self._int8 = Int8Screen.build(weight, rows)  # None where oneDNN's int8 product is unusable
+            self._bf16 = weight.to(torch.bfloat16) if self._int8 is None else None
+            self._max_norm = float(weight.double().norm(dim=1).max())
+            self._screen_key = key
+        if self._int8 is not None:
+            approx, pairs = self._int8.candidates(rows, forced)
+        else:
+            approx, pairs = self._bf16_candidates(rows, forced)
         if forced.numel():
             every = torch.cartesian_prod(torch.arange(rows.shape[0]), forced).view(-1, 2)
             pairs = torch.unique(torch.cat([pairs, every]), dim=0)
@@ -116,6 +112,19 @@ class RowVectorHead:
         self.certified_steps += rows.shape[0]
         self.recomputed += int(pairs.shape[0])
         return approx.view(*x.shape[:-1], -1)
+
+    def _bf16_candidates(self, rows: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 logits and the pairs within twice the bound of their row's best non-forced token. One
+        bound per row, the largest of its tokens' (the largest row norm, the largest |logit|): looser
+        than per token, but two passes over the logits instead of six."""
+        assert self._bf16 is not None
+        approx = F.linear(rows.to(torch.bfloat16), self._bf16).float()  # (N, V)
+        low, high = torch.aminmax(approx, dim=-1)
+        u = 2.0**-8
+        factor = 2 * u + u * u + 2 * rows.shape[-1] * 2.0**-24
+        bound = factor * self._max_norm * rows.double().norm(dim=-1).float() + 2 * u * torch.maximum(high, -low) + 1e-6
+        top, _ = best_excluding(approx, forced)
+        return approx, torch.nonzero(approx >= (top - 2 * bound)[:, None])  # (k, 2): row, token
 
 
 _mode = threading.local()  # .exact_ids, per thread: streaming generates in its own thread, the server in several
