@@ -10,7 +10,9 @@ torch engine). N plain-text prompts (``slmforge.serve.bench.BENCH_PROMPTS``, as 
 with timers: ``backend.prefill`` (prompts joining), ``backend.decode`` (one step of every running row)
 and ``_sample_and_emit`` (choosing each row's token, detokenizing, stop strings, events). Prints the
 median over --runs rounds (after one warm-up round) of tokens/s and of each phase's seconds, and the
-decode step's milliseconds, and writes benchmarks/results/batch_step_profile.json (--json NAME).
+decode step's milliseconds, and writes benchmarks/results/batch_step_profile.json (--json NAME). With
+--ort-ops (ONNX), ONNX Runtime's own profile splits a decode step of each size by op type, the output
+layer (``lm_head``) apart.
 """
 
 from __future__ import annotations
@@ -44,6 +46,35 @@ def timed(engine, clock: Counter) -> None:
         setattr(target, name, wrapper)
 
 
+def ort_op_split(trace: Path) -> dict[int, dict[str, float]]:
+    """ONNX Runtime's profile of the batching session: per decode step (one new token per row), ms by op
+    type (the output layer apart), keyed by the step's number of rows. A run is a decode step when its
+    embedding node's token ids are (rows, 1)."""
+    import bisect
+    import json
+
+    events = json.loads(trace.read_text())
+    nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
+                   key=lambda e: e["ts"])
+    split: dict[int, Counter] = {}
+    steps: Counter = Counter()
+    starts = [e["ts"] for e in nodes]
+    for run in (e for e in events if e.get("name") == "model_run"):
+        inside = nodes[bisect.bisect_left(starts, run["ts"]):bisect.bisect_right(starts, run["ts"] + run["dur"])]
+        embed = next((e for e in inside if "embed_tokens" in e["name"]), None)
+        typed = (embed or {}).get("args", {}).get("input_type_shape", [])
+        ids = next((shape for x in typed for kind, shape in x.items() if kind == "int64" and len(shape) == 2), None)
+        if ids is None or ids[1] != 1:
+            continue  # a prompt, not a decode step
+        rows = ids[0]
+        steps[rows] += 1
+        ops = split.setdefault(rows, Counter())
+        ops["step (model_run)"] += run["dur"]
+        for e in inside:
+            ops["output layer" if "lm_head" in e["name"] else e["args"]["op_name"]] += e["dur"]
+    return {rows: {op: round(us / steps[rows] / 1000, 2) for op, us in ops.most_common()} for rows, ops in split.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="an ONNX export folder or a model folder")
@@ -54,6 +85,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--json", default="batch_step_profile", help="results file name under benchmarks/results/")
+    parser.add_argument("--ort-ops", action="store_true",
+                        help="ONNX: also ONNX Runtime's profile of the decode steps, ms by op type")
     args = parser.parse_args()
     sizes = [int(n) for n in args.sequences.split(",")]
 
@@ -64,6 +97,20 @@ def main() -> None:
     from slmforge.serve.bench import BENCH_PROMPTS
 
     torch.set_num_threads(args.threads)
+    trace_dir = None
+    if args.ort_ops:  # the batching session's options come from _options_like: switch its profiler on
+        import tempfile
+
+        import slmforge.serve._batch_onnx as backend
+
+        trace_dir, options_like = Path(tempfile.mkdtemp()), backend._options_like
+
+        def profiled(source):
+            options = options_like(source)
+            options.enable_profiling, options.profile_file_prefix = True, str(trace_dir / "ort")
+            return options
+
+        backend._options_like = profiled
     if (args.model / "genai_config.json").is_file():
         from slmforge.generate import OnnxGenerator
 
@@ -100,6 +147,7 @@ def main() -> None:
         row["choose_emit_ms_per_step"] = round(1000 * row["choose+emit"] / max(row["choose+emit_calls"], 1), 1)
         rows.append(row)
     engine.stop()
+    ops = ort_op_split(Path(engine.backend.session.end_profiling())) if trace_dir else {}
 
     m = machine()
     how = f"temperature {args.temperature}, top_p {args.top_p}" if args.temperature else "greedy"
@@ -110,10 +158,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['sequences']} | {r['tokens_per_s']:.1f} | {r['wall_s']:.2f} | {r['prefill']:.2f} | {r['decode']:.2f} "
               f"| {r['choose+emit']:.3f} | {r['decode_step_ms']:.1f} | {r['choose_emit_ms_per_step']:.1f} |")
+    for n, split in sorted(ops.items()):
+        print(f"\nONNX Runtime, a decode step of {n} rows, ms: " + ", ".join(f"{k} {v}" for k, v in split.items()))
     path = save(args.json, {"settings": {"model": str(args.model), "engine": gen.engine, "runs": args.runs,
                                          "max_tokens": args.max_tokens, "threads": args.threads,
                                          "temperature": args.temperature, "top_p": args.top_p,
-                                         "load_average_1min": os.getloadavg()[0]}, "results": rows})
+                                         "load_average_1min": os.getloadavg()[0]}, "results": rows,
+                            "ort_decode_ms_by_op": ops})
     print(f"\nwrote {path}")
 
 

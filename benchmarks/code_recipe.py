@@ -1,7 +1,7 @@
 """The code recipe on a real base: Gemma 3 270M adapted to Python source with fill-in-the-middle, against its base.
 
     python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 40] [--minutes 45] [--limit 32]
-                                     [--sampled 8]
+                                     [--sampled 8] [--sources FOLDER,...] [--json code_recipe]
 
 Runs ``slmforge quickstart --recipe code``: the standard library's source curated (licence headers,
 function-level dedup, HumanEval decontamination), Gemma 3 270M's vocabulary trimmed to it, continued
@@ -13,7 +13,8 @@ held-out modules) and HumanEval pass@1 (greedy, the first ``--limit`` problems, 
 answers from the eval cache), and fill-in-the-middle on held-out lines: the adapted model completing a
 line from the code before it alone vs with the code after it too (the base has no FIM tokens), and
 ``humaneval-sampled`` (10 samples at temperature 0.8: pass@1 and pass@10) on the first ``--sampled`` problems.
-Writes benchmarks/results/code_recipe.json.
+``--sources`` adapts to folders of your own code instead of the standard library (``data.sources``), which
+the base cannot have seen in pretraining. Writes benchmarks/results/code_recipe.json (--json NAME).
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=45.0)
     ap.add_argument("--limit", type=int, default=32)
-    ap.add_argument("--sampled", type=int, default=8)
+    ap.add_argument("--sampled", type=int, default=8, help="HumanEval problems sampled 10 times each (0: none)")
+    ap.add_argument("--sources", default=None,
+                    help="comma-separated folders of your own code to adapt to instead of the standard library")
+    ap.add_argument("--json", default="code_recipe", help="results file name under benchmarks/results/")
     args = ap.parse_args()
 
     from slmforge.config import load_config
@@ -78,6 +82,9 @@ def main() -> None:
 
     out = Path(args.out)
     sets = [f"train.max_steps={args.steps}", f"train.max_minutes={args.minutes}", f"eval.limit={args.limit}"]
+    if args.sources:  # code the base has not seen: your repositories, without the stdlib
+        folders = [str(Path(f).resolve()) for f in args.sources.split(",")]
+        sets += [f"data.sources={json.dumps(folders)}", "data.python_docs.module_source=false"]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "slmforge", "quickstart", "--recipe", "code", "--out", str(out),
                     *[x for s in sets for x in ("--set", s)]], check=True)
@@ -89,8 +96,10 @@ def main() -> None:
     mine, base = results["metrics"], results["baseline"]
     compared = compare_models(cfg, cfg.resolve(cfg.model.base), out / "runs" / "train", ["next-line", "humaneval"],
                               out / "runs" / "compare-base", limit=args.limit, progress=False).suites
-    sampled = compare_models(cfg, cfg.resolve(cfg.model.base), out / "runs" / "train", ["humaneval-sampled"],
-                             out / "runs" / "compare-sampled", limit=args.sampled, progress=False)
+    sampled = None
+    if args.sampled:
+        sampled = compare_models(cfg, cfg.resolve(cfg.model.base), out / "runs" / "train", ["humaneval-sampled"],
+                                 out / "runs" / "compare-sampled", limit=args.sampled, progress=False)
     rel = {k: round(mine[k] / base[k] - 1, 4) for k in sorted(mine) if base.get(k)}
     result = {"args": vars(args), "wall_minutes": round(wall / 60, 1),
               "train_minutes": round(train["seconds"] / 60, 1),
@@ -98,10 +107,10 @@ def main() -> None:
               "train": {k: train.get(k) for k in ("steps", "tokens", "tokens_per_s", "val_ppl", "params")},
               "base": {k: base[k] for k in sorted(base)}, "adapted": {k: mine[k] for k in sorted(mine)},
               "relative_change": rel, "compare": compared,
-              "sampled": {"compare": sampled.suites["humaneval-sampled"], **sampled_metrics(out)},
+              "sampled": {"compare": sampled.suites["humaneval-sampled"], **sampled_metrics(out)} if sampled else None,
               "fim": fim_vs_prefix(out / "runs" / "train", out / "runs" / "data", args.limit)}
     print(json.dumps(result, indent=2))
-    save("code_recipe", result)
+    save(args.json, result)
 
 
 if __name__ == "__main__":
