@@ -98,7 +98,9 @@ class RowVectorHead:
         if key != self._screen_key:
             self._int8 = Int8Screen.build(weight, rows)  # None where oneDNN's int8 product is unusable
             self._bf16 = weight.to(torch.bfloat16) if self._int8 is None else None
-            self._max_norm = float(weight.double().norm(dim=1).max())
+            if self._bf16 is not None:  # in slices: a float64 copy of Gemma 3's head would be 1.3 GB
+                self._max_norm = max(float(weight[i:i + 16384].double().norm(dim=1).max())
+                                     for i in range(0, weight.shape[0], 16384))
             self._screen_key = key
         if self._int8 is not None:
             approx, pairs = self._int8.candidates(rows, forced)
