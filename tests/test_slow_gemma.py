@@ -167,3 +167,23 @@ def test_gemma_int4_served_with_onnx_batching_matches_single_sequences(gemma_dir
         print("\nGemma 3 270M int4, ONNX engine batched:", results[4, "staggered"][0][:60])
     for key, got in results.items():
         assert got == want, key
+
+
+def test_gemma_torch_engine_greedy_equals_model_generate(gemma_dir, capsys):
+    """The torch engine as shipped on CPU (oneDNN-packed layers, the certified int8- or bf16-screened head)
+    against a fresh copy's ``model.generate``: the same greedy text, 5 prompts x 32 tokens (issue 15)."""
+    from test_torch_head import reference_texts
+
+    from slmforge.generate import SamplingParams, TorchGenerator
+    from slmforge.generate._torch_packed import PackedLinear
+
+    gen = TorchGenerator.from_pretrained(gemma_dir, device="cpu")
+    got = [gen.complete(p, SamplingParams(max_new_tokens=32, ignore_eos=True))[0].text for p in ONNX_PROMPTS]
+    head = gen.model.get_output_embeddings().forward
+    layers = [m for m in gen.model.modules() if isinstance(m.__dict__.get("forward"), PackedLinear)]
+    with capsys.disabled():
+        print(f"\nGemma 3 270M torch engine: {len(layers)} packed layers, screen "
+              f"{'int8' if head._int8 is not None else 'bf16'}, {head.recomputed / head.certified_steps:.1f} "
+              "tokens a step recomputed in fp32")
+    assert head.certified_steps >= 32 * len(ONNX_PROMPTS) and len(layers) >= 18 * 7
+    assert got == reference_texts(gemma_dir, gen, 32, ONNX_PROMPTS)  # a fresh copy's model.generate

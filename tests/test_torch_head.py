@@ -56,7 +56,7 @@ def gen(model_dir) -> TorchGenerator:
     return TorchGenerator.from_pretrained(model_dir, device="cpu")
 
 
-def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int) -> list[str]:
+def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int, prompts: list[str] = PROMPTS) -> list[str]:
     """``model.generate`` on a fresh copy of the model (row-major head, no twin), greedy, exactly ``new_tokens``."""
     from transformers import AutoModelForCausalLM
 
@@ -66,7 +66,7 @@ def reference_texts(model_dir: Path, gen: TorchGenerator, new_tokens: int) -> li
     config = gen._generation_config(SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     config.min_new_tokens = new_tokens  # transformers' own way to hold EOS back (the engine's is in place)
     texts = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = torch.tensor([gen.encode(prompt)])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
