@@ -113,7 +113,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy, one beam, no repetition penalty: each step's token is the argmax of the model's logits
-        (what the torch engine's certified bf16 head needs; a constraint, bias or logprobs rule it out too)."""
+        (what the torch engine's certified head needs; a constraint, bias or logprobs rule it out too)."""
         return self.temperature == 0 and self.num_beams == 1 and self.repetition_penalty == 1.0
 
     def validate(self) -> None:

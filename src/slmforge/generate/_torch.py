@@ -358,7 +358,7 @@ class TorchGenerator(EngineBase):
 
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         adapter_off = self.model.disable_adapter() if self._adapter_disabled else contextlib.nullcontext()
-        # Plain greedy decoding needs only each step's argmax: the head may then use its certified bf16 path.
+        # Plain greedy decoding needs only each step's argmax: the head may then use its certified path.
         argmax_only = self.greedy_steps() if params.plain_greedy and constraint is None else contextlib.nullcontext()
         rng = contextlib.nullcontext()
         if params.seed is not None:

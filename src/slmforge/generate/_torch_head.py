@@ -53,9 +53,9 @@ from slmforge.generate._int8_head import Int8Screen, best_excluding
 
 
 class RowVectorHead:
-    """The ``forward`` of an ``nn.Linear`` LM head: inside ``exact_argmax_only`` the certified bf16
-    product (any number of rows); otherwise one-row inputs by a column-major twin of the weight and
-    everything else by the weight itself.
+    """The ``forward`` of an ``nn.Linear`` LM head: inside ``exact_argmax_only`` the certified product
+    (int8- or bf16-screened, any number of rows); otherwise one-row inputs by a column-major twin of
+    the weight and everything else by the weight itself.
 
     Args:
         linear: The head (``model.get_output_embeddings()``), a plain ``torch.nn.Linear`` on CPU.
