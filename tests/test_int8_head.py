@@ -89,3 +89,22 @@ def test_a_saturating_kernel_is_refused_and_bf16_takes_over(monkeypatch):
         got = forward(x)
     assert forward._int8 is None and forward._bf16 is not None
     assert torch.equal(got.argmax(-1), torch.nn.functional.linear(x, head.weight).argmax(-1))
+
+
+def test_a_flat_step_takes_the_plain_fp32_product(monkeypatch):
+    """Where the bound cannot rule tokens out (here: an input so small that every logit is within it),
+    the step is the fp32 product itself rather than a gather of most of the head's rows."""
+    import slmforge.generate._torch_head as torch_head
+
+    monkeypatch.setattr(torch_head, "RECOMPUTE_LIMIT", 100)
+    gen = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(64, 3000, bias=False).requires_grad_(False)
+    head.weight.data = random_head(3000, 64, gen)
+    forward = RowVectorHead(head)
+    x = spiky(2, 64, gen)
+    with exact_argmax_only():
+        forward(x)  # builds the screen on ordinary rows
+        steps = forward.certified_steps
+        got = forward(x * 1e-6)
+    assert forward.certified_steps == steps + 2
+    assert torch.equal(got, torch.nn.functional.linear(x * 1e-6, head.weight))

@@ -106,12 +106,15 @@ class RowVectorHead:
             approx, pairs = self._int8.candidates(rows, forced)
         else:
             approx, pairs = self._bf16_candidates(rows, forced)
+        self.certified_steps += rows.shape[0]
+        if pairs.shape[0] > RECOMPUTE_LIMIT:  # a flat step: the plain product costs less than gathering the rows
+            self.recomputed += rows.shape[0] * weight.shape[0]
+            return F.linear(x, weight)
         if forced.numel():
             every = torch.cartesian_prod(torch.arange(rows.shape[0]), forced).view(-1, 2)
             pairs = torch.unique(torch.cat([pairs, every]), dim=0)
         exact = (rows.index_select(0, pairs[:, 0]) * weight.index_select(0, pairs[:, 1])).sum(-1)
         approx[pairs[:, 0], pairs[:, 1]] = exact
-        self.certified_steps += rows.shape[0]
         self.recomputed += int(pairs.shape[0])
         return approx.view(*x.shape[:-1], -1)
 
@@ -128,6 +131,10 @@ class RowVectorHead:
         top, _ = best_excluding(approx, forced)
         return approx, torch.nonzero(approx >= (top - 2 * bound)[:, None])  # (k, 2): row, token
 
+
+# Above this many (row, token) pairs to recompute, a step takes the plain fp32 product instead: gathering
+# each pair's weight row would copy more than the product reads (32,768 rows of 640 floats: 84 MB).
+RECOMPUTE_LIMIT = 32768
 
 _mode = threading.local()  # .exact_ids, per thread: streaming generates in its own thread, the server in several
 
