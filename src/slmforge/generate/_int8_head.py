@@ -1,13 +1,13 @@
 """The certified head's int8 screen: most logits of a greedy step from an int8 copy of the LM head,
 with a proven bound per token, so only the few tokens that could still be the argmax are read in fp32.
 
-Why: a bf16 copy of Gemma 3 270M's 262,144 x 640 head still reads 335 MB a token (~26 ms here).
+Why: a bf16 copy of Gemma 3 270M's 262,144 x 640 head still reads 335 MB a token (~20 ms here).
 oneDNN's int8 product (``torch.ops.onednn.qlinear_pointwise``: uint8 activations x int8 weights,
-exact int32 sums, fp32 out) reads half that and takes ~7 ms for one row and ~11 ms for 16
-(docs/BENCHMARKS.md). Its numbers are not the fp32 ones, but everything in them is known: the
-weights are rounded per row (scale s_r, residual w_r - s_r q_r, whose norm is stored per token), and
-the activations are rounded here, before the call, so their error e is known exactly too. For an
-input x and every token r:
+exact int32 sums, fp32 out) reads half that: with the bound and the candidates, 8.7 ms for one row
+and 20.3 for 16 (docs/BENCHMARKS.md). Its numbers are not the fp32 ones, but everything in them is
+known: the weights are rounded per row (scale s_r, residual w_r - s_r q_r, whose norm is stored per
+token), and the activations are rounded here, before the call, so their error e is known exactly
+too. For an input x and every token r:
 
     |x.w_r - approx_r| <= ||e|| ||w_r|| + ||x^|| ||w_r - s_r q_r|| + c      (Cauchy-Schwarz, twice)
 
@@ -16,7 +16,7 @@ where x^ = x - e is what the kernel multiplies and c covers fp32 rounding after 
 model: the bound is per token (the residual norms vary 4x between rows), and the few channels where
 the final hidden state is always large (Gemma's "massive activations"; 16 of 640 here, chosen from
 the first rows seen) are multiplied in fp32 from a 16 x V copy instead of setting the activation
-scale: on Gemma 3 270M that halves ||e||, and about a dozen tokens a step need fp32 (median 4).
+scale: on Gemma 3 270M that halves ||e||, and about a dozen tokens a step need fp32 (median 3).
 
 Written here because no library offers a certified reduced-precision argmax. Where the oneDNN op is
 missing (non-x86 builds) or fails its saturation probe (int8 kernels without VNNI may saturate

@@ -24,7 +24,7 @@ Greedy steps (inside ``exact_argmax_only``) go faster still without changing a t
 gives every logit within a proven bound, the tokens that the bound cannot rule out of being the
 argmax are recomputed in fp32 from the weight, and every other token keeps its screened value, which
 lies below the recomputed maximum, so the argmax is the fp32 product's. The screen is oneDNN's int8
-product where it is exact (``_int8_head``: a quarter of the bytes, ~7 ms a row against bf16's 26),
+product where it is exact (``_int8_head``: a quarter of the bytes: 8.7 ms a row against bf16's 20.5),
 else a bf16 copy of the head (half the bytes; this CPU multiplies bf16 natively: one row 26 ms
 against the twin's 33, and 16 rows 39 ms against the row-major weight's 136, docs/BENCHMARKS.md),
 whose bound for input x (u = 2^-8, bf16's unit roundoff; oneDNN sums bf16 products in fp32, then

@@ -1,20 +1,20 @@
 """Decoding on CPU: the decoder's linear layers read from oneDNN-packed copies.
 
 A decode step multiplies one row by every layer's weight: Gemma 3 270M has 126 such matrices, 400 MB
-in fp32, between 0.6 and 5 MB each. Through ``F.linear`` (MKL) that stream runs at ~12 GB/s on this
-AMD CPU, half of what it can read (24.7 GB/s, one thread); the same products from weights packed
-once for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, then ``_linear_pointwise``) run at
-~20 GB/s: measured on the 126 shapes in a row, 32.3 ms against 20.2 (column-major twins: 25.5), and
-in the engine a Gemma 3 270M token went from ~58 to ~43 ms with the same greedy text
-(docs/BENCHMARKS.md, "The torch engine on Gemma 3 270M"). It is the same fp32 product summed in
-another order, as with the head's column-major twin. Several rows gain too (16 rows: 22.6 against
-45.4 ms over the 126 shapes; 512 rows: 537 against 601), so every product without a gradient uses
-it: decode steps of one row or a batch, prefill and scoring.
+in fp32, between 0.6 and 5 MB each. Through ``F.linear`` (MKL) that stream runs at ~12.6 GB/s on this
+AMD CPU, half of what it can read (~25 GB/s, one thread); the same products from weights packed once
+for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``, then ``_linear_pointwise``) take 24.0 ms
+against 31.8 (column-major copies: 28.6; ``benchmarks/torch_cpu_products.py``), and took the engine
+from 1.82x to 2.24x ``model.generate`` on Gemma 3 270M with the same greedy text (docs/BENCHMARKS.md,
+"The torch engine on Gemma 3 270M"). It is the same fp32 product summed in another order, as with
+the head's column-major twin. Several rows gain more (16 rows: 27.7 against 65.0 ms; 512 rows: 518
+against 673), so every product without a gradient uses it: decode steps of one row or a batch,
+prefill and scoring.
 
 The packed copy is a twin, made at a layer's first call and again whenever its weight is changed in
 place or replaced; training keeps the module's own weight, which every other path (LoRA, state
-dicts, quantization) expects. The cost is one more copy of the
-layers in memory (+400 MB for Gemma 3 270M). Written here because neither transformers nor PyTorch
+dicts, quantization) expects. The cost is one more copy of the layers in memory (+400 MB for
+Gemma 3 270M). Written here because neither transformers nor PyTorch
 packs weights for one-row decoding outside ``torch.compile``, whose compile took over a minute for a
 smaller gain (docs/BENCHMARKS.md).
 """
