@@ -99,11 +99,9 @@ class Int8Screen:
         r, t = pairs[:, 0], pairs[:, 1]
         bound = err.float()[r] * self.norms32[t] + size.float()[r] * self.residuals32[t] + slack.float()[r]
         value = approx[r, t]
-        if forced.numel():  # a better lower bound of each row's true max, from the others
-            lower = torch.where(torch.isin(t, forced), -torch.inf, value - bound)
-            low = torch.maximum(low.float(), torch.full_like(high, -torch.inf).scatter_reduce(0, r, lower, "amax"))
-        else:
-            low = torch.full_like(high, -torch.inf).scatter_reduce(0, r, value - bound, "amax")
+        lower = (value - bound).masked_fill(torch.isin(t, forced), -torch.inf)  # forced ids may be masked later
+        # A better lower bound of each row's true max: the best of its candidates' own lower bounds.
+        low = torch.maximum(low.float(), torch.full_like(high, -torch.inf).scatter_reduce(0, r, lower, "amax"))
         return approx, pairs[value + bound >= low[r]]
 
 
@@ -134,6 +132,6 @@ def _kernel_is_exact(width: int) -> bool:
             got = _qlinear((x + 128).to(torch.uint8), torch.ops.onednn.qlinear_prepack(q, [1, width]),
                            torch.ones(64), torch.zeros(64, dtype=torch.long))
             _EXACT[width] = bool(torch.equal(got.double(), x.double() @ q.double().t()))
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError):  # the op exists but refuses these inputs: the bf16 screen
             _EXACT[width] = False
     return _EXACT[width]

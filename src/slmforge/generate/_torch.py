@@ -276,8 +276,8 @@ class TorchGenerator(EngineBase):
 
     def greedy_steps(self) -> contextlib.AbstractContextManager[None]:
         """A block (in this thread) whose forward passes need only each row's argmax exact, with or without
-        the EOS ids masked: plain greedy decoding. The LM head then multiplies in bf16 and recomputes in
-        fp32 what could be the argmax (``_torch_head``); the argmax is the fp32 product's."""
+        the EOS ids masked: plain greedy decoding. The LM head then multiplies in int8 (or bf16) and
+        recomputes in fp32 what could be the argmax (``_torch_head``); the argmax is the fp32 product's."""
         return exact_argmax_only(tuple(self.eos_token_ids))
 
     def render_chat(self, messages: list[Message]) -> str:
@@ -464,7 +464,9 @@ class _EosHeldBack:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] < self.until:
-            scores[:, self.eos.to(scores.device)] = -torch.inf
+            if self.eos.device != scores.device:
+                self.eos = self.eos.to(scores.device)  # once, not every step
+            scores[:, self.eos] = -torch.inf
         return scores
 
 
