@@ -1,7 +1,7 @@
 """The code recipe on a real base: Gemma 3 270M adapted to Python source with fill-in-the-middle, against its base.
 
     python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 40] [--minutes 45] [--limit 32]
-                                     [--sampled 8] [--sources FOLDER,...] [--json code_recipe]
+                                     [--sampled 8] [--fim-lines 32] [--sources FOLDER,...] [--json code_recipe]
 
 Runs ``slmforge quickstart --recipe code``: the standard library's source curated (licence headers,
 function-level dedup, HumanEval decontamination), Gemma 3 270M's vocabulary trimmed to it, continued
@@ -10,8 +10,9 @@ make runs on a shared machine comparable); the eval stage measures the
 model and the untrimmed base on held-out code perplexity, next-line completion (``--limit`` lines of the
 held-out modules) and HumanEval pass@1 (greedy, the first ``--limit`` problems, in the sandbox). Then
 ``slmforge eval compare`` base vs adapted on next-line and HumanEval (paired bootstrap CI and p-value;
-answers from the eval cache), and fill-in-the-middle on held-out lines: the adapted model completing a
-line from the code before it alone vs with the code after it too (the base has no FIM tokens), and
+answers from the eval cache), and fill-in-the-middle on ``--fim-lines`` held-out lines: the base and the
+adapted model completing each line from the code before it, against the adapted model given the code after
+it too (the base has no FIM tokens), with paired p-values; and
 ``humaneval-sampled`` (10 samples at temperature 0.8: pass@1 and pass@10) on the first ``--sampled`` problems.
 ``--sources`` adapts to folders of your own code instead of the standard library (``data.sources``), which
 the base cannot have seen in pretraining. Writes benchmarks/results/code_recipe.json (--json NAME).
@@ -29,31 +30,53 @@ from pathlib import Path
 from _common import RESULTS, save
 
 
-def fim_vs_prefix(model: Path, data: Path, limit: int) -> dict:
-    """Held-out lines completed from the code before them (a plain completion) and with the code after them
-    too (a FIM prompt): edit similarity and exact match of each, on the same lines."""
+def _short(prefix: str, suffix: str, chars: int = 700) -> tuple[str, str]:
+    """The last ``chars`` of ``prefix`` from a line start, and the first ``chars // 2`` of ``suffix``: a FIM
+    prompt of about one training window (256 tokens)."""
+    head = prefix[-chars:]
+    return (head[head.index("\n") + 1:] if "\n" in head and len(prefix) > chars else head), suffix[: chars // 2]
+
+
+def fim_table(base: Path, model: Path, data: Path, lines: int) -> dict:
+    """Held-out lines (seed 1 of the next-line items) completed four ways on the same lines: the base and the
+    adapted model from the 2,000 characters of code before the line (a plain completion; the base has no FIM
+    tokens), and the adapted model as a FIM prompt with the 1,000 characters after the line too, or with a
+    shorter context of about one training window (700 before, 350 after). Edit similarity and exact match of
+    each, and paired permutation tests of the FIM rows against the base and against the adapted model's own
+    plain completion."""
     from slmforge.data import read_jsonl
     from slmforge.evaluate.metrics import code_exact, edit_similarity
+    from slmforge.evaluate.stats import paired_permutation_test
     from slmforge.evaluate.suites import next_line_items
     from slmforge.generate import SamplingParams, TorchGenerator
 
     docs = [(r["id"], r["text"]) for r in read_jsonl(data / "text" / "test.jsonl")]
-    items = next_line_items(docs, limit, 1, 2000)
+    items = next_line_items(docs, lines, 1, 2000)
     texts = dict(docs)
-    gen = TorchGenerator.from_pretrained(model, device="cpu")
     params = SamplingParams(max_new_tokens=48, temperature=0.0, stop=["\n"])
-    scores: dict[str, list[tuple[float, float]]] = {"prefix": [], "prefix+suffix": []}
-    for item in items:
-        doc_id, line_no = item["id"].rsplit(":", 1)
-        lines = texts[doc_id].splitlines(keepends=True)
-        suffix = "".join(lines[int(line_no):])[:1000]  # the code after the line, from the next line on
-        prompts = {"prefix": item["input"], "prefix+suffix": gen.fim_prompt(item["input"], "\n" + suffix)}
-        for name, prompt in prompts.items():
-            answer = gen.complete(prompt, params)[0].text
-            scores[name].append((edit_similarity(answer, item["target"]), code_exact(answer, item["target"])))
-    return {name: {"edit_sim": round(sum(s[0] for s in rows) / len(rows), 4),
-                   "code_exact": round(sum(s[1] for s in rows) / len(rows), 4), "lines": len(rows)}
-            for name, rows in scores.items()}
+    scores: dict[str, list[tuple[float, float]]] = {}
+    for name, folder in (("adapted", model), ("base", base)):
+        gen = TorchGenerator.from_pretrained(folder, device="cpu")
+        for item in items:
+            doc_id, line_no = item["id"].rsplit(":", 1)
+            after = "\n" + "".join(texts[doc_id].splitlines(keepends=True)[int(line_no):])[:1000]
+            prompts = {f"{name}, prefix": item["input"]}
+            if name == "adapted":
+                prompts["adapted, FIM 2000+1000"] = gen.fim_prompt(item["input"], after)
+                prompts["adapted, FIM 700+350"] = gen.fim_prompt(*_short(item["input"], after))
+            for row, prompt in prompts.items():
+                answer = gen.complete(prompt, params)[0].text
+                scores.setdefault(row, []).append((edit_similarity(answer, item["target"]),
+                                                   code_exact(answer, item["target"])))
+        del gen
+    table: dict = {row: {"edit_sim": round(sum(s[0] for s in rows) / len(rows), 4),
+                         "code_exact": round(sum(s[1] for s in rows) / len(rows), 4), "lines": len(rows)}
+                   for row, rows in scores.items()}
+    for row in ("adapted, FIM 2000+1000", "adapted, FIM 700+350"):
+        for against in ("base, prefix", "adapted, prefix"):
+            a, b = [s[0] for s in scores[against]], [s[0] for s in scores[row]]
+            table[row][f"p_vs_{against.replace(', ', '_')}"] = round(paired_permutation_test(a, b), 4)
+    return table
 
 
 def sampled_metrics(out: Path) -> dict:
@@ -72,6 +95,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=45.0)
     ap.add_argument("--limit", type=int, default=32)
     ap.add_argument("--sampled", type=int, default=8, help="HumanEval problems sampled 10 times each (0: none)")
+    ap.add_argument("--fim-lines", type=int, default=32, help="held-out lines for the fill-in-the-middle table")
     ap.add_argument("--sources", default=None,
                     help="comma-separated folders of your own code to adapt to instead of the standard library")
     ap.add_argument("--json", default="code_recipe", help="results file name under benchmarks/results/")
@@ -108,7 +132,8 @@ def main() -> None:
               "base": {k: base[k] for k in sorted(base)}, "adapted": {k: mine[k] for k in sorted(mine)},
               "relative_change": rel, "compare": compared,
               "sampled": {"compare": sampled.suites["humaneval-sampled"], **sampled_metrics(out)} if sampled else None,
-              "fim": fim_vs_prefix(out / "runs" / "train", out / "runs" / "data", args.limit)}
+              "fim": fim_table(cfg.resolve(cfg.model.base), out / "runs" / "train", out / "runs" / "data",
+                               args.fim_lines)}
     print(json.dumps(result, indent=2))
     save(args.json, result)
 

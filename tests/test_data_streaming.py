@@ -137,23 +137,20 @@ def test_hashes_sorted_a_bucket_at_a_time_give_what_one_sort_gives(tmp_path, mon
 
 
 def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
-    """``train._pretrain_streams`` (the splits read a line at a time, FIM pieces made as they are read,
-    tokenized 8 documents at a time here into the token cache, returned memory-mapped): its peak on a text
+    """``train._pretrain_streams`` (the splits read a line at a time, tokenized 8 documents at a time here into the token cache, returned memory-mapped): its peak on a text
     split of 20 and of 100 documents, and the streams it gives equal the in-memory tokenization of the lists.
     Holding the texts and their tokens, as it did before, cost more than the texts' size per document."""
     import numpy as np
 
     from slmforge.tokenizer import load_tokenizer, packing
-    from slmforge.tokenizer.fim import add_fim_tokens, fim_documents, fim_sentinels
+    from slmforge.tokenizer.fim import add_fim_tokens
     from slmforge.train import _pretrain_streams
 
     from conftest import build_tiny_tokenizer
 
     monkeypatch.setattr(packing, "_CHUNK_DOCS", 8)  # as a larger corpus is tokenized 512 documents at a time
     tok = load_tokenizer(build_tiny_tokenizer(tmp_path / "tok", 300))
-    add_fim_tokens(tok)
-    sentinels = fim_sentinels(tok)
-    assert sentinels is not None
+    add_fim_tokens(tok)  # FIM is made from the windows in training: the stream stays plain
     cfg = ProjectConfig()
     cfg.train.fim_rate, cfg.train.seq_len = 0.5, 64
 
@@ -184,7 +181,7 @@ def test_pretraining_tokenization_does_not_grow_with_the_corpus(tmp_path, monkey
     assert per_doc < 0.1 * chars_per_doc, f"{per_doc:.0f} B per document: the texts or their tokens are held"
     texts = [json.loads(line)["text"] for line in (large / "text" / "train.jsonl").open()]
     train, _ = _pretrain_streams(cfg, large, tok, tmp_path / "large")  # from the cache
-    expected = packing.tokenize_documents(fim_documents(texts, 0.5, sentinels, 3 * 64, cfg.project.seed), tok)
+    expected = packing.tokenize_documents(texts, tok)
     assert np.array_equal(train, expected)
 
 

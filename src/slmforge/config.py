@@ -376,8 +376,9 @@ class TrainConfig(LoopConfig):
     tokenizer: str | None = Field(None, description="Tokenizer artifact (null = <project.out_dir>/tokenizer).")
     out: str | None = Field(None, description="Output folder (null = <project.out_dir>/train).")
     fim_rate: float = Field(
-        0.0, ge=0, le=1, description="Code models: share of training pieces rearranged as fill-in-the-middle "
-        "examples (prefix, suffix, then middle; sentinel tokens added when the tokenizer lacks them). 0 = off.",
+        0.0, ge=0, le=1, description="Code models: share of the documents in each training window rearranged as "
+        "fill-in-the-middle examples (prefix, suffix, then middle; sentinel tokens added when the tokenizer lacks "
+        "them). 0 = off.",
     )
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Several processes or machines: strategy and launcher."

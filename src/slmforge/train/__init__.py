@@ -182,22 +182,23 @@ def _starting_model(cfg: ProjectConfig, tok_dir: Path, texts: Iterable[str], wor
 
 
 def _pretrain_streams(cfg: ProjectConfig, data_dir: Path, tok: Any, work: Path) -> tuple[Any, Any]:
-    """The training and validation token streams (FIM applied to the training text when ``train.fim_rate``),
-    from the token cache in ``work``: the splits are read from disk a line at a time, tokenized 512 documents
-    at a time into the cache and come back memory-mapped, so memory does not grow with the corpus."""
-    from slmforge.tokenizer.fim import fim_sentinels, iter_fim_documents
-    from slmforge.tokenizer.packing import TextSource, jsonl_texts, tokenize_documents
+    """The training and validation token streams, from the token cache in ``work``: the splits are read from
+    disk a line at a time, tokenized 512 documents at a time into the cache and come back memory-mapped, so
+    memory does not grow with the corpus."""
+    from slmforge.tokenizer.packing import jsonl_texts, tokenize_documents
 
-    tcfg = cfg.train
-    train_texts = jsonl_texts(data_dir / "text" / "train.jsonl")
-    if tcfg.fim_rate:  # pieces of about one window (~3 characters a token), some rearranged
-        sentinels = fim_sentinels(tok)
-        assert sentinels is not None  # _starting_model added them
-        plain = train_texts
-        train_texts = TextSource(lambda: iter_fim_documents(plain, tcfg.fim_rate, sentinels, 3 * tcfg.seq_len,
-                                                            cfg.project.seed))
-    return (tokenize_documents(train_texts, tok, work / "cache"),
+    return (tokenize_documents(jsonl_texts(data_dir / "text" / "train.jsonl"), tok, work / "cache"),
             tokenize_documents(jsonl_texts(data_dir / "text" / "val.jsonl"), tok, work / "cache"))
+
+
+def _training_windows(cfg: ProjectConfig, stream: Any, tok: Any, bos: int | None) -> Any:
+    """The training stream in windows of ``train.seq_len``, with ``train.fim_rate`` of their pieces as
+    fill-in-the-middle examples (``FimWindows``)."""
+    from slmforge.tokenizer.fim import FimWindows
+    from slmforge.tokenizer.packing import PackedTokens
+
+    windows = PackedTokens(stream, cfg.train.seq_len, bos)
+    return FimWindows(windows, cfg.train.fim_rate, tok, cfg.project.seed) if cfg.train.fim_rate else windows
 
 
 def pretrain(
@@ -239,7 +240,7 @@ def pretrain(
             f"train.seq_len={tcfg.seq_len}. Add data or lower train.seq_len."
         )
     bos = window_bos_id(model, tok)
-    train_src = PackedTokens(train_stream, tcfg.seq_len, bos)
+    train_src = _training_windows(cfg, train_stream, tok, bos)
     val_src = PackedTokens(val_stream, tcfg.seq_len, bos) if len(val_stream) >= tcfg.seq_len else None
     run_key = {"config": plan.config, "parents": [p["fingerprint"] for p in plan.parents]}
     res = run_loop(model, train_src, val_src, tcfg, work, cfg.project.seed, run_key, "pretraining", progress, log)
