@@ -220,6 +220,42 @@ def test_changed_config_does_not_resume_old_checkpoints(project):
     assert "resumed_from_step" not in changed.metrics
 
 
+def test_a_run_the_clock_stops_ends_with_its_learning_rate_annealed(project):
+    """With max_minutes, the cosine decay follows the clock when it runs out before the steps: the last step
+    of a run stopped by the clock has decayed to lr * min_lr_ratio, not to where max_steps would put it."""
+    from slmforge.train import pretrain
+
+    cfg = _cfg(project)
+    cfg.train.max_steps, cfg.train.max_minutes, cfg.train.warmup_steps = 100_000, 0.02, 0
+    cfg.train.eval_every = cfg.train.save_every = 100_000
+    result = pretrain(cfg, out=project / "runs" / "clock", progress=False)
+    assert result.metrics["stopped_early"] and result.metrics["steps"] < 100_000
+    log = [json.loads(line) for line in (result.path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert log[0]["lr"] > log[-1]["lr"]
+
+
+def test_the_schedule_keeps_its_clock_through_a_checkpoint():
+    """LambdaLR saves the schedule object's state (JSON in state.json): a resumed run's decay starts where it
+    was, however little of its own minutes it has spent."""
+    import torch
+
+    from slmforge.config import LoopConfig
+    from slmforge.train._loop import CosineSchedule
+
+    loop = LoopConfig(max_steps=1000, warmup_steps=10, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = CosineSchedule(loop)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    assert schedule(20) == pytest.approx(1.0, abs=1e-3)
+    schedule.used = 0.5
+    assert schedule(20) == pytest.approx(0.55) and schedule(900) < 0.55  # the later of steps and clock
+    state = json.loads(json.dumps(scheduler.state_dict()))
+    fresh = CosineSchedule(loop)
+    torch.optim.lr_scheduler.LambdaLR(opt, fresh).load_state_dict(state)
+    assert fresh.used == 0.5 and fresh(20) == pytest.approx(0.55)
+
+
 def test_too_little_text_is_a_clear_error(project):
     from slmforge.train import pretrain
 

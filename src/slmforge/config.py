@@ -317,7 +317,8 @@ class LoopConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     max_minutes: float | None = Field(
-        None, gt=0, description="Stop (and save) after this many minutes of training, even before max_steps."
+        None, gt=0, description="Stop (and save) after this many minutes of training, even before max_steps; "
+        "the cosine decay then follows the clock, so the run ends annealed."
     )
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * this.")

@@ -142,15 +142,27 @@ class _EpochOrder:
         return out
 
 
-def cosine_schedule(cfg: LoopConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class CosineSchedule:
+    """The learning-rate factor for a step: linear warm-up, then cosine decay to ``min_lr_ratio``.
 
-    return factor
+    The decay follows whichever budget runs out first: the steps (``step / max_steps``) or, when the run has
+    ``max_minutes``, the clock (``used``, the share of them spent, which the loop sets before each step). A
+    run that the clock stops, as most runs on a small machine are, then ends annealed instead of at a high
+    learning rate partway down a schedule made for steps it never reaches ("budgeted training", Li et al.
+    2020). An object, not a function, so that LambdaLR saves ``used`` with the scheduler: a resumed run's
+    decay goes on from where it was, never back up.
+    """
+
+    def __init__(self, cfg: LoopConfig) -> None:
+        self.warmup, self.max_steps, self.floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+        self.used = 0.0
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.max_steps - self.warmup)
+        progress = min(1.0, max((step - self.warmup) / span, self.used))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def resume_key(cfg: LoopConfig) -> dict[str, Any]:
@@ -237,7 +249,7 @@ def run_loop(
     device, amp, team = _place(model, cfg, seed)
     spread = _spread(model, cfg, team.size, device, lambda m: _adamw(m, cfg)[1])
     trainable, optimizer = [p for p in model.parameters() if p.requires_grad], spread.optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule := CosineSchedule(cfg))
     key = {"run": run_key, "loop": resume_key(cfg), "seed": seed, **spread.resume_extra}
     ckpt_root, log_file = work_dir / "checkpoints", work_dir / "log.jsonl"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +259,7 @@ def run_loop(
     forward = torch.compile(spread.forward) if cfg.compile else spread.forward
     order = _EpochOrder(len(train), seed)
     t_start = time.monotonic()
-    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    budget_s = (cfg.max_minutes or 0.0) * 60  # 0: no clock
     last_loss, val_loss, stopped_early = float("nan"), None, False
     logf_cm = open(log_file, "a") if team.main else contextlib.nullcontext(None)
     with progress_bar(progress and team.main) as bar, _SigintToCheckpoint() as sigint, logf_cm as logf:
@@ -258,6 +270,8 @@ def run_loop(
             last_loss, n_tokens = _accumulate(forward, train, order, step, cfg, device, amp, team, spread)
             last_loss, n_tokens = team.mean(last_loss), team.total(n_tokens)
             tokens_seen, window_tokens = tokens_seen + n_tokens, window_tokens + n_tokens
+            if budget_s:  # the clock's share, the same in every process
+                schedule.used = max(schedule.used, team.mean((time.monotonic() - t_start) / budget_s))
             grad_norm = _optimizer_step(trainable, optimizer, scheduler, cfg.grad_clip, spread)
             done = step + 1
             now = time.monotonic()
@@ -270,11 +284,9 @@ def run_loop(
             _append(record, history, logf)
             if done % 10 == 0:
                 window_t, window_tokens = now, 0
-            bar.update(task, completed=done,
-                       info=f"loss {last_loss:.3f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s"
-                       + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
+            _show(bar, task, record, val_loss)
             interrupted = sigint.hit
-            out_of_time = deadline is not None and now >= deadline and done < cfg.max_steps
+            out_of_time = bool(budget_s) and now >= t_start + budget_s and done < cfg.max_steps
             if done % cfg.save_every == 0 or interrupted or out_of_time:
                 extra = {"key": key, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.monotonic() - t_start}
                 _checkpoint(team, ckpt_root, done, model, spread, scheduler, extra, cfg.keep_checkpoints)
@@ -294,6 +306,11 @@ def run_loop(
                       tokens=tokens_seen, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
                       resumed_from=resumed_from, stopped_early=stopped_early, log=history, processes=team.size,
                       strategy=spread.strategy)
+
+
+def _show(bar: Any, task: Any, record: dict[str, Any], val_loss: float | None) -> None:
+    bar.update(task, completed=record["step"], info=f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  "
+               f"{record['tokens_per_s']:,.0f} tok/s" + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
 
 
 def _append(record: dict[str, Any], history: list[dict[str, Any]], logf: Any) -> None:
