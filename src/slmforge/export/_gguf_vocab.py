@@ -138,6 +138,7 @@ def _write_vocab(writer, arch: str, tok_json: dict[str, Any], tok_config: dict[s
     fim = next((family for family in FIM_FAMILIES if all(t in ids for t in family)), None)
     if fim is not None:  # llama.cpp's /infill and editors' FIM clients read these
         found.update(fim_pre=ids[fim[0]], fim_suf=ids[fim[1]], fim_mid=ids[fim[2]])
+        found["fim_spm"] = int(tok_config.get("fim_order") == "spm")  # the order slmforge trained it in
     return found
 
 
@@ -162,6 +163,8 @@ def _write_special_ids(writer, found: dict[str, int], gen_config: dict[str, Any]
                       (gguf.Keys.Tokenizer.FIM_MID_ID, "fim_mid")):
         if name in found:
             writer.add_uint32(key, found[name])
+    if found.get("fim_spm"):  # llama.cpp's own /infill needs --spm-infill for such a model
+        writer.add_string("slmforge.fim_order", "spm")
 
 
 def _write_generation_defaults(writer, gen_config: dict[str, Any]) -> None:

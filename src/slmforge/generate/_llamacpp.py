@@ -199,12 +199,14 @@ class LlamaCppGenerator(EngineBase):
         return list(self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": True})["tokens"])
 
     def fim_prompt(self, prefix: str, suffix: str) -> str | None:
-        """The fill-in-the-middle prompt with the sentinels the file's vocabulary has as single tokens."""
+        """The fill-in-the-middle prompt with the sentinels the file's vocabulary has as single tokens, in the
+        order the file names (``slmforge.fim_order``; PSM when it names none)."""
         from slmforge.tokenizer.fim import FIM_FAMILIES, fim_prompt
 
+        order = str(self._info.metadata.get("slmforge.fim_order", "psm"))
         for family in FIM_FAMILIES:
             if all(len(self.tokenize(t, add_special=False)) == 1 for t in family):
-                return fim_prompt(prefix, suffix, family)
+                return fim_prompt(prefix, suffix, family, order)
         return None
 
     def count_tokens(self, text: str, special: bool = True) -> int:

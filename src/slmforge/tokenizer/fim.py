@@ -1,18 +1,28 @@
 """Fill-in-the-middle (FIM): the sentinel tokens, the training transform and the prompt.
 
 A FIM example is a piece of code cut at two places into prefix, middle and
-suffix and rearranged as
+suffix and rearranged in one of the two orders of Bavarian et al. 2022
+("Efficient Training of Language Models to Fill in the Middle"):
 
-    <|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>middle<eos>
+    PSM  <|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>middle<eos>
+    SPM  <|fim_prefix|><|fim_suffix|>suffix<|fim_middle|>prefix middle<eos>
 
-("PSM", Bavarian et al. 2022, "Efficient Training of Language Models to Fill in
-the Middle"). The model learns to write the middle after seeing both sides, then
-to stop. ``FimWindows`` makes the examples from training windows; at inference the prompt is the same up to ``<|fim_middle|>``. The
-sentinels are Qwen2.5-Coder's names; StarCoder's (``<fim_prefix>`` ...) are
-recognised in models that bring them.
+The model learns to write the middle after seeing both sides, then to stop.
+``FimWindows`` makes the examples from training windows; at inference the
+prompt is the same up to where the middle starts. The sentinels are
+Qwen2.5-Coder's names; StarCoder's (``<fim_prefix>`` ...) are recognised in
+models that bring them, and such models use PSM, the order they were trained
+in. A model that gets its sentinels here (``add_fim_tokens``) is trained in SPM,
+recorded as ``fim_order`` in its tokenizer_config.json (and GGUF metadata): in
+SPM the middle continues the prefix, as in plain completion, so a base model
+that has never seen the sentinels starts from what it already does well and
+learns to use the suffix and to stop. (PSM on Gemma 3 270M, 80 steps: after
+``<|fim_middle|>`` the model went on from the suffix, not the prefix.)
 
     >>> fim_text("abcdef", 2, 4, ("<P>", "<S>", "<M>"))
     '<P>ab<S>ef<M>cd'
+    >>> fim_text("abcdef", 2, 4, ("<P>", "<S>", "<M>"), "spm")
+    '<P><S>ef<M>abcd'
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FIM_TOKENS", "fim_sentinels", "add_fim_tokens", "fim_text", "FimWindows", "fim_prompt",
+__all__ = ["FIM_TOKENS", "fim_sentinels", "fim_order", "add_fim_tokens", "fim_text", "FimWindows", "fim_prompt",
            "tokenizer_fim_prompt", "FIM_FAMILIES"]
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
@@ -38,27 +48,33 @@ def fim_sentinels(tokenizer) -> tuple[str, str, str] | None:
     return None
 
 
+def fim_order(tokenizer) -> str:
+    """The order a FIM model was trained in: ``spm`` when its sentinels were added here, else ``psm``."""
+    order = getattr(tokenizer, "init_kwargs", {}).get("fim_order", "psm")
+    return "spm" if order == "spm" else "psm"
+
+
 def add_fim_tokens(tokenizer) -> int:
-    """Give a tokenizer the FIM sentinels as special tokens when it has none; the number added (the model's
-    embeddings must then grow by as many rows)."""
+    """Give a tokenizer the FIM sentinels as special tokens when it has none, in SPM order (saved with the
+    tokenizer); the number added (the model's embeddings must then grow by as many rows)."""
     if fim_sentinels(tokenizer) is not None:
         return 0
+    tokenizer.init_kwargs["fim_order"] = "spm"
     return int(tokenizer.add_special_tokens({"extra_special_tokens": list(FIM_TOKENS)},
                                             replace_extra_special_tokens=False))
 
 
-def fim_text(text: str, i: int, j: int, sentinels: tuple[str, str, str]) -> str:
-    """``text`` cut at characters ``i <= j`` into prefix, middle, suffix and written in PSM order."""
-    pre, suf, mid = sentinels
-    return f"{pre}{text[:i]}{suf}{text[j:]}{mid}{text[i:j]}"
+def fim_text(text: str, i: int, j: int, sentinels: tuple[str, str, str], order: str = "psm") -> str:
+    """``text`` cut at characters ``i <= j`` into prefix, middle, suffix and written in ``order``."""
+    return fim_prompt(text[:i], text[j:], sentinels, order) + text[i:j]
 
 
 class FimWindows:
     """Training windows with fill-in-the-middle applied inside each window.
 
     Each window of ``windows`` (a ``PackedTokens``) is split at its document separators (BOS, EOS); each
-    piece between them becomes, with probability ``rate``, ``PRE prefix SUF suffix MID middle`` (the EOS that
-    followed the piece now ends the middle). This is Megatron-LM's FIM as used for SantaCoder and StarCoder:
+    piece between them becomes, with probability ``rate``, a FIM example in the tokenizer's order (the EOS
+    that followed the piece now ends the middle). This is Megatron-LM's FIM as used for SantaCoder and StarCoder:
     every example lies whole in one window, so the model always sees both sides and the middle they frame.
     (Cutting the text into pieces before packing, as this did first, left about nine in ten examples split
     across two windows, and Gemma 3 270M did not learn to fill gaps in 80 steps.) As there, a piece is cut
@@ -79,6 +95,7 @@ class FimWindows:
         if sentinels is None:
             raise ValueError("FimWindows needs a tokenizer with FIM sentinels (add_fim_tokens)")
         self.windows, self.rate, self.seed, self._tok = windows, rate, seed, tokenizer
+        self._order = fim_order(tokenizer)
         self.seq_len = windows.seq_len
         self._sentinels = [np.array([i], dtype=np.int64) for i in tokenizer.convert_tokens_to_ids(list(sentinels))]
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -127,19 +144,22 @@ class FimWindows:
             j = after[min(int(rng.integers(1, 4)), len(after)) - 1] if after else n
         else:
             i, j = sorted(int(v) for v in rng.integers(0, n + 1, size=2))
-        before, after_gap, middle = self._tok([text[:i], text[j:], text[i:j]], add_special_tokens=False)["input_ids"]
+        parts = self._tok([text[:i], text[j:], text[i:j]], add_special_tokens=False)["input_ids"]
+        before, after_gap, middle = (np.array(ids, dtype=np.int64) for ids in parts)
         pre, suf, mid = self._sentinels
-        return np.concatenate([pre, np.array(before, dtype=np.int64), suf, np.array(after_gap, dtype=np.int64), mid,
-                               np.array(middle, dtype=np.int64)])
+        if self._order == "spm":
+            return np.concatenate([pre, suf, after_gap, mid, before, middle])
+        return np.concatenate([pre, before, suf, after_gap, mid, middle])
 
 
-def fim_prompt(prefix: str, suffix: str, sentinels: tuple[str, str, str]) -> str:
+def fim_prompt(prefix: str, suffix: str, sentinels: tuple[str, str, str], order: str = "psm") -> str:
     """The prompt that asks a FIM-trained model for the code between ``prefix`` and ``suffix``."""
     pre, suf, mid = sentinels
-    return f"{pre}{prefix}{suf}{suffix}{mid}"
+    return f"{pre}{suf}{suffix}{mid}{prefix}" if order == "spm" else f"{pre}{prefix}{suf}{suffix}{mid}"
 
 
 def tokenizer_fim_prompt(tokenizer, prefix: str, suffix: str) -> str | None:
-    """``fim_prompt`` with the tokenizer's own sentinels; None when it has none (a model not trained for FIM)."""
+    """``fim_prompt`` with the tokenizer's own sentinels and order; None when it has none (a model not
+    trained for FIM)."""
     sentinels = fim_sentinels(tokenizer)
-    return None if sentinels is None else fim_prompt(prefix, suffix, sentinels)
+    return None if sentinels is None else fim_prompt(prefix, suffix, sentinels, fim_order(tokenizer))
