@@ -1,7 +1,8 @@
 """The code recipe on a real base: Gemma 3 270M adapted to Python source with fill-in-the-middle, against its base.
 
     python benchmarks/code_recipe.py [--out benchmarks/results/code-recipe] [--steps 40] [--minutes 45] [--limit 32]
-                                     [--sampled 8] [--fim-lines 32] [--sources FOLDER,...] [--json code_recipe]
+                                     [--sampled 8] [--fim-lines 32] [--sources FOLDER,...] [--set KEY=VALUE ...]
+                                     [--json code_recipe]
 
 Runs ``slmforge quickstart --recipe code``: the standard library's source curated (licence headers,
 function-level dedup, HumanEval decontamination), Gemma 3 270M's vocabulary trimmed to it, continued
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--fim-lines", type=int, default=32, help="held-out lines for the fill-in-the-middle table")
     ap.add_argument("--sources", default=None,
                     help="comma-separated folders of your own code to adapt to instead of the standard library")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides, as slmforge's --set (e.g. train.lr=2e-4)")
     ap.add_argument("--json", default="code_recipe", help="results file name under benchmarks/results/")
     args = ap.parse_args()
 
@@ -109,6 +112,7 @@ def main() -> None:
     if args.sources:  # code the base has not seen: your repositories, without the stdlib
         folders = [str(Path(f).resolve()) for f in args.sources.split(",")]
         sets += [f"data.sources={json.dumps(folders)}", "data.python_docs.module_source=false"]
+    sets += args.set
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "slmforge", "quickstart", "--recipe", "code", "--out", str(out),
                     *[x for s in sets for x in ("--set", s)]], check=True)

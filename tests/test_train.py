@@ -386,23 +386,28 @@ def test_full_sft_writes_a_model_and_lowers_loss(project, pretrained):
     assert res.metrics["trainable_params"] == read_manifest(pretrained.path).metrics["params"]
 
 
-def test_extended_tokenizer_resizes_embeddings_with_mean_rows(pretrained):
+def test_extended_tokenizer_starts_new_rows_at_their_names_words(pretrained):
     from transformers import AutoModelForCausalLM
 
     from slmforge.tokenizer import load_tokenizer
+    from slmforge.tokenizer.fim import FIM_TOKENS
     from slmforge.train import _resize_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(pretrained.path)
     tok = load_tokenizer(pretrained.path)
     old = model.get_input_embeddings().weight.detach().clone()
-    tok.add_tokens(["zzdomainterm_one", "zzdomainterm_two"])
+    words = [tok(f"fim {w}", add_special_tokens=False)["input_ids"] for w in ("prefix", "suffix", "middle")]
+    tok.add_special_tokens({"additional_special_tokens": [*FIM_TOKENS, "<|%%|>"]})
     info = _resize_embeddings(model, tok)
-    assert info["embeddings_resized"] == {"from": old.shape[0], "to": old.shape[0] + 2}
+    assert info["embeddings_resized"] == {"from": old.shape[0], "to": old.shape[0] + 4}
     new = model.get_input_embeddings().weight.detach()
     torch.testing.assert_close(new[: old.shape[0]], old)
-    mean = old.mean(dim=0)
-    for row in new[old.shape[0] :]:
-        torch.testing.assert_close(row, mean, atol=1e-3, rtol=0)
+    sentinels = new[old.shape[0] : old.shape[0] + 3]
+    for row, ids in zip(sentinels, words):
+        torch.testing.assert_close(row, old[ids].mean(dim=0))
+    distances = torch.cdist(sentinels, sentinels)
+    assert distances[~torch.eye(3, dtype=torch.bool)].min() > 0.1 * old.norm(dim=1).median()  # told apart
+    torch.testing.assert_close(new[-1], old.mean(dim=0), atol=1e-3, rtol=0)  # no words in its name: the mean
 
 
 def test_qlora_without_cuda_is_a_clear_error(project):

@@ -40,10 +40,12 @@ _LINE_SHARE = 0.5  # of the FIM examples, those cut around whole lines (the rest
 
 
 def fim_sentinels(tokenizer) -> tuple[str, str, str] | None:
-    """The (prefix, suffix, middle) sentinels the tokenizer has as whole tokens, or None."""
-    vocab = tokenizer.get_vocab()
+    """The (prefix, suffix, middle) sentinels the tokenizer has as whole tokens, or None. (Looked up a token at
+    a time: ``get_vocab()`` builds Gemma's 262k-entry dict, a quarter of a second on every FIM request.)"""
+    unknown = getattr(tokenizer, "unk_token_id", None)
     for family in FIM_FAMILIES:
-        if all(t in vocab for t in family):
+        ids = tokenizer.convert_tokens_to_ids(list(family))
+        if all(i is not None and i != unknown for i in ids):
             return family
     return None
 

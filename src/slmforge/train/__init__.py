@@ -291,12 +291,28 @@ def finetune_plan(cfg: ProjectConfig, base=None, data=None) -> Plan:
 
 
 def _resize_embeddings(model, tok) -> dict[str, Any]:
-    """Grow the embeddings when the tokenizer has more tokens than the model (an extended
-    tokenizer); new rows start at the mean of the old ones (transformers' mean_resizing)."""
+    """Grow the embeddings when the tokenizer has more tokens than the model (an extended tokenizer).
+
+    A new token's input row starts at the mean of the rows of the words in its name (``<|fim_suffix|>``:
+    "fim suffix" as the old vocabulary splits it), or at the mean of all old rows when its name has no words
+    (transformers' mean_resizing, which alone starts every new row at the same point: Gemma 3 270M's three FIM
+    sentinels were still 0.03 apart, against row norms of about 1, after 80 steps at lr 5e-5, so the model
+    could not tell the prefix's sentinel from the middle's)."""
+    import re
+
+    import torch
+
     old = model.get_input_embeddings().weight.shape[0]
     if len(tok) <= old:
         return {}
     model.resize_token_embeddings(len(tok), mean_resizing=True)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_id in range(old, len(tok)):
+            words = " ".join(re.findall(r"[A-Za-z0-9]+", tok.convert_ids_to_tokens(token_id)))
+            pieces = [i for i in tok(words, add_special_tokens=False)["input_ids"] if i < old] if words else []
+            if pieces:
+                weight[token_id] = weight[pieces].mean(0)
     return {"embeddings_resized": {"from": old, "to": len(tok)}}
 
 
