@@ -163,10 +163,10 @@ def _split(row: list[int], separators: set[int]) -> list[list[int]]:
 
 def test_fim_windows_keep_every_example_whole_in_its_window(tmp_path):
     """FIM inside packed windows, in SPM order (the sentinels added here): each rearranged piece's parts put
-    back in order give the piece's text, the
-    window keeps all of its pieces and separators (it grows by the sentinels; a batch's padding is left out
-    of the loss), about ``rate`` of the pieces are rearranged, half of them around whole lines (the suffix
-    starts with the newline that ends the middle), and a window's pieces do not depend on its batch."""
+    back in order give the piece's text, the window keeps all of its pieces and separators (it grows by the
+    sentinels; a batch's padding is left out of the loss), about ``rate`` of the pieces are rearranged, half
+    of them around whole lines (the suffix starts with the newline that ends the middle), and a window's
+    pieces do not depend on its batch."""
     import numpy as np
 
     from slmforge.tokenizer import load_tokenizer

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,8 +299,6 @@ def _resize_embeddings(model, tok) -> dict[str, Any]:
     (transformers' mean_resizing, which alone starts every new row at the same point: Gemma 3 270M's three FIM
     sentinels were still 0.03 apart, against row norms of about 1, after 80 steps at lr 5e-5, so the model
     could not tell the prefix's sentinel from the middle's)."""
-    import re
-
     import torch
 
     old = model.get_input_embeddings().weight.shape[0]
